@@ -17,7 +17,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("indexer.cli", "encode a catalogue and publish a sharded IVF-PQ index version"),
     "serve": ("server.cli", "serve the current index version over gRPC"),
     "query": ("server.client_cli", "send a query to a running server and print the hits"),
-    "encode": ("engine.encode_cli", "encode texts and/or images with a tower and print vectors"),
 }
 
 
@@ -35,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecsearch", description="multimodal e-commerce search engine")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == chosen:  # import only the command being run (keeps `ecsearch query` light)
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 

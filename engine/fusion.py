@@ -1,0 +1,156 @@
+"""UniECS gated cross-modal fusion encoder (UniECS, CIKM 2025, §3; restated in METHOD.md §1.2–1.3).
+
+Input: projected backbone tokens of each modality plus **per-sample** presence flags.
+Output: one L2-normalised vector of width ``d`` per sample.
+
+Missing modalities (METHOD.md §1.3): an absent modality contributes no keys to attention
+(key padding mask), is excluded from pooling, and its pooled slot is a learned "absent"
+vector. When the *other* modality is absent the cross-attention update is skipped for that
+sample (our choice: the spec's ``A`` is undefined with no keys; skipping keeps the token
+unchanged instead of letting an untrained gate shrink it). A sample's output never depends
+on the other samples of its batch: every mask is per sample and pads are never attended.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _safe_key_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``valid bool (B, L)`` → key_padding_mask (True = ignore) that never masks a whole row.
+
+    Rows with no valid key get their first key unmasked so softmax stays finite; callers
+    discard the outputs of those rows.
+    """
+    valid = valid.clone()
+    empty = ~valid.any(dim=1)
+    if empty.any():
+        valid[empty, 0] = True
+    return ~valid
+
+
+class PreLNBlock(nn.Module):
+    """Pre-LN Transformer block: x + MHA(LN(x)); x + MLP(LN(x)). Shapes ``(B, L, d)``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        mask = None if valid is None else _safe_key_mask(valid)
+        a, _ = self.attn(h, h, h, key_padding_mask=mask, need_weights=False)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GatedCrossLayer(nn.Module):
+    """One bidirectional gated cross-attention layer (METHOD.md §1.2).
+
+    ``A_v = MHA(LN(V), LN(T), LN(T))``, ``A_t = MHA(LN(T), LN(V), LN(V))``,
+    ``g_v = sigmoid(W_v [V; A_v; e_t])``, ``g_t = sigmoid(W_t [T; A_t; e_v])``,
+    ``V ← g_v*A_v + (1-g_v)*V``, ``T ← g_t*A_t + (1-g_t)*T``.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm_v = nn.LayerNorm(dim)
+        self.norm_t = nn.LayerNorm(dim)
+        self.attn_v = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.attn_t = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.gate_v = nn.Linear(2 * dim + 1, dim)
+        self.gate_t = nn.Linear(2 * dim + 1, dim)
+
+    def forward(self, v: torch.Tensor, v_valid: torch.Tensor, t: torch.Tensor, t_valid: torch.Tensor,
+                has_image: torch.Tensor, has_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # v: [B, Li, d], t: [B, Lt, d]; *_valid: [B, L] bool; has_*: [B] bool
+        nv, nt = self.norm_v(v), self.norm_t(t)
+        a_v, _ = self.attn_v(nv, nt, nt, key_padding_mask=_safe_key_mask(t_valid), need_weights=False)
+        a_t, _ = self.attn_t(nt, nv, nv, key_padding_mask=_safe_key_mask(v_valid), need_weights=False)
+        e_t = has_text.to(v.dtype)[:, None, None].expand(-1, v.shape[1], 1)  # [B, Li, 1]
+        e_v = has_image.to(t.dtype)[:, None, None].expand(-1, t.shape[1], 1)  # [B, Lt, 1]
+        g_v = torch.sigmoid(self.gate_v(torch.cat([v, a_v, e_t], dim=-1)))
+        g_t = torch.sigmoid(self.gate_t(torch.cat([t, a_t, e_v], dim=-1)))
+        new_v = g_v * a_v + (1 - g_v) * v
+        new_t = g_t * a_t + (1 - g_t) * t
+        # Skip the update where the other modality is absent (see module docstring).
+        v = torch.where(has_text[:, None, None], new_v, v)
+        t = torch.where(has_image[:, None, None], new_t, t)
+        return v, t
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x (B, L, d)`` over positions where ``valid (B, L)`` is True → ``(B, d)``;
+    rows with no valid position give zeros."""
+    w = valid.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class FusionEncoder(nn.Module):
+    """Projections + gated cross-modal fusion + pooling + fusion blocks (METHOD.md §1.1–1.2).
+
+    Args:
+        text_hidden, image_hidden: backbone widths Ht, Hi.
+        dim: output width d (256). heads: attention heads (8).
+        cross_layers: gated cross-attention layers L (3). self_layers: pre-LN blocks per
+        modality (2). fusion_layers: blocks after concatenation (3). mlp_ratio, dropout: block MLP width
+        factor and dropout (our choice: 4.0, 0.1).
+    """
+
+    def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
+                 cross_layers: int = 3, self_layers: int = 2, fusion_layers: int = 3,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1):
+        super().__init__()
+        self.text_proj = nn.Linear(text_hidden, dim)
+        self.image_proj = nn.Linear(image_hidden, dim)
+        self.cross = nn.ModuleList(GatedCrossLayer(dim, heads, dropout) for _ in range(cross_layers))
+        self.text_blocks = nn.ModuleList(PreLNBlock(dim, heads, mlp_ratio, dropout) for _ in range(self_layers))
+        self.image_blocks = nn.ModuleList(PreLNBlock(dim, heads, mlp_ratio, dropout) for _ in range(self_layers))
+        self.text_pool = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.Tanh())
+        self.image_pool = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.Tanh())
+        self.text_absent = nn.Parameter(torch.zeros(dim))
+        self.image_absent = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.text_absent, std=0.02)
+        nn.init.normal_(self.image_absent, std=0.02)
+        self.merge = nn.Linear(2 * dim, dim)
+        self.fusion_blocks = nn.ModuleList(PreLNBlock(dim, heads, mlp_ratio, dropout) for _ in range(fusion_layers))
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                image_tokens: torch.Tensor, image_mask: torch.Tensor,
+                has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """Fuse one batch.
+
+        Args:
+            text_tokens: float (B, Lt, Ht); text_mask: bool (B, Lt), True on real tokens.
+            image_tokens: float (B, Li, Hi); image_mask: bool (B, Li).
+            has_text, has_image: bool (B,), per-sample presence taken from the raw input.
+        Returns:
+            float32 (B, d), L2-normalised.
+        """
+        has_text = has_text.bool()
+        has_image = has_image.bool()
+        t_valid = text_mask.bool() & has_text[:, None]  # [B, Lt]
+        v_valid = image_mask.bool() & has_image[:, None]  # [B, Li]
+        t = F.normalize(self.text_proj(text_tokens.float()), dim=-1)  # [B, Lt, d]
+        v = F.normalize(self.image_proj(image_tokens.float()), dim=-1)  # [B, Li, d]
+        for layer in self.cross:
+            v, t = layer(v, v_valid, t, t_valid, has_image, has_text)
+        for block in self.text_blocks:
+            t = block(t, t_valid)
+        for block in self.image_blocks:
+            v = block(v, v_valid)
+        p_t = self.text_pool(masked_mean(t, t_valid))  # [B, d]
+        p_v = self.image_pool(masked_mean(v, v_valid))  # [B, d]
+        p_t = torch.where(has_text[:, None], p_t, self.text_absent.expand_as(p_t))
+        p_v = torch.where(has_image[:, None], p_v, self.image_absent.expand_as(p_v))
+        x = self.merge(torch.cat([p_t, p_v], dim=-1)).unsqueeze(1)  # [B, 1, d]
+        for block in self.fusion_blocks:
+            x = block(x)
+        return F.normalize(self.out_norm(x.squeeze(1)), dim=-1)

@@ -1,0 +1,122 @@
+"""Model folders: ``config.json`` + ``model.safetensors``, loaded from local paths only.
+
+``config.json`` holds the ``ModelConfig`` (with references to the backbone folders / files,
+``pkg:`` paths for the default weights) and the backbones' content fingerprints, so a model is
+never silently paired with different backbones. ``model.safetensors`` holds our own weights
+(fusion heads, logit scale) — no pickle. The model's fingerprint is the sha256 of the two
+files' bytes; index versions record it. Source: our choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import ModelFolderError
+from engine.towers import ModelConfig, TwoTowerModel, build_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "ecsearch-two-tower/1"
+
+
+def save_model(model: TwoTowerModel, folder: str | Path, extra: dict | None = None) -> str:
+    """Write ``model`` to ``folder`` (created) and return its fingerprint.
+
+    Files are written to temporary names and renamed, so a reader never sees half a folder.
+    ``extra`` (JSON-serialisable, e.g. training summary) is stored under ``"extra"``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    if model.config.share_fusion:  # one tensor, one name: drop the alias
+        state = {k: v for k, v in state.items() if not k.startswith("item_tower.")}
+    config = {
+        "format": FORMAT,
+        "model": model.config.to_dict(),
+        "backbone_fingerprints": {"text": model.backbones.text_fingerprint,
+                                  "image": model.backbones.image_fingerprint},
+        "extra": extra or {},
+    }
+    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    model.fingerprint = fingerprint_folder(folder)
+    return model.fingerprint
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", check_backbones: bool = True) -> TwoTowerModel:
+    """Load a model folder written by ``save_model``; returns the model in eval mode on ``device``.
+
+    Raises:
+        ModelFolderError: folder or files missing, unreadable, wrong format, weights not matching
+            the config, or (``check_backbones``) a backbone whose content changed since saving.
+    """
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelFolderError(f"model folder {folder} has no {path.name}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {config_path}: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise ModelFolderError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{config_path}: bad model config: {exc}") from exc
+    model = build_model(config, seed=None)
+    if check_backbones:
+        stored = meta.get("backbone_fingerprints", {})
+        actual = {"text": model.backbones.text_fingerprint, "image": model.backbones.image_fingerprint}
+        for side in ("text", "image"):
+            if stored.get(side) != actual[side]:
+                raise ModelFolderError(
+                    f"the {side} backbone changed since {folder} was saved "
+                    f"(stored {stored.get(side)}, found {actual[side]})")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFolderError(f"cannot read {weights_path}: {exc}") from exc
+    if config.share_fusion:
+        state.update({"item_tower." + k[len("query_tower."):]: v for k, v in state.items() if k.startswith("query_tower.")})
+    expected = set(model.trainable_state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ModelFolderError(f"{weights_path} does not match its config: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.fingerprint = fingerprint_folder(folder)
+    model.extra = meta.get("extra", {})
+    return model.to(device).eval()
+
+
+def fingerprint_folder(folder: str | Path) -> str:
+    """sha256 hex digest over ``config.json`` and ``model.safetensors`` bytes.
+
+    Raises:
+        ModelFolderError: a file is missing.
+    """
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ModelFolderError(f"model folder {folder} has no {name}")
+        h.update(name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

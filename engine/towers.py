@@ -1,0 +1,262 @@
+"""Query tower and item tower (METHOD.md §1.4–1.6).
+
+Both towers map text, an image, or both to one L2-normalised ``float32 (d,)`` vector in one
+shared space. They share the frozen backbones; whether they share the fusion encoder is a
+config switch (default: separate fusion heads, METHOD.md §1.5).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.backbones import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, Backbones, build_backbones
+from engine.errors import BlankTextError, EmptySampleError, InputError
+from engine.fusion import FusionEncoder
+from engine.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+
+VIEWS = ("fused", "text", "image")  # METHOD.md §1.4: F, T, V
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a two-tower model (stored as ``config.json``).
+
+    Attributes:
+        dim: embedding width d (METHOD.md §1: 256).
+        heads: attention heads in the fusion encoder (8).
+        cross_layers / self_layers / fusion_layers: METHOD.md §1.2 (3 / 2 / 3).
+        mlp_ratio: MLP width factor of the Transformer blocks (our choice, 4.0).
+        dropout: dropout in the fusion encoder during training (our choice, 0.1).
+        share_fusion: query and item towers share one fusion encoder (default False).
+        logit_scale_init / logit_scale_max: learnable logit scale, initial 10, clamped
+            to ≤ e^3 ≈ 20 (METHOD.md §1.6).
+        text_backbone / image_backbone: backbone specs, see ``engine.backbones.registry``.
+    """
+
+    dim: int = 256
+    heads: int = 8
+    cross_layers: int = 3
+    self_layers: int = 2
+    fusion_layers: int = 3
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    share_fusion: bool = False
+    logit_scale_init: float = 10.0
+    logit_scale_max: float = math.exp(3.0)
+    text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
+    image_backbone: dict = field(default_factory=lambda: dict(DEFAULT_IMAGE_BACKBONE))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+class Tower(nn.Module):
+    """One tower: backbones (shared, frozen) → fusion encoder → unit vector.
+
+    ``encode`` is the inference API; ``encode_tokens`` the differentiable one used in
+    training on cached backbone tokens.
+    """
+
+    def __init__(self, fusion: FusionEncoder, backbones: Backbones, name: str):
+        super().__init__()
+        self.fusion = fusion
+        object.__setattr__(self, "backbones", backbones)  # shared, not a submodule of the tower
+        self.name = name
+
+    def encode_tokens(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                      image_tokens: torch.Tensor, image_mask: torch.Tensor,
+                      has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens → ``float32 (B, d)`` unit vectors (differentiable).
+
+        Pass ``has_image=False`` for the text-only view T, ``has_text=False`` for the image-only
+        view V (METHOD.md §1.4). Shapes: text (B, Lt, Ht) + mask (B, Lt); image (B, Li, Hi) +
+        mask (B, Li); has_* bool (B,).
+        """
+        return self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str | None] | None, images: Sequence | None = None, *,
+               view: str = "fused", batch_size: int = 64,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Encode B samples, each text-only, image-only or text+image.
+
+        Args:
+            texts: B strings or None (no text); None for all-None.
+            images: B images or None; an image is encoded bytes, a path, a ``PIL.Image``,
+                or a preprocessed ``torch.Tensor float32 (3, S, S)``.
+            view: "fused" (what the sample has), "text" (text only), "image" (image only).
+            batch_size: samples per backbone/fusion call; batches are length-sorted.
+            max_pixels: decompression-bomb limit for encoded images.
+
+        Returns:
+            ``np.ndarray float32 (B, d)``, rows L2-normalised. A row does not depend on the
+            other samples of the call.
+
+        Raises:
+            EmptySampleError: a sample has neither text nor image (or lacks the view's modality).
+            BlankTextError: a text is empty or whitespace only.
+            ImageDecodeError, ImageTooLargeError: an image cannot be used.
+            ValueError: ``texts`` and ``images`` differ in length, or an unknown view.
+        """
+        texts, images = _check_inputs(texts, images, view)
+        n = len(texts)
+        out = np.zeros((n, self.fusion.merge.out_features), dtype=np.float32)
+        if n == 0:
+            return out
+        text_lengths = np.zeros(n, dtype=np.int64)
+        with_text = [i for i in range(n) if texts[i] is not None]
+        if with_text:
+            text_lengths[with_text] = self.backbones.text.token_lengths([texts[i] for i in with_text])
+        # Length-sorted batching: group image presence, then text length (less padding).
+        order = sorted(range(n), key=lambda i: (images[i] is not None, int(text_lengths[i])))
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            vecs = self._encode_batch([texts[i] for i in idx], [images[i] for i in idx], idx, max_pixels)
+            out[idx] = vecs.cpu().numpy()
+        return out
+
+    def _encode_batch(self, texts: list, images: list, indices: list[int], max_pixels: int) -> torch.Tensor:
+        device = self.fusion.merge.weight.device
+        b = len(texts)
+        has_text = torch.tensor([t is not None for t in texts], dtype=torch.bool, device=device)
+        has_image = torch.tensor([im is not None for im in images], dtype=torch.bool, device=device)
+        text_tokens, text_mask = self._run_text(texts, device)
+        image_tokens, image_mask = self._run_image(images, indices, max_pixels, device)
+        text_tokens, text_mask = _scatter(text_tokens, text_mask, has_text, b)
+        image_tokens, image_mask = _scatter(image_tokens, image_mask, has_image, b)
+        return self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
+
+    def _run_text(self, texts: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        present = [t for t in texts if t is not None]
+        if not present:  # the text backbone is not run at all
+            return torch.zeros(0, 1, self.backbones.text.hidden_size, device=device), torch.zeros(0, 1, dtype=torch.bool, device=device)
+        return self.backbones.text.encode(present)
+
+    def _run_image(self, images: list, indices: list[int], max_pixels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = []
+        for image, index in zip(images, indices):
+            if image is None:
+                continue
+            if isinstance(image, torch.Tensor):
+                pixels.append(image)
+            else:
+                pixels.append(self.backbones.image.preprocess(load_image(image, index=index, max_pixels=max_pixels)))
+        if not pixels:  # the image backbone is not run at all
+            return torch.zeros(0, 1, self.backbones.image.hidden_size, device=device), torch.zeros(0, 1, dtype=torch.bool, device=device)
+        return self.backbones.image.encode(torch.stack(pixels).to(device))
+
+
+def _scatter(tokens: torch.Tensor, mask: torch.Tensor, present: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place tokens of the present samples ``(P, L, H)`` into a ``(B, L, H)`` batch; absent rows are
+    zero with an all-False mask."""
+    full = tokens.new_zeros((b, max(tokens.shape[1], 1), tokens.shape[2]))
+    full_mask = torch.zeros((b, full.shape[1]), dtype=torch.bool, device=tokens.device)
+    if tokens.shape[0]:
+        full[present, : tokens.shape[1]] = tokens
+        full_mask[present, : tokens.shape[1]] = mask
+    return full, full_mask
+
+
+def _check_inputs(texts, images, view: str) -> tuple[list, list]:
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    if texts is None and images is None:
+        return [], []
+    if texts is None:
+        texts = [None] * len(images)
+    if images is None:
+        images = [None] * len(texts)
+    texts, images = list(texts), list(images)
+    if len(texts) != len(images):
+        raise ValueError(f"texts and images differ in length ({len(texts)} vs {len(images)})")
+    for i, text in enumerate(texts):
+        if text is not None:
+            if not isinstance(text, str):
+                raise InputError(f"text must be a string, got {type(text).__name__}", i)
+            if not text.strip():
+                raise BlankTextError("text is empty or whitespace only", i)
+    if view == "text":
+        images = [None] * len(texts)
+    elif view == "image":
+        texts = [None] * len(images)
+    for i, (text, image) in enumerate(zip(texts, images)):
+        if text is None and image is None:
+            need = {"fused": "text or an image", "text": "text (view 'text')", "image": "an image (view 'image')"}[view]
+            raise EmptySampleError(f"sample has no {need}", i)
+    return texts, images
+
+
+class TwoTowerModel(nn.Module):
+    """Shared frozen backbones + query tower + item tower + learnable logit scale.
+
+    Attributes:
+        config: the ``ModelConfig``.
+        backbones: the shared ``Backbones`` (text and image).
+        query_tower, item_tower: ``Tower``s.
+        fingerprint: set by ``engine.model_folder`` (sha256 of config + weights), else None.
+    """
+
+    def __init__(self, config: ModelConfig, backbones: Backbones):
+        super().__init__()
+        self.config = config
+        self.text_backbone = backbones.text  # submodules so .to(device) moves them; not saved
+        self.image_backbone = backbones.image
+        object.__setattr__(self, "backbones", backbones)
+        kwargs = dict(text_hidden=backbones.text.hidden_size, image_hidden=backbones.image.hidden_size,
+                      dim=config.dim, heads=config.heads, cross_layers=config.cross_layers,
+                      self_layers=config.self_layers, fusion_layers=config.fusion_layers,
+                      mlp_ratio=config.mlp_ratio, dropout=config.dropout)
+        query_fusion = FusionEncoder(**kwargs)
+        item_fusion = query_fusion if config.share_fusion else FusionEncoder(**kwargs)
+        self.query_tower = Tower(query_fusion, backbones, "query")
+        self.item_tower = Tower(item_fusion, backbones, "item")
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        self.fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """Scalar tensor ``exp(log_logit_scale)`` clamped to ``config.logit_scale_max`` (METHOD.md §1.6)."""
+        return self.log_logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers that are ours (fusion heads, logit scale); backbones excluded."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith(("text_backbone.", "image_backbone."))}
+
+    def train(self, mode: bool = True) -> "TwoTowerModel":
+        super().train(mode)
+        self.text_backbone.eval()  # backbones stay frozen (BatchNorm / dropout off)
+        self.image_backbone.eval()
+        return self
+
+
+def build_model(config: ModelConfig | None = None, seed: int | None = 0) -> TwoTowerModel:
+    """Build a randomly initialised two-tower model over the configured backbones, eval mode.
+
+    Raises:
+        ModelFolderError: a backbone path or package is missing.
+    """
+    config = config or ModelConfig()
+    backbones = build_backbones(config.text_backbone, config.image_backbone)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = TwoTowerModel(config, backbones)
+    model.eval()
+    return model
