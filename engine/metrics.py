@@ -1,0 +1,117 @@
+"""Retrieval metrics over a whole candidate pool: Recall@k, MRR, nDCG@k, Precision@k.
+
+Exact (flat) scoring by inner product, in query chunks so a large pool never needs the full
+score matrix at once (chunked evaluation as in sentence-transformers' IR evaluator).
+Protocol: M-BEER (UniECS, arXiv:2508.13843), restated in METHOD.md §4.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def rank_of_targets(queries: np.ndarray, candidates: np.ndarray, targets: np.ndarray,
+                    chunk: int = 1024) -> np.ndarray:
+    """1-based rank of each query's one relevant candidate under inner-product scoring.
+
+    queries ``float32 (n, d)``, candidates ``float32 (m, d)``, targets ``int64 (n,)`` (index into
+    candidates). Ties count against the target (rank = 1 + number of candidates scoring
+    ``>=`` the target, itself excluded), so a constant model gets the worst rank, not the best.
+    Returns ``int64 (n,)`` in ``[1, m]``.
+    """
+    n = queries.shape[0]
+    ranks = np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk):
+        q = queries[start:start + chunk]
+        t = targets[start:start + chunk]
+        scores = q @ candidates.T  # [c, m]
+        own = scores[np.arange(len(t)), t][:, None]
+        ranks[start:start + chunk] = (scores >= own).sum(axis=1)  # includes the target itself
+    return ranks
+
+
+def instance_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k (share of queries whose target ranks ``<= k``) and MRR (mean of ``1/rank``, untruncated).
+
+    ranks: ``int (n,)``, 1-based. Returns ``{"recall@1": .., ..., "mrr": ..}`` in ``[0, 1]``.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        raise ValueError("instance_metrics needs at least one query")
+    out = {f"recall@{k}": float((ranks <= k).mean()) for k in ks}
+    out["mrr"] = float((1.0 / ranks).mean())
+    return out
+
+
+def top_k_indices(queries: np.ndarray, candidates: np.ndarray, k: int,
+                  exclude: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
+    """Indices of the ``k`` best candidates per query, best first (inner product, exact).
+
+    exclude: optional ``int64 (n,)``, one candidate index per query left out of its ranking
+    (``-1``: none). Returns ``int64 (n, k)``.
+    """
+    n, m = queries.shape[0], candidates.shape[0]
+    k = min(k, m)
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk):
+        scores = queries[start:start + chunk] @ candidates.T  # [c, m]
+        if exclude is not None:
+            ex = exclude[start:start + chunk]
+            rows = np.nonzero(ex >= 0)[0]
+            scores[rows, ex[rows]] = -np.inf
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def ndcg_at_k(relevant_in_top: np.ndarray, n_relevant: np.ndarray, k: int = 10) -> np.ndarray:
+    """Binary-relevance nDCG@k per query (Järvelin & Kekäläinen 2002).
+
+    relevant_in_top: ``bool (n, k)``, whether the result at rank ``r`` is relevant;
+    n_relevant: ``int (n,)`` relevant candidates in the pool (ideal ranking puts
+    ``min(k, n_relevant)`` of them first). DCG = Σ rel_r / log2(r + 1). Queries with no
+    relevant candidate get 0. Returns ``float64 (n,)``.
+    """
+    rel = np.asarray(relevant_in_top, dtype=np.float64)[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, rel.shape[1] + 2))
+    dcg = (rel * discounts).sum(axis=1)
+    ideal_n = np.minimum(np.asarray(n_relevant), k)
+    cum = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
+    idcg = cum[ideal_n]
+    return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+
+
+def precision_at_k(relevant_in_top: np.ndarray, k: int = 10) -> np.ndarray:
+    """Precision@k per query: relevant results among the first ``k``, divided by ``k``. ``float64 (n,)``."""
+    rel = np.asarray(relevant_in_top, dtype=np.float64)[:, :k]
+    return rel.sum(axis=1) / float(k)
+
+
+def attribute_metrics(queries: np.ndarray, candidates: np.ndarray, query_groups: np.ndarray,
+                      candidate_groups: np.ndarray, exclude: np.ndarray | None = None,
+                      k: int = 10) -> dict[str, float]:
+    """Attribute-level nDCG@k and Precision@k: a candidate is relevant when its group equals the query's.
+
+    queries ``float32 (n, d)``, candidates ``float32 (m, d)``, query_groups ``int64 (n,)``,
+    candidate_groups ``int64 (m,)`` (``-1``: in no group, never relevant), exclude ``int64 (n,)``
+    (a candidate left out per query, ``-1`` none; it does not count as relevant either).
+    Returns ``{"ndcg@k": .., "precision@k": ..}`` (means over queries).
+    """
+    if queries.shape[0] == 0:
+        raise ValueError("attribute_metrics needs at least one query")
+    top = top_k_indices(queries, candidates, k, exclude)
+    rel = candidate_groups[top] == query_groups[:, None]  # [n, k]
+    counts = np.array([(candidate_groups == g).sum() for g in query_groups], dtype=np.int64)
+    if exclude is not None:
+        ex_ok = exclude >= 0
+        counts -= (ex_ok & (candidate_groups[np.where(ex_ok, exclude, 0)] == query_groups)).astype(np.int64)
+    if top.shape[1] < k:
+        rel = np.pad(rel, ((0, 0), (0, k - top.shape[1])))
+    return {f"ndcg@{k}": float(ndcg_at_k(rel, counts, k).mean()),
+            f"precision@{k}": float(precision_at_k(rel, k).mean())}
+
+
+__all__ = ["rank_of_targets", "instance_metrics", "top_k_indices", "ndcg_at_k", "precision_at_k",
+           "attribute_metrics"]

@@ -1,0 +1,129 @@
+"""engine.losses on plain embedding tensors: finite values, gradient direction, weighting."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.losses import (
+    LOGIT_SCALE_MAX, LossConfig, LossWeighting, clal_loss, clamp_logit_scale, cmal_loss,
+    hinge_hardest, imcl_loss, info_nce, stage1_losses, stage2_losses,
+)
+
+B, D = 12, 16
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def _views(seed: int = 0, noise: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, D, generator=g)
+    return {name: _unit(base + noise * torch.randn(B, D, generator=g)).requires_grad_(True)
+            for name in ("Fq", "Vq", "Tq", "Fi", "Vi", "Ti")}
+
+
+SCALE = torch.tensor(10.0)
+
+
+def test_info_nce_matches_hand_computed_value():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # logits = 10 * I: each row's loss = -log(e^10 / (e^10 + e^0))
+    expected = -math.log(math.exp(10) / (math.exp(10) + 1.0))
+    assert info_nce(a, b, SCALE).item() == pytest.approx(expected, rel=1e-3)  # float32
+
+
+def test_false_negatives_are_left_out_of_the_softmax():
+    a = _unit(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    b = _unit(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    plain = info_nce(a, b, SCALE)
+    masked = info_nce(a, b, SCALE, false_neg=torch.tensor([[False, True], [True, False]]))
+    assert plain.item() == pytest.approx(math.log(2.0), rel=1e-6)
+    assert masked.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_every_loss_is_finite_including_missing_views():
+    views = _views()
+    cfg = LossConfig()
+    ok = {"Vq": torch.tensor([True, False] * (B // 2)), "Fq": torch.ones(B, dtype=torch.bool)}
+    false_neg = torch.zeros(B, B, dtype=torch.bool)
+    false_neg[0, 1] = True
+    for terms in (stage2_losses(views, SCALE, cfg), stage2_losses(views, SCALE, cfg, false_neg, ok),
+                  stage1_losses(views, SCALE), stage1_losses(views, SCALE, false_neg, ok)):
+        for name, value in terms.items():
+            assert value.dim() == 0 and torch.isfinite(value), name
+    # a view present in fewer than two rows contributes 0, still finite
+    lonely = {"Vq": torch.zeros(B, dtype=torch.bool)}
+    assert torch.isfinite(cmal_loss(views, SCALE, cfg, ok=lonely))
+    assert info_nce(views["Vq"], views["Vi"], SCALE, a_ok=lonely["Vq"]).item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["cmal", "imcl", "clal", "align_text", "align_image"])
+def test_loss_falls_when_positives_move_closer(name):
+    """One small gradient step on the embeddings lowers the loss, and moving every positive
+    pair closer (item views toward their query rows) lowers it too."""
+    views = _views(seed=1, noise=1.0)
+    cfg = LossConfig(clal_tolerance=0.0)
+
+    def loss_of(v):
+        terms = {**stage2_losses(v, SCALE, cfg), **stage1_losses(v, SCALE)}
+        return terms[name]
+
+    before = loss_of(views)
+    before.backward()
+    stepped = {k: _unit(v.detach() - 0.05 * (v.grad if v.grad is not None else 0.0)) for k, v in views.items()}
+    assert loss_of(stepped).item() < before.item()
+    if name != "clal":  # CLAL asks views to agree with F, not positives to be close
+        closer = {k: v.detach() for k, v in views.items()}
+        for item_view in ("Fi", "Vi", "Ti"):
+            closer[item_view] = _unit(0.5 * closer[item_view] + 0.5 * closer["Fq"])
+        for query_view in ("Vq", "Tq"):
+            closer[query_view] = _unit(0.5 * closer[query_view] + 0.5 * closer["Fq"])
+        assert loss_of(closer).item() < before.item()
+
+
+def test_clal_is_zero_when_views_agree_with_fused():
+    views = _views(seed=2)
+    same = {k: views["Fq" if k.endswith("q") else "Fi"].detach() for k in views}
+    assert clal_loss(same, LossConfig()).item() == pytest.approx(0.0, abs=1e-7)
+    assert clal_loss(views, LossConfig()).item() > 0.0
+
+
+def test_hinge_uses_cosine_margin():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = _unit(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    # rows: s00=1, s01=.707; s10=0, s11=.707. hardest negative per row/column, margin 0.2
+    # a->b: row0 relu(.2-1+.707)=0, row1 relu(.2-.707+0)=0 ; b->a: col0 relu(.2-1+0)=0,
+    # col1: relu(.2-.707+.707)=.2 -> mean over both directions: 0.5*(0 + 0.1) = 0.05
+    assert hinge_hardest(a, b, 0.2).item() == pytest.approx(0.05, abs=1e-6)
+
+
+def test_logit_scale_is_clamped():
+    assert clamp_logit_scale(torch.tensor(100.0)).item() == pytest.approx(LOGIT_SCALE_MAX)
+    assert clamp_logit_scale(torch.tensor(10.0)).item() == 10.0
+
+
+def test_uncertainty_weights_move_and_static_weights_do_not():
+    adaptive = LossWeighting(("cmal", "clal", "imcl"), mode="uncertainty")
+    static = LossWeighting(("cmal", "clal", "imcl"), mode="static", static_weights={"clal": 2.0})
+    assert static.weights() == {"cmal": 1.0, "clal": 2.0, "imcl": 1.0}
+    opt = torch.optim.AdamW(adaptive.parameters(), lr=0.1)
+    terms = {"cmal": torch.tensor(3.0), "clal": torch.tensor(0.01), "imcl": torch.tensor(1.0)}
+    start = adaptive.weights()
+    for _ in range(5):
+        opt.zero_grad()
+        adaptive(terms).backward()
+        opt.step()
+    end = adaptive.weights()
+    assert end["cmal"] < start["cmal"]   # large loss -> larger s_k -> smaller weight
+    assert end["clal"] > start["clal"]   # tiny loss -> weight grows
+    total = static(terms)
+    assert total.item() == pytest.approx(3.0 + 0.02 + 1.0)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        LossWeighting(("cmal",), mode="static", static_weights={"nope": 1.0})
+    with pytest.raises(KeyError, match="missing"):
+        adaptive({"cmal": torch.tensor(1.0)})
