@@ -1,0 +1,40 @@
+"""The real default backbones (all-MiniLM-L6-v2, EfficientNet-Lite0 ImageNet) on real photos."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from engine.images import load_image
+from engine.towers import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return build_model(ModelConfig())
+
+
+def test_default_backbones_shapes_on_real_photos(default_model, fashion_dir):
+    rows = list(csv.DictReader(open(fashion_dir / "styles.csv")))[:4]
+    photos = [str(fashion_dir / "images" / f"{r['id']}.jpg") for r in rows]
+    titles = [r["productDisplayName"] for r in rows]
+    pixels = torch.stack([default_model.backbones.image.preprocess(load_image(p)) for p in photos])
+    with torch.inference_mode():
+        tokens, mask = default_model.backbones.image.encode(pixels)
+        assert tokens.shape == (4, 49, 1280) and mask.all()
+        # The ImageNet head on the same features recognises a T-shirt photo as a jersey (class 610).
+        logits = default_model.backbones.image.net(pixels)
+    tshirts = [i for i, r in enumerate(rows) if r["articleType"] == "Tshirts"]
+    assert tshirts and all(int(logits[i].argmax()) == 610 for i in tshirts)
+    text_tokens, text_mask = default_model.backbones.text.encode(titles)
+    assert text_tokens.shape[0] == 4 and text_tokens.shape[2] == 384 and text_tokens.shape[1] <= 64
+    vecs = default_model.item_tower.encode(titles + [None], photos + [photos[0]])
+    assert vecs.shape == (5, 256)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_long_text_is_truncated_to_64_tokens(default_model):
+    tokens, mask = default_model.backbones.text.encode(["red " * 200])
+    assert tokens.shape[1] == 64 and mask.all()

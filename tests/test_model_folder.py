@@ -1,0 +1,70 @@
+"""Model folders: bit-exact round trip, fingerprints, and clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import ModelFolderError
+from engine.model_folder import fingerprint_folder, load_model, save_model
+from tests.tiny_models import make_tiny_model
+
+
+def test_save_load_round_trips_bit_exactly(tiny_model, tiny_model_dir, fashion_dir):
+    loaded = load_model(tiny_model_dir)
+    a, b = tiny_model.trainable_state_dict(), loaded.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    photo = str(fashion_dir / "images" / "1563.jpg")
+    for tower in ("query_tower", "item_tower"):
+        x = getattr(tiny_model, tower).encode(["navy shirt", None], [photo, photo])
+        y = getattr(loaded, tower).encode(["navy shirt", None], [photo, photo])
+        np.testing.assert_array_equal(x, y)
+    assert loaded.fingerprint == fingerprint_folder(tiny_model_dir) == tiny_model.fingerprint
+
+
+def test_no_pickle_in_our_files(tiny_model_dir):
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["model"]["dim"] == 32 and set(config["backbone_fingerprints"]) == {"text", "image"}
+
+
+def test_fingerprint_changes_with_weights(tiny_backbone_dir, tmp_path):
+    a = save_model(make_tiny_model(tiny_backbone_dir, seed=1), tmp_path / "a")
+    b = save_model(make_tiny_model(tiny_backbone_dir, seed=2), tmp_path / "b")
+    assert a != b and len(a) == 64
+
+
+def test_shared_fusion_round_trip(tiny_backbone_dir, tmp_path):
+    model = make_tiny_model(tiny_backbone_dir, share_fusion=True)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    q = loaded.query_tower.encode(["red heels"], [None])
+    np.testing.assert_array_equal(q, loaded.item_tower.encode(["red heels"], [None]))
+    np.testing.assert_array_equal(q, model.query_tower.encode(["red heels"], [None]))
+
+
+def test_missing_and_corrupt_files_give_clear_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelFolderError, match="has no config.json"):
+        load_model(tmp_path / "nothing-here")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(ModelFolderError, match="cannot read"):
+        load_model(broken)
+
+
+def test_changed_backbone_is_refused(tiny_backbone_dir, tmp_path):
+    from tests.tiny_models import make_tiny_bert, tiny_config
+    from engine.towers import build_model
+
+    bert = make_tiny_bert(tmp_path / "bert", seed=0)
+    config = tiny_config(tiny_backbone_dir, text_backbone={"type": "hf", "path": str(bert)})
+    save_model(build_model(config), tmp_path / "m")
+    make_tiny_bert(bert, seed=5)  # different weights at the same path
+    with pytest.raises(ModelFolderError, match="text backbone changed"):
+        load_model(tmp_path / "m")
