@@ -1,0 +1,1 @@
+"""Generated package (see server/gen/__init__.py)."""
