@@ -1,0 +1,89 @@
+"""Micro-batcher in front of the real (tiny, random) query tower."""
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import ImageDecodeError, InputError
+from server.batching import BatchConfig, BatchDeadlineError, MicroBatcher
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 48), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _run_batcher(tiny_model, samples, config: BatchConfig, deadlines=None):
+    """Submit all samples concurrently; return (results or exceptions, batch sizes seen)."""
+    sizes: list[int] = []
+
+    async def main():
+        pool = ThreadPoolExecutor(1)
+        batcher = MicroBatcher(lambda t, i: tiny_model.query_tower.encode(t, i), pool, config,
+                               on_batch=lambda n, _s: sizes.append(n))
+        batcher.start()
+        try:
+            calls = [batcher.encode(text, image, None if deadlines is None else deadlines[n])
+                     for n, (text, image) in enumerate(samples)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await batcher.close()
+            pool.shutdown()
+    return asyncio.run(main()), sizes
+
+
+def test_concurrent_queries_share_one_tower_call_and_match_direct_encoding(tiny_model):
+    samples = [("black heels", None), (None, _jpeg((200, 10, 10))), ("blue shirt", _jpeg((10, 10, 200))),
+               ("watch", None), ("red dress for women", _jpeg((250, 250, 0)))]
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8, max_wait_ms=200))
+    assert sizes == [len(samples)]  # one tower call for all five
+    direct = tiny_model.query_tower.encode([t for t, _ in samples], [i for _, i in samples])
+    for n, result in enumerate(results):
+        assert result.batch_size == len(samples)
+        assert result.vector.dtype == np.float32 and result.vector.shape == (tiny_model.dim,)
+        np.testing.assert_allclose(result.vector, direct[n], atol=1e-5)
+
+
+def test_max_batch_size_splits_batches(tiny_model):
+    samples = [(f"query number {n}", None) for n in range(7)]
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=3, max_wait_ms=100))
+    assert sum(sizes) == 7 and max(sizes) <= 3
+    assert all(not isinstance(r, Exception) for r in results)
+
+
+def test_bad_sample_fails_alone_and_does_not_poison_the_batch(tiny_model):
+    samples = [("black heels", None), ("shirt", b"this is not an image"), (None, _jpeg((0, 128, 0))),
+               (None, b"\xff\xd8\xff\xe0 truncated jpeg"), ("watch", None)]
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8, max_wait_ms=200))
+    assert isinstance(results[1], ImageDecodeError) and results[1].index == 0
+    assert isinstance(results[3], ImageDecodeError)
+    good = [0, 2, 4]
+    direct = tiny_model.query_tower.encode([samples[n][0] for n in good], [samples[n][1] for n in good])
+    for row, n in enumerate(good):
+        np.testing.assert_allclose(results[n].vector, direct[row], atol=1e-5)
+    # a later batch is unaffected
+    later, _ = _run_batcher(tiny_model, [("black heels", None)], BatchConfig())
+    np.testing.assert_allclose(later[0].vector, results[0].vector, atol=1e-5)
+
+
+def test_sample_past_its_deadline_is_not_encoded(tiny_model):
+    past = time.monotonic() - 1.0
+    results, sizes = _run_batcher(tiny_model, [("late", None), ("on time", None)],
+                                  BatchConfig(max_batch_size=4, max_wait_ms=50), deadlines=[past, None])
+    assert isinstance(results[0], BatchDeadlineError)
+    assert not isinstance(results[1], Exception) and sizes == [1]
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError):
+        BatchConfig(max_batch_size=0)
+    with pytest.raises(ValueError):
+        BatchConfig(max_wait_ms=-1)
+    assert issubclass(ImageDecodeError, InputError)
