@@ -178,8 +178,10 @@ class IndexWatcher:
         if current is None or current == self._seen:
             return False
         self._seen = current
-        served = await loop.run_in_executor(self._executor, self._load, self.root)
         now = self.holder.current
+        if now is not None and now.version == current:  # CURRENT rewritten with the same name
+            return False
+        served = await loop.run_in_executor(self._executor, self._load, self.root)
         if now is not None and now.version == served.version:
             served.retire()
             return False

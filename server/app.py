@@ -1,0 +1,242 @@
+"""Server assembly: config, model + index loading, grpc.aio server, health, reflection, TLS,
+metrics endpoint, hot-swap watcher and graceful shutdown.
+
+Life cycle of ``SearchServer``:
+
+1. ``start()`` binds the port (loopback by default) and starts serving at once with health
+   ``NOT_SERVING``; Search answers UNAVAILABLE until an index version is loaded.
+2. In the background it waits for ``ROOT/CURRENT``, opens that index version, loads the
+   model folder (``--model``, else the one the manifest records), and refuses to go on
+   (``fatal``; ``run_until_signal`` returns 2) when the model is missing or its fingerprint
+   differs from the manifest's. Then health turns ``SERVING`` and the watcher polls
+   ``CURRENT`` for hot swaps (a refused new version is logged; the old one keeps serving).
+3. SIGTERM / SIGINT: health ``NOT_SERVING``, no new RPCs, in-flight RPCs finish (up to
+   ``grace_s``), index closed; ``run_until_signal`` returns 0.
+
+Threads are bounded so the tower, faiss/OpenMP and the pools do not oversubscribe the
+cores: one tower thread with ``torch_threads`` intra-op threads, ``search_workers`` search
+threads with ``faiss_threads`` OpenMP threads each, ``decode_workers`` decode threads.
+Source: our choice, after the grpc Python aio examples.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.images import DEFAULT_MAX_IMAGE_PIXELS
+from server.batching import BatchConfig, MicroBatcher
+from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
+from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
+from server.metrics import ServerMetrics
+from server.service import SearchService
+from server.versions import open_served_version
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+
+
+@dataclass
+class ServerConfig:
+    """``ecsearch serve`` options (units in the names; defaults are our choice)."""
+
+    index_root: Path
+    model_dir: Path | None = None          # None: the model folder the manifest records
+    host: str = "127.0.0.1"                # loopback unless told otherwise
+    port: int = 50051                      # 0: any free port (see SearchServer.port)
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_receive_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    torch_threads: int | None = None       # None: number of CPU cores
+    faiss_threads: int = 1
+    search_workers: int = 2
+    decode_workers: int = 2
+    poll_interval_s: float = 1.0
+    grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+class StartupError(RuntimeError):
+    """The server refuses to start (bad options, missing model, fingerprint mismatch)."""
+
+
+class SearchServer:
+    """One gRPC query server. Use inside a running event loop: ``await start()``, ``await stop()``."""
+
+    def __init__(self, config: ServerConfig):
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise StartupError("give both --tls-cert and --tls-key, or neither")
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.holder = IndexHolder()
+        self.model: Any = None
+        self.port: int | None = None
+        self.fatal: BaseException | None = None
+        self._stopped = asyncio.Event()
+        self._fatal_event = asyncio.Event()
+        self._tower_pool = ThreadPoolExecutor(1, thread_name_prefix="tower")
+        self._search_pool = ThreadPoolExecutor(config.search_workers, thread_name_prefix="search")
+        self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="index-load")
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._batcher = MicroBatcher(self._encode, self._tower_pool,
+                                     BatchConfig(config.max_batch_size, config.max_wait_ms),
+                                     on_batch=self.metrics.observe_batch)
+        self._watcher = IndexWatcher(Path(config.index_root), self.holder, self._load_version,
+                                     config.poll_interval_s, self._io_pool, on_swap=self._on_swap)
+        self._loader: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING); returns the bound port."""
+        _bound_threads(self.config)
+        options = [("grpc.max_receive_message_length", self.config.max_receive_bytes),
+                   ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                   ("grpc.so_reuseport", 0)]
+        self._server = grpc.aio.server(options=options)
+        service = SearchService(self.holder, self._batcher, decode_image=self._decode_image,
+                                decode_executor=self._decode_pool, search_executor=self._search_pool,
+                                metrics=self.metrics)
+        search_pb2_grpc.add_SearchServiceServicer_to_server(service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{_host_for_address(self.config.host)}:{self.config.port}"
+        if self.config.tls_cert is not None:
+            try:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            except OSError as exc:
+                raise StartupError(f"cannot read TLS key / certificate: {exc}") from exc
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise StartupError(f"cannot bind {address}")
+        if self.config.metrics_port is not None:
+            self.metrics.start_http(self.config.metrics_port, self.config.metrics_host)
+        self._batcher.start()
+        await self._server.start()
+        log.info("listening on %s (port %d, %s); waiting for %s/CURRENT", address, self.port,
+                 "TLS" if self.config.tls_cert else "plaintext", self.config.index_root)
+        self._loader = asyncio.get_running_loop().create_task(self._load_first(), name="first-load")
+        return self.port
+
+    async def _load_first(self) -> None:
+        try:
+            while not await self._watcher.check_once():
+                await asyncio.sleep(self.config.poll_interval_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.fatal = exc
+            log.error("refusing to start: %s", exc)
+            self._fatal_event.set()
+            return
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._watcher.start()
+
+    async def wait_serving(self, timeout_s: float = 60.0) -> None:
+        """Wait until the first index version is served; raises ``fatal`` or TimeoutError."""
+        async def _wait() -> None:
+            while self.holder.current is None:
+                if self.fatal is not None:
+                    raise self.fatal
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(_wait(), timeout_s)
+
+    # ----------------------------------------------------------------- loading
+    def _load_version(self, root: Path) -> ServedVersion:
+        """Open ROOT/CURRENT's version and check it against the model (runs in a thread)."""
+        if self.model is None:
+            served, model = open_served_version(root, model_dir=self.config.model_dir)
+            self.model = model
+            return served
+        served, _ = open_served_version(root, model=self.model)
+        return served
+
+    def _on_swap(self, served: ServedVersion) -> None:
+        self.metrics.set_index_version(served.version)
+
+    def _encode(self, texts, images):
+        return self.model.query_tower.encode(texts, images, max_pixels=self.config.max_image_pixels)
+
+    def _decode_image(self, data: bytes):
+        from engine.images import load_image
+
+        image = load_image(data, index=0, max_pixels=self.config.max_image_pixels)
+        return self.model.backbones.image.preprocess(image)
+
+    # ------------------------------------------------------------------- stop
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new RPCs, finish in-flight ones, close the index."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        await self._health.enter_graceful_shutdown()
+        if self._loader is not None:
+            self._loader.cancel()
+        await self._watcher.stop()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        await self._batcher.close()
+        self.holder.close()
+        for pool in (self._tower_pool, self._search_pool, self._decode_pool, self._io_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+        log.info("stopped")
+
+    async def run_until_signal(self) -> int:
+        """Serve until SIGTERM / SIGINT (exit status 0) or a start-up failure (2)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._fatal_event.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if stop.is_set():
+            log.info("signal received: shutting down (grace %.1f s)", self.config.grace_s)
+        await self.stop()
+        return 2 if self.fatal is not None and not stop.is_set() else 0
+
+
+def _bound_threads(config: ServerConfig) -> None:
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(max(1, config.faiss_threads))
+    torch.set_num_threads(max(1, config.torch_threads or os.cpu_count() or 1))
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = config.max_image_pixels  # Pillow's own bomb guard, same limit
+
+
+def _host_for_address(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run a server until a signal; returns the process exit status."""
+    server = SearchServer(config)
+    await server.start()
+    return await server.run_until_signal()

@@ -1,0 +1,80 @@
+"""``ecsearch serve``: serve the current index version of an index root over gRPC.
+
+Exit status: 0 after a graceful SIGTERM / SIGINT shutdown, 2 when the server refuses to
+start (bad options, missing model folder, model fingerprint mismatch, port in use).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from engine.images import DEFAULT_MAX_IMAGE_PIXELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ecsearch serve`` (defaults: see ``server.app.ServerConfig``)."""
+    parser.add_argument("--index-root", type=Path, required=True,
+                        help="index root holding CURRENT and versions/ (written by `ecsearch index`)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model folder of the query tower (default: the folder the manifest records); "
+                             "its fingerprint must match the manifest's")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="most queries per query tower call")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0,
+                        help="longest a query waits for others to share its tower call")
+    parser.add_argument("--max-receive-bytes", type=int, default=8 * 1024 * 1024,
+                        help="largest request accepted, in bytes (default 8 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="largest query image, width*height (decompression-bomb guard)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of the tower (default: cores)")
+    parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
+    parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
+    parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")
+    parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often ROOT/CURRENT is checked")
+    parser.add_argument("--grace-s", type=float, default=10.0, help="time in-flight requests get at shutdown")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (enables TLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="bind address of the metrics endpoint")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server and block until a signal; returns the exit status."""
+    from server.app import SearchServer, ServerConfig, StartupError
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_receive_bytes=args.max_receive_bytes, max_image_pixels=args.max_image_pixels,
+        torch_threads=args.torch_threads, faiss_threads=args.faiss_threads,
+        search_workers=args.search_workers, decode_workers=args.decode_workers,
+        poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+
+    async def main() -> int:
+        server = SearchServer(config)
+        try:
+            await server.start()
+        except (StartupError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            await server.stop(0)
+            return 2
+        print(f"ecsearch serve: listening on {config.host}:{server.port}", file=sys.stderr, flush=True)
+        status = await server.run_until_signal()
+        if server.fatal is not None and status != 0:
+            print(f"error: refusing to start: {server.fatal}", file=sys.stderr)
+        return status
+
+    try:
+        return asyncio.run(main())
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,256 @@
+"""``ecsearch.v1.SearchService`` handlers: validate → decode → micro-batched encode → search.
+
+One Search request goes through these stages (timed, returned in ``StageTimings`` and
+recorded in the Prometheus histograms):
+
+1. validate the request (cheap, on the event loop);
+2. **decode**: image bytes → RGB (pixel limit checked before decoding) → preprocessed
+   tensor, in the decode thread pool;
+3. **queue** + **encode**: one sample of a micro-batched query tower call;
+4. **search** + **metadata**: faiss search over the shards and LMDB reads, with metadata
+   filters (facet id sets, see ``server.filters``), in the search thread pool, under a lease on the
+   index version that stays held until that thread work is done.
+
+Every failure becomes a precise gRPC status (see ``_status_of``); nothing a request sends
+can crash the server or poison later requests. Source: our choice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import grpc
+
+from engine.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
+                           InputError)
+from indexer.errors import SearchArgumentError
+from server.batching import BatchDeadlineError, BatcherClosedError, MicroBatcher
+from server.filters import FilterError, FoundHit, flatten_record, parse_filters, search_filtered
+from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
+from server.index_holder import IndexHolder, NoIndexError, ServedVersion
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_K = 1000
+DEFAULT_TOP_K = 10
+MAX_PRODUCT_IDS = 1000
+MAX_NPROBE = 65536
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Request limits (our choice). ``max_text_chars``: longer texts are rejected."""
+
+    max_top_k: int = MAX_TOP_K
+    default_top_k: int = DEFAULT_TOP_K
+    max_product_ids: int = MAX_PRODUCT_IDS
+    max_text_chars: int = 2048
+
+
+class RequestError(Exception):
+    """A request fails with ``code`` and ``detail``."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+_INPUT_ERROR_WHAT = {
+    EmptySampleError: "empty query",
+    BlankTextError: "blank text",
+    ImageDecodeError: "undecodable image",
+    ImageTooLargeError: "image over limits",
+}
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map an exception raised while serving to (status code, detail)."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.detail
+    if isinstance(exc, InputError):
+        what = next((w for t, w in _INPUT_ERROR_WHAT.items() if isinstance(exc, t)), "invalid input")
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc.reason}"
+    if isinstance(exc, (FilterError, SearchArgumentError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NoIndexError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, BatcherClosedError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, BatchDeadlineError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
+
+
+class _Lease:
+    """A request's lease on an index version, returned only after its thread work is done."""
+
+    def __init__(self, served: ServedVersion):
+        self.served = served
+        self._futures: list[Future] = []
+
+    async def run(self, executor: Executor, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        future = executor.submit(fn, *args, **kwargs)
+        self._futures.append(future)
+        return await asyncio.wrap_future(future)
+
+    def release(self) -> None:
+        pending = [f for f in self._futures if not f.done()]
+        if not pending:
+            self.served.release()
+            return
+        count = [len(pending)]
+
+        def done(_: Future) -> None:  # runs in the worker thread when its work ends
+            count[0] -= 1
+            if count[0] == 0:
+                self.served.release()
+        for future in pending:
+            future.add_done_callback(done)
+
+
+class SearchService(search_pb2_grpc.SearchServiceServicer):
+    """The gRPC servicer. ``decode_image(bytes) -> encoder image input`` raises InputError."""
+
+    def __init__(self, holder: IndexHolder, batcher: MicroBatcher, *,
+                 decode_image: Callable[[bytes], Any], decode_executor: Executor,
+                 search_executor: Executor, metrics: ServerMetrics,
+                 limits: ServiceLimits = ServiceLimits()):
+        self._holder = holder
+        self._batcher = batcher
+        self._decode_image = decode_image
+        self._decode_executor = decode_executor
+        self._search_executor = search_executor
+        self._metrics = metrics
+        self._limits = limits
+
+    # ---------------------------------------------------------------- Search
+    async def Search(self, request: search_pb2.SearchRequest,
+                     context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._search(request, context, started)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, detail = _status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("Search failed")
+        finally:
+            self._metrics.count_request("Search", code.name)
+        await context.abort(code, detail)
+
+    async def _search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext,
+                      started: float) -> search_pb2.SearchResponse:
+        text, image_bytes, top_k, nprobe = self._validate(request)
+        deadline_s = _deadline(context)
+        lease = _Lease(self._holder.acquire())
+        try:
+            served = lease.served
+            filters = parse_filters(((f.field, list(f.values)) for f in request.filters),
+                                    served.metadata_fields)
+            decode_ms = 0.0
+            image = None
+            if image_bytes is not None:
+                t0 = time.perf_counter()
+                image = await asyncio.wrap_future(self._decode_executor.submit(self._decode_image, image_bytes))
+                decode_ms = (time.perf_counter() - t0) * 1e3
+            _check_deadline(deadline_s)
+            encoded = await self._batcher.encode(text, image, deadline_s)
+            _check_deadline(deadline_s)
+            result = await lease.run(self._search_executor, search_filtered, served.index, encoded.vector,
+                                     top_k, filters, nprobe=nprobe)
+        finally:
+            lease.release()
+        response = search_pb2.SearchResponse(index_version=served.version,
+                                             encode_batch_size=encoded.batch_size)
+        for rank, hit in enumerate(result.hits, start=1):
+            _add_hit(response, hit, rank)
+        total_ms = (time.perf_counter() - started) * 1e3
+        timings = dict(decode_ms=decode_ms, queue_ms=encoded.queue_ms, encode_ms=encoded.encode_ms,
+                       search_ms=result.search_ms, metadata_ms=result.metadata_ms, total_ms=total_ms)
+        response.timings.CopyFrom(search_pb2.StageTimings(**timings))
+        self._metrics.observe_stages_ms(**{k[:-3]: v for k, v in timings.items()
+                                           if k != "decode_ms" or image_bytes is not None})
+        return response
+
+    def _validate(self, request: search_pb2.SearchRequest) -> tuple[str | None, bytes | None, int, int | None]:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        text = request.text if request.text != "" else None
+        image = bytes(request.image) if len(request.image) > 0 else None
+        if text is None and image is None:
+            raise RequestError(bad, "empty query: give text, an image, or both")
+        if text is not None and not text.strip():
+            raise RequestError(bad, "blank text: the query text is whitespace only")
+        if text is not None and len(text) > self._limits.max_text_chars:
+            raise RequestError(bad, f"text is {len(text)} characters, over the limit of {self._limits.max_text_chars}")
+        top_k = request.top_k if request.HasField("top_k") else self._limits.default_top_k
+        if not 1 <= top_k <= self._limits.max_top_k:
+            raise RequestError(bad, f"top_k must be in [1, {self._limits.max_top_k}], got {top_k}")
+        nprobe = request.nprobe if request.HasField("nprobe") else None
+        if nprobe is not None and not 1 <= nprobe <= MAX_NPROBE:
+            raise RequestError(bad, f"nprobe must be in [1, {MAX_NPROBE}], got {nprobe}")
+        return text, image, top_k, nprobe
+
+    # ----------------------------------------------------------- GetProducts
+    async def GetProducts(self, request: search_pb2.GetProductsRequest,
+                          context: grpc.aio.ServicerContext) -> search_pb2.GetProductsResponse:
+        code = grpc.StatusCode.OK
+        try:
+            return await self._get_products(request)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, detail = _status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("GetProducts failed")
+        finally:
+            self._metrics.count_request("GetProducts", code.name)
+        await context.abort(code, detail)
+
+    async def _get_products(self, request: search_pb2.GetProductsRequest) -> search_pb2.GetProductsResponse:
+        ids = list(request.product_ids)
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if not ids:
+            raise RequestError(bad, "no product_ids given")
+        if len(ids) > self._limits.max_product_ids:
+            raise RequestError(bad, f"{len(ids)} product_ids, over the limit of {self._limits.max_product_ids}")
+        if any(not pid for pid in ids):
+            raise RequestError(bad, "an empty product_id was given")
+        lease = _Lease(self._holder.acquire())
+        try:
+            records = await lease.run(self._search_executor, lease.served.index.get_products, ids)
+        finally:
+            lease.release()
+        response = search_pb2.GetProductsResponse(index_version=lease.served.version)
+        for pid, record in zip(ids, records):
+            if record is None:
+                response.missing_product_ids.append(pid)
+            else:
+                product = response.products.add(product_id=pid)
+                product.metadata.update(flatten_record(record))
+        return response
+
+
+def _add_hit(response: search_pb2.SearchResponse, hit: FoundHit, rank: int) -> None:
+    out = response.hits.add(product_id=hit.product_id, score=hit.score, rank=rank)
+    out.metadata.update(hit.record)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The request deadline as a ``time.monotonic()`` time, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _check_deadline(deadline_s: float | None) -> None:
+    if deadline_s is not None and time.monotonic() >= deadline_s:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")
