@@ -138,18 +138,36 @@ class FusionEncoder(nn.Module):
         has_image = has_image.bool()
         t_valid = text_mask.bool() & has_text[:, None]  # [B, Lt]
         v_valid = image_mask.bool() & has_image[:, None]  # [B, Li]
-        t = F.normalize(self.text_proj(text_tokens.float()), dim=-1)  # [B, Lt, d]
-        v = F.normalize(self.image_proj(image_tokens.float()), dim=-1)  # [B, Li, d]
-        for layer in self.cross:
-            v, t = layer(v, v_valid, t, t_valid, has_image, has_text)
-        for block in self.text_blocks:
-            t = block(t, t_valid)
-        for block in self.image_blocks:
-            v = block(v, v_valid)
-        p_t = self.text_pool(masked_mean(t, t_valid))  # [B, d]
-        p_v = self.image_pool(masked_mean(v, v_valid))  # [B, d]
-        p_t = torch.where(has_text[:, None], p_t, self.text_absent.expand_as(p_t))
-        p_v = torch.where(has_image[:, None], p_v, self.image_absent.expand_as(p_v))
+        dim = self.merge.out_features
+        p_t = self.text_absent.expand(has_text.shape[0], dim)
+        p_v = self.image_absent.expand(has_image.shape[0], dim)
+        both = has_text & has_image
+        # Work only on the rows that have a modality (our choice: pure speed-up; the skipped
+        # rows' values would be discarded by the masks anyway, so outputs are identical).
+        t = F.normalize(self.text_proj(text_tokens[has_text].float()), dim=-1)  # [Bt, Lt, d]
+        v = F.normalize(self.image_proj(image_tokens[has_image].float()), dim=-1)  # [Bv, Li, d]
+        tv, vv = t_valid[has_text], v_valid[has_image]
+        if both.any():
+            rows_t = both[has_text]  # rows of t that also have an image
+            rows_v = both[has_image]
+            ct, cv = t[rows_t], v[rows_v]
+            ones = torch.ones(ct.shape[0], dtype=torch.bool, device=ct.device)
+            for layer in self.cross:
+                cv, ct = layer(cv, vv[rows_v], ct, tv[rows_t], ones, ones)
+            t = t.clone()
+            v = v.clone()
+            t[rows_t] = ct
+            v[rows_v] = cv
+        if t.shape[0]:
+            for block in self.text_blocks:
+                t = block(t, tv)
+            p_t = p_t.clone()
+            p_t[has_text] = self.text_pool(masked_mean(t, tv))  # [Bt, d]
+        if v.shape[0]:
+            for block in self.image_blocks:
+                v = block(v, vv)
+            p_v = p_v.clone()
+            p_v[has_image] = self.image_pool(masked_mean(v, vv))  # [Bv, d]
         x = self.merge(torch.cat([p_t, p_v], dim=-1)).unsqueeze(1)  # [B, 1, d]
         for block in self.fusion_blocks:
             x = block(x)
