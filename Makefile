@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv stop bench proto clean
+.PHONY: demo test venv stop bench proto buf-lint clean
 
 $(STAMP): setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +19,25 @@ $(STAMP): setup.cfg
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m engine.demo
+	$(PY) -m server.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 stop: $(STAMP)
-	$(PY) -m engine.demo --stop
+	$(PY) -m server.demo --stop
 
 bench: $(STAMP)
 	$(PY) bench/bench_encode.py
+
+# Regenerate the gRPC stubs in server/gen from proto/ (committed; tests/test_proto.py checks they are fresh).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iserver/gen=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/ecsearch/v1/search.proto
+
+# Lint the contract with buf (npm package @bufbuild/buf).
+buf-lint:
+	npm install --silent --prefix var/buf @bufbuild/buf
+	var/buf/node_modules/.bin/buf lint proto
 
 clean:
 	rm -rf var build *.egg-info

@@ -1,0 +1,254 @@
+"""The main job, end to end: train → index → serve → query (``make demo``; ``make stop``).
+
+Steps (each reuses its output when it is still valid, so a second run takes minutes):
+
+1. train the default model on the train split → ``var/model`` (reused when the model folder
+   loads and was trained on the same catalogue and limit);
+2. build and publish an index version over the whole catalogue → ``var/index`` (reused when
+   CURRENT was built from this model and this catalogue);
+3. start ``ecsearch serve`` on 127.0.0.1:50051 in the background (log ``var/server.log``,
+   pid ``var/server.pid``) and wait for gRPC health SERVING;
+4. send real queries over gRPC (text, image, text+image, filtered) and print the hits;
+5. leave the server running and print how to query and stop it.
+
+``DEMO_LIMIT=N`` runs the same flow on the first N catalogue rows (its own folders under
+``var/``). ``ECSEARCH_DATA`` overrides the catalogue folder. Orchestration only: every step
+runs the ``ecsearch`` CLI in a subprocess. Source: our choice (issue 6).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VAR = REPO / "var"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products"
+HOST, PORT = "127.0.0.1", 50051
+STATE_FILE = "demo-state.json"
+
+
+def _ecsearch(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", *args]
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def _catalog_key(data: Path, limit: int | None) -> str:
+    """Cheap identity of the catalogue as the demo uses it: styles.csv bytes + limit."""
+    digest = hashlib.sha256((data / "styles.csv").read_bytes())
+    digest.update(f"limit={limit}".encode())
+    return digest.hexdigest()
+
+
+def _load_state(folder: Path) -> dict:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ ecsearch " + " ".join(cmd[3:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def ensure_model(data: Path, folder: Path, limit: int | None, catalog_key: str) -> str:
+    """Train unless ``folder`` holds a loadable model trained on this catalogue; returns its fingerprint."""
+    from engine.errors import ModelFolderError
+    from engine.model_folder import fingerprint_folder, load_model
+
+    state = _load_state(folder)
+    if state.get("catalog_key") == catalog_key:
+        try:
+            load_model(folder)  # checks files, format and backbone fingerprints
+            fingerprint = fingerprint_folder(folder)
+            if fingerprint == state.get("model_fingerprint"):
+                print(f"model: reusing {folder} (fingerprint {fingerprint[:12]})")
+                return fingerprint
+        except ModelFolderError as exc:
+            print(f"model: {folder} is not reusable ({exc}); training again")
+    cmd = _ecsearch("train", "--catalog", str(data), "--out", str(folder), "--cache-dir", str(VAR / "cache"))
+    if limit:
+        cmd += ["--limit", str(limit)]
+    _run(cmd)
+    fingerprint = fingerprint_folder(folder)
+    (folder / STATE_FILE).write_text(json.dumps({"catalog_key": catalog_key, "model_fingerprint": fingerprint}))
+    return fingerprint
+
+
+def ensure_index(data: Path, model: Path, root: Path, limit: int | None, model_fingerprint: str,
+                 catalog_key: str) -> None:
+    """Build and publish unless ROOT/CURRENT was built from this model and catalogue."""
+    from indexer.search import open_index
+
+    state = _load_state(root)
+    if state.get("catalog_key") == catalog_key and state.get("model_fingerprint") == model_fingerprint:
+        try:
+            index = open_index(root)
+            version = index.version
+            same = index.manifest.get("model", {}).get("fingerprint", model_fingerprint) == model_fingerprint
+            index.close()
+            if same and version == state.get("version"):
+                print(f"index: reusing {root} (version {version})")
+                return
+        except Exception as exc:  # any unreadable index is rebuilt, never trusted
+            print(f"index: {root} is not reusable ({exc}); building again")
+    cmd = _ecsearch("index", "--catalog", str(data), "--model", str(model), "--index-root", str(root),
+                    "--shards", "2")
+    if limit:
+        cmd += ["--limit", str(limit)]
+    _run(cmd)
+    index = open_index(root)
+    state = {"catalog_key": catalog_key, "model_fingerprint": model_fingerprint, "version": index.version}
+    index.close()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / STATE_FILE).write_text(json.dumps(state))
+
+
+def stop_server(quiet: bool = False) -> bool:
+    """SIGTERM the demo server named in ``var/server.pid`` and wait for it; True if one ran."""
+    pid_file = VAR / "server.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        if not quiet:
+            print("no demo server is running (no var/server.pid)")
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        if not quiet:
+            print(f"demo server (pid {pid}) was not running")
+        return False
+    for _ in range(150):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    if not quiet:
+        print(f"stopped the demo server (pid {pid})")
+    return True
+
+
+def start_server(root: Path, model: Path, timeout_s: float = 180.0) -> int:
+    """Start ``ecsearch serve`` detached; wait for gRPC health SERVING; return its pid."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stop_server(quiet=True)
+    log = open(VAR / "server.log", "ab")
+    proc = subprocess.Popen(_ecsearch("serve", "--index-root", str(root), "--model", str(model),
+                                      "--host", HOST, "--port", str(PORT)),
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    (VAR / "server.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"{HOST}:{PORT}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with status {proc.returncode}; see {VAR / 'server.log'}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc.pid
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise SystemExit(f"the server did not report SERVING within {timeout_s:.0f} s; see {VAR / 'server.log'}")
+
+
+def _print_hits(title: str, response) -> None:
+    print(f"\n--- {title}")
+    t = response.timings
+    print(f"    index version {response.index_version}; decode {t.decode_ms:.1f} ms, encode {t.encode_ms:.1f} ms, "
+          f"search {t.search_ms:.1f} ms, metadata {t.metadata_ms:.1f} ms, total {t.total_ms:.1f} ms")
+    print(f"    {'rank':>4}  {'score':>6}  {'id':>6}  {'articleType':<16} {'colour':<10} title")
+    for hit in response.hits:
+        m = dict(hit.metadata)
+        print(f"    {hit.rank:>4}  {hit.score:6.3f}  {hit.product_id:>6}  {m.get('articleType', ''):<16.16} "
+              f"{m.get('baseColour', ''):<10.10} {m.get('productDisplayName', m.get('title', ''))}")
+
+
+def pick_photo(data: Path, limit: int | None, article_type: str) -> tuple[str, str]:
+    """(product id, title) of the first test-split product of ``article_type`` within the limit."""
+    split = {r["id"]: r["split"] for r in csv.DictReader(open(data / "split.csv"))}
+    rows = list(csv.DictReader(open(data / "styles.csv")))
+    rows = rows[:limit] if limit else rows
+    for row in rows:
+        if row["articleType"] == article_type and split.get(row["id"]) == "test":
+            return row["id"], row["productDisplayName"]
+    return rows[0]["id"], rows[0]["productDisplayName"]
+
+
+def run_queries(data: Path, limit: int | None) -> None:
+    from server.client import SearchClient
+
+    shirt_id, shirt_title = pick_photo(data, limit, "Tshirts")
+    shoe_id, shoe_title = pick_photo(data, limit, "Casual Shoes")
+    with SearchClient(f"{HOST}:{PORT}", timeout_s=30.0) as client:
+        _print_hits('text: "black leather wallet for men"', client.search(text="black leather wallet for men", top_k=5))
+        _print_hits(f"image: photo of product {shirt_id} ({shirt_title})",
+                    client.search(image=data / "images" / f"{shirt_id}.jpg", top_k=5))
+        _print_hits(f'text+image: photo of product {shoe_id} ({shoe_title}) + "in red"',
+                    client.search(text="in red", image=data / "images" / f"{shoe_id}.jpg", top_k=5))
+        _print_hits('filtered: "shoes for a party" with gender=Women, articleType in {Heels, Flats}',
+                    client.search(text="shoes for a party", top_k=5,
+                                  filters={"gender": "Women", "articleType": ["Heels", "Flats"]}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stop", action="store_true", help="stop the demo server and exit")
+    args = parser.parse_args(argv)
+    if args.stop:
+        stop_server()
+        return 0
+    data = Path(os.environ.get("ECSEARCH_DATA", DEFAULT_DATA))
+    if not (data / "styles.csv").is_file():
+        print(f"error: the fashion catalogue is not at {data} (set ECSEARCH_DATA)", file=sys.stderr)
+        return 2
+    limit = int(os.environ["DEMO_LIMIT"]) if os.environ.get("DEMO_LIMIT") else None
+    suffix = f"-limit{limit}" if limit else ""
+    model, root = VAR / f"model{suffix}", VAR / f"index{suffix}"
+    VAR.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    key = _catalog_key(data, limit)
+    _banner(f"1/4 model ({'first ' + str(limit) + ' products' if limit else 'train split'})")
+    fingerprint = ensure_model(data, model, limit, key)
+    _banner("2/4 index version")
+    ensure_index(data, model, root, limit, fingerprint, key)
+    _banner("3/4 gRPC server")
+    pid = start_server(root, model)
+    print(f"serving {root} on {HOST}:{PORT} (pid {pid}, log var/server.log)")
+    _banner("4/4 queries over gRPC")
+    run_queries(data, limit)
+    print(f"\nmain job done in {time.perf_counter() - started:.0f} s. The server is still running:")
+    print(f"  .venv/bin/ecsearch query --target {HOST}:{PORT} --text 'women black heels' --top-k 5")
+    print(f"  .venv/bin/ecsearch query --target {HOST}:{PORT} --image {data}/images/{pick_photo(data, limit, 'Tshirts')[0]}.jpg")
+    print(f"  buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{HOST}:{PORT}")
+    print(f"  buf curl --protocol grpc --http2-prior-knowledge -d '{{\"text\": \"red dress\", \"top_k\": 3}}' "
+          f"http://{HOST}:{PORT}/ecsearch.v1.SearchService/Search")
+    print("Stop it with: make stop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
