@@ -134,7 +134,7 @@ class SearchServer:
             self.metrics.start_http(self.config.metrics_port, self.config.metrics_host)
         self._batcher.start()
         await self._server.start()
-        log.info("listening on %s (port %d, %s); waiting for %s/CURRENT", address, self.port,
+        log.info("gRPC on %s:%d (%s); waiting for %s/CURRENT", _host_for_address(self.config.host), self.port,
                  "TLS" if self.config.tls_cert else "plaintext", self.config.index_root)
         self._loader = asyncio.get_running_loop().create_task(self._load_first(), name="first-load")
         return self.port

@@ -10,11 +10,15 @@ Everything here is synchronous and runs in the server's search thread pool.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
+
+
+MERGED_FIELDS = ("attributes", "extra")  # nested record dicts flattened into Hit.metadata
 
 
 class FilterError(ValueError):
@@ -32,14 +36,18 @@ class MetadataFilter:
 def flatten_record(record: dict[str, Any]) -> dict[str, str]:
     """Product record → flat ``str -> str`` map, as sent on the wire (``Hit.metadata``).
 
-    Nested dicts (e.g. ``attributes``) are merged into the top level (a nested key never
-    overrides a top-level one); lists are joined with ``","``; None values are left out.
+    The ``attributes`` and ``extra`` dicts of an indexer record are merged into the top
+    level (a nested key never overrides a top-level one); other dicts are JSON text; lists
+    are joined with ``","``; None values are left out.
     """
     flat: dict[str, str] = {}
     nested: list[dict] = []
     for key, value in record.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in MERGED_FIELDS:
             nested.append(value)
+        elif isinstance(value, dict):
+            if value:
+                flat[str(key)] = json.dumps(value, ensure_ascii=False, sort_keys=True)
         elif value is None:
             continue
         elif isinstance(value, (list, tuple)):
