@@ -1,0 +1,86 @@
+"""``ecsearch index``: encode a catalogue and publish a sharded IVF-PQ index version.
+
+Exit status: 0 published; 2 bad input (catalogue, model folder, options); 3 another build
+holds the lock of ROOT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from indexer.encode import EncodeOptions
+from indexer.version import VersionOptions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``ecsearch index`` options to ``parser``."""
+    parser.add_argument("--catalog", required=True, type=Path,
+                        help="fashion folder (styles.csv + images/), JSONL or CSV catalogue")
+    parser.add_argument("--model", required=True, type=Path, help="model folder (engine.model_folder)")
+    parser.add_argument("--index-root", required=True, type=Path, help="ROOT holding versions/ and CURRENT")
+    parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+    parser.add_argument("--factory", default="auto",
+                        help='faiss factory, e.g. "IVF1024,PQ32"; "IVF,PQ32" or "auto" choose nlist (default auto)')
+    parser.add_argument("--view", choices=("fused", "image", "text"), default="fused",
+                        help="which item embedding to index (default fused)")
+    parser.add_argument("--limit", type=int, default=None, help="read at most N catalogue rows")
+    parser.add_argument("--keep-versions", type=int, default=3, help="versions to keep under ROOT/versions (K)")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="default nprobe in the manifest (default: smallest reaching recall@10 >= 0.95)")
+    parser.add_argument("--k-factor", type=int, default=4, help="refine re-scores top k*K candidates (default 4)")
+    parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
+    parser.add_argument("--batch-size", type=int, default=32, help="items per item-tower call")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
+    parser.add_argument("--id-field", default=None, help="catalogue field holding the product id")
+    parser.add_argument("--title-field", default=None, help="catalogue field holding the title")
+    parser.add_argument("--image-field", default=None,
+                        help='field holding the image path/URI, or a template such as "images/{id}.jpg"')
+    parser.add_argument("--attribute-fields", default=None, help="comma-separated attribute (facet) fields")
+    parser.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the build; prints the manifest summary as JSON on stdout. Returns the exit status."""
+    from engine.catalog import CatalogError, FieldMapping
+    from engine.errors import ModelFolderError
+    from indexer.errors import BuildError
+    from indexer.pipeline import IndexJobConfig, run_index_job
+
+    if args.shards < 1 or args.keep_versions < 1 or args.k_factor < 1 or args.batch_size < 1 or args.chunk_size < 1:
+        print("ecsearch index: --shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1",
+              file=sys.stderr)
+        return 2
+    mapping = None
+    if any(v is not None for v in (args.id_field, args.title_field, args.image_field, args.attribute_fields,
+                                   args.image_root)):
+        mapping = FieldMapping(
+            id=args.id_field, title=args.title_field, image=args.image_field,
+            attributes=[a.strip() for a in args.attribute_fields.split(",") if a.strip()] if args.attribute_fields else None,
+            image_root=args.image_root)
+    config = IndexJobConfig(
+        catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=mapping, limit=args.limit,
+        keep_versions=args.keep_versions, device=args.device,
+        encode=EncodeOptions(view=args.view, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                             workers=args.workers),
+        version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
+                               k_factor=args.k_factor, refine=not args.no_refine,
+                               recall_queries=args.recall_queries))
+    try:
+        result = run_index_job(config)
+    except BuildError as exc:
+        print(f"ecsearch index: {exc}", file=sys.stderr)
+        return 3 if "another index build is running" in str(exc) else 2
+    except (CatalogError, ModelFolderError) as exc:
+        print(f"ecsearch index: {exc}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    summary = {"version": result.version, "path": str(result.path), "previous": result.previous,
+               "counts": m["counts"], "index": {k: m["index"][k] for k in ("factory", "nlist", "nprobe_default")},
+               "recall": m["recall"], "timings_s": m["timings_s"]}
+    print(json.dumps(summary, indent=2))
+    return 0

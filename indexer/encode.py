@@ -1,0 +1,287 @@
+"""Resumable item-tower encoding of catalogue products, chunk by chunk.
+
+Products are cut into chunks of ``chunk_size`` (in catalogue order). Inside a chunk they
+are sorted by (has image, title length) and cut into batches (length-sorted batching, after
+sentence-transformers); DataLoader workers decode and preprocess the images of a batch
+(``engine.images.load_image`` + the image backbone's ``preprocess``), the main process runs
+``model.item_tower.encode``. Each finished chunk is written to the work folder (``.npy``
+vectors + ``.json`` outcome, temp name + rename), so a killed job resumes at the first
+missing chunk.
+
+Outcome per product: encoded (possibly with flags) or rejected. A product whose image is
+missing or cannot be decoded is encoded text-only and flagged (``image_missing`` from the
+catalogue reader, ``image_unreadable`` here); it is rejected only when nothing usable is
+left for the view (e.g. no title and a corrupt image). Source: our choice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from engine.catalog import FLAG_IMAGE_MISSING, Product
+from engine.errors import InputError
+from engine.images import load_image
+
+FLAG_IMAGE_UNREADABLE = "image_unreadable"
+FLAG_TEXT_ONLY = "text_only"
+FLAG_IMAGE_ONLY = "image_only"
+
+
+@dataclass
+class EncodeOptions:
+    """view: "fused" | "text" | "image"; batch_size: samples per tower call; chunk_size:
+    products per resumable chunk file; workers: DataLoader processes decoding images
+    (0 = in the main process)."""
+
+    view: str = "fused"
+    batch_size: int = 32
+    chunk_size: int = 1024
+    workers: int = 2
+
+
+@dataclass
+class EncodeResult:
+    """vectors: float32 (n_indexed, d), rows L2-normalised, in catalogue order of the
+    indexed products; indexed: positions (into the input products) of those rows;
+    flags / flag_detail: per input position; rejects: ``{position: reason}``;
+    resumed_items: products taken from chunks written by an earlier run."""
+
+    vectors: np.ndarray
+    indexed: list[int]
+    flags: dict[int, list[str]] = field(default_factory=dict)
+    flag_detail: dict[int, dict[str, str]] = field(default_factory=dict)
+    rejects: dict[int, str] = field(default_factory=dict)
+    resumed_items: int = 0
+
+
+class _BatchImages(Dataset):
+    """Dataset whose item ``b`` is batch ``b``: decodes + preprocesses its images.
+
+    Returns ``(batch_number, positions, tensors | None per product, errors | None per product)``.
+    """
+
+    def __init__(self, batches: list[list[int]], images: Sequence[str | None], preprocess: Callable):
+        self.batches = batches
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        tensors, errors = [], []
+        for pos in self.batches[b]:
+            source = self.images[pos]
+            if source is None:
+                tensors.append(None)
+                errors.append(None)
+                continue
+            try:
+                tensors.append(self.preprocess(load_image(source, index=pos)))
+                errors.append(None)
+            except InputError as exc:
+                tensors.append(None)
+                errors.append(exc.reason)
+            except Exception as exc:  # any other decoder failure: flag, never lose the product
+                tensors.append(None)
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return b, self.batches[b], tensors, errors
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _identity(x):
+    return x
+
+
+def _chunk_paths(work: Path, start: int) -> tuple[Path, Path]:
+    return work / f"chunk_{start:09d}.npy", work / f"chunk_{start:09d}.json"
+
+
+def _load_chunk(work: Path, start: int, count: int, dim: int) -> tuple[np.ndarray, dict] | None:
+    """A chunk written by an earlier run, or None when absent / incomplete / unreadable."""
+    npy, meta = _chunk_paths(work, start)
+    if not (npy.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        vecs = np.load(npy)
+    except (OSError, ValueError):
+        return None
+    if info.get("start") != start or info.get("count") != count or vecs.shape != (count, dim):
+        return None
+    return vecs, info
+
+
+def _save_chunk(work: Path, start: int, vecs: np.ndarray, info: dict) -> None:
+    npy, meta = _chunk_paths(work, start)
+    for path, write in ((meta, lambda f: f.write(json.dumps(info).encode())), (npy, lambda f: np.save(f, vecs))):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def _usable(product: Product, view: str) -> tuple[str | None, str | None, str | None]:
+    """(text, image, reject reason) for ``view`` before decoding."""
+    text = product.title if view in ("fused", "text") else None
+    image = product.image if view in ("fused", "image") else None
+    if text is None and image is None:
+        need = {"fused": "title or image", "text": "title (view text)", "image": "image (view image)"}[view]
+        detail = product.flag_detail.get(FLAG_IMAGE_MISSING)
+        return None, None, f"no usable {need}" + (f" ({detail})" if detail else "")
+    return text, image, None
+
+
+def encode_products(model, products: Sequence[Product], work: Path, options: EncodeOptions,
+                    log: Callable[[str], None] = print) -> EncodeResult:
+    """Encode ``products`` with ``model.item_tower`` into ``work`` (created), resuming chunks.
+
+    Returns EncodeResult (vectors float32 (n_indexed, d)). Raises ValueError for an unknown view.
+    """
+    if options.view not in ("fused", "text", "image"):
+        raise ValueError(f"unknown view {options.view!r}; expected fused, text or image")
+    work.mkdir(parents=True, exist_ok=True)
+    dim = int(model.dim)
+    n = len(products)
+    texts: list[str | None] = [None] * n
+    images: list[str | None] = [None] * n
+    result = EncodeResult(np.empty((0, dim), np.float32), [])
+    chunk_vecs: dict[int, np.ndarray] = {}
+    todo_chunks = []
+    for start in range(0, n, options.chunk_size):
+        count = min(options.chunk_size, n - start)
+        loaded = _load_chunk(work, start, count, dim)
+        if loaded is None:
+            todo_chunks.append((start, count))
+            continue
+        vecs, info = loaded
+        chunk_vecs[start] = vecs
+        _merge_chunk_info(result, info)
+        result.resumed_items += count
+    if result.resumed_items:
+        log(f"encode: resuming, {result.resumed_items} of {n} products already encoded in {work}")
+
+    for pos, p in enumerate(products):
+        texts[pos], images[pos], _ = _usable(p, options.view)
+    preprocess = model.backbones.image.preprocess
+    bar = tqdm(total=n, initial=result.resumed_items, unit="item", desc="encode", file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        for start, count in todo_chunks:
+            vecs, info = _encode_chunk(model, products, texts, images, start, count, options, preprocess, bar)
+            _save_chunk(work, start, vecs, info)
+            chunk_vecs[start] = vecs
+            _merge_chunk_info(result, info)
+    finally:
+        bar.close()
+
+    rows, indexed = [], []
+    for start in sorted(chunk_vecs):
+        vecs = chunk_vecs[start]
+        for j in range(vecs.shape[0]):
+            pos = start + j
+            if pos not in result.rejects:
+                indexed.append(pos)
+                rows.append(vecs[j])
+    result.vectors = np.stack(rows).astype(np.float32) if rows else np.empty((0, dim), np.float32)
+    result.indexed = indexed
+    return result
+
+
+def _merge_chunk_info(result: EncodeResult, info: dict) -> None:
+    result.rejects.update({int(k): v for k, v in info["rejects"].items()})
+    result.flags.update({int(k): v for k, v in info["flags"].items()})
+    result.flag_detail.update({int(k): v for k, v in info["detail"].items()})
+
+
+def _encode_chunk(model, products, texts, images, start, count, options, preprocess, bar):
+    """Encode products ``[start, start+count)``; returns (float32 (count, d) with zero rows
+    for rejects, chunk info dict)."""
+    dim = int(model.dim)
+    positions = list(range(start, start + count))
+    rejects: dict[int, str] = {}
+    flags: dict[int, list[str]] = {pos: list(products[pos].flags) for pos in positions if products[pos].flags}
+    detail: dict[int, dict[str, str]] = {pos: dict(products[pos].flag_detail) for pos in positions if products[pos].flag_detail}
+    for pos in positions:
+        if texts[pos] is None and images[pos] is None:
+            rejects[pos] = _usable(products[pos], options.view)[2]
+    live = [pos for pos in positions if pos not in rejects]
+    # length-sorted batches: image presence first, then title length (our choice)
+    live.sort(key=lambda pos: (images[pos] is not None, len(texts[pos] or "")))
+    batches = [live[i:i + options.batch_size] for i in range(0, len(live), options.batch_size)]
+    vecs = np.zeros((count, dim), dtype=np.float32)
+    loader = DataLoader(_BatchImages(batches, images, preprocess), batch_size=None, shuffle=False,
+                        num_workers=options.workers, collate_fn=_identity, worker_init_fn=_worker_init,
+                        prefetch_factor=2 if options.workers else None, persistent_workers=False)
+    bar.update(count - len(live))
+    for _b, batch, tensors, errors in loader:
+        batch_texts = [texts[pos] for pos in batch]
+        batch_images = list(tensors)
+        for j, pos in enumerate(batch):
+            if errors[j] is not None:
+                flags.setdefault(pos, []).append(FLAG_IMAGE_UNREADABLE)
+                detail.setdefault(pos, {})[FLAG_IMAGE_UNREADABLE] = errors[j]
+        keep = [j for j, pos in enumerate(batch) if batch_texts[j] is not None or batch_images[j] is not None]
+        for j, pos in enumerate(batch):
+            if j not in keep:
+                rejects[pos] = f"no usable title and the image cannot be used ({errors[j]})"
+        out = _encode_robust(model, [batch_texts[j] for j in keep], [batch_images[j] for j in keep],
+                             [batch[j] for j in keep], options, rejects, flags, detail)
+        for j, pos in zip(keep, [batch[j] for j in keep]):
+            if pos not in rejects:
+                vecs[pos - start] = out[pos]
+        bar.update(len(batch))
+    for pos in positions:
+        if pos in rejects:
+            continue
+        has_text = texts[pos] is not None and options.view != "image"
+        has_image = images[pos] is not None and FLAG_IMAGE_UNREADABLE not in flags.get(pos, [])
+        if options.view == "fused" and has_text and not has_image:
+            flags.setdefault(pos, []).append(FLAG_TEXT_ONLY)
+        elif options.view == "fused" and has_image and not has_text:
+            flags.setdefault(pos, []).append(FLAG_IMAGE_ONLY)
+    info = {"start": start, "count": count, "view": options.view,
+            "rejects": {str(k): v for k, v in rejects.items()},
+            "flags": {str(k): v for k, v in flags.items()},
+            "detail": {str(k): v for k, v in detail.items()}}
+    return vecs, info
+
+
+def _encode_robust(model, texts: list, images: list, positions: list[int], options: EncodeOptions,
+                   rejects: dict, flags: dict, detail: dict) -> dict[int, np.ndarray]:
+    """``item_tower.encode`` on one batch; a per-sample InputError drops that sample's
+    image (flagged) or rejects it, and the batch is retried. Returns ``{position: vector}``."""
+    texts, images, positions = list(texts), list(images), list(positions)
+    for _attempt in range(2 * len(positions) + 1):
+        if not positions:
+            return {}
+        try:
+            out = model.item_tower.encode(texts, images, view=options.view, batch_size=options.batch_size)
+            return {pos: out[j] for j, pos in enumerate(positions)}
+        except InputError as exc:
+            j = exc.index
+            if j is None or not 0 <= j < len(positions):
+                raise
+            pos = positions[j]
+            if images[j] is not None and texts[j] is not None and options.view == "fused":
+                images[j] = None
+                flags.setdefault(pos, []).append(FLAG_IMAGE_UNREADABLE)
+                detail.setdefault(pos, {})[FLAG_IMAGE_UNREADABLE] = exc.reason
+            else:
+                rejects[pos] = f"item tower cannot encode this product: {exc.reason}"
+                del texts[j], images[j], positions[j]
+    raise RuntimeError("encode retry loop did not converge")  # unreachable: each retry removes a cause

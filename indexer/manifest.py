@@ -1,0 +1,83 @@
+"""``manifest.json`` of an index version: what was built, from what, and file checksums.
+
+The manifest names every data file of the version with its ``size_bytes`` and ``sha256``;
+``verify_files`` recomputes them so a corrupted or truncated file is refused on open with
+a precise error instead of giving wrong results. Source: our choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from indexer.errors import IndexIntegrityError, IndexVersionError
+
+MANIFEST = "manifest.json"
+FORMAT = "ecsearch-index-v1"
+_READ_BYTES = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """``{"size_bytes", "sha256"}`` of ``path``."""
+    return {"size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest`` (with ``format`` set) as ``version_dir/manifest.json``, fsynced."""
+    manifest = {"format": FORMAT, **manifest}
+    path = version_dir / MANIFEST
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=False, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any]:
+    """Load and sanity-check ``version_dir/manifest.json``. Raises IndexVersionError."""
+    path = Path(version_dir) / MANIFEST
+    if not path.is_file():
+        raise IndexVersionError(f"{version_dir}: not an index version (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexIntegrityError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexVersionError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+    for key in ("version", "dim", "files", "shards"):
+        if key not in manifest:
+            raise IndexIntegrityError(f"{path}: manifest lacks {key!r}")
+    return manifest
+
+
+def verify_files(version_dir: Path, manifest: dict[str, Any], checksums: bool = True) -> None:
+    """Check every file listed in ``manifest["files"]`` exists with the recorded size and,
+    when ``checksums``, the recorded sha256.
+
+    Raises IndexIntegrityError naming the first bad file, expected and found values.
+    """
+    for name, expected in manifest["files"].items():
+        path = Path(version_dir) / name
+        if not path.is_file():
+            raise IndexIntegrityError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != expected["size_bytes"]:
+            raise IndexIntegrityError(
+                f"{path}: size {size} bytes, manifest says {expected['size_bytes']} (truncated or replaced file)")
+        if checksums:
+            found = sha256_file(path)
+            if found != expected["sha256"]:
+                raise IndexIntegrityError(
+                    f"{path}: sha256 {found[:16]}..., manifest says {expected['sha256'][:16]}... (corrupted file)")

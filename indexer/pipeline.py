@@ -1,0 +1,156 @@
+"""The index build job: read -> encode -> index -> metadata -> manifest -> publish.
+
+``run_index_job(config)`` holds the build lock of ROOT, removes stale temporary folders,
+reads the catalogue (``engine.catalog``), encodes it resumably into
+``ROOT/tmp/build-<key>`` (key = catalogue + model + view + limit, so a rerun of the same job
+resumes and any other leftover is stale), writes the version into that folder
+(``indexer.version``) and publishes it atomically (``indexer.publish``). Every product read
+is either indexed or in ``rejects.jsonl``; ``indexed + rejected == read`` is checked.
+Source: our choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.catalog import FieldMapping, Reject, read_catalog
+from indexer.encode import FLAG_IMAGE_ONLY, FLAG_IMAGE_UNREADABLE, FLAG_TEXT_ONLY, EncodeOptions, encode_products
+from indexer.errors import BuildError
+from indexer.manifest import sha256_file
+from indexer.publish import (build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
+                             read_current, tmp_dir)
+from indexer.version import VersionOptions, write_version
+
+
+@dataclass
+class IndexJobConfig:
+    """One ``ecsearch index`` run.
+
+    catalog: catalogue path (fashion folder, JSONL, CSV); model_dir: model folder;
+    index_root: ROOT; mapping: field mapping (None = detect); limit: read at most N rows;
+    keep_versions: versions kept under ROOT/versions (K, CURRENT always kept);
+    device: torch device for the item tower ("cpu", "cuda", None = cuda when available).
+    """
+
+    catalog: Path
+    model_dir: Path
+    index_root: Path
+    mapping: FieldMapping | None = None
+    limit: int | None = None
+    keep_versions: int = 3
+    device: str | None = None
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    version: VersionOptions = field(default_factory=VersionOptions)
+
+
+@dataclass
+class IndexJobResult:
+    """The published version, its folder, the manifest and the previous CURRENT."""
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    previous: str | None
+
+
+def log_stage(message: str) -> None:
+    """Progress lines go to stderr, flushed (tests watch them)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _job_key(catalog_fp: str, model_fp: str, config: IndexJobConfig) -> str:
+    parts = [catalog_fp, model_fp, config.encode.view, str(config.limit), str(config.encode.chunk_size),
+             repr(config.mapping)]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage) -> IndexJobResult:
+    """Build and publish one index version. Raises CatalogError, ModelFolderError, BuildError."""
+    import torch
+
+    from engine.model_folder import load_model
+
+    root = Path(config.index_root)
+    t_job = time.perf_counter()
+    timings: dict[str, float] = {}
+    with build_lock(root):
+        log("stage: read")
+        t0 = time.perf_counter()
+        catalog = read_catalog(config.catalog, config.mapping, config.limit)
+        timings["read"] = time.perf_counter() - t0
+        log(f"read: {catalog.read_count} rows, {len(catalog.products)} products, {len(catalog.rejects)} rejected "
+            f"({catalog.layout}: {catalog.source})")
+        if not catalog.products:
+            raise BuildError(f"{config.catalog}: no usable product among {catalog.read_count} rows read")
+        catalog_fp = sha256_file(Path(catalog.source))
+
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        log(f"stage: load model ({config.model_dir}, {device})")
+        model = load_model(config.model_dir, device=device)
+        key = _job_key(catalog_fp, model.fingerprint, config)
+        work = tmp_dir(root) / f"build-{key}"
+        removed = cleanup_stale(root, keep={work.name})
+        if removed:
+            log(f"cleanup: removed stale temporary folders {removed}")
+
+        log("stage: encode")
+        t0 = time.perf_counter()
+        encoded = encode_products(model, catalog.products, work / "chunks", config.encode, log=log)
+        timings["encode"] = time.perf_counter() - t0
+
+        rejects: list[Reject] = list(catalog.rejects)
+        for pos, reason in sorted(encoded.rejects.items()):
+            p = catalog.products[pos]
+            rejects.append(Reject(p.row, p.product_id, reason, p.to_dict()))
+        records = []
+        for pos in encoded.indexed:
+            p = catalog.products[pos]
+            flags = encoded.flags.get(pos, [])
+            records.append({"product_id": p.product_id, "title": p.title, "image": p.image,
+                            "attributes": p.attributes, "extra": p.extra, "row": p.row,
+                            "flags": flags, "flag_detail": encoded.flag_detail.get(pos, {})})
+        counts = {
+            "read": catalog.read_count,
+            "indexed": len(records),
+            "text_only": sum(FLAG_TEXT_ONLY in r["flags"] for r in records),
+            "image_only": sum(FLAG_IMAGE_ONLY in r["flags"] for r in records),
+            "image_unreadable": sum(FLAG_IMAGE_UNREADABLE in r["flags"] for r in records),
+            "rejected": len(rejects),
+            "rejected_by_catalog": len(catalog.rejects),
+            "rejected_by_encoder": len(encoded.rejects),
+        }
+        if counts["indexed"] + counts["rejected"] != counts["read"]:
+            raise BuildError(f"products lost: indexed {counts['indexed']} + rejected {counts['rejected']} "
+                             f"!= read {counts['read']}")
+        log(f"encode: {counts['indexed']} indexed ({counts['text_only']} text-only), {counts['rejected']} rejected"
+            f"{f', {encoded.resumed_items} resumed' if encoded.resumed_items else ''}")
+
+        log("stage: index")
+        version = new_version_id()
+        staged = work / "stage"
+        if staged.exists():
+            shutil.rmtree(staged)
+        extra = {
+            "model": {"fingerprint": model.fingerprint, "dir": str(Path(config.model_dir).resolve()),
+                      "view": config.encode.view, "dim": int(model.dim), "device": device},
+            "catalog": {"path": str(Path(config.catalog).resolve()), "layout": catalog.layout,
+                        "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit},
+            "build": {"job_key": key, "resumed_items": encoded.resumed_items,
+                      "batch_size": config.encode.batch_size, "workers": config.encode.workers},
+        }
+        written = write_version(staged, version, encoded.vectors, records, config.version, rejects=rejects,
+                                counts=counts, extra_manifest=extra, timings_s=timings, log=log)
+
+        log("stage: publish")
+        previous = read_current(root)
+        target = publish_version(root, staged, version)
+        pruned = prune_versions(root, config.keep_versions)
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"published {version} at {target} (previous {previous}); pruned {pruned}; "
+            f"total {time.perf_counter() - t_job:.1f} s")
+        return IndexJobResult(version, target, written.manifest, previous)

@@ -1,0 +1,341 @@
+"""Open an index version and search it: the API the gRPC server calls.
+
+::
+
+    from indexer.search import open_index
+    index = open_index("var/index")              # ROOT (follows ROOT/CURRENT) or a version folder
+    scores, pids = index.search(q, k=10)          # q float32 (n, d) -> float32 (n, k), n lists of k
+    index.get_products(pids[0])                   # -> [dict | None, ...]
+    allowed = index.ids_with({"gender": "Women", "articleType": ["Heels", "Flats"]})
+    scores, pids = index.search(q, k=10, allowed=allowed)   # metadata-filtered search
+    index.close()
+
+Search = per shard IVF-PQ search (same trained quantizer in every shard) -> merge by score ->
+optional refine: the top ``k * k_factor`` candidates are re-scored exactly with the stored
+fp16 item vectors. Filtering: ``allowed`` (internal ids, e.g. from ``ids_with``) is applied
+inside faiss with an ``IDSelectorBatch``; when it is small (``<= exact_filter_max`` ids) the
+search is instead exact over just those items, which is faster and never misses.
+``id_filter`` takes product ids (a collection, mapped to ``allowed``) or a predicate on the
+product id (applied to over-fetched results, fetching more until k pass or all are seen).
+Source: faiss IVFADC + re-ranking (Jégou et al., ICASSP 2011, "Searching in one billion
+vectors: re-rank with source coding"); filtering strategy our choice.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+
+import faiss
+import numpy as np
+
+from indexer.errors import IndexIntegrityError, IndexVersionError, SearchArgumentError
+from indexer.manifest import read_manifest, verify_files
+from indexer.metadata import MetadataReader
+from indexer.publish import resolve_version_dir
+from indexer.recall import exact_search
+
+MAX_TOP_K = 10_000
+# allowed sets up to this size are searched exactly over their own vectors (our choice:
+# ~20k x 256 fp16 dot products take a few ms, and exact never misses a filtered item).
+EXACT_FILTER_MAX = 20_000
+
+IdFilter = Collection[str] | Callable[[str], bool] | None
+
+
+class IndexVersion:
+    """One opened, immutable index version. Thread-safe for concurrent ``search`` calls.
+
+    Attributes: ``path`` (version folder), ``manifest`` (dict), ``version`` (str), ``dim``
+    (int), ``n_items`` (int), ``nlist`` (int), ``nprobe_default`` (int), ``refine_default``
+    (bool), ``k_factor_default`` (int), ``metric`` ("inner_product").
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[faiss.Index],
+                 vectors: np.ndarray, metadata: MetadataReader):
+        self.path = path
+        self.manifest = manifest
+        self.version: str = manifest["version"]
+        self.dim: int = int(manifest["dim"])
+        self.metric: str = manifest.get("metric", "inner_product")
+        self.n_items: int = int(manifest["counts"]["indexed"]) if "counts" in manifest else int(vectors.shape[0])
+        self.nlist: int = int(manifest["index"]["nlist"])
+        self.nprobe_default: int = int(manifest["index"]["nprobe_default"])
+        self.refine_default: bool = bool(manifest["refine"]["default"])
+        self.k_factor_default: int = int(manifest["refine"]["k_factor"])
+        self._shards = shards
+        self._vectors = vectors
+        self._metadata = metadata
+        self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, id_filter: IdFilter = None, *,
+               allowed: np.ndarray | Collection[int] | None = None, refine: bool | None = None,
+               k_factor: int | None = None) -> tuple[np.ndarray, list[list[str | None]]]:
+        """Top-``k`` products for each query vector.
+
+        queries: float32 (n, d) (a (d,) vector is taken as n = 1), rows L2-normalised.
+        k: top_k, 1..10,000. nprobe: lists probed per shard (default from the manifest;
+        values above nlist are clipped). id_filter: product ids allowed (a collection) or a
+        predicate ``f(product_id) -> bool``. allowed: internal ids allowed (int64), e.g.
+        from ``ids_with``; combined with ``id_filter`` by intersection. refine: re-score the
+        top ``k * k_factor`` candidates exactly (default from the manifest).
+
+        Returns ``(scores float32 (n, k), product_ids: n lists of k)``, best first; inner
+        product scores (exact when refined, PQ-approximate otherwise); ``-inf`` / ``None``
+        where fewer than k items qualify.
+        Raises SearchArgumentError for bad shapes / dtypes / non-finite values / k / nprobe.
+        """
+        scores, iids = self.search_ids(queries, k, nprobe, id_filter, allowed=allowed, refine=refine, k_factor=k_factor)
+        return scores, self._metadata.product_ids(iids)
+
+    def search_ids(self, queries: np.ndarray, k: int, nprobe: int | None = None, id_filter: IdFilter = None, *,
+                   allowed: np.ndarray | Collection[int] | None = None, refine: bool | None = None,
+                   k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As ``search`` but returns internal ids: ``(scores float32 (n, k), ids int64 (n, k))``, ``-1`` padding."""
+        self._check_open()
+        q = self._check_queries(queries)
+        k = self._check_k(k)
+        nprobe = self._check_nprobe(nprobe)
+        refine = self.refine_default if refine is None else bool(refine)
+        k_factor = self.k_factor_default if k_factor is None else int(k_factor)
+        if k_factor < 1:
+            raise SearchArgumentError(f"k_factor must be >= 1, got {k_factor}")
+        predicate = None
+        if callable(id_filter):
+            predicate = id_filter
+        elif id_filter is not None:
+            if isinstance(id_filter, (str, bytes)):
+                raise SearchArgumentError("id_filter must be a collection of product ids or a predicate, not a string")
+            by_pid = self._metadata.internal_ids(id_filter)
+            allowed = self._intersect(allowed, by_pid[by_pid >= 0])
+        allowed_ids = None if allowed is None else self._as_id_array(allowed)
+
+        if predicate is None:
+            return self._search_once(q, k, nprobe, allowed_ids, refine, k_factor)
+        return self._search_predicate(q, k, nprobe, allowed_ids, refine, k_factor, predicate)
+
+    def _search_predicate(self, q, k, nprobe, allowed_ids, refine, k_factor, predicate):
+        """Over-fetch, keep results whose product id passes ``predicate``; fetch 4x more
+        until k pass in every row or everything reachable was seen (our choice)."""
+        out_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+        out_i = np.full((q.shape[0], k), -1, dtype=np.int64)
+        todo = np.arange(q.shape[0])
+        fetch = min(max(4 * k, 64), MAX_TOP_K * 4)
+        while todo.size:
+            scores, iids = self._search_once(q[todo], fetch, nprobe, allowed_ids, refine, k_factor)
+            names = self._metadata.product_ids(iids)
+            still = []
+            for row, qi in enumerate(todo):
+                keep = [j for j, name in enumerate(names[row]) if name is not None and predicate(name)][:k]
+                out_s[qi, :len(keep)] = scores[row, keep]
+                out_i[qi, :len(keep)] = iids[row, keep]
+                exhausted = (iids[row] < 0).any() or fetch >= self.n_items
+                if len(keep) < k and not exhausted:
+                    still.append(qi)
+            todo = np.asarray(still, dtype=np.int64)
+            fetch = min(fetch * 4, max(self.n_items, 1))
+        return out_s, out_i
+
+    def _search_once(self, q: np.ndarray, k: int, nprobe: int, allowed: np.ndarray | None,
+                     refine: bool, k_factor: int) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is not None and allowed.size <= self.exact_filter_max:
+            if allowed.size == 0:
+                return (np.full((q.shape[0], k), -np.inf, dtype=np.float32), np.full((q.shape[0], k), -1, dtype=np.int64))
+            return exact_search(self._vectors[allowed], q, k, ids=allowed)
+        fetch = min(k * k_factor, MAX_TOP_K * 4) if refine else k
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed))
+            params.sel = selector
+        parts_s, parts_i = [], []
+        for shard in self._shards:
+            if shard.ntotal == 0:
+                continue
+            s, i = shard.search(q, fetch, params=params)
+            parts_s.append(s)
+            parts_i.append(i)
+        if not parts_s:
+            return (np.full((q.shape[0], k), -np.inf, dtype=np.float32), np.full((q.shape[0], k), -1, dtype=np.int64))
+        cand_s = np.concatenate(parts_s, axis=1)
+        cand_i = np.concatenate(parts_i, axis=1)
+        cand_s[cand_i < 0] = -np.inf
+        if refine:
+            cand_s = self._exact_scores(q, cand_i)
+        return _top_k(cand_s, cand_i, k)
+
+    def _exact_scores(self, q: np.ndarray, iids: np.ndarray) -> np.ndarray:
+        """Exact inner products of each query with its candidates (float32 (n, c)), -inf for -1."""
+        flat = iids.reshape(-1)
+        valid = flat >= 0
+        vecs = np.zeros((flat.size, self.dim), dtype=np.float32)
+        if valid.any():
+            rows = flat[valid]
+            order = np.argsort(rows, kind="stable")          # sorted reads from the memmap
+            gathered = np.empty((rows.size, self.dim), dtype=np.float32)
+            gathered[order] = self._vectors[rows[order]]
+            vecs[valid] = gathered
+        scores = np.einsum("ncd,nd->nc", vecs.reshape(iids.shape[0], iids.shape[1], self.dim), q)
+        scores[iids < 0] = -np.inf
+        return scores.astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ metadata
+
+    def get_products(self, product_ids: Iterable[str | None]) -> list[dict | None]:
+        """Metadata records for product ids (None for an unknown id or a None entry).
+
+        A record: ``{"product_id", "title", "image", "attributes", "extra", "flags", "shard", "row"}``.
+        """
+        self._check_open()
+        pids = list(product_ids)
+        iids = self._metadata.internal_ids(pids)
+        return self._metadata.records(int(i) for i in iids)
+
+    def internal_ids(self, product_ids: Iterable[str]) -> np.ndarray:
+        """``int64 (n,)`` internal ids of product ids, ``-1`` for unknown ones."""
+        self._check_open()
+        return self._metadata.internal_ids(product_ids)
+
+    def ids_with(self, filters: Mapping[str, str | Sequence[str]]) -> np.ndarray:
+        """Internal ids (sorted int64) of products matching attribute ``filters``.
+
+        ``{"gender": "Women", "articleType": ["Heels", "Flats"]}`` = gender is Women AND
+        articleType is Heels OR Flats (exact, case-sensitive values as in the catalogue).
+        Pass the result as ``search(..., allowed=...)``.
+        """
+        self._check_open()
+        result: np.ndarray | None = None
+        for attribute, values in filters.items():
+            values = [values] if isinstance(values, str) else list(values)
+            ids = np.unique(np.concatenate([self._metadata.facet_ids(attribute, v) for v in values])) \
+                if values else np.empty(0, np.int64)
+            result = ids if result is None else np.intersect1d(result, ids, assume_unique=True)
+        return result if result is not None else np.arange(self.n_items, dtype=np.int64)
+
+    def facet_values(self) -> dict[str, list[str]]:
+        """``{attribute: [values...]}`` available for ``ids_with``."""
+        self._check_open()
+        return self._metadata.facet_values()
+
+    def vectors(self, internal_ids: np.ndarray) -> np.ndarray:
+        """Stored item vectors as float32 (n, d) for internal ids (fp16 on disk)."""
+        self._check_open()
+        ids = np.asarray(internal_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self._vectors.shape[0]):
+            raise SearchArgumentError(f"internal ids must be in [0, {self._vectors.shape[0]})")
+        return np.asarray(self._vectors[ids], dtype=np.float32)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IndexVersionError(f"index version {self.version} is closed")
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise SearchArgumentError(f"queries must have shape (n, {self.dim}), got {np.asarray(queries).shape}")
+        if q.shape[0] == 0:
+            raise SearchArgumentError("queries is empty (n = 0)")
+        if not np.issubdtype(q.dtype, np.floating):
+            raise SearchArgumentError(f"queries must be floating point, got {q.dtype}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise SearchArgumentError("queries contain NaN or infinite values")
+        return q
+
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
+            raise SearchArgumentError(f"k (top_k) must be an integer in [1, {MAX_TOP_K}], got {k!r}")
+        return int(k)
+
+    def _check_nprobe(self, nprobe: int | None) -> int:
+        if nprobe is None:
+            return self.nprobe_default
+        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+            raise SearchArgumentError(f"nprobe must be an integer >= 1, got {nprobe!r}")
+        return int(min(nprobe, self.nlist))
+
+    def _as_id_array(self, allowed: np.ndarray | Collection[int]) -> np.ndarray:
+        ids = np.unique(np.fromiter((int(i) for i in allowed), dtype=np.int64)
+                        if not isinstance(allowed, np.ndarray) else allowed.astype(np.int64, copy=False))
+        return ids[(ids >= 0) & (ids < self._vectors.shape[0])]
+
+    def _intersect(self, allowed, ids: np.ndarray) -> np.ndarray:
+        return ids if allowed is None else np.intersect1d(self._as_id_array(allowed), ids)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Release the shards, the vector memmap and the LMDB environment."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shards = []
+            self._vectors = np.empty((0, self.dim), np.float16)
+            self._metadata.close()
+
+    def __enter__(self) -> "IndexVersion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"IndexVersion({self.version!r}, items={self.n_items}, dim={self.dim}, shards={len(self._shards)})"
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` columns per row by score (descending), padded with -inf / -1."""
+    n, c = scores.shape
+    if c < k:
+        scores = np.concatenate([scores, np.full((n, k - c), -np.inf, np.float32)], axis=1)
+        ids = np.concatenate([ids, np.full((n, k - c), -1, np.int64)], axis=1)
+        c = k
+    part = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k] if c > k else np.tile(np.arange(c), (n, 1))
+    s = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-s, axis=1, kind="stable")
+    s = np.take_along_axis(s, order, axis=1).astype(np.float32, copy=False)
+    i = np.take_along_axis(np.take_along_axis(ids, part, axis=1), order, axis=1)
+    i[~np.isfinite(s)] = -1
+    return s, i
+
+
+def open_index(path: str | Path, *, verify: bool = True) -> IndexVersion:
+    """Open the index version at ``path``: an index ROOT (follows ``ROOT/CURRENT``) or a
+    version folder.
+
+    verify: recompute every file's sha256 against the manifest (sizes are always checked).
+    Raises NoCurrentVersionError, IndexIntegrityError (corrupted / truncated file, with its
+    name) or IndexVersionError.
+    """
+    version_dir = resolve_version_dir(path)
+    manifest = read_manifest(version_dir)
+    verify_files(version_dir, manifest, checksums=verify)
+    shards = []
+    for entry in manifest["shards"]:
+        file = version_dir / entry["file"]
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as exc:
+            raise IndexIntegrityError(f"{file}: faiss cannot read this shard ({str(exc).splitlines()[0]})") from exc
+        if index.d != int(manifest["dim"]) or index.ntotal != int(entry["items"]):
+            raise IndexIntegrityError(
+                f"{file}: dim {index.d} / {index.ntotal} items, manifest says {manifest['dim']} / {entry['items']}")
+        shards.append(index)
+    vectors_file = version_dir / manifest["vectors"]["file"]
+    try:
+        vectors = np.load(vectors_file, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise IndexIntegrityError(f"{vectors_file}: unreadable exact vectors ({exc})") from exc
+    if vectors.dtype != np.float16 or vectors.shape != (manifest["counts"]["indexed"], manifest["dim"]):
+        raise IndexIntegrityError(f"{vectors_file}: {vectors.dtype} {vectors.shape}, manifest says float16 "
+                                  f"({manifest['counts']['indexed']}, {manifest['dim']})")
+    metadata = MetadataReader(version_dir / manifest["metadata"]["file"])
+    return IndexVersion(version_dir, manifest, shards, vectors, metadata)

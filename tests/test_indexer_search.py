@@ -1,0 +1,197 @@
+"""indexer.search / version / publish / manifest on a real faiss IVF-PQ index and a real LMDB.
+
+The item vectors are synthetic clustered unit vectors (input data, not a model); the
+pipeline with a real tiny model is in test_indexer_pipeline.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from indexer.errors import BuildError, IndexIntegrityError, NoCurrentVersionError, SearchArgumentError
+from indexer.publish import (CURRENT, build_lock, cleanup_stale, list_versions, new_version_id, prune_versions,
+                             publish_version, read_current, tmp_dir)
+from indexer.search import open_index
+from indexer.shards import shard_of
+from indexer.version import VersionOptions, write_version
+
+N, D = 3000, 32
+COLOURS = ["Black", "Blue", "Red", "White"]
+
+
+def _vectors(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, D))
+    x = centres[rng.integers(0, 40, N)] + 0.6 * rng.standard_normal((N, D))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _records() -> list[dict]:
+    return [{"product_id": f"sku-{i}", "title": f"product {i}", "image": None,
+             "attributes": {"baseColour": COLOURS[i % 4], "gender": "Women" if i % 3 == 0 else "Men"},
+             "extra": {"price": i}, "row": i + 2, "flags": []} for i in range(N)]
+
+
+def _publish(root, vectors, options=None):
+    version = new_version_id()
+    staged = tmp_dir(root) / f"stage-{version}"
+    write_version(staged, version, vectors, _records(), options or VersionOptions(n_shards=2, factory="IVF16,PQ8"),
+                  log=lambda _m: None)
+    return publish_version(root, staged, version)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index-root")
+    vectors = _vectors()
+    path = _publish(root, vectors)
+    return root, path, vectors
+
+
+def test_manifest_describes_the_build(built):
+    root, path, _ = built
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["dim"] == D and m["metric"] == "inner_product"
+    assert m["index"]["factory_requested"] == "IVF16,PQ8"
+    assert m["index"]["factory"] == "IVF16,PQ8x6"          # 3000 < 39 * 256: PQ bits lowered, and said so
+    assert any("PQ bits lowered" in note for note in m["index"]["notes"])
+    assert sum(s["items"] for s in m["shards"]) == N and len(m["shards"]) == 2
+    assert m["counts"] == {"read": N, "indexed": N, "rejected": 0}
+    assert m["recall"]["recall_at_10"] >= 0.9 and 0 <= m["recall"]["recall_at_10_no_refine"] <= 1
+    assert set(m["files"]) >= {"shard_000.faiss", "shard_001.faiss", "vectors.f16.npy", "metadata.lmdb"}
+    assert read_current(root) == m["version"]
+
+
+def test_search_shapes_order_and_self_retrieval(built):
+    root, path, vectors = built
+    with open_index(root) as index:
+        assert index.path == path and index.dim == D and index.n_items == N
+        q = vectors[:200]
+        scores, pids = index.search(q, k=10)
+        assert scores.shape == (200, 10) and scores.dtype == np.float32 and len(pids) == 200
+        assert all(len(row) == 10 for row in pids)
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+        assert sum(row[0] == f"sku-{i}" for i, row in enumerate(pids)) >= 198
+        one_s, one_p = index.search(vectors[5], k=3)        # a (d,) vector is one query
+        assert one_s.shape == (1, 3) and one_p[0][0] == "sku-5"
+
+
+def test_padding_when_fewer_than_k(built):
+    root, _, vectors = built
+    with open_index(root) as index:
+        scores, pids = index.search(vectors[:2], k=N + 5, nprobe=index.nlist)
+        assert np.isneginf(scores[:, -5:]).all() and all(p is None for p in pids[0][-5:])
+        assert len(set(pids[0][:N])) == N
+        s, p = index.search(vectors[:1], k=4, id_filter=["sku-1", "sku-2", "nope"])
+        assert sorted(p[0][:2]) == ["sku-1", "sku-2"] and p[0][2:] == [None, None] and np.isneginf(s[0, 2:]).all()
+
+
+@pytest.mark.parametrize("exact_filter_max", [20_000, 0])  # exact path and faiss IDSelector path
+def test_facet_filtered_search(built, exact_filter_max):
+    root, _, vectors = built
+    with open_index(root) as index:
+        index.exact_filter_max = exact_filter_max
+        allowed = index.ids_with({"gender": "Women", "baseColour": ["Red", "Black"]})
+        expected = {i for i in range(N) if i % 3 == 0 and COLOURS[i % 4] in ("Red", "Black")}
+        assert set(allowed.tolist()) == expected
+        _, pids = index.search(vectors[:20], k=10, allowed=allowed, nprobe=index.nlist)
+        for row in pids:
+            assert all(p is not None and int(p.split("-")[1]) in expected for p in row)
+        assert set(index.facet_values()["baseColour"]) == set(COLOURS)
+
+
+def test_predicate_filter_overfetches(built):
+    root, _, vectors = built
+    with open_index(root) as index:
+        _, pids = index.search(vectors[:5], k=10, id_filter=lambda pid: pid.endswith("7"))
+        for row in pids:
+            assert len(row) == 10 and all(p is not None and p.endswith("7") for p in row)
+
+
+def test_get_products_and_shard_in_record(built):
+    root, _, _ = built
+    with open_index(root) as index:
+        rec, missing, none = index.get_products(["sku-42", "no-such-id", None])
+        assert rec["title"] == "product 42" and rec["attributes"]["baseColour"] == COLOURS[42 % 4]
+        assert rec["extra"] == {"price": 42} and rec["shard"] == shard_of("sku-42", 2)
+        assert missing is None and none is None
+
+
+@pytest.mark.parametrize("bad", [
+    dict(queries=np.zeros((2, D + 1), np.float32), k=5),
+    dict(queries=np.zeros((0, D), np.float32), k=5),
+    dict(queries=np.full((1, D), np.nan, np.float32), k=5),
+    dict(queries=np.zeros((1, D), np.int64), k=5),
+    dict(queries=np.zeros((1, D), np.float32), k=0),
+    dict(queries=np.zeros((1, D), np.float32), k=10**6),
+    dict(queries=np.zeros((1, D), np.float32), k=5, nprobe=0),
+    dict(queries=np.zeros((1, D), np.float32), k=5, id_filter="sku-1"),
+])
+def test_bad_search_arguments(built, bad):
+    root, _, _ = built
+    with open_index(root) as index, pytest.raises(SearchArgumentError):
+        index.search(**bad)
+
+
+def _copy_version(built, tmp_path):
+    _, path, _ = built
+    copy = tmp_path / "v"
+    shutil.copytree(path, copy)
+    return copy
+
+
+def test_corrupted_shard_is_refused_on_open(built, tmp_path):
+    copy = _copy_version(built, tmp_path)
+    shard = copy / "shard_001.faiss"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF                               # one flipped byte, same size
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match=r"shard_001\.faiss: sha256 .* \(corrupted file\)"):
+        open_index(copy)
+
+
+def test_truncated_vectors_are_refused_on_open(built, tmp_path):
+    copy = _copy_version(built, tmp_path)
+    with open(copy / "vectors.f16.npy", "r+b") as fh:
+        fh.truncate(1000)
+    with pytest.raises(IndexIntegrityError, match=r"vectors\.f16\.npy: size 1000 bytes"):
+        open_index(copy, verify=False)
+
+
+def test_missing_current(tmp_path):
+    (tmp_path / "versions").mkdir()
+    with pytest.raises(NoCurrentVersionError, match="no index version published"):
+        open_index(tmp_path)
+    (tmp_path / CURRENT).write_text("gone\n")
+    with pytest.raises(NoCurrentVersionError, match="'gone'"):
+        open_index(tmp_path)
+
+
+def test_keep_last_k_and_cleanup(tmp_path):
+    root = tmp_path / "root"
+    vectors = _vectors(1)[:500]
+    opts = VersionOptions(n_shards=1, factory="auto", recall_queries=50)
+    names = []
+    for _ in range(3):
+        version = new_version_id()
+        staged = tmp_dir(root) / f"stage-{version}"
+        write_version(staged, version, vectors, _records()[:500], opts, log=lambda _m: None)
+        publish_version(root, staged, version)
+        names.append(version)
+    assert list_versions(root) == sorted(names) and read_current(root) == names[-1]
+    assert prune_versions(root, keep_last=2) == [names[0]]
+    assert list_versions(root) == names[1:]
+    (tmp_dir(root) / "build-stale" / "chunks").mkdir(parents=True)
+    (tmp_dir(root) / "CURRENT.tmp").write_text("x")
+    assert sorted(cleanup_stale(root, keep={"build-keep"})) == ["CURRENT.tmp", "build-stale"]
+    with build_lock(root):
+        with pytest.raises(BuildError, match="another index build is running"):
+            with build_lock(root):
+                pass
+    with open_index(root) as index:
+        assert index.version == names[-1] and index.n_items == 500
+    assert os.listdir(tmp_dir(root)) == []
