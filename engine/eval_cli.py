@@ -1,0 +1,96 @@
+"""``ecsearch eval``: nine-scenario evaluation of a model folder on the test split, with baselines.
+
+Example::
+
+    ecsearch eval --model var/model --catalog ../shared/data/fashion-products \\
+        --out var/eval/results.json --markdown var/eval/results.md
+
+Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
+the markdown tables. Baselines: untrained towers (same configuration, seed ``--seed``) over
+the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from engine.catalog import CatalogError
+from engine.errors import ModelFolderError
+
+BASELINE_ROWS = {
+    "baseline: untrained, text-only": ("untrained", "text"),
+    "baseline: untrained, image-only": ("untrained", "image"),
+    "baseline: untrained, average": ("untrained", "average"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``eval`` options."""
+    parser.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
+    parser.add_argument("--catalog", required=True, help="catalogue (fashion folder with split.csv)")
+    parser.add_argument("--split", default="test", help="pool: products of this split; 'all' for every product")
+    parser.add_argument("--limit", type=int, default=None, help="read at most N catalogue rows")
+    parser.add_argument("--cache-dir", default="var/cache", help="backbone token cache root")
+    parser.add_argument("--out", default=None, help="JSON results file to write")
+    parser.add_argument("--markdown", default=None, help="markdown tables file to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained baseline towers and the "
+                                                            "attribute queries' representative photos")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="leave out the trained model's own text-only / image-only / average rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
+    import torch
+
+    from engine.evaluate import build_pool, evaluate_models, markdown_tables
+    from engine.model_folder import load_model
+    from engine.towers import build_model
+    from engine.train import TrainingDataError, load_products
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        model = load_model(args.model)
+        products, _ = load_products(args.catalog, None if args.split == "all" else args.split, args.limit)
+        pool = build_pool(products, model.backbones, args.cache_dir, seed=args.seed, progress=not args.quiet)
+    except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:
+        print(f"ecsearch eval: error: {exc}", file=sys.stderr)
+        return 2
+    untrained = build_model(model.config, seed=args.seed)
+    rows = {"trained (fused)": ("trained", "fused")}
+    if not args.no_ablation:
+        rows.update({"trained, m = text-only view": ("trained", "text"),
+                     "trained, m = image-only view": ("trained", "image"),
+                     "trained, m = average of T and V": ("trained", "average")})
+    rows.update(BASELINE_ROWS)
+    result = evaluate_models({"trained": model, "untrained": untrained}, pool, rows)
+    seconds = time.perf_counter() - start
+    tables = markdown_tables(result["rows"])
+    report = {
+        "model": str(args.model), "fingerprint": model.fingerprint, "catalog": str(args.catalog),
+        "split": args.split, "pool_size": len(pool.products), "attribute_queries": len(pool.query_phrases),
+        "excluded": pool.excluded, "rows": result["rows"],
+        "seconds": {"total": seconds, "cache": pool.cache_seconds, **result["seconds"]},
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    header = (f"pool: {len(pool.products)} products ({len(pool.excluded)} excluded), "
+              f"{len(pool.query_phrases)} attribute queries; eval {seconds:.1f} s "
+              f"(cache {pool.cache_seconds:.1f} s)\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(header + "\n" + tables)
+    print(header)
+    print(tables)
+    return 0

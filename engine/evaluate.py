@@ -1,0 +1,222 @@
+"""Nine-scenario evaluation (the M-BEER protocol on our data; METHOD.md §4).
+
+Query form ∈ {t: text, i: image, m: text+image} × candidate form ∈ {t, i, m}: t2t, t2i, t2m,
+i2t, i2i, i2m, m2t, m2i, m2m. Exact (flat) inner-product search over the whole pool, never
+in-batch.
+
+- **Instance level**: every pool product is a query, its own candidate row is the one
+  relevant item ("the same product across forms"). Recall@1/5/10 and MRR.
+- **Attribute level**: one query per attribute group (gender + baseColour + articleType, all
+  three present) with at least two pool products. The query's text is the attribute phrase
+  ("women black heels"); its image is the photo of one group member (the representative,
+  drawn with a seeded generator), which is left out of that query's ranking. Relevant =
+  every other pool product with the same three attributes. nDCG@10 and Precision@10.
+
+Embeddings per form: the model uses its views (t → text-only view T, i → image-only view
+V, m → fused view F), query tower for queries, item tower for candidates. Baselines
+(always reported, METHOD.md §4): untrained towers of the same configuration over the same
+pretrained backbones, whose m form is the text-only view (``text-only``), the image-only view
+(``image-only``) or the normalised average of the two unit vectors (``average``); their t
+and i forms are T and V. Every embedding is computed from the backbone token cache.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.catalog import Product
+from engine.metrics import attribute_metrics, instance_metrics, rank_of_targets
+from engine.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
+from engine.token_cache import TokenBatch, TokenTable, cache_images, cache_texts, encode_views, iter_chunks
+
+SCENARIOS: tuple[str, ...] = ("t2t", "t2i", "t2m", "i2t", "i2i", "i2m", "m2t", "m2i", "m2m")
+FORM_VIEW = {"t": "T", "i": "V", "m": "F"}
+INSTANCE_METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
+ATTRIBUTE_METRICS = ("ndcg@10", "precision@10")
+
+
+@dataclass
+class EvalPool:
+    """The evaluation pool and its attribute queries, resolved to token-table rows.
+
+    products: pool products (each has a title and a usable image). text_rows / image_rows:
+    ``int64 (n,)``. groups: ``int64 (n,)`` attribute group (``-1`` none). queries: attribute
+    queries as ``(phrase, group id, representative pool index)``; query_text_rows ``int64 (a,)``.
+    excluded: ``{product_id: reason}`` for products left out of the pool.
+    """
+
+    products: list[Product]
+    texts: TokenTable
+    images: TokenTable
+    text_rows: np.ndarray
+    image_rows: np.ndarray
+    groups: np.ndarray
+    query_phrases: list[str]
+    query_groups: np.ndarray
+    query_reps: np.ndarray
+    query_text_rows: np.ndarray
+    excluded: dict[str, str] = field(default_factory=dict)
+    cache_seconds: float = 0.0
+
+
+def build_pool(products: Sequence[Product], backbones, cache_dir: str, seed: int = 0,
+               group_fields: Sequence[str] = DEFAULT_GROUP_FIELDS, progress: bool = True) -> EvalPool:
+    """Cache the tokens of ``products`` and their attribute phrases; keep the products with both
+    a title and a usable image (the others are listed in ``excluded`` with the reason).
+
+    Raises ValueError when fewer than two products are usable.
+    """
+    start = time.perf_counter()
+    phrases_all = [attribute_phrase(p.attributes, group_fields) for p in products]
+    texts = cache_texts(backbones, [p.title for p in products if p.title] + [x for x in phrases_all if x],
+                        cache_dir, progress=progress)
+    images = cache_images(backbones, [p.image for p in products if p.image], cache_dir, progress=progress)
+    excluded: dict[str, str] = {}
+    keep: list[Product] = []
+    for p in products:
+        if p.title is None:
+            excluded[p.product_id] = "no title"
+        elif p.image is None:
+            excluded[p.product_id] = p.flag_detail.get("image_missing", "no image")
+        elif images.row(p.image) < 0:
+            excluded[p.product_id] = images.errors.get(p.image, "image produced no tokens")
+        else:
+            keep.append(p)
+    if len(keep) < 2:
+        raise ValueError(f"evaluation pool needs at least 2 products with title and image, got {len(keep)}")
+    key_ids: dict[str, int] = {}
+    groups = np.array([key_ids.setdefault(k, len(key_ids)) if (k := group_key(p, group_fields)) else -1
+                       for p in keep], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    phrases, q_groups, reps = [], [], []
+    for key, gid in key_ids.items():
+        members = np.nonzero(groups == gid)[0]
+        if len(members) < 2:
+            continue
+        rep = int(members[rng.integers(len(members))])
+        phrases.append(attribute_phrase(keep[rep].attributes, group_fields))
+        q_groups.append(gid)
+        reps.append(rep)
+    return EvalPool(keep, texts, images, texts.rows([p.title for p in keep]), images.rows([p.image for p in keep]),
+                    groups, phrases, np.asarray(q_groups, dtype=np.int64), np.asarray(reps, dtype=np.int64),
+                    texts.rows(phrases), excluded, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def tower_views(tower, texts: TokenTable, images: TokenTable, text_rows: np.ndarray, image_rows: np.ndarray,
+                batch_size: int = 256, views: Sequence[str] = ("F", "T", "V")) -> dict[str, np.ndarray]:
+    """``{view: float32 (n, d)}`` of ``tower`` over cached rows (eval mode, batched)."""
+    out: dict[str, list[np.ndarray]] = {v: [] for v in views}
+    for chunk in iter_chunks(len(text_rows), batch_size):
+        batch = TokenBatch.gather(texts, images, text_rows[chunk], image_rows[chunk])
+        emb, _ = encode_views(tower, batch, views)
+        for v in views:
+            out[v].append(emb[v].float().numpy())
+    return {v: np.concatenate(parts) for v, parts in out.items()}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Embeddings:
+    """One model's embeddings of the pool: query side and item side, per view (``float32 (n, d)``),
+    plus the attribute queries' text-only (T) and fused (F, phrase + representative photo) vectors."""
+
+    query: dict[str, np.ndarray]
+    item: dict[str, np.ndarray]
+    attr_query: dict[str, np.ndarray]
+
+
+def embed_pool(model, pool: EvalPool, batch_size: int = 256) -> Embeddings:
+    """Encode the pool with ``model``'s query and item towers (views F, T, V) from the cache."""
+    model.eval()
+    q = tower_views(model.query_tower, pool.texts, pool.images, pool.text_rows, pool.image_rows, batch_size)
+    i = tower_views(model.item_tower, pool.texts, pool.images, pool.text_rows, pool.image_rows, batch_size)
+    rep_images = pool.image_rows[pool.query_reps]
+    a = tower_views(model.query_tower, pool.texts, pool.images, pool.query_text_rows, rep_images, batch_size,
+                    views=("F", "T"))
+    return Embeddings(q, i, a)
+
+
+def forms(emb: Embeddings, m_form: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Query / candidate / attribute-query vectors per form (t, i, m) for one way of making the m form.
+
+    m_form: ``"fused"`` (the model's F view), ``"text"`` (T), ``"image"`` (V), ``"average"``
+    (normalised mean of the T and V unit vectors).
+    """
+    def m_of(views: dict[str, np.ndarray], t_only: np.ndarray | None = None, v_only: np.ndarray | None = None):
+        t = views["T"] if t_only is None else t_only
+        v = views["V"] if v_only is None else v_only
+        return {"fused": views.get("F"), "text": t, "image": v, "average": _unit(t + v)}[m_form]
+
+    q = {"t": emb.query["T"], "i": emb.query["V"], "m": m_of(emb.query)}
+    c = {"t": emb.item["T"], "i": emb.item["V"], "m": m_of(emb.item)}
+    # attribute queries: t = phrase (T), i = representative photo (query V of that product),
+    # m = phrase + photo (F; the baselines combine the phrase's T with the photo's V)
+    return q, c, {"t": emb.attr_query["T"], "m_fused": emb.attr_query["F"]}
+
+
+def score(emb: Embeddings, pool: EvalPool, m_form: str) -> dict[str, dict[str, float]]:
+    """All nine scenarios for one embedding set: ``{scenario: {metric: value}}``."""
+    q, c, a = forms(emb, m_form)
+    n = len(pool.products)
+    targets = np.arange(n)
+    rep_v = emb.query["V"][pool.query_reps]
+    attr_q = {"t": a["t"], "i": rep_v,
+              "m": a["m_fused"] if m_form == "fused" else
+              {"text": a["t"], "image": rep_v, "average": _unit(a["t"] + rep_v)}[m_form]}
+    out: dict[str, dict[str, float]] = {}
+    for s in SCENARIOS:
+        qf, cf = s[0], s[2]
+        res = instance_metrics(rank_of_targets(q[qf], c[cf], targets))
+        if len(pool.query_groups):
+            res.update(attribute_metrics(attr_q[qf], c[cf], pool.query_groups, pool.groups,
+                                         exclude=pool.query_reps, k=10))
+        out[s] = res
+    return out
+
+
+def evaluate_models(models: dict[str, object], pool: EvalPool,
+                    m_forms: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Score named models on the pool.
+
+    models: ``{name: TwoTowerModel}``. m_forms: ``{row label: (model name, m form)}``; by
+    default every model with the fused form. Returns ``{"rows": {label: {scenario: {metric:
+    value}}}, "seconds": {...}}``.
+    """
+    m_forms = m_forms or {name: (name, "fused") for name in models}
+    seconds: dict[str, float] = {}
+    embs: dict[str, Embeddings] = {}
+    for name, model in models.items():
+        t = time.perf_counter()
+        embs[name] = embed_pool(model, pool)
+        seconds[f"embed:{name}"] = time.perf_counter() - t
+    rows = {}
+    t = time.perf_counter()
+    for label, (name, m_form) in m_forms.items():
+        rows[label] = score(embs[name], pool, m_form)
+    seconds["scoring"] = time.perf_counter() - t
+    return {"rows": rows, "seconds": seconds}
+
+
+def markdown_tables(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One markdown table per metric: rows = models, columns = the nine scenarios (values in %)."""
+    parts = []
+    for title, metrics in (("Instance level", INSTANCE_METRICS), ("Attribute level", ATTRIBUTE_METRICS)):
+        for metric in metrics:
+            if not any(metric in r.get(s, {}) for r in rows.values() for s in SCENARIOS):
+                continue
+            parts.append(f"**{title}, {metric}** (%)\n")
+            parts.append("| model | " + " | ".join(SCENARIOS) + " |")
+            parts.append("|---|" + "---:|" * len(SCENARIOS))
+            for label, r in rows.items():
+                cells = [f"{100 * r[s][metric]:.2f}" if metric in r.get(s, {}) else "–" for s in SCENARIOS]
+                parts.append(f"| {label} | " + " | ".join(cells) + " |")
+            parts.append("")
+    return "\n".join(parts)

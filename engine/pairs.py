@@ -1,0 +1,195 @@
+"""Training pairs (query → product), made from a catalogue or read from a pairs file.
+
+From a catalogue without query logs (METHOD.md §3; M-BEER "trigger / recall" form):
+
+- ``instance``: a product's own title and photo as the query, the product as the item. The
+  query's views give the three unimodal forms at once: its text-only view is
+  title → product, its image-only view photo → product, its fused view (title+photo) →
+  product (so one forward pass serves all three, our choice).
+- ``similar``: product a (title+photo) → another product b sharing its category
+  attributes (by default gender, articleType and baseColour all equal).
+- ``attribute_query`` (our choice): the attribute phrase of a product, e.g. "women black
+  heels" (gender, baseColour, articleType, lower-cased) → that product: a short
+  category-level query like the ones users type.
+
+A pairs file (JSONL, one pair per line) carries real query logs:
+``{"query_text": str?, "query_image": path?, "product_id": str}`` (aliases: ``query`` /
+``text``, ``image`` / ``image_path``, ``item_id`` / ``id``). Relative image paths resolve
+against the file's folder. Bad lines become rejects with a reason; the rest is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.catalog import Product
+
+KINDS = ("instance", "similar", "attribute_query", "pairs_file")
+DEFAULT_GROUP_FIELDS: tuple[str, ...] = ("gender", "baseColour", "articleType")
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """One positive (query, item) pair.
+
+    kind: one of ``KINDS``. item_id: the product the query should retrieve.
+    query_text / query_image: the query's text and image path (either may be None, not both).
+    query_product_id: the catalogue product the query was made from, if any (that product is
+        then relevant to the query too, and is left out of its in-batch negatives).
+    group: attribute group of the item when the pair is attribute-level (``similar``,
+        ``attribute_query``): every in-batch item of the same group is relevant, not a negative.
+    """
+
+    kind: str
+    item_id: str
+    query_text: str | None
+    query_image: str | None
+    query_product_id: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class PairReject:
+    """A pairs-file line that was not used, or only partly used (``kept`` says how)."""
+
+    line: int
+    reason: str
+    raw: str
+    kept: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def group_key(product: Product, fields: Sequence[str] = DEFAULT_GROUP_FIELDS) -> str | None:
+    """``"Women|Black|Heels"``-style key from ``fields`` of ``product.attributes``; None if any is missing."""
+    values = [product.attributes.get(f) for f in fields]
+    if any(not v for v in values):
+        return None
+    return "|".join(values)
+
+
+def attribute_phrase(attributes: dict[str, str], fields: Sequence[str] = DEFAULT_GROUP_FIELDS) -> str | None:
+    """Category query text, e.g. ``"women black heels"`` (fields in order, lower-cased); None if any is missing."""
+    values = [attributes.get(f) for f in fields]
+    if any(not v for v in values):
+        return None
+    return " ".join(v.strip().lower() for v in values)
+
+
+def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: float = 0.35,
+                  attribute_query_rate: float = 0.35,
+                  group_fields: Sequence[str] = DEFAULT_GROUP_FIELDS) -> list[TrainingPair]:
+    """Pairs made from the catalogue itself (METHOD.md §3).
+
+    Every product gets an ``instance`` pair; a seeded ``similar_rate`` share of the products
+    with a group partner get a ``similar`` pair (partner drawn at random from its group);
+    an ``attribute_query_rate`` share of the products with all group fields get an
+    ``attribute_query`` pair. Rates are our choice. Deterministic for a given seed.
+    """
+    if not 0.0 <= similar_rate <= 1.0 or not 0.0 <= attribute_query_rate <= 1.0:
+        raise ValueError("similar_rate and attribute_query_rate must lie in [0, 1]")
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    keys = [group_key(p, group_fields) for p in products]
+    for i, k in enumerate(keys):
+        if k is not None:
+            groups.setdefault(k, []).append(i)
+    pairs: list[TrainingPair] = []
+    for i, p in enumerate(products):
+        pairs.append(TrainingPair("instance", p.product_id, p.title, p.image, p.product_id, None))
+        k = keys[i]
+        if k is None:
+            continue
+        members = groups[k]
+        if len(members) > 1 and rng.random() < similar_rate:
+            j = members[int(rng.integers(len(members) - 1))]  # uniform over the others
+            j = j if j != i else members[-1]
+            pairs.append(TrainingPair("similar", products[j].product_id, p.title, p.image, p.product_id, k))
+        phrase = attribute_phrase(p.attributes, group_fields)
+        if phrase is not None and rng.random() < attribute_query_rate:
+            pairs.append(TrainingPair("attribute_query", p.product_id, phrase, None, None, k))
+    return pairs
+
+
+_TEXT_KEYS = ("query_text", "query", "text")
+_IMAGE_KEYS = ("query_image", "image", "image_path")
+_ID_KEYS = ("product_id", "item_id", "id")
+
+
+def _first(obj: dict, keys: Sequence[str]):
+    for k in keys:
+        if k in obj and obj[k] is not None:
+            return obj[k]
+    return None
+
+
+def read_pairs_file(path: str | Path, known_ids: set[str] | dict) -> tuple[list[TrainingPair], list[PairReject]]:
+    """Read a JSONL pairs file; returns ``(pairs, rejects)``, every non-blank line in one of them.
+
+    A line is rejected (with its reason) when it is not a JSON object, names no product or a
+    product id not in ``known_ids``, or has no usable query. A query image file that does
+    not exist drops the image: the pair is kept text-only when it has text (a reject line
+    with ``kept="text-only"`` says so), rejected otherwise.
+    Raises FileNotFoundError when the file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    pairs: list[TrainingPair] = []
+    rejects: list[PairReject] = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            raw = line.rstrip("\r\n")
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                rejects.append(PairReject(line_no, f"invalid JSON ({exc.msg} at column {exc.colno})", raw))
+                continue
+            if not isinstance(obj, dict):
+                rejects.append(PairReject(line_no, f"JSON {type(obj).__name__}, expected an object", raw))
+                continue
+            pid = _first(obj, _ID_KEYS)
+            if pid is None or not str(pid).strip():
+                rejects.append(PairReject(line_no, "no product id (product_id / item_id / id)", raw))
+                continue
+            pid = str(pid).strip()
+            if pid not in known_ids:
+                rejects.append(PairReject(line_no, f"unknown product id {pid!r} (not in the training catalogue)", raw))
+                continue
+            text = _first(obj, _TEXT_KEYS)
+            text = str(text).strip() if text is not None and str(text).strip() else None
+            image = _first(obj, _IMAGE_KEYS)
+            image_path = None
+            if image is not None and str(image).strip():
+                p = Path(str(image)).expanduser()
+                p = p if p.is_absolute() else path.parent / p
+                if os.path.isfile(p):
+                    image_path = str(p.resolve())
+                elif text is not None:
+                    rejects.append(PairReject(line_no, f"query image not found: {p}", raw, kept="text-only"))
+                else:
+                    rejects.append(PairReject(line_no, f"query image not found: {p} and no query text", raw))
+                    continue
+            if text is None and image_path is None:
+                rejects.append(PairReject(line_no, "no query: query_text is empty and no query_image given", raw))
+                continue
+            pairs.append(TrainingPair("pairs_file", pid, text, image_path, None, None))
+    return pairs, rejects
+
+
+def write_pair_rejects(rejects: Sequence[PairReject], path: str | Path) -> Path:
+    """Append-free write of pair rejects as JSONL (one ``PairReject.to_dict()`` per line)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for r in rejects:
+            fh.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    return out

@@ -1,0 +1,353 @@
+"""Backbone token cache: run the frozen backbones once, keep their token outputs on disk.
+
+With frozen backbones (METHOD.md §3: "cache backbone token outputs once (fp16), train
+projections and fusion on the cache"), every epoch and every later run (training,
+evaluation) reads the tokens from memory-mapped ``.npy`` files instead of running MiniLM /
+EfficientNet again. Layout of one cache folder (our choice)::
+
+    <cache_root>/<kind>-<key>/tokens.npy    float16 (N, L, H), row r = sample r, left-aligned
+                              lengths.npy   int32 (N,): real tokens of row r (0: no tokens)
+                              meta.json     format, kind, fingerprint, keys, errors, timings
+
+``key`` is a sha256 over the backbone fingerprint (content hash of its weights), the
+preprocessing (text: tokenizer max_length; image: ``ImagePreprocessor.as_dict()``) and the
+sample list (texts themselves; image paths with size and mtime), so a changed backbone,
+preprocessing or catalogue gets a new folder and a stale cache is never read. Folders are
+built under a temporary name and renamed when complete.
+
+Also here: gathering a batch of cached rows into tensors (``TokenTable.gather``) and running
+a tower on them view by view (``encode_views``), the one place training and evaluation turn
+cached tokens into embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.errors import InputError
+from engine.images import load_image
+
+CACHE_FORMAT = "ecsearch-token-cache/1"
+
+
+@dataclass
+class TokenTable:
+    """One cached modality for N samples (memory-mapped, read-only).
+
+    keys: sample keys (the text itself, or the image path), row ``r`` = ``keys[r]``.
+    tokens: ``float16 (N, L, H)`` memmap, tokens left-aligned; lengths: ``int32 (N,)``.
+    errors: ``{key: reason}`` for samples that produced no tokens (missing / corrupt image).
+    meta: the folder's ``meta.json``.
+    """
+
+    folder: Path
+    keys: list[str]
+    tokens: np.ndarray
+    lengths: np.ndarray
+    errors: dict[str, str] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rows = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.tokens.shape[2])
+
+    def row(self, key: str) -> int:
+        """Row of ``key``, or ``-1`` when the key is unknown or produced no tokens."""
+        r = self._rows.get(key, -1)
+        return r if r >= 0 and self.lengths[r] > 0 else -1
+
+    def rows(self, keys: Sequence[str | None]) -> np.ndarray:
+        """``int64 (n,)`` rows of ``keys`` (``None`` / unknown / failed → ``-1``)."""
+        return np.array([-1 if k is None else self.row(k) for k in keys], dtype=np.int64)
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens of ``rows`` (``-1``: none) → ``(tokens float32 (B, L, H), mask bool (B, L), present bool (B,))``.
+
+        L is the longest row in the batch (at least 1); absent rows are zeros with an
+        all-False mask.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        present = rows >= 0
+        lengths = np.where(present, self.lengths[np.where(present, rows, 0)], 0)
+        width = max(int(lengths.max(initial=0)), 1)
+        out = np.zeros((len(rows), width, self.hidden_size), dtype=np.float32)
+        idx = np.nonzero(present)[0]
+        if len(idx):
+            order = np.argsort(rows[idx], kind="stable")  # sorted reads are kinder to the page cache
+            src = rows[idx][order]
+            out[idx[order]] = self.tokens[src, :width].astype(np.float32)
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        return torch.from_numpy(out), torch.from_numpy(mask), torch.from_numpy(present)
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def open_table(folder: Path) -> TokenTable:
+    """Open a complete cache folder read-only (memory-mapped). Raises FileNotFoundError, ValueError."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{folder}: cache format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+    lengths = np.load(folder / "lengths.npy")
+    return TokenTable(folder, list(meta["keys"]), tokens, lengths, dict(meta.get("errors", {})), meta)
+
+
+def _finish(tmp: Path, final: Path, meta: dict) -> TokenTable:
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    if final.exists():  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return open_table(final)
+
+
+def cache_texts(backbones, texts: Sequence[str], cache_root: str | Path, *, batch_size: int = 256,
+                progress: bool = True) -> TokenTable:
+    """Text tokens of every distinct string in ``texts``, from the cache or by running the text backbone once.
+
+    backbones: ``engine.backbones.Backbones`` (``.text``, ``.text_fingerprint``, ``.text_spec``).
+    texts: non-blank strings (duplicates share a row). Returns a ``TokenTable`` keyed by text.
+    Raises ValueError on a blank text (callers reject those first).
+    """
+    keys = _unique(texts)
+    for t in keys:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"cannot cache a blank text: {t!r}")
+    text = backbones.text
+    key = _digest({"format": CACHE_FORMAT, "fp": backbones.text_fingerprint, "spec": backbones.text_spec,
+                   "max_length": getattr(text, "max_length", None), "texts": keys})
+    final = Path(cache_root) / f"text-{key}"
+    if (final / "meta.json").is_file():
+        return open_table(final)
+    tmp = _fresh_tmp(final)
+    start = time.perf_counter()
+    lengths = np.asarray(text.token_lengths(keys) if keys else [], dtype=np.int32)
+    width = max(int(lengths.max(initial=0)), 1)
+    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                       shape=(len(keys), width, text.hidden_size))
+    order = np.argsort(lengths, kind="stable")  # length-sorted batches: less padding
+    with tqdm(total=len(keys), unit="item", desc="text tokens", disable=not progress) as bar, torch.inference_mode():
+        for s in range(0, len(keys), batch_size):
+            idx = order[s:s + batch_size]
+            out, mask = text.encode([keys[i] for i in idx])
+            got = mask.sum(dim=1).cpu().numpy()
+            _check_prefix_mask(mask)
+            n = out.shape[1]
+            tokens[idx, :n] = out.cpu().numpy().astype(np.float16)
+            lengths[idx] = got
+            bar.update(len(idx))
+    tokens.flush()
+    del tokens
+    np.save(tmp / "lengths.npy", lengths)
+    elapsed = time.perf_counter() - start
+    meta = {"format": CACHE_FORMAT, "kind": "text", "fingerprint": backbones.text_fingerprint, "keys": keys,
+            "errors": {}, "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
+    return _finish(tmp, final, meta)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _check_prefix_mask(mask: torch.Tensor) -> None:
+    lengths = mask.sum(dim=1, keepdim=True)
+    expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths
+    if not torch.equal(mask.bool(), expected):
+        raise ValueError("backbone mask is not left-aligned; the token cache stores lengths only")
+
+
+def _stat(path: str) -> list:
+    try:
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns]
+    except OSError as exc:
+        return [path, None, type(exc).__name__]
+
+
+def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, batch_size: int = 32,
+                 progress: bool = True) -> TokenTable:
+    """Image tokens of every distinct image path, from the cache or by running the image backbone once.
+
+    backbones: ``engine.backbones.Backbones`` (``.image`` with ``preprocess`` / ``encode``,
+    ``.image_fingerprint``). Images that cannot be used (missing, corrupt, too large) get no
+    tokens (``row() == -1``) and their reason in ``TokenTable.errors``; the rest is cached.
+    Decoding runs in a helper thread, overlapping the backbone (our choice).
+    """
+    keys = _unique([str(p) for p in paths])
+    image = backbones.image
+    pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
+    key = _digest({"format": CACHE_FORMAT, "fp": backbones.image_fingerprint, "spec": backbones.image_spec,
+                   "preprocess": pre, "files": [_stat(p) for p in keys]})
+    final = Path(cache_root) / f"image-{key}"
+    if (final / "meta.json").is_file():
+        return open_table(final)
+    tmp = _fresh_tmp(final)
+    start = time.perf_counter()
+    errors: dict[str, str] = {}
+    lengths = np.zeros(len(keys), dtype=np.int32)
+    tokens = None
+    with tqdm(total=len(keys), unit="item", desc="image tokens", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+        batches = [list(range(s, min(s + batch_size, len(keys)))) for s in range(0, len(keys), batch_size)]
+        pending = pool.submit(_load_batch, image, keys, batches[0], errors) if batches else None
+        for b in range(len(batches)):
+            idx, pixels = pending.result()
+            pending = pool.submit(_load_batch, image, keys, batches[b + 1], errors) if b + 1 < len(batches) else None
+            if pixels is not None:
+                out, mask = image.encode(pixels.contiguous(memory_format=torch.channels_last))
+                _check_prefix_mask(mask)
+                if tokens is None:
+                    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                                       shape=(len(keys), out.shape[1], out.shape[2]))
+                tokens[idx] = out.cpu().numpy().astype(np.float16)
+                lengths[idx] = mask.sum(dim=1).cpu().numpy()
+            bar.update(len(batches[b]))
+    if tokens is None:  # no image could be used at all: an empty (N, 1, H) table
+        hidden = int(getattr(image, "hidden_size", 1))
+        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                           shape=(len(keys), 1, hidden))
+    tokens.flush()
+    del tokens
+    np.save(tmp / "lengths.npy", lengths)
+    elapsed = time.perf_counter() - start
+    meta = {"format": CACHE_FORMAT, "kind": "image", "fingerprint": backbones.image_fingerprint, "keys": keys,
+            "errors": errors, "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
+    return _finish(tmp, final, meta)
+
+
+def _load_batch(image, keys: list[str], batch: list[int], errors: dict[str, str]):
+    """Decode + preprocess one batch; returns ``(ok indices, pixels (n, 3, S, S) | None)``."""
+    ok, pixels = [], []
+    for i in batch:
+        try:
+            pixels.append(image.preprocess(load_image(keys[i], index=i)))
+            ok.append(i)
+        except InputError as exc:
+            errors[keys[i]] = exc.reason
+        except OSError as exc:  # e.g. permission denied
+            errors[keys[i]] = f"cannot read image: {exc}"
+    return ok, (torch.stack(pixels) if pixels else None)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+@dataclass
+class TokenBatch:
+    """Cached tokens of B samples, as the fusion encoder takes them.
+
+    text_tokens ``float32 (B, Lt, Ht)``, text_mask ``bool (B, Lt)``, has_text ``bool (B,)``;
+    image_tokens ``float32 (B, Li, Hi)``, image_mask ``bool (B, Li)``, has_image ``bool (B,)``.
+    """
+
+    text_tokens: torch.Tensor
+    text_mask: torch.Tensor
+    has_text: torch.Tensor
+    image_tokens: torch.Tensor
+    image_mask: torch.Tensor
+    has_image: torch.Tensor
+
+    @classmethod
+    def gather(cls, texts: TokenTable, images: TokenTable, text_rows: np.ndarray, image_rows: np.ndarray) -> "TokenBatch":
+        """Rows of the two tables (``-1``: modality absent for that sample)."""
+        tt, tm, ht = texts.gather(text_rows)
+        it, im, hi = images.gather(image_rows)
+        return cls(tt, tm, ht, it, im, hi)
+
+    def select(self, idx: torch.Tensor) -> "TokenBatch":
+        return TokenBatch(self.text_tokens[idx], self.text_mask[idx], self.has_text[idx],
+                          self.image_tokens[idx], self.image_mask[idx], self.has_image[idx])
+
+
+def _run(tower, batch: TokenBatch, idx: torch.Tensor, use_text: bool, use_image: bool) -> torch.Tensor:
+    """Tower on the samples ``idx`` with one or both modalities; an unused modality is passed
+    as one masked dummy token so it costs nothing (its tokens are never attended)."""
+    b = batch.select(idx)
+    n = len(idx)
+    if use_text:
+        text_tokens, text_mask, has_text = b.text_tokens, b.text_mask, b.has_text
+    else:
+        text_tokens = b.text_tokens.new_zeros((n, 1, b.text_tokens.shape[2]))
+        text_mask = torch.zeros((n, 1), dtype=torch.bool)
+        has_text = torch.zeros(n, dtype=torch.bool)
+    if use_image:
+        image_tokens, image_mask, has_image = b.image_tokens, b.image_mask, b.has_image
+    else:
+        image_tokens = b.image_tokens.new_zeros((n, 1, b.image_tokens.shape[2]))
+        image_mask = torch.zeros((n, 1), dtype=torch.bool)
+        has_image = torch.zeros(n, dtype=torch.bool)
+    return tower.encode_tokens(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
+
+
+def encode_views(tower, batch: TokenBatch, views: Sequence[str] = ("F", "T", "V"),
+                 dim: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A tower's views of B cached samples (METHOD.md §1.4): fused F, text-only T, image-only V.
+
+    Returns ``(emb, ok)``: ``emb[view]`` ``float32 (B, d)`` unit rows (zeros where the view
+    does not exist), ``ok[view]`` ``bool (B,)``. T exists when the sample has text, V when it
+    has an image, F always (a one-modality sample's F equals that modality's view and is
+    not recomputed). Differentiable when called under grad.
+    """
+    has_t, has_i = batch.has_text, batch.has_image
+    n = has_t.shape[0]
+    emb: dict[str, torch.Tensor] = {}
+    ok: dict[str, torch.Tensor] = {}
+    need_t = "T" in views or "F" in views
+    need_v = "V" in views or "F" in views
+    t_idx = torch.nonzero(has_t).flatten()
+    v_idx = torch.nonzero(has_i).flatten()
+    t_emb = _run(tower, batch, t_idx, True, False) if need_t and len(t_idx) else None
+    v_emb = _run(tower, batch, v_idx, False, True) if need_v and len(v_idx) else None
+    d = dim or (t_emb.shape[1] if t_emb is not None else v_emb.shape[1] if v_emb is not None else 1)
+    proto = t_emb if t_emb is not None else v_emb
+
+    def scatter(rows: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+        base = torch.zeros(n, d) if proto is None else proto.new_zeros((n, d))
+        if values is None or len(rows) == 0:
+            return base
+        return base.index_copy(0, rows, values)
+
+    if "T" in views:
+        emb["T"], ok["T"] = scatter(t_idx, t_emb), has_t.clone()
+    if "V" in views:
+        emb["V"], ok["V"] = scatter(v_idx, v_emb), has_i.clone()
+    if "F" in views:
+        both = torch.nonzero(has_t & has_i).flatten()
+        only_t = torch.nonzero(has_t & ~has_i).flatten()
+        only_v = torch.nonzero(~has_t & has_i).flatten()
+        f = scatter(both, _run(tower, batch, both, True, True) if len(both) else None)
+        if len(only_t):
+            f = f.index_copy(0, only_t, t_emb[torch.searchsorted(t_idx, only_t)])
+        if len(only_v):
+            f = f.index_copy(0, only_v, v_emb[torch.searchsorted(v_idx, only_v)])
+        emb["F"], ok["F"] = f, has_t | has_i
+    return emb, ok
+
+
+def iter_chunks(n: int, size: int) -> Iterator[np.ndarray]:
+    """Consecutive index chunks ``int64 (≤size,)`` covering ``range(n)``."""
+    for s in range(0, n, size):
+        yield np.arange(s, min(s + size, n))

@@ -1,0 +1,190 @@
+"""Training pipeline: catalogue → pairs → token cache → two-stage training → model folder.
+
+``train_model(TrainJob)`` is what ``ecsearch train`` runs: read the catalogue with the one
+catalogue reader (``engine.catalog``), keep the ``train`` split, make pairs (METHOD.md §3,
+``engine.pairs``) plus an optional pairs file, cache the frozen backbones' tokens
+(``engine.token_cache``), train (``engine.trainer``) and write a model folder with
+``engine.model_folder.save_model``. Everything that could not be used is written to
+``<out>/rejects.jsonl`` with its reason; training goes on with the rest.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, read_split
+from engine.model_folder import load_model, save_model
+from engine.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file
+from engine.token_cache import TokenTable, cache_images, cache_texts
+from engine.towers import ModelConfig, build_model
+from engine.trainer import TrainConfig, Trainer, TrainingData
+
+
+class TrainingDataError(ValueError):
+    """Nothing usable to train on (empty catalogue, empty split, every pair rejected)."""
+
+
+@dataclass
+class TrainJob:
+    """One training run.
+
+    catalog: catalogue path (fashion folder, JSONL, CSV). out: model folder to write.
+    split: keep products of this split (fashion ``split.csv``); None: every product.
+    pairs_file: optional JSONL pairs file (query → product id) added to the catalogue pairs.
+    catalog_pairs: also make pairs from the catalogue itself (METHOD.md §3).
+    limit: read at most this many catalogue rows. cache_dir: token cache root.
+    model: ``ModelConfig`` for a fresh model; init_model: start from this model folder instead.
+    train: ``TrainConfig``. resume: continue from ``<out>/checkpoint.pt`` when present.
+    """
+
+    catalog: str
+    out: str
+    split: str | None = "train"
+    pairs_file: str | None = None
+    catalog_pairs: bool = True
+    limit: int | None = None
+    cache_dir: str = "var/cache"
+    mapping: FieldMapping | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init_model: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    similar_rate: float = 0.35
+    attribute_query_rate: float = 0.35
+    progress: bool = True
+
+
+def load_products(catalog: str, split: str | None, limit: int | None = None,
+                  mapping: FieldMapping | None = None) -> tuple[list[Product], list[dict]]:
+    """Products of ``split`` (``None``: all) and the catalogue's reject records (JSON dicts).
+
+    The split comes from the fashion layout's ``split.csv``; a catalogue without one has no
+    split, and asking for one is an error. Raises CatalogError, TrainingDataError (no product).
+    """
+    result = read_catalog(catalog, mapping, limit)
+    rejects = [{"source": "catalog", **r.to_dict()} for r in result.rejects]
+    products = result.products
+    if split is not None:
+        if result.layout != "fashion":
+            raise CatalogError(f"{catalog}: only the fashion layout has a split.csv; pass split=None (--split all)")
+        splits = read_split(catalog)
+        products = [p for p in products if splits.get(p.product_id) == split]
+    for p in products:
+        for flag in p.flags:
+            rejects.append({"source": "catalog", "row": p.row, "product_id": p.product_id,
+                            "reason": p.flag_detail.get(flag, flag), "kept": "text-only"})
+    if not products:
+        where = f" in split {split!r}" if split is not None else ""
+        raise TrainingDataError(f"{catalog}: no usable product{where} ({result.read_count} rows read, "
+                                f"{len(result.rejects)} rejected)")
+    return products, rejects
+
+
+def build_training_data(products: list[Product], pairs: list[TrainingPair], texts: TokenTable,
+                        images: TokenTable, group_fields=DEFAULT_GROUP_FIELDS) -> tuple[TrainingData, list[dict]]:
+    """Resolve pairs to token-table rows. Pairs whose item or query has no usable modality left
+    (e.g. its only image failed to decode) are rejected with the reason; a product whose image
+    failed keeps its text."""
+    index = {p.product_id: i for i, p in enumerate(products)}
+    groups: dict[str, int] = {}
+    product_group = np.array([groups.setdefault(k, len(groups)) if (k := group_key(p, group_fields)) else -1
+                              for p in products], dtype=np.int64)
+    p_text = texts.rows([p.title for p in products])
+    p_image = images.rows([p.image for p in products])
+    rejects: list[dict] = []
+    for key, reason in images.errors.items():
+        rejects.append({"source": "image", "image": key, "reason": reason,
+                        "kept": "text-only where the sample has text"})
+    cols: dict[str, list[int]] = {k: [] for k in ("q_text", "q_image", "item_text", "item_image", "item",
+                                                  "query_product", "item_group", "query_group")}
+    kinds: list[str] = []
+    for pair in pairs:
+        i = index[pair.item_id]
+        qt = texts.row(pair.query_text) if pair.query_text is not None else -1
+        qi = images.row(pair.query_image) if pair.query_image is not None else -1
+        if qt < 0 and qi < 0:
+            rejects.append({"source": "pairs", "kind": pair.kind, "product_id": pair.item_id,
+                            "reason": "query has no usable text or image", "query_text": pair.query_text,
+                            "query_image": pair.query_image})
+            continue
+        if p_text[i] < 0 and p_image[i] < 0:
+            rejects.append({"source": "pairs", "kind": pair.kind, "product_id": pair.item_id,
+                            "reason": "item product has no usable text or image"})
+            continue
+        qp = index.get(pair.query_product_id, -1) if pair.query_product_id is not None else -1
+        for name, value in (("q_text", qt), ("q_image", qi), ("item_text", p_text[i]), ("item_image", p_image[i]),
+                            ("item", i), ("query_product", qp), ("item_group", product_group[i]),
+                            ("query_group", product_group[i] if pair.group is not None else -1)):
+            cols[name].append(int(value))
+        kinds.append(pair.kind)
+    if len(kinds) < 2:
+        raise TrainingDataError(f"fewer than 2 usable training pairs ({len(kinds)} of {len(pairs)})")
+    arrays = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
+    return TrainingData(texts, images, kinds=np.asarray(kinds), **arrays), rejects
+
+
+def train_model(job: TrainJob) -> dict:
+    """Run one training job end to end; returns the summary also stored in the model folder.
+
+    Raises CatalogError / TrainingDataError / FileNotFoundError on unusable input.
+    """
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    products, rejects = load_products(job.catalog, job.split, job.limit, job.mapping)
+    pairs: list[TrainingPair] = []
+    if job.catalog_pairs:
+        pairs += catalog_pairs(products, job.train.seed, similar_rate=job.similar_rate,
+                               attribute_query_rate=job.attribute_query_rate)
+    if job.pairs_file:
+        file_pairs, pair_rejects = read_pairs_file(job.pairs_file, {p.product_id for p in products})
+        pairs += file_pairs
+        rejects += [{"source": "pairs_file", **r.to_dict()} for r in pair_rejects]
+    if not pairs:
+        raise TrainingDataError("no training pairs: catalogue pairs are off and the pairs file gave none")
+
+    model = load_model(job.init_model) if job.init_model else build_model(job.model, seed=job.train.seed)
+    t_cache = time.perf_counter()
+    all_texts = [p.title for p in products if p.title] + [q.query_text for q in pairs if q.query_text]
+    all_images = [p.image for p in products if p.image] + [q.query_image for q in pairs if q.query_image]
+    texts = cache_texts(model.backbones, all_texts, job.cache_dir, progress=job.progress)
+    images = cache_images(model.backbones, all_images, job.cache_dir, progress=job.progress)
+    cache_seconds = time.perf_counter() - t_cache
+
+    data, data_rejects = build_training_data(products, pairs, texts, images)
+    rejects += data_rejects
+    _write_jsonl(out / "rejects.jsonl", rejects)
+    trainer = Trainer(model, data, job.train, out, progress=job.progress)
+    if job.resume and (out / "checkpoint.pt").is_file():
+        trainer.load_checkpoint()
+    result = trainer.run()
+    kinds, counts = np.unique(data.kinds, return_counts=True)
+    summary = {
+        "catalog": str(job.catalog), "split": job.split, "products": len(products),
+        "pairs": len(data), "pairs_by_kind": {str(k): int(c) for k, c in zip(kinds, counts)},
+        "rejects": len(rejects), "cache_seconds": cache_seconds,
+        "text_cache": {"folder": str(texts.folder), "build_seconds": texts.meta.get("build_seconds"),
+                       "items": len(texts.keys)},
+        "image_cache": {"folder": str(images.folder), "build_seconds": images.meta.get("build_seconds"),
+                        "items": len(images.keys), "errors": len(images.errors)},
+        "train": job.train.to_dict(), **{k: v for k, v in result.items() if k != "final"},
+        "final_step": result["final"], "total_seconds": time.perf_counter() - t_start,
+    }
+    if result["steps"] >= job.train.steps:  # a finished run publishes the model folder
+        summary["fingerprint"] = save_model(model, out, extra={"training": _jsonable(summary)})
+    (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    return summary
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")

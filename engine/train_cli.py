@@ -1,0 +1,109 @@
+"""``ecsearch train``: train the query and item towers on a catalogue, write a model folder.
+
+Example (the full run on the fashion catalogue's train split)::
+
+    ecsearch train --catalog ../shared/data/fashion-products --out var/model --cache-dir var/cache
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.catalog import CatalogError
+from engine.errors import ModelFolderError
+from engine.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
+from engine.towers import ModelConfig
+from engine.train import TrainingDataError, TrainJob, train_model
+from engine.trainer import TrainConfig
+
+# The CPU recipe measured in docs/results.md (our choice: a fusion encoder slimmed to one
+# layer of each kind so cache + training fit 30 minutes on 2 CPU cores).
+CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``train`` options."""
+    parser.add_argument("--catalog", required=True, help="catalogue: fashion folder, JSONL or CSV file")
+    parser.add_argument("--out", required=True, help="model folder to write (config.json + model.safetensors)")
+    parser.add_argument("--split", default="train",
+                        help="keep products of this split (fashion split.csv); 'all' for every product")
+    parser.add_argument("--pairs", default=None, help="JSONL pairs file: query_text / query_image -> product_id")
+    parser.add_argument("--no-catalog-pairs", action="store_true", help="train on the pairs file only")
+    parser.add_argument("--limit", type=int, default=None, help="read at most N catalogue rows")
+    parser.add_argument("--cache-dir", default="var/cache", help="backbone token cache root")
+    parser.add_argument("--init-model", default=None, help="start from this model folder instead of a fresh model")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    m = parser.add_argument_group("model (fresh models only)")
+    for name, default in CPU_MODEL.items():
+        m.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    m.add_argument("--dropout", type=float, default=0.1)
+    m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
+    t = parser.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=300, help="total optimiser steps (both stages)")
+    t.add_argument("--stage1-steps", type=int, default=60, help="steps of stage 1 (unimodal alignment)")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--warmup-fraction", type=float, default=0.1)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weighting", choices=("uncertainty", "static"), default="uncertainty",
+                   help="adaptive (Kendall uncertainty weighting, our choice) or static loss weights")
+    t.add_argument("--static-weights", default=None,
+                   help="static weights, e.g. cmal=1,clal=0.5,imcl=1 (terms: %s)" % ", ".join(LOSS_NAMES + STAGE1_LOSS_NAMES))
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint at this step (resume later)")
+    t.add_argument("--similar-rate", type=float, default=0.35, help="share of products with a 'similar' pair")
+    t.add_argument("--attribute-query-rate", type=float, default=0.35,
+                   help="share of products with an attribute-phrase query pair")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_weights(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    known = LOSS_NAMES + STAGE1_LOSS_NAMES
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ValueError(f"--static-weights: expected name=value with name in {known}, got {part!r}")
+        out[name] = float(value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the training job; prints the summary as JSON. Returns 0, or 2 on unusable input."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        job = TrainJob(
+            catalog=args.catalog, out=args.out, split=None if args.split == "all" else args.split,
+            pairs_file=args.pairs, catalog_pairs=not args.no_catalog_pairs, limit=args.limit,
+            cache_dir=args.cache_dir, init_model=args.init_model, resume=args.resume,
+            similar_rate=args.similar_rate, attribute_query_rate=args.attribute_query_rate,
+            progress=not args.quiet,
+            model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
+                              self_layers=args.self_layers, fusion_layers=args.fusion_layers,
+                              mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion),
+            train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
+                              lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
+                              grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,
+                              static_weights=_parse_weights(args.static_weights), loss=LossConfig(),
+                              checkpoint_every=args.checkpoint_every, stop_after=args.stop_after),
+        )
+        summary = train_model(job)
+    except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:
+        print(f"ecsearch train: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary.get(k) for k in ("products", "pairs", "pairs_by_kind", "rejects", "cache_seconds",
+                                                  "train_seconds", "steps", "pairs_per_s", "total_seconds",
+                                                  "fingerprint")}, indent=2))
+    if summary["steps"] < job.train.steps:
+        print(f"stopped at step {summary['steps']} of {job.train.steps}; resume with --resume", file=sys.stderr)
+    return 0

@@ -1,0 +1,72 @@
+"""engine.evaluate / ``ecsearch eval`` on a tiny random model and a real subset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.catalog import read_catalog
+from engine.cli import main as cli_main
+from engine.evaluate import SCENARIOS, build_pool, evaluate_models, markdown_tables
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def pool_products(fashion_dir):
+    return read_catalog(fashion_dir, limit=150).products
+
+
+def test_identity_towers_score_perfectly_on_same_form_scenarios(pool_products, tiny_backbone_dir, tmp_path):
+    """With one shared fusion encoder the query and the item of the same product and form get
+    the same vector, so t2t / i2i / m2m instance recall@1 is the share of products whose
+    title / photo / both are unique in the pool: a check of the whole eval plumbing."""
+    model = make_tiny_model(tiny_backbone_dir, share_fusion=True)
+    pool = build_pool(pool_products, model.backbones, str(tmp_path), progress=False)
+    result = evaluate_models({"shared": model}, pool)
+    rows = result["rows"]["shared"]
+    titles = [p.title for p in pool.products]
+    unique_titles = np.mean([titles.count(t) == 1 for t in titles])
+    assert rows["t2t"]["recall@1"] >= unique_titles - 1e-9
+    assert rows["i2i"]["recall@1"] == pytest.approx(1.0)
+    assert rows["m2m"]["recall@1"] == pytest.approx(1.0)
+    for s in SCENARIOS:
+        for value in rows[s].values():
+            assert 0.0 <= value <= 1.0
+        assert rows[s]["recall@1"] <= rows[s]["recall@5"] <= rows[s]["recall@10"]
+    # attribute queries: phrase of a group with >= 2 pool members, representative left out
+    assert len(pool.query_phrases) == len(pool.query_reps) > 0
+    for phrase, rep, gid in zip(pool.query_phrases, pool.query_reps, pool.query_groups):
+        assert pool.groups[rep] == gid and (pool.groups == gid).sum() >= 2
+        a = pool.products[rep].attributes
+        assert phrase == f"{a['gender']} {a['baseColour']} {a['articleType']}".lower()
+    table = markdown_tables(result["rows"])
+    assert "| shared |" in table and "ndcg@10" in table
+
+
+def test_eval_cli_writes_json_and_markdown_with_baselines(fashion_dir, tiny_model_dir, tmp_path):
+    out, md = tmp_path / "results.json", tmp_path / "results.md"
+    rc = cli_main(["eval", "--model", str(tiny_model_dir), "--catalog", str(fashion_dir), "--limit", "300",
+                   "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--markdown", str(md), "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    split = dict(line.split(",") for line in (fashion_dir / "split.csv").read_text().splitlines()[1:])
+    ids = [line.split(",", 1)[0] for line in (fashion_dir / "styles.csv").read_text().splitlines()[1:301]]
+    assert report["pool_size"] + len(report["excluded"]) == sum(split[i] == "test" for i in ids)
+    labels = set(report["rows"])
+    assert {"trained (fused)", "baseline: untrained, text-only", "baseline: untrained, image-only",
+            "baseline: untrained, average"} <= labels
+    for label in labels:
+        assert set(report["rows"][label]) == set(SCENARIOS)
+        assert set(report["rows"][label]["t2i"]) == {"recall@1", "recall@5", "recall@10", "mrr",
+                                                     "ndcg@10", "precision@10"}
+    # baselines differ only in the m form: t2i is the same for the three
+    t2i = {report["rows"][b]["t2i"]["recall@10"] for b in labels if b.startswith("baseline")}
+    assert len(t2i) == 1
+    assert "baseline: untrained, average" in md.read_text()
+
+
+def test_eval_cli_reports_a_missing_model_folder(fashion_dir, tmp_path, capsys):
+    rc = cli_main(["eval", "--model", str(tmp_path / "nope"), "--catalog", str(fashion_dir), "--quiet"])
+    assert rc == 2
+    assert "has no config.json" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""engine.pairs: catalogue pairs (METHOD.md §3) and the JSONL pairs file with rejects."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.catalog import read_catalog
+from engine.pairs import attribute_phrase, catalog_pairs, group_key, read_pairs_file
+
+
+def _products(fashion_dir: Path, n: int = 200):
+    return read_catalog(fashion_dir, limit=n).products
+
+
+def test_catalog_pairs_follow_method_section_3(fashion_dir):
+    products = _products(fashion_dir)
+    by_id = {p.product_id: p for p in products}
+    pairs = catalog_pairs(products, seed=3, similar_rate=1.0, attribute_query_rate=1.0)
+    instance = [p for p in pairs if p.kind == "instance"]
+    assert [p.item_id for p in instance] == [p.product_id for p in products]  # every product, once
+    for pair in instance:
+        product = by_id[pair.item_id]
+        assert (pair.query_text, pair.query_image) == (product.title, product.image)
+    similar = [p for p in pairs if p.kind == "similar"]
+    assert similar
+    for pair in similar:
+        a, b = by_id[pair.query_product_id], by_id[pair.item_id]
+        assert a.product_id != b.product_id and group_key(a) == group_key(b) == pair.group
+    phrases = [p for p in pairs if p.kind == "attribute_query"]
+    assert phrases and all(p.query_image is None for p in phrases)
+    for pair in phrases:
+        attrs = by_id[pair.item_id].attributes
+        assert pair.query_text == f"{attrs['gender']} {attrs['baseColour']} {attrs['articleType']}".lower()
+    assert catalog_pairs(products, seed=3) == catalog_pairs(products, seed=3)  # seeded
+    assert catalog_pairs(products, seed=3) != catalog_pairs(products, seed=4)
+
+
+def test_attribute_phrase_needs_all_fields():
+    assert attribute_phrase({"gender": "Women", "baseColour": "Black", "articleType": "Heels"}) == "women black heels"
+    assert attribute_phrase({"gender": "Women", "baseColour": "Black"}) is None
+
+
+def test_pairs_file_rejects_bad_lines_and_keeps_the_rest(tmp_path, fashion_dir):
+    products = _products(fashion_dir, 20)
+    known = {p.product_id for p in products}
+    good_image = products[1].image
+    lines = [
+        json.dumps({"query_text": "navy shirt", "product_id": products[0].product_id}),
+        json.dumps({"query_image": good_image, "product_id": products[1].product_id}),
+        json.dumps({"query_text": "red shoe", "product_id": "no-such-id"}),
+        json.dumps({"query_text": "blue bag", "query_image": "missing/photo.jpg", "product_id": products[2].product_id}),
+        json.dumps({"query_image": "missing/photo.jpg", "product_id": products[3].product_id}),
+        "{not json",
+        "",
+        json.dumps(["a", "list"]),
+        json.dumps({"query_text": "   ", "product_id": products[4].product_id}),
+        json.dumps({"query_text": "no id"}),
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    pairs, rejects = read_pairs_file(path, known)
+    assert [(p.item_id, p.query_text, p.query_image) for p in pairs] == [
+        (products[0].product_id, "navy shirt", None),
+        (products[1].product_id, None, good_image),
+        (products[2].product_id, "blue bag", None),  # image missing: kept text-only
+    ]
+    reasons = {r.line: (r.reason, r.kept) for r in rejects}
+    assert "unknown product id 'no-such-id'" in reasons[3][0]
+    assert reasons[4][0].startswith("query image not found") and reasons[4][1] == "text-only"
+    assert "no query text" in reasons[5][0] and reasons[5][1] is None
+    assert reasons[6][0].startswith("invalid JSON")
+    assert "expected an object" in reasons[8][0]
+    assert "no query" in reasons[9][0]
+    assert "no product id" in reasons[10][0]
+    # every non-blank line is a pair or a reject (line 4 is both: kept text-only, noted)
+    assert len(pairs) + len([r for r in rejects if r.kept is None]) == 9
