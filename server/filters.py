@@ -38,7 +38,7 @@ def flatten_record(record: dict[str, Any]) -> dict[str, str]:
 
     The ``attributes`` and ``extra`` dicts of an indexer record are merged into the top
     level (a nested key never overrides a top-level one); other dicts are JSON text; lists
-    are joined with ``","``; None values are left out.
+    are joined with ``","``; None values and empty lists / dicts are left out.
     """
     flat: dict[str, str] = {}
     nested: list[dict] = []
@@ -51,7 +51,8 @@ def flatten_record(record: dict[str, Any]) -> dict[str, str]:
         elif value is None:
             continue
         elif isinstance(value, (list, tuple)):
-            flat[str(key)] = ",".join(str(v) for v in value)
+            if value:
+                flat[str(key)] = ",".join(str(v) for v in value)
         else:
             flat[str(key)] = str(value)
     for inner in nested:

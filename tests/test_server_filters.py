@@ -30,7 +30,7 @@ def test_flatten_record_of_an_indexer_record():
     record = {"product_id": "15970", "title": "Turtle Check Men Navy Blue Shirt", "image": "/data/15970.jpg",
               "attributes": {"gender": "Men", "articleType": "Shirts", "title": "never overrides"},
               "extra": {"year": 2011}, "flags": ["text_only", "x"], "flag_detail": {"text_only": "no image"},
-              "row": 3, "shard": 0, "missing": None}
+              "row": 3, "shard": 0, "missing": None, "empty": [], "nothing": {}}
     flat = flatten_record(record)
     assert flat == {"product_id": "15970", "title": "Turtle Check Men Navy Blue Shirt", "image": "/data/15970.jpg",
                     "gender": "Men", "articleType": "Shirts", "year": "2011", "flags": "text_only,x",
