@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 
 
+class StartupError(RuntimeError):
+    """The server refuses to start (bad options, missing model, fingerprint mismatch)."""
+
+
 @dataclass
 class ServerConfig:
     """``ecsearch serve`` options (units in the names; defaults are our choice)."""
@@ -69,17 +73,27 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 
-
-class StartupError(RuntimeError):
-    """The server refuses to start (bad options, missing model, fingerprint mismatch)."""
+    def __post_init__(self) -> None:
+        checks = [(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
+                  (self.max_batch_size >= 1, f"max batch size must be >= 1, got {self.max_batch_size}"),
+                  (self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}"),
+                  (self.max_receive_bytes >= 1024, f"max receive size must be >= 1024 bytes, got {self.max_receive_bytes}"),
+                  (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
+                  (self.torch_threads is None or self.torch_threads >= 1, "torch threads must be >= 1"),
+                  (min(self.faiss_threads, self.search_workers, self.decode_workers) >= 1,
+                   "faiss threads, search workers and decode workers must be >= 1"),
+                  (self.poll_interval_s > 0, f"poll interval must be > 0 s, got {self.poll_interval_s}"),
+                  (self.grace_s >= 0, f"grace must be >= 0 s, got {self.grace_s}"),
+                  ((self.tls_cert is None) == (self.tls_key is None), "give both --tls-cert and --tls-key, or neither")]
+        for ok, message in checks:
+            if not ok:
+                raise StartupError(message)
 
 
 class SearchServer:
     """One gRPC query server. Use inside a running event loop: ``await start()``, ``await stop()``."""
 
     def __init__(self, config: ServerConfig):
-        if (config.tls_cert is None) != (config.tls_key is None):
-            raise StartupError("give both --tls-cert and --tls-key, or neither")
         self.config = config
         self.metrics = ServerMetrics()
         self.holder = IndexHolder()

@@ -49,21 +49,25 @@ def run(args: argparse.Namespace) -> int:
     from server.app import SearchServer, ServerConfig, StartupError
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_receive_bytes=args.max_receive_bytes, max_image_pixels=args.max_image_pixels,
-        torch_threads=args.torch_threads, faiss_threads=args.faiss_threads,
-        search_workers=args.search_workers, decode_workers=args.decode_workers,
-        poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
-        tls_cert=args.tls_cert, tls_key=args.tls_key,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    try:
+        config = ServerConfig(
+            index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
+            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+            max_receive_bytes=args.max_receive_bytes, max_image_pixels=args.max_image_pixels,
+            torch_threads=args.torch_threads, faiss_threads=args.faiss_threads,
+            search_workers=args.search_workers, decode_workers=args.decode_workers,
+            poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> int:
         server = SearchServer(config)
         try:
             await server.start()
-        except (StartupError, RuntimeError) as exc:
+        except (StartupError, RuntimeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             await server.stop(0)
             return 2
