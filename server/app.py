@@ -43,6 +43,9 @@ from server.versions import open_served_version
 
 log = logging.getLogger(__name__)
 
+# Query images more elongated than this are rejected: preprocessing scales the shorter side
+# up to the crop size, so a 1 x 40,000 image would become 224 x 8,960,000 pixels. Our choice.
+MAX_ASPECT_RATIO = 50
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 
 
@@ -194,9 +197,17 @@ class SearchServer:
         return self.model.query_tower.encode(texts, images, max_pixels=self.config.max_image_pixels)
 
     def _decode_image(self, data: bytes):
+        """Image bytes → preprocessed tensor (decode thread). Raises ImageDecodeError /
+        ImageTooLargeError (pixel count, or an aspect ratio whose resize would explode)."""
+        from engine.errors import ImageTooLargeError
         from engine.images import load_image
 
         image = load_image(data, index=0, max_pixels=self.config.max_image_pixels)
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageTooLargeError(
+                f"image is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO}:1 "
+                "(resizing its shorter side would allocate a huge image)", 0)
         return self.model.backbones.image.preprocess(image)
 
     # ------------------------------------------------------------------- stop
