@@ -238,7 +238,8 @@ def _encode_chunk(model, products, texts, images, start, count, options, preproc
         keep = [j for j, pos in enumerate(batch) if batch_texts[j] is not None or batch_images[j] is not None]
         for j, pos in enumerate(batch):
             if j not in keep:
-                rejects[pos] = f"no usable title and the image cannot be used ({errors[j]})"
+                lack = "no usable title and the image" if options.view == "fused" else "the image (view image)"
+                rejects[pos] = f"{lack} cannot be used ({errors[j]})"
         out = _encode_robust(model, [batch_texts[j] for j in keep], [batch_images[j] for j in keep],
                              [batch[j] for j in keep], options, rejects, flags, detail)
         for j, pos in zip(keep, [batch[j] for j in keep]):

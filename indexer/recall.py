@@ -5,6 +5,7 @@ recall@k = mean over queries of ``|ANN top-k ∩ exact top-k| / k``.
 """
 from __future__ import annotations
 
+import faiss
 import numpy as np
 
 
@@ -22,12 +23,12 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, chunk_rows: i
     best_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
     best_i = np.full((q.shape[0], k), -1, dtype=np.int64)
     for start in range(0, n, chunk_rows):
-        block = np.asarray(vectors[start:start + chunk_rows], dtype=np.float32)
-        scores = q @ block.T                                   # (q, rows)
-        rows = np.arange(start, start + block.shape[0], dtype=np.int64)
+        block = np.ascontiguousarray(vectors[start:start + chunk_rows], dtype=np.float32)
+        kk = min(k, block.shape[0])
+        scores, rows = faiss.knn(q, block, kk, metric=faiss.METRIC_INNER_PRODUCT)  # BLAS + heap
         all_s = np.concatenate([best_s, scores], axis=1)
-        all_i = np.concatenate([best_i, np.broadcast_to(rows, scores.shape)], axis=1)
-        top = np.argpartition(-all_s, kth=min(k, all_s.shape[1]) - 1, axis=1)[:, :k]
+        all_i = np.concatenate([best_i, np.where(rows >= 0, rows + start, -1)], axis=1)
+        top = np.argpartition(-all_s, kth=k - 1, axis=1)[:, :k]
         best_s = np.take_along_axis(all_s, top, axis=1)
         best_i = np.take_along_axis(all_i, top, axis=1)
     order = np.argsort(-best_s, axis=1, kind="stable")

@@ -210,3 +210,17 @@ def test_sigkill_leaves_current_and_rerun_resumes(seeded, tiny_model_dir, tmp_pa
         assert "encode: resuming" in rerun.stderr, what
     with open_index(root) as index:
         assert index.n_items == expect["indexed"]
+
+
+def test_image_view_rejects_products_without_a_usable_image(seeded, tiny_model_dir, tmp_path):
+    catalog, expect = seeded
+    config = IndexJobConfig(catalog=catalog, model_dir=tiny_model_dir, index_root=tmp_path / "root", device="cpu",
+                            encode=EncodeOptions(view="image", batch_size=8, chunk_size=64, workers=0))
+    result = run_index_job(config, log=lambda _m: None)
+    counts = result.manifest["counts"]
+    assert counts["indexed"] == expect["indexed"] - 2                 # missing + corrupt image: rejected
+    assert counts["indexed"] + counts["rejected"] == counts["read"] == expect["read"]
+    reasons = [json.loads(line)["reason"] for line in (result.path / "rejects.jsonl").read_text().splitlines()]
+    assert sum(r.startswith("no usable image (view image) (image file not found") for r in reasons) == 1
+    assert sum(r.startswith("the image (view image) cannot be used (cannot decode image") for r in reasons) == 1
+    assert result.manifest["model"]["view"] == "image"
