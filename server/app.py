@@ -62,10 +62,10 @@ class ServerConfig:
     host: str = "127.0.0.1"                # loopback unless told otherwise
     port: int = 50051                      # 0: any free port (see SearchServer.port)
     max_batch_size: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
     max_receive_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    torch_threads: int | None = None       # None: number of CPU cores
+    torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
     faiss_threads: int = 1
     search_workers: int = 2
     decode_workers: int = 2
@@ -250,10 +250,17 @@ def _bound_threads(config: ServerConfig) -> None:
     import torch
 
     faiss.omp_set_num_threads(max(1, config.faiss_threads))
-    torch.set_num_threads(max(1, config.torch_threads or os.cpu_count() or 1))
+    torch.set_num_threads(config.torch_threads or default_torch_threads())
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels  # Pillow's own bomb guard, same limit
+
+
+def default_torch_threads() -> int:
+    """Intra-op threads of the tower: all cores but one (at least 1), so the event loop,
+    gRPC, decode and search threads keep a core. Our choice; measured with
+    bench/bench_grpc.py on 2 cores (1 thread beat 2 under load)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def _host_for_address(host: str) -> str:

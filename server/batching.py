@@ -4,8 +4,10 @@ Requests submit one sample each (text and/or preprocessed image); a single async
 collects up to ``max_batch_size`` pending samples, waiting at most ``max_wait_ms`` after the
 first one, and runs one ``encode(texts, images) -> float32 (B, d)`` call in a dedicated
 thread. While that call runs, new requests queue up and form the next batch, so under load
-batches fill without waiting. Source: our choice (the usual dynamic batching of inference
-servers).
+batches fill without waiting; hence the default ``max_wait_ms = 0`` ("greedy" batching: a
+lone query is encoded at once, queries arriving during a tower call share the next one),
+which measured best on 2 cores (bench/bench_grpc.py). Source: our choice (the usual
+dynamic batching of inference servers).
 
 Isolation: a bad sample never fails the others. When the encoder raises an ``InputError``
 whose ``.index`` names a sample, that sample alone gets the error and the rest of the batch
@@ -41,7 +43,7 @@ class BatchConfig:
     """
 
     max_batch_size: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -24,13 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="most queries per query tower call")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0,
-                        help="longest a query waits for others to share its tower call")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="longest a query waits for others to share its tower call (default 0: only "
+                             "queries that arrived while the tower was busy are batched)")
     parser.add_argument("--max-receive-bytes", type=int, default=8 * 1024 * 1024,
                         help="largest request accepted, in bytes (default 8 MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="largest query image, width*height (decompression-bomb guard)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of the tower (default: cores)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of the tower (default: cores - 1, at least 1)")
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
     parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")

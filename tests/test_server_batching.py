@@ -87,3 +87,10 @@ def test_config_rejects_nonsense():
     with pytest.raises(ValueError):
         BatchConfig(max_wait_ms=-1)
     assert issubclass(ImageDecodeError, InputError)
+
+
+def test_greedy_default_batches_what_queued_without_waiting(tiny_model):
+    assert BatchConfig().max_wait_ms == 0
+    samples = [(f"sample {n}", None) for n in range(10)]
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig())
+    assert sizes == [10] and all(r.batch_size == 10 for r in results)
