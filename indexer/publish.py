@@ -42,14 +42,33 @@ def new_version_id(now: datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
 
 
+# flock belongs to the open file, which forked children (DataLoader workers) share: a
+# worker outliving a killed build would keep ROOT locked. Children close their copy.
+_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextmanager
 def build_lock(root: Path) -> Iterator[None]:
-    """Hold ``ROOT/.build.lock`` (flock, released by the kernel if the process dies).
+    """Hold ``ROOT/.build.lock`` (flock, released by the kernel if the process dies; forked
+    children do not keep it).
 
     Raises BuildError when another build holds it.
     """
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _LOCK_FDS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,6 +80,7 @@ def build_lock(root: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        _LOCK_FDS.discard(fd)
         os.close(fd)  # closing releases the flock
 
 

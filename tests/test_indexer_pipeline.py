@@ -140,9 +140,20 @@ def test_cli_bad_input_exit_status(tmp_path, tiny_model_dir, capsys):
     assert "has no config.json" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_second_concurrent_build(seeded, tiny_model_dir, tmp_path, capsys):
+    from indexer.publish import build_lock
+
+    catalog, _ = seeded
+    root = tmp_path / "root"
+    with build_lock(root):
+        assert ecsearch(["index", "--catalog", str(catalog), "--model", str(tiny_model_dir),
+                         "--index-root", str(root)]) == 3
+    assert "another index build is running" in capsys.readouterr().err
+
+
 def _cli(catalog: Path, model: Path, root: Path) -> list[str]:
     return [sys.executable, "-m", "engine.cli", "index", "--catalog", str(catalog), "--model", str(model),
-            "--index-root", str(root), "--chunk-size", "4", "--batch-size", "4", "--workers", "0",
+            "--index-root", str(root), "--chunk-size", "6", "--batch-size", "3", "--workers", "1",
             "--device", "cpu", "--shards", "2"]
 
 

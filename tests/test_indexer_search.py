@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -195,3 +196,26 @@ def test_keep_last_k_and_cleanup(tmp_path):
     with open_index(root) as index:
         assert index.version == names[-1] and index.n_items == 500
     assert os.listdir(tmp_dir(root)) == []
+
+
+def test_forked_child_does_not_keep_the_build_lock(tmp_path):
+    root = tmp_path / "root"
+    with build_lock(root):
+        pid = os.fork()
+        if pid == 0:                       # a DataLoader-worker-like child that outlives the build
+            time.sleep(20)
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 5    # the child closes its copy right after the fork
+        while True:
+            try:
+                with build_lock(root):     # the parent released it; the live child must not hold it
+                    break
+            except BuildError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)   # the child is still alive
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
