@@ -63,6 +63,7 @@ class ServerConfig:
     port: int = 50051                      # 0: any free port (see SearchServer.port)
     max_batch_size: int = 32
     max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
+    max_image_batch_size: int = 1          # queries with an image per tower call
     max_receive_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
@@ -78,7 +79,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         checks = [(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
-                  (self.max_batch_size >= 1, f"max batch size must be >= 1, got {self.max_batch_size}"),
+                  (min(self.max_batch_size, self.max_image_batch_size) >= 1, "max batch sizes must be >= 1"),
                   (self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}"),
                   (self.max_receive_bytes >= 1024, f"max receive size must be >= 1024 bytes, got {self.max_receive_bytes}"),
                   (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
@@ -112,7 +113,7 @@ class SearchServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._batcher = MicroBatcher(self._encode, self._tower_pool,
-                                     BatchConfig(config.max_batch_size, config.max_wait_ms),
+                                     BatchConfig(config.max_batch_size, config.max_wait_ms, config.max_image_batch_size),
                                      on_batch=self.metrics.observe_batch)
         self._watcher = IndexWatcher(Path(config.index_root), self.holder, self._load_version,
                                      config.poll_interval_s, self._io_pool, on_swap=self._on_swap)

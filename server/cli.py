@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its fingerprint must match the manifest's")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="most queries per query tower call")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="most text-only queries per query tower call")
+    parser.add_argument("--max-image-batch-size", type=int, default=1,
+                        help="most queries with an image per tower call (default 1, best on CPU)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="longest a query waits for others to share its tower call (default 0: only "
                              "queries that arrived while the tower was busy are batched)")
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         config = ServerConfig(
             index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+            max_image_batch_size=args.max_image_batch_size,
             max_receive_bytes=args.max_receive_bytes, max_image_pixels=args.max_image_pixels,
             torch_threads=args.torch_threads, faiss_threads=args.faiss_threads,
             search_workers=args.search_workers, decode_workers=args.decode_workers,

@@ -39,15 +39,27 @@ def _run_batcher(tiny_model, samples, config: BatchConfig, deadlines=None):
     return asyncio.run(main()), sizes
 
 
-def test_concurrent_queries_share_one_tower_call_and_match_direct_encoding(tiny_model):
+def test_concurrent_queries_share_tower_calls_and_match_direct_encoding(tiny_model):
     samples = [("black heels", None), (None, _jpeg((200, 10, 10))), ("blue shirt", _jpeg((10, 10, 200))),
                ("watch", None), ("red dress for women", _jpeg((250, 250, 0)))]
-    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8, max_wait_ms=200))
-    assert sizes == [len(samples)]  # one tower call for all five
+    config = BatchConfig(max_batch_size=8, max_wait_ms=200, max_image_batch_size=8)
+    results, sizes = _run_batcher(tiny_model, samples, config)
+    assert sizes == [2, 3]  # one call for the text-only queries, one for those with an image
     direct = tiny_model.query_tower.encode([t for t, _ in samples], [i for _, i in samples])
     for n, result in enumerate(results):
-        assert result.batch_size == len(samples)
+        assert result.batch_size == (2 if samples[n][1] is None else 3)
         assert result.vector.dtype == np.float32 and result.vector.shape == (tiny_model.dim,)
+        np.testing.assert_allclose(result.vector, direct[n], atol=1e-5)
+
+
+def test_text_only_and_image_queries_go_in_separate_calls_by_default(tiny_model):
+    samples = [("black heels", None), (None, _jpeg((200, 10, 10))), ("blue shirt", _jpeg((10, 10, 200))),
+               ("watch", None), (None, _jpeg((250, 250, 0)))]
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8))
+    assert sizes == [2, 1, 1, 1]  # the two text-only queries, then one call per image query
+    assert [r.batch_size for r in results] == [2, 1, 1, 2, 1]
+    direct = tiny_model.query_tower.encode([t for t, _ in samples], [i for _, i in samples])
+    for n, result in enumerate(results):
         np.testing.assert_allclose(result.vector, direct[n], atol=1e-5)
 
 
@@ -61,7 +73,8 @@ def test_max_batch_size_splits_batches(tiny_model):
 def test_bad_sample_fails_alone_and_does_not_poison_the_batch(tiny_model):
     samples = [("black heels", None), ("shirt", b"this is not an image"), (None, _jpeg((0, 128, 0))),
                (None, b"\xff\xd8\xff\xe0 truncated jpeg"), ("watch", None)]
-    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8, max_wait_ms=200))
+    config = BatchConfig(max_batch_size=8, max_wait_ms=200, max_image_batch_size=8)
+    results, sizes = _run_batcher(tiny_model, samples, config)
     assert isinstance(results[1], ImageDecodeError) and results[1].index == 0
     assert isinstance(results[3], ImageDecodeError)
     good = [0, 2, 4]
