@@ -235,3 +235,26 @@ def test_image_view_rejects_products_without_a_usable_image(seeded, tiny_model_d
     assert sum(r.startswith("no usable image (view image) (image file not found") for r in reasons) == 1
     assert sum(r.startswith("the image (view image) cannot be used (cannot decode image") for r in reasons) == 1
     assert result.manifest["model"]["view"] == "image"
+
+
+def test_jsonl_catalogue_with_field_mapping_flags(fashion_dir, tiny_model_dir, tmp_path, capsys):
+    lines = []
+    for i, line in enumerate((fashion_dir / "styles.csv").read_text(encoding="utf-8").splitlines()[1:13]):
+        f = line.split(",")
+        lines.append(json.dumps({"sku": f"A{f[0]}", "name": f[-1], "colour": f[5],
+                                 "photo": str(fashion_dir / "images" / f"{f[0]}.jpg"), "price": i}))
+    lines.append("{broken json")
+    (tmp_path / "cat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    root = tmp_path / "root"
+    assert ecsearch(["index", "--catalog", str(tmp_path / "cat.jsonl"), "--model", str(tiny_model_dir),
+                     "--index-root", str(root), "--id-field", "sku", "--title-field", "name",
+                     "--image-field", "photo", "--attribute-fields", "colour", "--workers", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"]["read"] == 13 and summary["counts"]["indexed"] == 12
+    assert summary["counts"]["rejected"] == 1 and summary["counts"]["text_only"] == 0
+    with open_index(root) as index:
+        first = json.loads(lines[0])
+        rec = index.get_products([first["sku"]])[0]
+        assert rec["title"] == first["name"] and rec["image"] == first["photo"]
+        assert rec["attributes"] == {"colour": first["colour"]} and rec["extra"] == {"price": 0}
+        assert index.manifest["catalog"]["layout"] == "jsonl"
