@@ -63,7 +63,7 @@ class ServerConfig:
     port: int = 50051                      # 0: any free port (see SearchServer.port)
     max_batch_size: int = 32
     max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
-    max_image_batch_size: int = 1          # queries with an image per tower call
+    max_image_batch_size: int = 8          # queries with an image per tower call
     max_receive_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0: any free port)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="most text-only queries per query tower call")
-    parser.add_argument("--max-image-batch-size", type=int, default=1,
-                        help="most queries with an image per tower call (default 1, best on CPU)")
+    parser.add_argument("--max-image-batch-size", type=int, default=8,
+                        help="most queries with an image per tower call")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="longest a query waits for others to share its tower call (default 0: only "
                              "queries that arrived while the tower was busy are batched)")

@@ -42,8 +42,7 @@ def _run_batcher(tiny_model, samples, config: BatchConfig, deadlines=None):
 def test_concurrent_queries_share_tower_calls_and_match_direct_encoding(tiny_model):
     samples = [("black heels", None), (None, _jpeg((200, 10, 10))), ("blue shirt", _jpeg((10, 10, 200))),
                ("watch", None), ("red dress for women", _jpeg((250, 250, 0)))]
-    config = BatchConfig(max_batch_size=8, max_wait_ms=200, max_image_batch_size=8)
-    results, sizes = _run_batcher(tiny_model, samples, config)
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8, max_wait_ms=200))
     assert sizes == [2, 3]  # one call for the text-only queries, one for those with an image
     direct = tiny_model.query_tower.encode([t for t, _ in samples], [i for _, i in samples])
     for n, result in enumerate(results):
@@ -52,10 +51,10 @@ def test_concurrent_queries_share_tower_calls_and_match_direct_encoding(tiny_mod
         np.testing.assert_allclose(result.vector, direct[n], atol=1e-5)
 
 
-def test_text_only_and_image_queries_go_in_separate_calls_by_default(tiny_model):
+def test_text_only_and_image_queries_go_in_separate_calls_with_their_own_limits(tiny_model):
     samples = [("black heels", None), (None, _jpeg((200, 10, 10))), ("blue shirt", _jpeg((10, 10, 200))),
                ("watch", None), (None, _jpeg((250, 250, 0)))]
-    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8))
+    results, sizes = _run_batcher(tiny_model, samples, BatchConfig(max_batch_size=8, max_image_batch_size=1))
     assert sizes == [2, 1, 1, 1]  # the two text-only queries, then one call per image query
     assert [r.batch_size for r in results] == [2, 1, 1, 2, 1]
     direct = tiny_model.query_tower.encode([t for t, _ in samples], [i for _, i in samples])
