@@ -188,7 +188,8 @@ def main() -> None:
                 results.append({"kind": kind, "concurrency": concurrency, **stats})
                 print(f"| {kind} | {concurrency} | {stats['qps']:.1f} | {stats['p50_ms']:.1f} | {stats['p95_ms']:.1f} "
                       f"| {stats['p99_ms']:.1f} | {stats['mean_decode_ms']:.1f} | {stats['mean_queue_ms']:.1f} "
-                      f"| {stats['mean_encode_ms']:.1f} | {stats['mean_search_ms']:.2f} | {stats['mean_metadata_ms']:.2f} "
+                      f"| {stats['mean_encode_ms']:.1f} | {stats['mean_search_ms']:.2f} "
+                      f"| {stats['mean_metadata_ms']:.2f} "
                       f"| {stats['mean_total_ms']:.1f} | {stats['mean_batch']:.1f} | {stats['errors'] or 0} |",
                       flush=True)
     finally:

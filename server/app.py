@@ -81,7 +81,8 @@ class ServerConfig:
         checks = [(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
                   (min(self.max_batch_size, self.max_image_batch_size) >= 1, "max batch sizes must be >= 1"),
                   (self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}"),
-                  (self.max_receive_bytes >= 1024, f"max receive size must be >= 1024 bytes, got {self.max_receive_bytes}"),
+                  (self.max_receive_bytes >= 1024,
+                   f"max receive size must be >= 1024 bytes, got {self.max_receive_bytes}"),
                   (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
                   (self.torch_threads is None or self.torch_threads >= 1, "torch threads must be >= 1"),
                   (min(self.faiss_threads, self.search_workers, self.decode_workers) >= 1,
@@ -113,7 +114,8 @@ class SearchServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._batcher = MicroBatcher(self._encode, self._tower_pool,
-                                     BatchConfig(config.max_batch_size, config.max_wait_ms, config.max_image_batch_size),
+                                     BatchConfig(config.max_batch_size, config.max_wait_ms,
+                                                 config.max_image_batch_size),
                                      on_batch=self.metrics.observe_batch)
         self._watcher = IndexWatcher(Path(config.index_root), self.holder, self._load_version,
                                      config.poll_interval_s, self._io_pool, on_swap=self._on_swap)

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request accepted, in bytes (default 8 MiB)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="largest query image, width*height (decompression-bomb guard)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads of the tower (default: cores - 1, at least 1)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads of the tower (default: cores - 1, at least 1)")
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
     parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")
