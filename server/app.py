@@ -65,6 +65,7 @@ class ServerConfig:
     max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
     max_image_batch_size: int = 8          # queries with an image per tower call
     max_receive_bytes: int = 8 * 1024 * 1024
+    max_concurrent_rpcs: int = 256         # beyond: RESOURCE_EXHAUSTED (bounds queued image bytes)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
     faiss_threads: int = 1
@@ -83,6 +84,7 @@ class ServerConfig:
                   (self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}"),
                   (self.max_receive_bytes >= 1024,
                    f"max receive size must be >= 1024 bytes, got {self.max_receive_bytes}"),
+                  (self.max_concurrent_rpcs >= 1, f"max concurrent RPCs must be >= 1, got {self.max_concurrent_rpcs}"),
                   (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
                   (self.torch_threads is None or self.torch_threads >= 1, "torch threads must be >= 1"),
                   (min(self.faiss_threads, self.search_workers, self.decode_workers) >= 1,
@@ -128,7 +130,7 @@ class SearchServer:
         options = [("grpc.max_receive_message_length", self.config.max_receive_bytes),
                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
                    ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(options=options)
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
         service = SearchService(self.holder, self._batcher, decode_image=self._decode_image,
                                 decode_executor=self._decode_pool, search_executor=self._search_pool,
                                 metrics=self.metrics)

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "queries that arrived while the tower was busy are batched)")
     parser.add_argument("--max-receive-bytes", type=int, default=8 * 1024 * 1024,
                         help="largest request accepted, in bytes (default 8 MiB)")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                        help="RPCs handled at once; more get RESOURCE_EXHAUSTED (bounds memory)")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="largest query image, width*height (decompression-bomb guard)")
     parser.add_argument("--torch-threads", type=int, default=None,
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
             max_image_batch_size=args.max_image_batch_size,
-            max_receive_bytes=args.max_receive_bytes, max_image_pixels=args.max_image_pixels,
+            max_receive_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_image_pixels=args.max_image_pixels,
             torch_threads=args.torch_threads, faiss_threads=args.faiss_threads,
             search_workers=args.search_workers, decode_workers=args.decode_workers,
             poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,

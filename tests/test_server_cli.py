@@ -56,8 +56,8 @@ def _wait_serving(target: str, timeout_s: float = 120.0) -> None:
 
 def test_serve_then_query_cli_then_sigterm_finishes_in_flight_requests(tmp_path, index_root, subset, capsys):
     root = copy_root(index_root, tmp_path / "root")
-    # a 400 ms batching window keeps requests in flight long enough to send SIGTERM among them
-    proc, target = _start_serve(root, "--max-wait-ms", "400", "--max-batch-size", "64", "--grace-s", "20")
+    # a 1.5 s batching window keeps requests in flight long enough to send SIGTERM among them
+    proc, target = _start_serve(root, "--max-wait-ms", "1500", "--max-batch-size", "64", "--grace-s", "20")
     try:
         _wait_serving(target)
         product = subset.products[7]
@@ -79,7 +79,7 @@ def test_serve_then_query_cli_then_sigterm_finishes_in_flight_requests(tmp_path,
             client.search(text="warm up the channel")
             futures = [client.stub.Search.future(
                 client_request(text=f"in flight {n}")) for n in range(8)]
-            time.sleep(0.15)  # received, waiting in the batching window
+            time.sleep(0.5)  # received, waiting in the batching window
             proc.send_signal(signal.SIGTERM)
             responses = [f.result(timeout=60) for f in futures]
         assert all(len(r.hits) == 10 for r in responses)

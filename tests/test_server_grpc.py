@@ -23,7 +23,7 @@ MAX_IMAGE_PIXELS = 2_000_000  # small limit so the "image over limits" case stay
 
 @pytest.fixture(scope="module")
 def running(index_root):
-    server = start_server(index_root, max_image_pixels=MAX_IMAGE_PIXELS, max_wait_ms=5.0)
+    server = start_server(index_root, max_image_pixels=MAX_IMAGE_PIXELS, max_wait_ms=20.0)
     server.wait_serving()
     yield server
     server.stop()
@@ -165,6 +165,21 @@ def test_other_failures_have_precise_codes(client, running):
     assert len(client.search(text="after the errors", top_k=4).hits) == 4
 
 
+def test_over_max_concurrent_rpcs_gets_resource_exhausted_and_serving_goes_on(tmp_path, index_root):
+    # a 300 ms batching window keeps the first two RPCs in flight while the others arrive
+    server = start_server(copy_root(index_root, tmp_path / "root"), max_concurrent_rpcs=2, max_wait_ms=300.0)
+    try:
+        server.wait_serving()
+        with SearchClient(server.target, timeout_s=30) as c:
+            futures = [c.stub.Search.future(search_pb2.SearchRequest(text=f"q{n}"), timeout=30) for n in range(8)]
+            codes = Counter(f.code() for f in futures)
+            assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 1 and codes[grpc.StatusCode.OK] >= 2
+            assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert len(c.search(text="afterwards", top_k=2).hits) == 2
+    finally:
+        server.stop()
+
+
 def test_concurrent_queries_are_micro_batched(running, subset):
     photos = [Path(p.image).read_bytes() for p in subset.products[:24]]
     with SearchClient(running.target, timeout_s=60) as c:
@@ -178,6 +193,8 @@ def test_concurrent_queries_are_micro_batched(running, subset):
 
 def test_metrics_count_requests_by_status_and_stage_latency(running, client):
     client.search(text="metrics probe", top_k=2)
+    with pytest.raises(grpc.RpcError):
+        client.search(text="metrics probe", top_k=0)
     registry = running.server.metrics.registry
     ok = registry.get_sample_value("ecsearch_requests_total", {"method": "Search", "code": "OK"})
     bad = registry.get_sample_value("ecsearch_requests_total", {"method": "Search", "code": "INVALID_ARGUMENT"})
