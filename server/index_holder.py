@@ -9,7 +9,10 @@ read-copy-update).
 
 Watching ``ROOT/CURRENT``: ``IndexWatcher`` polls the file's content; when it changes, the
 new version is opened and checked (model fingerprint) off the event loop, then swapped in.
-A version that fails to open or check is logged and skipped until ``CURRENT`` changes again.
+A version that fails to open or check is logged and tried again only after
+``retry_interval_s`` (or at once when ``CURRENT`` changes), so a persistent refusal (e.g.
+another model's vectors) does not flood the log and a transient one (e.g. a rollback to a
+version still held open by in-flight requests) heals by itself.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -158,14 +162,16 @@ class IndexWatcher:
 
     def __init__(self, root: Path, holder: IndexHolder, load: Callable[[Path], ServedVersion],
                  poll_interval_s: float = 1.0, executor=None,
-                 on_swap: Callable[[ServedVersion], None] | None = None):
+                 on_swap: Callable[[ServedVersion], None] | None = None, retry_interval_s: float = 30.0):
         self.root = Path(root)
         self.holder = holder
         self._load = load
         self.poll_interval_s = poll_interval_s
         self._executor = executor
         self._on_swap = on_swap
+        self.retry_interval_s = retry_interval_s
         self._seen: str | None = None  # CURRENT content last acted on (loaded or refused)
+        self._retry_at: float | None = None  # monotonic time to retry a refused version
         self._task: asyncio.Task | None = None
 
     async def check_once(self) -> bool:
@@ -175,13 +181,19 @@ class IndexWatcher:
         """
         loop = asyncio.get_running_loop()
         current = await loop.run_in_executor(self._executor, read_current, self.root)
-        if current is None or current == self._seen:
+        if current is None:
             return False
-        self._seen = current
+        if current == self._seen and (self._retry_at is None or time.monotonic() < self._retry_at):
+            return False
+        self._seen, self._retry_at = current, None
         now = self.holder.current
         if now is not None and now.version == current:  # CURRENT rewritten with the same name
             return False
-        served = await loop.run_in_executor(self._executor, self._load, self.root)
+        try:
+            served = await loop.run_in_executor(self._executor, self._load, self.root)
+        except Exception:
+            self._retry_at = time.monotonic() + self.retry_interval_s
+            raise
         if now is not None and now.version == served.version:
             served.retire()
             return False

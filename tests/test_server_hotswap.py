@@ -107,6 +107,11 @@ def test_hot_swap_under_load_fails_no_request(tmp_path, index_root, server_model
         assert len(later.hits) == 100 and {h.product_id for h in later.hits} == v2_ids
         _wait(lambda: old.closed, 10)  # the old version is closed once its last lease is returned
         assert old.leases == 0
+        # rollback: CURRENT names v1 again -> reopened and served
+        (root / "CURRENT").write_text(v1 + "\n")
+        _wait(lambda: server.server.holder.current.version == v1, 30)
+        with SearchClient(server.target) as client:
+            assert client.search(text="after the rollback").index_version == v1
     finally:
         server.stop()
 
