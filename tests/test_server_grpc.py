@@ -121,6 +121,7 @@ def test_get_products(client, subset):
 BAD_SEARCHES = [
     ("no text and no image", search_pb2.SearchRequest(top_k=5), "empty query"),
     ("blank text", search_pb2.SearchRequest(text="   \t "), "blank text"),
+    ("text too long", search_pb2.SearchRequest(text="shirt " * 500), "over the limit of 2048"),
     ("undecodable image", search_pb2.SearchRequest(image=b"GIF89a not really"), "undecodable image"),
     ("truncated jpeg", None, "undecodable image"),
     ("image over limits", None, "image over limits"),
