@@ -27,7 +27,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -122,11 +122,12 @@ class SearchServer:
         self._watcher = IndexWatcher(Path(config.index_root), self.holder, self._load_version,
                                      config.poll_interval_s, self._io_pool, on_swap=self._on_swap)
         self._loader: asyncio.Task | None = None
+        self._restore_threads: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ start
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); returns the bound port."""
-        _bound_threads(self.config)
+        self._restore_threads = _bound_threads(self.config)
         options = [("grpc.max_receive_message_length", self.config.max_receive_bytes),
                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
                    ("grpc.so_reuseport", 0)]
@@ -232,6 +233,8 @@ class SearchServer:
         self.holder.close()
         for pool in (self._tower_pool, self._search_pool, self._decode_pool, self._io_pool):
             pool.shutdown(wait=True, cancel_futures=True)
+        if self._restore_threads is not None:
+            self._restore_threads()
         log.info("stopped")
 
     async def run_until_signal(self) -> int:
@@ -250,15 +253,20 @@ class SearchServer:
         return 2 if self.fatal is not None and not stop.is_set() else 0
 
 
-def _bound_threads(config: ServerConfig) -> None:
+def _bound_threads(config: ServerConfig) -> Callable[[], None]:
+    """Set the process-wide faiss (OpenMP) and torch thread counts; returns a function that
+    restores the previous ones (several servers / tests may share a process)."""
     import faiss
     import torch
 
-    faiss.omp_set_num_threads(max(1, config.faiss_threads))
+    before = (faiss.omp_get_max_threads(), torch.get_num_threads())
+    faiss.omp_set_num_threads(config.faiss_threads)
     torch.set_num_threads(config.torch_threads or default_torch_threads())
-    from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = config.max_image_pixels  # Pillow's own bomb guard, same limit
+    def restore() -> None:
+        faiss.omp_set_num_threads(before[0])
+        torch.set_num_threads(before[1])
+    return restore
 
 
 def default_torch_threads() -> int:

@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = config.max_image_pixels  # Pillow's own bomb guard, same limit, process-wide
+
     async def main() -> int:
         server = SearchServer(config)
         try:
