@@ -21,6 +21,7 @@ from pathlib import Path
 from engine.catalog import CatalogError
 from engine.errors import ModelFolderError
 
+REFERENCE_ROW = "reference: pretrained backbone features, no tower"
 BASELINE_ROWS = {
     "baseline: untrained, text-only": ("untrained", "text"),
     "baseline: untrained, image-only": ("untrained", "image"),
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                             "attribute queries' representative photos")
     parser.add_argument("--no-ablation", action="store_true",
                         help="leave out the trained model's own text-only / image-only / average rows")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave out the pretrained-backbone reference row (t2t, i2i, m2m only)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluate import build_pool, evaluate_models, markdown_tables
+    from engine.evaluate import build_pool, evaluate_models, markdown_tables, pretrained_reference
     from engine.model_folder import load_model
     from engine.towers import build_model
     from engine.train import TrainingDataError, load_products
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
                      "trained, m = average of T and V": ("trained", "average")})
     rows.update(BASELINE_ROWS)
     result = evaluate_models({"trained": model, "untrained": untrained}, pool, rows)
+    if not args.no_reference:
+        result["rows"][REFERENCE_ROW] = pretrained_reference(pool)
     seconds = time.perf_counter() - start
     tables = markdown_tables(result["rows"])
     report = {

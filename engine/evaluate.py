@@ -205,6 +205,40 @@ def evaluate_models(models: dict[str, object], pool: EvalPool,
     return {"rows": rows, "seconds": seconds}
 
 
+def _pooled(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Masked mean of cached backbone tokens, L2-normalised: ``float32 (n, H)``."""
+    out = []
+    for chunk in iter_chunks(len(rows), batch_size):
+        tokens, mask, _ = table.gather(rows[chunk])
+        w = mask.float().unsqueeze(-1)
+        out.append(((tokens * w).sum(1) / w.sum(1).clamp_min(1.0)).numpy())
+    return _unit(np.concatenate(out)) if out else np.zeros((0, table.hidden_size), np.float32)
+
+
+def pretrained_reference(pool: EvalPool) -> dict[str, dict[str, float]]:
+    """Reference row (our choice): the pretrained backbones' own pooled features, no tower.
+
+    Text = mean-pooled text tokens (sentence-transformers pooling for MiniLM), image = mean of
+    the image tokens (global average pooling), m = ``[t; v] / √2`` (naive concatenation,
+    METHOD.md §4). Text and image features live in different spaces, so only the
+    same-form scenarios t2t, i2i, m2m exist. Returns ``{scenario: {metric: value}}``.
+    """
+    t = _pooled(pool.texts, pool.text_rows)
+    v = _pooled(pool.images, pool.image_rows)
+    m = np.concatenate([t, v], axis=1) / np.sqrt(2.0)
+    at = _pooled(pool.texts, pool.query_text_rows)
+    av = v[pool.query_reps]
+    am = np.concatenate([at, av], axis=1) / np.sqrt(2.0)
+    targets = np.arange(len(pool.products))
+    out: dict[str, dict[str, float]] = {}
+    for s, cand, query, attr in (("t2t", t, t, at), ("i2i", v, v, av), ("m2m", m, m, am)):
+        res = instance_metrics(rank_of_targets(query, cand, targets))
+        if len(pool.query_groups):
+            res.update(attribute_metrics(attr, cand, pool.query_groups, pool.groups, exclude=pool.query_reps, k=10))
+        out[s] = res
+    return out
+
+
 def markdown_tables(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     """One markdown table per metric: rows = models, columns = the nine scenarios (values in %)."""
     parts = []

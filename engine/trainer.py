@@ -50,8 +50,8 @@ class TrainConfig:
     log_every: steps between progress-bar updates of the loss (every step is logged to file).
     """
 
-    steps: int = 300
-    stage1_steps: int = 60
+    steps: int = 200
+    stage1_steps: int = 40
     batch_size: int = 128
     lr: float = 5e-4
     warmup_fraction: float = 0.1

@@ -56,6 +56,10 @@ def test_eval_cli_writes_json_and_markdown_with_baselines(fashion_dir, tiny_mode
     labels = set(report["rows"])
     assert {"trained (fused)", "baseline: untrained, text-only", "baseline: untrained, image-only",
             "baseline: untrained, average"} <= labels
+    reference = report["rows"].pop("reference: pretrained backbone features, no tower")
+    assert set(reference) == {"t2t", "i2i", "m2m"}  # text and image features share no space
+    assert reference["i2i"]["recall@1"] == pytest.approx(1.0)  # same photo, same feature
+    labels.discard("reference: pretrained backbone features, no tower")
     for label in labels:
         assert set(report["rows"][label]) == set(SCENARIOS)
         assert set(report["rows"][label]["t2i"]) == {"recall@1", "recall@5", "recall@10", "mrr",
