@@ -156,18 +156,18 @@ class FusionEncoder(nn.Module):
                 cv, ct = layer(cv, vv[rows_v], ct, tv[rows_t], ones, ones)
             t = t.clone()
             v = v.clone()
-            t[rows_t] = ct
-            v[rows_v] = cv
+            t[rows_t] = ct.to(t.dtype)
+            v[rows_v] = cv.to(v.dtype)
         if t.shape[0]:
             for block in self.text_blocks:
                 t = block(t, tv)
             p_t = p_t.clone()
-            p_t[has_text] = self.text_pool(masked_mean(t, tv))  # [Bt, d]
+            p_t[has_text] = self.text_pool(masked_mean(t, tv)).to(p_t.dtype)  # [Bt, d]
         if v.shape[0]:
             for block in self.image_blocks:
                 v = block(v, vv)
             p_v = p_v.clone()
-            p_v[has_image] = self.image_pool(masked_mean(v, vv))  # [Bv, d]
+            p_v[has_image] = self.image_pool(masked_mean(v, vv)).to(p_v.dtype)  # [Bv, d]
         x = self.merge(torch.cat([p_t, p_v], dim=-1)).unsqueeze(1)  # [B, 1, d]
         for block in self.fusion_blocks:
             x = block(x)

@@ -117,6 +117,7 @@ def fingerprint_folder(folder: str | Path) -> str:
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, 0o644)  # some writers create 0600 temporary files; model folders are shared read-only
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
