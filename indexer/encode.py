@@ -189,16 +189,11 @@ def encode_products(model, products: Sequence[Product], work: Path, options: Enc
     finally:
         bar.close()
 
-    rows, indexed = [], []
-    for start in sorted(chunk_vecs):
-        vecs = chunk_vecs[start]
-        for j in range(vecs.shape[0]):
-            pos = start + j
-            if pos not in result.rejects:
-                indexed.append(pos)
-                rows.append(vecs[j])
-    result.vectors = np.stack(rows).astype(np.float32) if rows else np.empty((0, dim), np.float32)
-    result.indexed = indexed
+    keep = np.ones(n, dtype=bool)
+    keep[list(result.rejects)] = False
+    all_vecs = np.concatenate([chunk_vecs[s] for s in sorted(chunk_vecs)]) if chunk_vecs else np.empty((0, dim), np.float32)
+    result.vectors = np.ascontiguousarray(all_vecs[keep], dtype=np.float32)
+    result.indexed = np.flatnonzero(keep).tolist()
     return result
 
 
