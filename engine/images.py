@@ -130,16 +130,18 @@ class ImagePreprocessor:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """``PIL.Image`` (RGB) → ``torch.float32 (3, S, S)``."""
+        """``PIL.Image`` (RGB) → ``torch.float32 (3, S, S)``.
+
+        The centre square that "resize the shorter side to ``resize_size``, crop ``S``" would
+        keep is cut from the original first and then resized, so memory stays bounded by the
+        input even for extreme aspect ratios (a 1 x 40,000 strip does not become 224 x 9M).
+        """
         image = to_rgb(image)
         width, height = image.size
-        scale = self.resize_size / min(width, height)
-        new_size = (max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale)))
-        if new_size != (width, height):
-            image = image.resize(new_size, Image.Resampling.BICUBIC)
-        left = (new_size[0] - self.image_size) // 2
-        top = (new_size[1] - self.image_size) // 2
-        image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        side = min(width, height) * self.image_size / self.resize_size  # crop side in source pixels
+        left, top = (width - side) / 2, (height - side) / 2
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC,
+                             box=(left, top, left + side, top + side))
         array = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -61,3 +61,17 @@ def test_undecodable_sources(source):
 def test_pixel_limit():
     with pytest.raises(ImageTooLargeError, match="over the limit"):
         load_image(_encode(Image.new("L", (200, 200)), "PNG"), max_pixels=100 * 100)
+
+
+def test_extreme_aspect_ratio_stays_bounded():
+    strip = Image.new("RGB", (1, 40_000), "green")
+    pixels = ImagePreprocessor(image_size=224, resize_size=224, mean=(0, 0, 0), std=(1, 1, 1))(strip)
+    assert pixels.shape == (3, 224, 224)
+    np.testing.assert_allclose(pixels[:, 100, 100].numpy(), [0, 128 / 255, 0], atol=0.02)
+
+
+def test_resize_larger_than_crop_keeps_the_centre():
+    image = Image.new("RGB", (256, 256), "black")
+    image.paste((255, 255, 255), (16, 16, 240, 240))  # white centre 224 px: the crop of a 256 → 224
+    pixels = ImagePreprocessor(image_size=224, resize_size=256, mean=(0, 0, 0), std=(1, 1, 1))(image)
+    assert float(pixels[:, 2:-2, 2:-2].min()) > 0.9
