@@ -1,0 +1,113 @@
+"""The main job end to end on a 300-product subset with the real default backbones:
+``ecsearch train`` (short) → ``ecsearch index`` → ``ecsearch serve`` → queries over gRPC.
+
+Every step runs the real CLI in a subprocess, exactly as ``make demo`` does.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = 300
+
+
+def _ecsearch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"ecsearch {args[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, fashion_dir):
+    """Train (short), index and serve the first 300 products; yields (target, rows)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    work = tmp_path_factory.mktemp("e2e")
+    model, cache, root = work / "model", work / "cache", work / "index"
+    _ecsearch("train", "--catalog", str(fashion_dir), "--out", str(model), "--cache-dir", str(cache),
+              "--limit", str(LIMIT), "--steps", "120", "--stage1-steps", "30", "--batch-size", "64", "--quiet")
+    _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
+              "--limit", str(LIMIT), "--shards", "2")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--index-root", str(root),
+                               "--model", str(model), "--port", str(port)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, f"server exited: {server.stderr.read()[-2000:]}"
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "server never reported SERVING"
+                time.sleep(0.3)
+        rows = list(csv.DictReader(open(fashion_dir / "styles.csv")))[:LIMIT]
+        yield target, rows
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+
+
+def test_own_photo_finds_its_product_at_rank_1(served, fashion_dir):
+    from server.client import SearchClient
+
+    target, rows = served
+    picks = rows[::30]  # 10 products spread over the subset
+    with SearchClient(target, timeout_s=60) as client:
+        ranks_1 = 0
+        for row in picks:
+            response = client.search(image=fashion_dir / "images" / f"{row['id']}.jpg", top_k=5)
+            ranks_1 += response.hits[0].product_id == row["id"]
+    assert ranks_1 == len(picks), f"only {ranks_1}/{len(picks)} photos found their product at rank 1"
+
+
+def test_text_query_top_hits_share_its_article_type(served):
+    from server.client import SearchClient
+
+    target, rows = served
+    counts = Counter(r["articleType"] for r in rows)
+    queries = {"Tshirts": "men blue t-shirt", "Watches": "analog watch for men", "Casual Shoes": "casual shoes"}
+    with SearchClient(target, timeout_s=60) as client:
+        for article_type, text in queries.items():
+            assert counts[article_type] >= 5, f"subset has too few {article_type}"
+            response = client.search(text=text, top_k=5)
+            assert len(response.hits) == 5 and response.index_version
+            types = [hit.metadata["articleType"] for hit in response.hits]
+            assert types.count(article_type) >= 4, f"{text!r} → {types}"
+
+
+def test_filtered_and_multimodal_queries(served, fashion_dir):
+    from server.client import SearchClient
+
+    target, rows = served
+    shoe = next(r for r in rows if r["articleType"] == "Casual Shoes")
+    with SearchClient(target, timeout_s=60) as client:
+        response = client.search(text="shoes", top_k=5, filters={"gender": "Women"})
+        assert response.hits and all(hit.metadata["gender"] == "Women" for hit in response.hits)
+        response = client.search(text="in red", image=fashion_dir / "images" / f"{shoe['id']}.jpg", top_k=5)
+        assert len(response.hits) == 5
+        assert sum(hit.metadata["masterCategory"] == "Footwear" for hit in response.hits) >= 3
