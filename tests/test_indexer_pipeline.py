@@ -110,6 +110,8 @@ def test_manifest_and_self_retrieval(published, tiny_model_dir):
     assert m["catalog"]["fingerprint"].startswith("sha256:") and m["catalog"]["layout"] == "fashion"
     assert {"read", "encode", "train", "add", "metadata", "recall"} <= set(m["timings_s"])
     assert m["index"]["nlist"] >= 1 and 1 <= m["index"]["nprobe_default"] <= m["index"]["nlist"]
+    assert m["recall"]["self_items"] == m["counts"]["indexed"]            # every item searched by its own vector
+    assert m["recall"]["self_at_rank_1"] <= m["recall"]["self_at_rank_1_or_tie"] == 1.0
     with open_index(root) as index:
         ids = np.arange(index.n_items)
         scores, pids = index.search(index.vectors(ids), k=1)
