@@ -80,16 +80,17 @@ def fashion_vectors(args) -> tuple[np.ndarray, list[dict], dict]:
     return vectors, records, info
 
 
-def measure(version_dir: Path, queries: np.ndarray, truth: np.ndarray, nprobes: list[int], k: int, k_factor: int,
-            latency_queries: int) -> list[dict]:
-    """One row per (nprobe, refine): recall@k over all queries, latency of single queries."""
+def measure(version_dir: Path, queries: np.ndarray, truth: np.ndarray, nprobes: list[int], k: int,
+            k_factors: list[int], latency_queries: int) -> list[dict]:
+    """One row per (nprobe, refine off / on with each k_factor): recall@k over all queries,
+    latency of single queries (one call per query)."""
     from indexer.recall import recall_at_k
     from indexer.search import open_index
 
     rows = []
     with open_index(version_dir, verify=False) as index:
         for nprobe in nprobes:
-            for refine in (False, True):
+            for refine, k_factor in [(False, 1)] + [(True, f) for f in k_factors]:
                 _, found = index.search_ids(queries, k, nprobe=nprobe, refine=refine, k_factor=k_factor)
                 recall = recall_at_k(found, truth, k)
                 for q in queries[:20]:  # warm-up
@@ -100,11 +101,13 @@ def measure(version_dir: Path, queries: np.ndarray, truth: np.ndarray, nprobes: 
                     index.search(q[None, :], k, nprobe=nprobe, refine=refine, k_factor=k_factor)
                     lat.append((time.perf_counter() - t0) * 1000)
                 lat_ms = np.asarray(lat)
-                rows.append({"nprobe": nprobe, "nprobe_used": min(nprobe, index.nlist), "refine": refine, f"recall_at_{k}": round(recall, 4),
+                rows.append({"nprobe": nprobe, "nprobe_used": min(nprobe, index.nlist), "refine": refine,
+                             "k_factor": k_factor if refine else None, f"recall_at_{k}": round(recall, 4),
                              "latency_ms_mean": round(float(lat_ms.mean()), 3),
                              "latency_ms_p50": round(float(np.percentile(lat_ms, 50)), 3),
                              "latency_ms_p95": round(float(np.percentile(lat_ms, 95)), 3)})
-                print(f"  nprobe {nprobe:>3} refine {str(refine):5}: recall@{k} {recall:.4f}  "
+                label = f"refine k*{k_factor}" if refine else "no refine"
+                print(f"  nprobe {nprobe:>3} {label:>12}: recall@{k} {recall:.4f}  "
                       f"latency mean {lat_ms.mean():.3f} ms  p50 {np.percentile(lat_ms, 50):.3f}  "
                       f"p95 {np.percentile(lat_ms, 95):.3f}", flush=True)
     return rows
@@ -147,7 +150,8 @@ def main() -> int:
     parser.add_argument("--factory", default="auto")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--k-factor", type=int, default=10, help="refine re-scores top k*K candidates")
+    parser.add_argument("--k-factor", type=int, nargs="+", default=[10],
+                        help="refine re-scores top k*K candidates; several values = several rows (first: manifest)")
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall")
     parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed per setting")
     parser.add_argument("--seed", type=int, default=0)
@@ -185,7 +189,7 @@ def main() -> int:
         out = Path(tmp) / "version"
         t0 = time.perf_counter()
         result = write_version(out, "bench", vectors, records,
-                               VersionOptions(n_shards=args.shards, factory=args.factory, k_factor=args.k_factor,
+                               VersionOptions(n_shards=args.shards, factory=args.factory, k_factor=args.k_factor[0],
                                               recall_queries=min(1000, len(vectors)), seed=args.seed))
         build_s = time.perf_counter() - t0
         m = result.manifest
@@ -198,18 +202,20 @@ def main() -> int:
         size_bytes = sum(f["size_bytes"] for f in m["files"].values())
 
     print()
-    print(f"| nprobe | refine | recall@{args.k} | latency_ms mean | p50 | p95 |")
+    print(f"| nprobe | refine (k_factor) | recall@{args.k} | latency_ms mean | p50 | p95 |")
     print("|---:|:---:|---:|---:|---:|---:|")
     for r in rows:
         used = "" if r["nprobe_used"] == r["nprobe"] else f" (= nlist {r['nprobe_used']})"
-        print(f"| {r['nprobe']}{used} | {'yes' if r['refine'] else 'no'} | {r[f'recall_at_{args.k}']:.4f} | "
+        refine = f"yes ({r['k_factor']})" if r["refine"] else "no"
+        print(f"| {r['nprobe']}{used} | {refine} | {r[f'recall_at_{args.k}']:.4f} | "
               f"{r['latency_ms_mean']:.3f} | {r['latency_ms_p50']:.3f} | {r['latency_ms_p95']:.3f} |")
     print(f"\nbuild_s {build_s:.1f} (target <= 600 for 1M), index version size {size_bytes / 2**20:.1f} MiB, "
           f"factory {m['index']['factory']}, nlist {m['index']['nlist']}, k_factor {args.k_factor}")
     best = [r for r in rows if r["refine"] and r[f"recall_at_{args.k}"] >= 0.95]
     if best:
         r = min(best, key=lambda r: r["latency_ms_mean"])
-        print(f"fastest setting with recall@{args.k} >= 0.95: nprobe {r['nprobe_used']} with refine, "
+        print(f"fastest setting with recall@{args.k} >= 0.95: nprobe {r['nprobe_used']} with refine "
+              f"(k_factor {r['k_factor']}), "
               f"{r['latency_ms_mean']:.3f} ms mean single-query latency")
     else:
         print(f"no measured setting reached recall@{args.k} >= 0.95")
