@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products"
 
 
-def synthetic_vectors(n: int, dim: int, clusters: int, sigma: float, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_vectors(n: int, dim: int, clusters: int, sigma: float, n_queries: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(database float32 (n, d), queries float32 (q, d))``, clustered, rows L2-normalised."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)

@@ -151,13 +151,9 @@ def detect_layout(path: str | Path) -> str:
         raise CatalogError(f"{p}: a folder catalogue must contain styles.csv (fashion layout)")
     if not p.is_file():
         raise CatalogError(f"{p}: no such catalogue file or folder")
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".csv":
-        return "csv"
-    if suffix == ".tsv":
-        return "tsv"
+    by_suffix = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+    if p.suffix.lower() in by_suffix:
+        return by_suffix[p.suffix.lower()]
     with open(p, "rb") as fh:
         head = fh.read(4096).lstrip()
     return "jsonl" if head.startswith(b"{") else "csv"
@@ -173,7 +169,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, Any, str | None]
             try:
                 line = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield line_no, None, raw_bytes.decode("utf-8", "replace").rstrip("\r\n"), f"malformed row: invalid UTF-8 ({exc.reason} at byte {exc.start})"
+                yield (line_no, None, raw_bytes.decode("utf-8", "replace").rstrip("\r\n"),
+                       f"malformed row: invalid UTF-8 ({exc.reason} at byte {exc.start})")
                 continue
             if line_no == 1:
                 line = line.lstrip("\ufeff")
@@ -189,10 +186,6 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, Any, str | None]
                 yield line_no, None, text, f"malformed row: JSON {type(obj).__name__}, expected an object"
                 continue
             yield line_no, obj, obj, None
-
-
-def _has_surrogates(values: Sequence[str]) -> bool:
-    return any(any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
 
 
 def _parse_record(lines: list[str], delimiter: str) -> tuple[list[str] | None, str | None]:
@@ -244,8 +237,9 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | None, An
         raw = "".join(lines).rstrip("\r\n")
         if not raw.strip():
             continue  # blank line
-        if _has_surrogates([raw]):
-            yield start, None, raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "malformed row: invalid UTF-8"
+        if any("\udc80" <= ch <= "\udcff" for ch in raw):  # undecodable bytes (surrogateescape)
+            yield start, None, raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), \
+                "malformed row: invalid UTF-8"
             continue
         if error is not None or values is None:
             yield start, None, raw, error
@@ -258,12 +252,7 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | None, An
 
 
 def _pick(keys: Sequence[str], wanted: str | None, candidates: Sequence[str]) -> str | None:
-    if wanted is not None:
-        return wanted
-    for c in candidates:
-        if c in keys:
-            return c
-    return None
+    return wanted if wanted is not None else next((c for c in candidates if c in keys), None)
 
 
 @dataclass
@@ -277,13 +266,16 @@ class _ResolvedMapping:
     image_root: Path
 
 
-def _resolve_mapping(mapping: FieldMapping, keys: Sequence[str], image_root: Path, source: Path) -> _ResolvedMapping:
+def _resolve_mapping(mapping: FieldMapping, keys: Sequence[str], image_root: Path,
+                     source: Path) -> _ResolvedMapping:
     id_key = _pick(keys, mapping.id, ID_CANDIDATES)
     if id_key is None:
-        raise CatalogError(f"{source}: no product id field (tried {', '.join(ID_CANDIDATES)}); set FieldMapping.id")
+        raise CatalogError(
+            f"{source}: no product id field (tried {', '.join(ID_CANDIDATES)}); set FieldMapping.id")
     title_key = _pick(keys, mapping.title, TITLE_CANDIDATES)
     image_key = _pick(keys, mapping.image, IMAGE_CANDIDATES)
-    attrs = tuple(mapping.attributes) if mapping.attributes is not None else tuple(a for a in FASHION_ATTRIBUTES if a in keys)
+    attrs = tuple(mapping.attributes) if mapping.attributes is not None else \
+        tuple(a for a in FASHION_ATTRIBUTES if a in keys)
     return _ResolvedMapping(
         id=id_key, title=title_key, image=image_key,
         image_is_template=image_key is not None and "{" in image_key,
@@ -324,9 +316,10 @@ def _to_product(line_no: int, fields: dict, m: _ResolvedMapping, check_images: b
     if m.image is not None:
         if m.image_is_template:
             try:
-                image_value: str | None = m.image.format(**{**{k: str(v) for k, v in fields.items()}, "id": pid})
+                image_value: str | None = m.image.format(**{k: str(v) for k, v in fields.items()} | {"id": pid})
             except (KeyError, IndexError, ValueError) as exc:
-                return Reject(line_no, pid, f"image template {m.image!r} cannot be filled from this row ({exc})", fields)
+                return Reject(line_no, pid, f"image template {m.image!r} cannot be filled from this row ({exc})",
+                              fields)
         else:
             image_value = _as_text(fields.get(m.image))
         if image_value:
@@ -407,8 +400,9 @@ def read_catalog(
             rejects.append(item)
             continue
         if item.product_id in seen:
-            rejects.append(Reject(line_no, item.product_id,
-                                  f"duplicate product id {item.product_id!r} (first seen at row {seen[item.product_id]}; first one wins)", raw))
+            first = seen[item.product_id]
+            rejects.append(Reject(line_no, item.product_id, f"duplicate product id {item.product_id!r} "
+                                  f"(first seen at row {first}; first one wins)", raw))
             continue
         seen[item.product_id] = line_no
         products.append(item)

@@ -68,7 +68,8 @@ _PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
 
 
 def plan_index(factory: str, n_items: int, dim: int) -> IndexPlan:
-    """Resolve ``factory`` ("auto" = IVF-PQ with m = d/8, or IVF-Flat below 9,984 items; "IVF1024,PQ32", "IVF,PQ32" = choose nlist, "IVF256,Flat")
+    """Resolve ``factory`` ("auto" = IVF-PQ with m = d/8, or IVF-Flat below 9,984 items;
+    "IVF1024,PQ32"; "IVF,PQ32" = choose nlist; "IVF256,Flat")
     for ``n_items`` vectors of dimension ``dim``.
 
     nlist is chosen by ``choose_nlist`` when the string does not fix it, and lowered when

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                                    args.image_root)):
         mapping = FieldMapping(
             id=args.id_field, title=args.title_field, image=args.image_field,
-            attributes=[a.strip() for a in args.attribute_fields.split(",") if a.strip()] if args.attribute_fields else None,
+            attributes=[a.strip() for a in args.attribute_fields.split(",") if a.strip()]
+            if args.attribute_fields else None,
             image_root=args.image_root)
     config = IndexJobConfig(
         catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=mapping, limit=args.limit,

@@ -191,7 +191,8 @@ def encode_products(model, products: Sequence[Product], work: Path, options: Enc
 
     keep = np.ones(n, dtype=bool)
     keep[list(result.rejects)] = False
-    all_vecs = np.concatenate([chunk_vecs[s] for s in sorted(chunk_vecs)]) if chunk_vecs else np.empty((0, dim), np.float32)
+    all_vecs = np.concatenate([chunk_vecs[s] for s in sorted(chunk_vecs)]) if chunk_vecs else \
+        np.empty((0, dim), np.float32)
     result.vectors = np.ascontiguousarray(all_vecs[keep], dtype=np.float32)
     result.indexed = np.flatnonzero(keep).tolist()
     return result
@@ -210,7 +211,8 @@ def _encode_chunk(model, products, texts, images, start, count, options, preproc
     positions = list(range(start, start + count))
     rejects: dict[int, str] = {}
     flags: dict[int, list[str]] = {pos: list(products[pos].flags) for pos in positions if products[pos].flags}
-    detail: dict[int, dict[str, str]] = {pos: dict(products[pos].flag_detail) for pos in positions if products[pos].flag_detail}
+    detail: dict[int, dict[str, str]] = {pos: dict(products[pos].flag_detail) for pos in positions
+                                         if products[pos].flag_detail}
     for pos in positions:
         if texts[pos] is None and images[pos] is None:
             rejects[pos] = _usable(products[pos], options.view)[2]

@@ -55,7 +55,8 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IndexIntegrityError(f"{path}: unreadable manifest ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexVersionError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise IndexVersionError(f"{path}: format {found!r}, expected {FORMAT!r}")
     for key in ("version", "dim", "files", "shards"):
         if key not in manifest:
             raise IndexIntegrityError(f"{path}: manifest lacks {key!r}")

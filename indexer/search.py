@@ -121,8 +121,7 @@ class IndexVersion:
     def _search_predicate(self, q, k, nprobe, allowed_ids, refine, k_factor, predicate):
         """Over-fetch, keep results whose product id passes ``predicate``; fetch 4x more
         until k pass in every row or everything reachable was seen (our choice)."""
-        out_s = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
-        out_i = np.full((q.shape[0], k), -1, dtype=np.int64)
+        out_s, out_i = _empty(q.shape[0], k)
         todo = np.arange(q.shape[0])
         fetch = min(max(4 * k, 64), MAX_TOP_K * 4)
         while todo.size:
@@ -144,7 +143,7 @@ class IndexVersion:
                      refine: bool, k_factor: int) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None and allowed.size <= self.exact_filter_max:
             if allowed.size == 0:
-                return (np.full((q.shape[0], k), -np.inf, dtype=np.float32), np.full((q.shape[0], k), -1, dtype=np.int64))
+                return _empty(q.shape[0], k)
             return exact_search(self._vectors[allowed], q, k, ids=allowed)
         fetch = min(k * k_factor, MAX_TOP_K * 4) if refine else k
         params = faiss.SearchParametersIVF(nprobe=nprobe)
@@ -159,7 +158,7 @@ class IndexVersion:
             parts_s.append(s)
             parts_i.append(i)
         if not parts_s:
-            return (np.full((q.shape[0], k), -np.inf, dtype=np.float32), np.full((q.shape[0], k), -1, dtype=np.int64))
+            return _empty(q.shape[0], k)
         cand_s = np.concatenate(parts_s, axis=1)
         cand_i = np.concatenate(parts_i, axis=1)
         cand_s[cand_i < 0] = -np.inf
@@ -289,6 +288,11 @@ class IndexVersion:
 
     def __repr__(self) -> str:
         return f"IndexVersion({self.version!r}, items={self.n_items}, dim={self.dim}, shards={len(self._shards)})"
+
+
+def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """No result: ``-inf`` scores and ``-1`` ids of shape (n, k)."""
+    return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -115,8 +115,8 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     full_records = [{**r, "shard": int(s)} for r, s in zip(records, shard_of_row)]
     map_size = write_metadata(out_dir / METADATA_FILE, full_records)
     write_rejects(rejects, out_dir / REJECTS_FILE)
-    flagged = [{"product_id": r["product_id"], "row": r.get("row"), "flags": r.get("flags"), "detail": r.get("flag_detail")}
-               for r in records if r.get("flags")]
+    flagged = [{"product_id": r["product_id"], "row": r.get("row"), "flags": r.get("flags"),
+                "detail": r.get("flag_detail")} for r in records if r.get("flags")]
     with open(out_dir / FLAGS_FILE, "w", encoding="utf-8") as fh:
         for f in flagged:
             fh.write(json.dumps(f, ensure_ascii=False) + "\n")

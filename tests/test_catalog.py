@@ -123,7 +123,8 @@ def test_csv_autodetect_header_and_template(tmp_path):
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "x1.png").write_bytes(b"not checked for decoding here")
     path = tmp_path / "cat.csv"
-    path.write_text('product_id,title,gender\nx1,"Blue, striped shirt",Men\nx2,Plain shirt,\nx3,"Two-line\ntitle",Women\n', encoding="utf-8")
+    path.write_text('product_id,title,gender\nx1,"Blue, striped shirt",Men\nx2,Plain shirt,\n'
+                    'x3,"Two-line\ntitle",Women\n', encoding="utf-8")
     result = read_catalog(path, FieldMapping(image="pics/{id}.png"))
     assert result.layout == "csv" and result.rejects == []
     x1, x2, x3 = result.products

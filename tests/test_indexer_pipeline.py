@@ -199,7 +199,8 @@ def test_sigkill_leaves_current_and_rerun_resumes(seeded, tiny_model_dir, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     stages = [ln.strip()[:60] for _, ln in lines if ln.startswith(("stage:", "published"))]
-    what = f"SIGKILL {delay_s * 1000:.0f} ms after 'stage: encode' (window {(t_done - t_encode) * 1000:.0f} ms), after {stages}"
+    what = (f"SIGKILL {delay_s * 1000:.0f} ms after 'stage: encode' "
+            f"(window {(t_done - t_encode) * 1000:.0f} ms), after {stages}")
     print(what)
     assert proc.returncode == -signal.SIGKILL, f"build ended before the kill: {what}"
     chunks_left = any(root.glob("tmp/build-*/chunks/chunk_*.npy"))
