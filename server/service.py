@@ -133,18 +133,23 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
     async def Search(self, request: search_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
         started = time.perf_counter()
+        return await self._guarded("Search", lambda: self._search(request, context, started), context)
+
+    async def _guarded(self, method: str, call, context: grpc.aio.ServicerContext):
+        """Run ``call()``; map any exception to its gRPC status (``_status_of``), count the
+        request by status, and log unexpected (INTERNAL) errors with their traceback."""
         code = grpc.StatusCode.OK
         try:
-            return await self._search(request, context, started)
+            return await call()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code, detail = _status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("Search failed")
+                log.exception("%s failed", method)
         finally:
-            self._metrics.count_request("Search", code.name)
+            self._metrics.count_request(method, code.name)
         await context.abort(code, detail)
 
     async def _search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext,
@@ -202,19 +207,7 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
     # ----------------------------------------------------------- GetProducts
     async def GetProducts(self, request: search_pb2.GetProductsRequest,
                           context: grpc.aio.ServicerContext) -> search_pb2.GetProductsResponse:
-        code = grpc.StatusCode.OK
-        try:
-            return await self._get_products(request)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code, detail = _status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("GetProducts failed")
-        finally:
-            self._metrics.count_request("GetProducts", code.name)
-        await context.abort(code, detail)
+        return await self._guarded("GetProducts", lambda: self._get_products(request), context)
 
     async def _get_products(self, request: search_pb2.GetProductsRequest) -> search_pb2.GetProductsResponse:
         ids = list(request.product_ids)
