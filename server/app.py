@@ -68,6 +68,7 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256         # beyond: RESOURCE_EXHAUSTED (bounds queued image bytes)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
+    precision: str = "auto"                # query tower: fp32 | bf16 | auto (bf16 where the CPU/GPU runs it natively)
     faiss_threads: int = 1
     search_workers: int = 2
     decode_workers: int = 2
@@ -87,6 +88,7 @@ class ServerConfig:
                   (self.max_concurrent_rpcs >= 1, f"max concurrent RPCs must be >= 1, got {self.max_concurrent_rpcs}"),
                   (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
                   (self.torch_threads is None or self.torch_threads >= 1, "torch threads must be >= 1"),
+                  (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
                   (min(self.faiss_threads, self.search_workers, self.decode_workers) >= 1,
                    "faiss threads, search workers and decode workers must be >= 1"),
                   (self.poll_interval_s > 0, f"poll interval must be > 0 s, got {self.poll_interval_s}"),
@@ -102,6 +104,7 @@ class SearchServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.precision = resolve_precision(config.precision)
         self.metrics = ServerMetrics()
         self.holder = IndexHolder()
         self.model: Any = None
@@ -200,7 +203,8 @@ class SearchServer:
         self.metrics.set_index_version(served.version)
 
     def _encode(self, texts, images):
-        return self.model.query_tower.encode(texts, images, max_pixels=self.config.max_image_pixels)
+        return self.model.query_tower.encode(texts, images, max_pixels=self.config.max_image_pixels,
+                                             precision=self.precision)
 
     def _decode_image(self, data: bytes):
         """Image bytes → preprocessed tensor (decode thread). Raises ImageDecodeError /
@@ -267,6 +271,15 @@ def _bound_threads(config: ServerConfig) -> Callable[[], None]:
         faiss.omp_set_num_threads(before[0])
         torch.set_num_threads(before[1])
     return restore
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` → ``bf16`` where the CPU runs bfloat16 natively (AVX512-BF16 / AMX), else ``fp32``."""
+    if precision != "auto":
+        return precision
+    from engine.towers import bf16_is_fast
+
+    return "bf16" if bf16_is_fast("cpu") else "fp32"
 
 
 def default_torch_threads() -> int:

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest query image, width*height (decompression-bomb guard)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads of the tower (default: cores - 1, at least 1)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="query tower precision; auto: bf16 where the CPU runs it natively (default auto)")
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
     parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             max_image_batch_size=args.max_image_batch_size,
             max_receive_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_image_pixels=args.max_image_pixels,
-            torch_threads=args.torch_threads, faiss_threads=args.faiss_threads,
+            torch_threads=args.torch_threads, precision=args.precision, faiss_threads=args.faiss_threads,
             search_workers=args.search_workers, decode_workers=args.decode_workers,
             poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
             tls_cert=args.tls_cert, tls_key=args.tls_key,

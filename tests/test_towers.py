@@ -124,3 +124,14 @@ def test_mismatched_lengths_and_unknown_view(tiny_model):
         tiny_model.query_tower.encode(["a"], [None], view="audio")
     with pytest.raises(EmptySampleError, match="view 'image'"):
         tiny_model.item_tower.encode(["a"], [None], view="image")
+
+
+def test_bf16_precision_stays_close_to_fp32(tiny_model, photos):
+    texts, images = ["women black heels", None, "navy shirt"], [None, photos[0], photos[1]]
+    fp32 = tiny_model.query_tower.encode(texts, images)
+    bf16 = tiny_model.query_tower.encode(texts, images, precision="bf16")
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-3)
+    assert float((fp32 * bf16).sum(1).min()) > 0.99
+    with pytest.raises(ValueError, match="unknown precision"):
+        tiny_model.query_tower.encode(texts, images, precision="fp8")
