@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out the trained model's own text-only / image-only / average rows")
     parser.add_argument("--no-reference", action="store_true",
                         help="leave out the pretrained-backbone reference row (t2t, i2i, m2m only)")
+    parser.add_argument("--own-photo", type=int, default=0, metavar="N",
+                        help="also rank the photo of each of the first N catalogue products (any split; query "
+                             "tower, image only) against those N products' fused item vectors; 0: off")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluate import build_pool, evaluate_models, markdown_tables, pretrained_reference
+    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, pretrained_reference
     from engine.model_folder import load_model
     from engine.towers import build_model
     from engine.train import TrainingDataError, load_products
@@ -77,12 +80,24 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_models({"trained": model, "untrained": untrained}, pool, rows)
     if not args.no_reference:
         result["rows"][REFERENCE_ROW] = pretrained_reference(pool)
+    own_photo = None
+    if args.own_photo > 0:
+        try:
+            first, _ = load_products(args.catalog, None, args.own_photo)
+            photo_pool = build_pool(first, model.backbones, args.cache_dir, seed=args.seed, progress=not args.quiet)
+        except (CatalogError, TrainingDataError, ValueError) as exc:
+            print(f"ecsearch eval: error: --own-photo: {exc}", file=sys.stderr)
+            return 2
+        ranks = own_photo_ranks(model, photo_pool)
+        own_photo = {"products": len(photo_pool.products), "excluded": photo_pool.excluded,
+                     "rank1": float((ranks == 1).mean()), "recall@5": float((ranks <= 5).mean()),
+                     "mean_rank": float(ranks.mean())}
     seconds = time.perf_counter() - start
     tables = markdown_tables(result["rows"])
     report = {
         "model": str(args.model), "fingerprint": model.fingerprint, "catalog": str(args.catalog),
         "split": args.split, "pool_size": len(pool.products), "attribute_queries": len(pool.query_phrases),
-        "excluded": pool.excluded, "rows": result["rows"],
+        "excluded": pool.excluded, "rows": result["rows"], "own_photo": own_photo,
         "seconds": {"total": seconds, "cache": pool.cache_seconds, **result["seconds"]},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
@@ -93,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     header = (f"pool: {len(pool.products)} products ({len(pool.excluded)} excluded), "
               f"{len(pool.query_phrases)} attribute queries; eval {seconds:.1f} s "
               f"(cache {pool.cache_seconds:.1f} s)\n")
+    if own_photo is not None:
+        header += (f"own photo -> product, first {own_photo['products']} catalogue products (query tower image-only "
+                   f"vs item tower fused): rank 1 {100 * own_photo['rank1']:.2f} %, "
+                   f"recall@5 {100 * own_photo['recall@5']:.2f} %\n")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(header + "\n" + tables)

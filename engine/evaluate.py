@@ -205,6 +205,22 @@ def evaluate_models(models: dict[str, object], pool: EvalPool,
     return {"rows": rows, "seconds": seconds}
 
 
+def own_photo_ranks(model, pool: EvalPool, batch_size: int = 256) -> np.ndarray:
+    """Rank of each pool product when its own photo is the query (our choice: the product
+    promise "a catalogue photo returns its product at rank 1").
+
+    Query = the product's photo alone through the query tower (image-only view V);
+    candidates = every pool product's fused item vector (item tower, F). Returns ``int64 (n,)``
+    1-based ranks (ties count against the product, ``engine.metrics.rank_of_targets``).
+    """
+    model.eval()
+    absent = np.full(len(pool.image_rows), -1, dtype=np.int64)
+    q = tower_views(model.query_tower, pool.texts, pool.images, absent, pool.image_rows, batch_size, views=("V",))
+    c = tower_views(model.item_tower, pool.texts, pool.images, pool.text_rows, pool.image_rows, batch_size,
+                    views=("F",))
+    return rank_of_targets(q["V"], c["F"], np.arange(len(pool.products)))
+
+
 def _pooled(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Masked mean of cached backbone tokens, L2-normalised: ``float32 (n, H)``."""
     out = []

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 LOGIT_SCALE_MAX = math.exp(3.0)  # METHOD.md §1.6: clamp the logit scale to <= e^3 (≈ 20.09)
 LOSS_NAMES: tuple[str, ...] = ("cmal", "clal", "imcl")
 STAGE1_LOSS_NAMES: tuple[str, ...] = ("align_text", "align_image")
+# CMAL's cross-modal view pairs (METHOD.md §2), in the order of ``LossConfig.cmal_pair_weights``.
+CMAL_PAIRS: tuple[tuple[str, str], ...] = (("Tq", "Vi"), ("Vq", "Ti"), ("Tq", "Fi"), ("Vq", "Fi"), ("Fq", "Fi"))
 
 
 def clamp_logit_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -126,12 +128,23 @@ class LossConfig:
     clal_top_k: in-batch neighbours per row for CLAL (METHOD.md §2: 10).
     clal_tolerance: |Δ cosine| allowed before CLAL penalises.
     imcl_hard_fraction: IMCL's hinge runs over the hardest half of the negatives (METHOD.md §2).
+    cmal_pair_weights: relative weight of CMAL's five InfoNCE terms, in the order of
+        ``CMAL_PAIRS`` ((Tq, Vi), (Vq, Ti), (Tq, Fi), (Vq, Fi), (Fq, Fi)); CMAL uses their
+        weighted mean. Default: equal weights (the plain mean); our choice.
     """
 
     hinge_margin: float = 0.2
     clal_top_k: int = 10
     clal_tolerance: float = 0.05
     imcl_hard_fraction: float = 0.5
+    cmal_pair_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        w = tuple(float(x) for x in self.cmal_pair_weights)
+        if len(w) != len(CMAL_PAIRS) or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
+            raise ValueError(f"cmal_pair_weights: {len(CMAL_PAIRS)} finite weights >= 0 with a positive sum "
+                             f"for {CMAL_PAIRS}, got {self.cmal_pair_weights!r}")
+        self.cmal_pair_weights = w
 
 
 def cmal_loss(views: dict[str, torch.Tensor], scale: torch.Tensor, cfg: LossConfig,
@@ -139,14 +152,14 @@ def cmal_loss(views: dict[str, torch.Tensor], scale: torch.Tensor, cfg: LossConf
     """CMAL, cross-modal alignment loss (UniECS; METHOD.md §2).
 
     Symmetric InfoNCE over the cross-modal view pairs (Tq, Vi), (Vq, Ti), (Tq, Fi), (Vq, Fi),
-    (Fq, Fi), averaged, plus a hinge ranking term (hardest negative, cosine margin) on the
-    fused similarity matrix Fq Fiᵀ. ``views`` holds ``Fq Vq Tq Fi Vi Ti``; ``ok`` the
+    (Fq, Fi), averaged (weighted by ``cfg.cmal_pair_weights``; equal by default), plus a hinge
+    ranking term (hardest negative, cosine margin) on the fused similarity matrix Fq Fiᵀ. ``views`` holds ``Fq Vq Tq Fi Vi Ti``; ``ok`` the
     matching row-validity masks (missing key = all rows valid). Returns a 0-d tensor.
     """
     ok = ok or {}
-    pairs = (("Tq", "Vi"), ("Vq", "Ti"), ("Tq", "Fi"), ("Vq", "Fi"), ("Fq", "Fi"))
-    terms = [info_nce(views[x], views[y], scale, false_neg, ok.get(x), ok.get(y)) for x, y in pairs]
-    nce = torch.stack(terms).mean()
+    terms = torch.stack([info_nce(views[x], views[y], scale, false_neg, ok.get(x), ok.get(y)) for x, y in CMAL_PAIRS])
+    w = terms.new_tensor(cfg.cmal_pair_weights)
+    nce = (w * terms).sum() / w.sum()
     hinge = hinge_hardest(views["Fq"], views["Fi"], cfg.hinge_margin, false_neg, ok.get("Fq"), ok.get("Fi"))
     return nce + hinge
 

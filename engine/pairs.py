@@ -6,6 +6,11 @@ From a catalogue without query logs (METHOD.md §3; M-BEER "trigger / recall" fo
   query's views give the three unimodal forms at once: its text-only view is
   title → product, its image-only view photo → product, its fused view (title+photo) →
   product (so one forward pass serves all three, our choice).
+- ``photo_query`` / ``title_query`` (optional, our choice): the product's photo alone / title
+  alone as the query → the product. The ``instance`` pair already trains these forms through
+  its unimodal views; these extra pairs make the one-modality query the query's fused view
+  too, so the fused ranking terms (CMAL's (Fq, Fi) InfoNCE and hinge) also see photo-only
+  and title-only queries, as the server receives them.
 - ``similar``: product a (title+photo) → another product b sharing its category
   attributes (by default gender, articleType and baseColour all equal).
 - ``attribute_query`` (our choice): the attribute phrase of a product, e.g. "women black
@@ -29,7 +34,7 @@ import numpy as np
 
 from engine.catalog import Product
 
-KINDS = ("instance", "similar", "attribute_query", "pairs_file")
+KINDS = ("instance", "photo_query", "title_query", "similar", "attribute_query", "pairs_file")
 DEFAULT_GROUP_FIELDS: tuple[str, ...] = ("gender", "baseColour", "articleType")
 
 
@@ -83,17 +88,27 @@ def attribute_phrase(attributes: dict[str, str], fields: Sequence[str] = DEFAULT
 
 
 def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: float = 0.35,
-                  attribute_query_rate: float = 0.35,
+                  attribute_query_rate: float = 0.35, photo_query_rate: float = 0.0,
+                  title_query_rate: float = 0.0,
                   group_fields: Sequence[str] = DEFAULT_GROUP_FIELDS) -> list[TrainingPair]:
     """Pairs made from the catalogue itself (METHOD.md §3).
 
-    Every product gets an ``instance`` pair; a seeded ``similar_rate`` share of the products
-    with a group partner get a ``similar`` pair (partner drawn at random from its group);
-    an ``attribute_query_rate`` share of the products with all group fields get an
-    ``attribute_query`` pair. Rates are our choice. Deterministic for a given seed.
+    Every product gets an ``instance`` pair; a seeded ``photo_query_rate`` share of the
+    products with both a title and a photo get a ``photo_query`` pair (photo only → product)
+    and a ``title_query_rate`` share a ``title_query`` pair (title only → product; a product
+    with one modality needs neither, its instance pair is already that); a seeded ``similar_rate`` share of the
+    products with a group partner get a ``similar`` pair (partner drawn at random from its
+    group); an ``attribute_query_rate`` share of the products with all group fields get an
+    ``attribute_query`` pair. Rates are our choice. Deterministic for a given seed (the
+    similar / attribute draws do not depend on the photo / title rates).
+    Raises ValueError when a rate lies outside [0, 1].
     """
-    if not 0.0 <= similar_rate <= 1.0 or not 0.0 <= attribute_query_rate <= 1.0:
-        raise ValueError("similar_rate and attribute_query_rate must lie in [0, 1]")
+    rates = {"similar_rate": similar_rate, "attribute_query_rate": attribute_query_rate,
+             "photo_query_rate": photo_query_rate, "title_query_rate": title_query_rate}
+    bad = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise ValueError(f"pair rates must lie in [0, 1], got {bad}")
+    view_rng = np.random.default_rng([seed, 1])  # separate stream: adding these pairs keeps the others
     rng = np.random.default_rng(seed)
     groups: dict[str, list[int]] = {}
     keys = [group_key(p, group_fields) for p in products]
@@ -103,6 +118,11 @@ def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: f
     pairs: list[TrainingPair] = []
     for i, p in enumerate(products):
         pairs.append(TrainingPair("instance", p.product_id, p.title, p.image, p.product_id, None))
+        draw_photo, draw_title = view_rng.random(), view_rng.random()
+        if p.image and p.title and draw_photo < photo_query_rate:
+            pairs.append(TrainingPair("photo_query", p.product_id, None, p.image, p.product_id, None))
+        if p.image and p.title and draw_title < title_query_rate:
+            pairs.append(TrainingPair("title_query", p.product_id, p.title, None, p.product_id, None))
         k = keys[i]
         if k is None:
             continue

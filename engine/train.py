@@ -39,6 +39,8 @@ class TrainJob:
     limit: read at most this many catalogue rows. cache_dir: token cache root.
     model: ``ModelConfig`` for a fresh model; init_model: start from this model folder instead.
     train: ``TrainConfig``. resume: continue from ``<out>/checkpoint.pt`` when present.
+    similar_rate / attribute_query_rate / photo_query_rate / title_query_rate: catalogue pair
+    mix, see ``engine.pairs.catalog_pairs``.
     """
 
     catalog: str
@@ -55,6 +57,8 @@ class TrainJob:
     resume: bool = False
     similar_rate: float = 0.35
     attribute_query_rate: float = 0.35
+    photo_query_rate: float = 0.0
+    title_query_rate: float = 0.0
     progress: bool = True
 
 
@@ -139,7 +143,8 @@ def train_model(job: TrainJob) -> dict:
     pairs: list[TrainingPair] = []
     if job.catalog_pairs:
         pairs += catalog_pairs(products, job.train.seed, similar_rate=job.similar_rate,
-                               attribute_query_rate=job.attribute_query_rate)
+                               attribute_query_rate=job.attribute_query_rate,
+                               photo_query_rate=job.photo_query_rate, title_query_rate=job.title_query_rate)
     if job.pairs_file:
         file_pairs, pair_rejects = read_pairs_file(job.pairs_file, {p.product_id for p in products})
         pairs += file_pairs

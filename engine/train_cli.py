@@ -57,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--similar-rate", type=float, default=0.35, help="share of products with a 'similar' pair")
     t.add_argument("--attribute-query-rate", type=float, default=0.35,
                    help="share of products with an attribute-phrase query pair")
+    t.add_argument("--photo-query-rate", type=float, default=0.0,
+                   help="share of products with an extra photo-only query pair (photo -> product)")
+    t.add_argument("--title-query-rate", type=float, default=0.0,
+                   help="share of products with an extra title-only query pair (title -> product)")
+    t.add_argument("--cmal-pair-weights", default=None,
+                   help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
+                        "(default: equal)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: towers' forward under CPU bfloat16 autocast (faster with AVX512-BF16)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -75,6 +84,16 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     return out
 
 
+def _loss_config(args: argparse.Namespace) -> LossConfig:
+    if not args.cmal_pair_weights:
+        return LossConfig()
+    try:
+        weights = tuple(float(x) for x in args.cmal_pair_weights.split(","))
+    except ValueError:
+        raise ValueError(f"--cmal-pair-weights: expected 5 comma-separated numbers, got {args.cmal_pair_weights!r}")
+    return LossConfig(cmal_pair_weights=weights)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the training job; prints the summary as JSON. Returns 0, or 2 on unusable input."""
     import torch
@@ -87,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             pairs_file=args.pairs, catalog_pairs=not args.no_catalog_pairs, limit=args.limit,
             cache_dir=args.cache_dir, init_model=args.init_model, resume=args.resume,
             similar_rate=args.similar_rate, attribute_query_rate=args.attribute_query_rate,
+            photo_query_rate=args.photo_query_rate, title_query_rate=args.title_query_rate,
             progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
@@ -94,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,
-                              static_weights=_parse_weights(args.static_weights), loss=LossConfig(),
-                              checkpoint_every=args.checkpoint_every, stop_after=args.stop_after),
+                              static_weights=_parse_weights(args.static_weights), loss=_loss_config(args),
+                              checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
+                              precision=args.precision),
         )
         summary = train_model(job)
     except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:

@@ -8,7 +8,8 @@ import pytest
 
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
-from engine.evaluate import SCENARIOS, build_pool, evaluate_models, markdown_tables
+from engine.evaluate import SCENARIOS, build_pool, evaluate_models, markdown_tables, own_photo_ranks
+from engine.metrics import rank_of_targets
 from tests.tiny_models import make_tiny_model
 
 
@@ -47,9 +48,13 @@ def test_identity_towers_score_perfectly_on_same_form_scenarios(pool_products, t
 def test_eval_cli_writes_json_and_markdown_with_baselines(fashion_dir, tiny_model_dir, tmp_path):
     out, md = tmp_path / "results.json", tmp_path / "results.md"
     rc = cli_main(["eval", "--model", str(tiny_model_dir), "--catalog", str(fashion_dir), "--limit", "300",
-                   "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--markdown", str(md), "--quiet"])
+                   "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--markdown", str(md), "--quiet",
+                   "--own-photo", "30"])
     assert rc == 0
     report = json.loads(out.read_text())
+    assert report["own_photo"]["products"] + len(report["own_photo"]["excluded"]) == 30
+    assert 0.0 <= report["own_photo"]["rank1"] <= report["own_photo"]["recall@5"] <= 1.0
+    assert "own photo -> product, first" in md.read_text()
     split = dict(line.split(",") for line in (fashion_dir / "split.csv").read_text().splitlines()[1:])
     ids = [line.split(",", 1)[0] for line in (fashion_dir / "styles.csv").read_text().splitlines()[1:301]]
     assert report["pool_size"] + len(report["excluded"]) == sum(split[i] == "test" for i in ids)
@@ -68,6 +73,22 @@ def test_eval_cli_writes_json_and_markdown_with_baselines(fashion_dir, tiny_mode
     t2i = {report["rows"][b]["t2i"]["recall@10"] for b in labels if b.startswith("baseline")}
     assert len(t2i) == 1
     assert "baseline: untrained, average" in md.read_text()
+
+
+def test_own_photo_ranks_match_the_live_towers(pool_products, tiny_backbone_dir, tmp_path):
+    """Photo alone through the query tower vs the fused item vectors, from the token cache:
+    the same vectors (up to the cache's fp16) and ranks as the towers' own encode API."""
+    model = make_tiny_model(tiny_backbone_dir)
+    products = pool_products[:40]
+    pool = build_pool(products, model.backbones, str(tmp_path), progress=False)
+    ranks = own_photo_ranks(model, pool)
+    n = len(pool.products)
+    assert ranks.shape == (n,) and ranks.min() >= 1 and ranks.max() <= n
+    photos = [p.image for p in pool.products]
+    q = model.query_tower.encode([None] * n, photos)
+    c = model.item_tower.encode([p.title for p in pool.products], photos)
+    live = rank_of_targets(q, c, np.arange(n))
+    assert np.mean(ranks == live) >= 0.9  # fp16 cache: near-ties may swap
 
 
 def test_eval_cli_reports_a_missing_model_folder(fashion_dir, tmp_path, capsys):

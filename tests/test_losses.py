@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.losses import (
-    LOGIT_SCALE_MAX, LossConfig, LossWeighting, clal_loss, clamp_logit_scale, cmal_loss,
+    CMAL_PAIRS, LOGIT_SCALE_MAX, LossConfig, LossWeighting, clal_loss, clamp_logit_scale, cmal_loss,
     hinge_hardest, imcl_loss, info_nce, stage1_losses, stage2_losses,
 )
 
@@ -127,3 +127,19 @@ def test_uncertainty_weights_move_and_static_weights_do_not():
         LossWeighting(("cmal",), mode="static", static_weights={"nope": 1.0})
     with pytest.raises(KeyError, match="missing"):
         adaptive({"cmal": torch.tensor(1.0)})
+
+
+def test_cmal_pair_weights_weight_the_view_pairs():
+    """Equal weights give the plain mean; weight on one pair only gives that pair's InfoNCE
+    (plus the fused hinge); bad weights are refused."""
+    views = _views(seed=4)
+    cfg = LossConfig()
+    hinge = hinge_hardest(views["Fq"], views["Fi"], cfg.hinge_margin)
+    pairs = [info_nce(views[x], views[y], SCALE) for x, y in CMAL_PAIRS]
+    assert cmal_loss(views, SCALE, cfg).item() == pytest.approx((sum(pairs) / 5 + hinge).item(), rel=1e-6)
+    only_vq_fi = LossConfig(cmal_pair_weights=(0, 0, 0, 2.0, 0))
+    assert CMAL_PAIRS[3] == ("Vq", "Fi")
+    assert cmal_loss(views, SCALE, only_vq_fi).item() == pytest.approx((pairs[3] + hinge).item(), rel=1e-6)
+    for bad in ((1.0, 1.0), (1, 1, 1, 1, -1), (0, 0, 0, 0, 0), (1, 1, 1, 1, float("nan"))):
+        with pytest.raises(ValueError, match="cmal_pair_weights"):
+            LossConfig(cmal_pair_weights=bad)

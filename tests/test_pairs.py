@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from engine.catalog import read_catalog
 from engine.pairs import attribute_phrase, catalog_pairs, group_key, read_pairs_file
 
@@ -33,6 +35,29 @@ def test_catalog_pairs_follow_method_section_3(fashion_dir):
         assert pair.query_text == f"{attrs['gender']} {attrs['baseColour']} {attrs['articleType']}".lower()
     assert catalog_pairs(products, seed=3) == catalog_pairs(products, seed=3)  # seeded
     assert catalog_pairs(products, seed=3) != catalog_pairs(products, seed=4)
+
+
+def test_photo_only_and_title_only_query_pairs(fashion_dir):
+    """photo_query / title_query pairs: one modality of the product as the query, the product
+    as the item; the other pair kinds are drawn exactly as without them."""
+    products = _products(fashion_dir)
+    by_id = {p.product_id: p for p in products}
+    plain = catalog_pairs(products, seed=3)
+    assert not any(p.kind in ("photo_query", "title_query") for p in plain)  # off by default
+    mixed = catalog_pairs(products, seed=3, photo_query_rate=1.0, title_query_rate=0.5)
+    photo = [p for p in mixed if p.kind == "photo_query"]
+    title = [p for p in mixed if p.kind == "title_query"]
+    both = [p for p in products if p.title and p.image]
+    assert len(photo) == len(both) and 0 < len(title) < len(both)
+    for pair in photo:
+        product = by_id[pair.item_id]
+        assert (pair.query_text, pair.query_image, pair.query_product_id) == (None, product.image, product.product_id)
+    for pair in title:
+        product = by_id[pair.item_id]
+        assert (pair.query_text, pair.query_image, pair.query_product_id) == (product.title, None, product.product_id)
+    assert [p for p in mixed if p.kind not in ("photo_query", "title_query")] == plain
+    with pytest.raises(ValueError, match="photo_query_rate"):
+        catalog_pairs(products, photo_query_rate=1.5)
 
 
 def test_attribute_phrase_needs_all_fields():

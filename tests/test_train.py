@@ -158,3 +158,27 @@ def test_load_products_split_rules(mini_catalog):
     assert products and all(p.product_id for p in products)
     everything, _ = load_products(str(mini_catalog), None)
     assert len(everything) == 200
+
+
+def test_train_cli_pair_mix_cmal_weights_and_bf16(mini_catalog, cache_dir, tiny_model_dir, tmp_path):
+    """The recipe options: photo-only / title-only pairs, CMAL view-pair weights, bf16 autocast.
+    The model folder stays float32 and loads; a bad weight list is a clear error (exit 2)."""
+    out = tmp_path / "recipe"
+    base = ["train", "--catalog", str(mini_catalog), "--cache-dir", str(cache_dir), "--init-model",
+            str(tiny_model_dir), "--steps", "3", "--stage1-steps", "1", "--batch-size", "16", "--quiet"]
+    rc = cli_main(base + ["--out", str(out), "--photo-query-rate", "1", "--title-query-rate", "0.5",
+                          "--cmal-pair-weights", "1,1,2,3,2", "--precision", "bf16"])
+    assert rc == 0
+    training = json.loads((out / "config.json").read_text())["extra"]["training"]
+    kinds = training["pairs_by_kind"]
+    assert kinds["photo_query"] == kinds["instance"] and 0 < kinds["title_query"] < kinds["instance"]
+    assert training["train"]["precision"] == "bf16"
+    assert training["train"]["loss"]["cmal_pair_weights"] == [1.0, 1.0, 2.0, 3.0, 2.0]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [1, 2, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for r in log for v in r["terms"].values())
+    model = load_model(out)
+    assert all(v.dtype == torch.float32 for v in model.trainable_state_dict().values() if v.is_floating_point())
+    assert cli_main(base + ["--out", str(tmp_path / "bad"), "--cmal-pair-weights", "1,2"]) == 2
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
