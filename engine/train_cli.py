@@ -13,13 +13,20 @@ import sys
 from engine.catalog import CatalogError
 from engine.errors import ModelFolderError
 from engine.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
-from engine.towers import ModelConfig
+from engine.towers import ModelConfig, bf16_is_fast
 from engine.train import TrainingDataError, TrainJob, train_model
 from engine.trainer import TrainConfig
 
 # The CPU recipe measured in docs/results.md (our choice: a fusion encoder slimmed to one
 # layer of each kind so cache + training fit 30 minutes on 2 CPU cores).
-CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0)
+CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
+# The CPU training recipe (our choice, measured in docs/results.md): no dropout (a few hundred
+# steps under-fit, they do not over-fit), bf16 autocast where the CPU runs it natively (about
+# 2x per step), photo-only / title-only query pairs and CMAL weighted towards the fused item
+# view ((Tq, Fi) 2, (Vq, Fi) 3, (Fq, Fi) 2, the two unimodal cross pairs 1), so a photo query
+# finds its product's fused vector.
+CPU_RECIPE = dict(steps=200, stage1_steps=40, photo_query_rate=0.5, title_query_rate=0.25,
+                  cmal_pair_weights="1,1,2,3,2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model (fresh models only)")
     for name, default in CPU_MODEL.items():
         m.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    m.add_argument("--dropout", type=float, default=0.1)
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
     t = parser.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=200, help="total optimiser steps (both stages)")
-    t.add_argument("--stage1-steps", type=int, default=40, help="steps of stage 1 (unimodal alignment)")
+    t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
+    t.add_argument("--stage1-steps", type=int, default=CPU_RECIPE["stage1_steps"],
+                   help="steps of stage 1 (unimodal alignment)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--warmup-fraction", type=float, default=0.1)
@@ -57,15 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--similar-rate", type=float, default=0.35, help="share of products with a 'similar' pair")
     t.add_argument("--attribute-query-rate", type=float, default=0.35,
                    help="share of products with an attribute-phrase query pair")
-    t.add_argument("--photo-query-rate", type=float, default=0.0,
+    t.add_argument("--photo-query-rate", type=float, default=CPU_RECIPE["photo_query_rate"],
                    help="share of products with an extra photo-only query pair (photo -> product)")
-    t.add_argument("--title-query-rate", type=float, default=0.0,
+    t.add_argument("--title-query-rate", type=float, default=CPU_RECIPE["title_query_rate"],
                    help="share of products with an extra title-only query pair (title -> product)")
-    t.add_argument("--cmal-pair-weights", default=None,
+    t.add_argument("--cmal-pair-weights", default=CPU_RECIPE["cmal_pair_weights"],
                    help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
-                        "(default: equal)")
-    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: towers' forward under CPU bfloat16 autocast (faster with AVX512-BF16)")
+                        "(default %(default)s; 1,1,1,1,1 is METHOD.md's plain mean)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16: towers' forward under CPU bfloat16 autocast, losses and weights in fp32; "
+                        "auto (default): bf16 where the CPU has AVX512-BF16 or AMX, else fp32")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -82,6 +90,12 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
             raise ValueError(f"--static-weights: expected name=value with name in {known}, got {part!r}")
         out[name] = float(value)
     return out
+
+
+def _precision(choice: str) -> str:
+    if choice == "auto":
+        return "bf16" if bf16_is_fast("cpu") else "fp32"
+    return choice
 
 
 def _loss_config(args: argparse.Namespace) -> LossConfig:
@@ -116,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,
                               static_weights=_parse_weights(args.static_weights), loss=_loss_config(args),
                               checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
-                              precision=args.precision),
+                              precision=_precision(args.precision)),
         )
         summary = train_model(job)
     except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:
