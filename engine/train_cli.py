@@ -25,7 +25,7 @@ CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=
 # 2x per step), photo-only / title-only query pairs and CMAL weighted towards the fused item
 # view ((Tq, Fi) 2, (Vq, Fi) 3, (Fq, Fi) 2, the two unimodal cross pairs 1), so a photo query
 # finds its product's fused vector.
-CPU_RECIPE = dict(steps=200, stage1_steps=40, photo_query_rate=0.5, title_query_rate=0.25,
+CPU_RECIPE = dict(steps=480, stage1_steps=96, photo_query_rate=0.5, title_query_rate=0.25,
                   cmal_pair_weights="1,1,2,3,2")
 
 
