@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="items per item-tower call")
     parser.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="item tower precision; auto: bf16 where the CPU/GPU runs it natively (default auto)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
     parser.add_argument("--id-field", default=None, help="catalogue field holding the product id")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=mapping, limit=args.limit,
         keep_versions=args.keep_versions, device=args.device,
         encode=EncodeOptions(view=args.view, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                             workers=args.workers),
+                             workers=args.workers, precision=args.precision),
         version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
                                k_factor=args.k_factor, refine=not args.no_refine,
                                recall_queries=args.recall_queries))

@@ -65,7 +65,7 @@ def log_stage(message: str) -> None:
 
 def _job_key(catalog_fp: str, model_fp: str, config: IndexJobConfig) -> str:
     parts = [catalog_fp, model_fp, config.encode.view, str(config.limit), str(config.encode.chunk_size),
-             repr(config.mapping)]
+             repr(config.mapping), config.encode.precision]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
@@ -92,6 +92,11 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         log(f"stage: load model ({config.model_dir}, {device})")
         model = load_model(config.model_dir, device=device)
+        if config.encode.precision == "auto":
+            from engine.towers import bf16_is_fast
+
+            config.encode.precision = "bf16" if bf16_is_fast(device) else "fp32"
+        log(f"encode precision: {config.encode.precision}")
         key = _job_key(catalog_fp, model.fingerprint, config)
         work = tmp_dir(root) / f"build-{key}"
         removed = cleanup_stale(root, keep={work.name})
@@ -137,7 +142,8 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
             shutil.rmtree(staged)
         extra = {
             "model": {"fingerprint": model.fingerprint, "dir": str(Path(config.model_dir).resolve()),
-                      "view": config.encode.view, "dim": int(model.dim), "device": device},
+                      "view": config.encode.view, "dim": int(model.dim), "device": device,
+                      "precision": config.encode.precision},
             "catalog": {"path": str(Path(config.catalog).resolve()), "layout": catalog.layout,
                         "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit},
             "build": {"job_key": key, "resumed_items": encoded.resumed_items,
