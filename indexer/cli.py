@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-versions", type=int, default=3, help="versions to keep under ROOT/versions (K)")
     parser.add_argument("--nprobe", type=int, default=None,
                         help="default nprobe in the manifest (default: smallest reaching recall@10 >= 0.95)")
-    parser.add_argument("--k-factor", type=int, default=10, help="refine re-scores top k*K candidates (default 10)")
+    parser.add_argument("--k-factor", type=int, default=50, help="refine re-scores top k*K candidates (default 50)")
     parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
     parser.add_argument("--batch-size", type=int, default=32, help="items per item-tower call")
     parser.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk")
