@@ -286,20 +286,18 @@ def _run(tower, batch: TokenBatch, idx: torch.Tensor, use_text: bool, use_image:
     """Tower on the samples ``idx`` with one or both modalities; an unused modality is passed
     as one masked dummy token so it costs nothing (its tokens are never attended)."""
     b = batch.select(idx)
-    n = len(idx)
-    if use_text:
-        text_tokens, text_mask, has_text = b.text_tokens, b.text_mask, b.has_text
-    else:
-        text_tokens = b.text_tokens.new_zeros((n, 1, b.text_tokens.shape[2]))
-        text_mask = torch.zeros((n, 1), dtype=torch.bool)
-        has_text = torch.zeros(n, dtype=torch.bool)
-    if use_image:
-        image_tokens, image_mask, has_image = b.image_tokens, b.image_mask, b.has_image
-    else:
-        image_tokens = b.image_tokens.new_zeros((n, 1, b.image_tokens.shape[2]))
-        image_mask = torch.zeros((n, 1), dtype=torch.bool)
-        has_image = torch.zeros(n, dtype=torch.bool)
-    return tower.encode_tokens(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
+    text = _side(b.text_tokens, b.text_mask, b.has_text, use_text)
+    image = _side(b.image_tokens, b.image_mask, b.has_image, use_image)
+    return tower.encode_tokens(*text[:2], *image[:2], text[2], image[2])
+
+
+def _side(tokens: torch.Tensor, mask: torch.Tensor, has: torch.Tensor, use: bool):
+    """One modality's ``(tokens, mask, has)``, or a masked dummy token per sample when unused."""
+    if use:
+        return tokens, mask, has
+    n = tokens.shape[0]
+    return (tokens.new_zeros((n, 1, tokens.shape[2])), torch.zeros((n, 1), dtype=torch.bool),
+            torch.zeros(n, dtype=torch.bool))
 
 
 def encode_views(tower, batch: TokenBatch, views: Sequence[str] = ("F", "T", "V"),
