@@ -10,6 +10,8 @@ Source: our choice.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import shutil
 import sys
@@ -92,10 +94,11 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         log(f"stage: load model ({config.model_dir}, {device})")
         model = load_model(config.model_dir, device=device)
-        if config.encode.precision == "auto":
+        if config.encode.precision == "auto":  # resolved on a copy: the caller's config is not changed
             from engine.towers import bf16_is_fast
 
-            config.encode.precision = "bf16" if bf16_is_fast(device) else "fp32"
+            precision = "bf16" if bf16_is_fast(device) else "fp32"
+            config = dataclasses.replace(config, encode=dataclasses.replace(config.encode, precision=precision))
         log(f"encode precision: {config.encode.precision}")
         key = _job_key(catalog_fp, model.fingerprint, config)
         work = tmp_dir(root) / f"build-{key}"
