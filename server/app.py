@@ -64,6 +64,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
     max_image_batch_size: int = 8          # queries with an image per tower call
+    text_graph: bool = True                # text-only queries through a traced graph (engine.text_graph)
     max_receive_bytes: int = 8 * 1024 * 1024
     max_concurrent_rpcs: int = 256         # beyond: RESOURCE_EXHAUSTED (bounds queued image bytes)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -193,11 +194,24 @@ class SearchServer:
     def _load_version(self, root: Path) -> ServedVersion:
         """Open ROOT/CURRENT's version and check it against the model (runs in a thread)."""
         if self.model is None:
-            served, model = open_served_version(root, model_dir=self.config.model_dir)
+            served, model = open_served_version(root, model_dir=self.config.model_dir, precision=self.precision)
+            if self.config.text_graph:
+                self._trace_text_graph(model)
             self.model = model
             return served
         served, _ = open_served_version(root, model=self.model)
         return served
+
+    def _trace_text_graph(self, model) -> None:
+        """Text-only queries through a TorchScript graph (engine.text_graph); on failure the
+        query tower keeps encoding them in Python, with a warning."""
+        from engine.text_graph import TextGraphError
+
+        try:
+            model.query_tower.use_text_graph(self.precision)
+            log.info("text queries run through a traced graph (%s)", self.precision)
+        except TextGraphError as exc:
+            log.warning("text queries run in Python: %s", exc)
 
     def _on_swap(self, served: ServedVersion) -> None:
         self.metrics.set_index_version(served.version)

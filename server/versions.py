@@ -31,8 +31,8 @@ def manifest_model(manifest: dict[str, Any]) -> tuple[str | None, str | None]:
     return manifest.get("model_fingerprint"), manifest.get("model_dir")
 
 
-def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any = None
-                        ) -> tuple[ServedVersion, Any]:
+def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any = None,
+                        precision: str = "fp32") -> tuple[ServedVersion, Any]:
     """Open ``ROOT/CURRENT``'s index version and check it against the query model.
 
     Args:
@@ -40,6 +40,8 @@ def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any
         model_dir: model folder to load when ``model`` is None; None: the folder the
             manifest records.
         model: an already loaded ``TwoTowerModel`` (hot swap: the model never changes).
+        precision: "fp32" or "bf16": how a freshly loaded model stores its weights
+            (``TwoTowerModel.cast_for_inference``); the query tower must encode with it.
 
     Returns:
         ``(ServedVersion, model)``.
@@ -62,6 +64,7 @@ def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any
 
             try:
                 model = load_model(folder)
+                model.cast_for_inference(precision)
             except ModelFolderError as exc:
                 raise ModelMismatchError(f"cannot load the query tower's model folder {folder}: {exc}") from exc
             log.info("loaded model %s (fingerprint %s)", folder, model.fingerprint[:12])

@@ -38,3 +38,20 @@ def test_default_backbones_shapes_on_real_photos(default_model, fashion_dir):
 def test_long_text_is_truncated_to_64_tokens(default_model):
     tokens, mask = default_model.backbones.text.encode(["red " * 200])
     assert tokens.shape[1] == 64 and mask.all()
+
+
+def test_rust_tokenizer_gives_the_hugging_face_ids_on_every_catalogue_title(default_model, fashion_dir):
+    text = default_model.backbones.text
+    assert text._rust is not None
+    titles = [r["productDisplayName"] for r in csv.DictReader(open(fashion_dir / "styles.csv"))]
+    titles += ["😀 ünïcödé 東京 sandals", "red " * 200, "  spaced   out  ", "x"]
+    for start in range(0, len(titles), 97):  # batches with different longest texts
+        chunk = titles[start:start + 97]
+        fast = text.tokenize(chunk)
+        reference = text.tokenizer(chunk, padding=True, truncation=True, max_length=text.max_length,
+                                   return_tensors="pt")
+        assert set(fast) == set(reference)
+        for key in reference:
+            assert torch.equal(fast[key], reference[key]), (start, key)
+    assert text.token_lengths(titles[-4:]) == [len(ids) for ids in text.tokenizer(
+        titles[-4:], truncation=True, max_length=text.max_length)["input_ids"]]

@@ -57,6 +57,14 @@ def test_reflection_lists_the_service(running):
         assert {m.name for m in pool_file.service[0].method} == {"Search", "GetProducts"}
 
 
+def test_text_queries_run_through_the_traced_graph(client, running):
+    graph = running.server.model.query_tower.text_graph
+    assert graph is not None and graph.precision == running.server.precision
+    before = graph.calls
+    assert len(client.search(text="black leather wallet", top_k=3).hits) == 3
+    assert graph.calls == before + 1
+
+
 def test_text_image_and_text_image_queries_return_top_k_hits_with_metadata(client, subset, running):
     photo = Path(subset.products[0].image).read_bytes()
     version = running.server.holder.current.version

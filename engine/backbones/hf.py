@@ -7,7 +7,9 @@ Source: METHOD.md §1.1 (token outputs of each side); loading rules are our choi
 """
 from __future__ import annotations
 
+import copy
 import json
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,22 +49,46 @@ class HFTextBackbone(nn.Module):
         super().__init__()
         model = load_hf_model(folder)
         self.model = model.text_model if clip else model
+        if not clip and hasattr(self.model, "set_attn_implementation"):
+            # Plain matmul + softmax attention: for texts of <= 64 tokens on a CPU it beats the
+            # SDPA flash kernel (all-MiniLM-L6-v2, 8 queries of 8 tokens, bf16, one thread:
+            # query tower 10.9 -> 10.2 ms; 64 titles: 113 -> 105 ms). Same results (cosine
+            # 0.99995). Our choice.
+            self.model.set_attn_implementation("eager")
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self._tokenizer_lock = threading.Lock()
         config = self.model.config
         limit = getattr(config, "max_position_embeddings", max_length) or max_length
         self.max_length = int(min(max_length, MAX_TEXT_TOKENS, limit))
+        self._rust = _rust_tokenizer(self.tokenizer, self.max_length)
         self.hidden_size = int(config.hidden_size)
         self.calls = 0  # number of forward passes run; lets tests prove a backbone was skipped
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize with padding to the longest text in ``texts`` and truncation to ``max_length``."""
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+        if self._rust is not None:
+            encodings = self._rust.encode_batch(texts)
+            ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+            mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+            batch = {"input_ids": ids, "attention_mask": mask}
+            if self._token_types:
+                batch["token_type_ids"] = torch.tensor([e.type_ids for e in encodings], dtype=torch.long)
+            return batch
+        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads
+            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt"))
 
     def token_lengths(self, texts: list[str]) -> list[int]:
         """Number of tokens per text (after truncation), for length-sorted batching."""
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        if self._rust is not None:
+            return [sum(e.attention_mask) for e in self._rust.encode_batch(texts)]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return [len(x) for x in ids]
+
+    @property
+    def _token_types(self) -> bool:
+        return "token_type_ids" in self.tokenizer.model_input_names
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``texts`` (B non-empty strings) → tokens ``(B, L, H)`` float32, mask ``(B, L)`` bool."""
@@ -73,6 +99,25 @@ class HFTextBackbone(nn.Module):
         self.calls += 1
         out = self.model(**inputs)
         return out.last_hidden_state.float(), mask.bool()
+
+
+def _rust_tokenizer(tokenizer, max_length: int):
+    """The fast tokenizer's Rust ``tokenizers.Tokenizer``, copied and set once to truncate at
+    ``max_length`` and pad to the longest text, or None (slow tokenizer, no pad token).
+
+    Same ids as ``tokenizer(texts, padding=True, truncation=True, max_length=...)`` (tests
+    check it on the catalogue's titles) with a fraction of its Python overhead, which a query
+    server pays on every batch; and its ``encode_batch`` is safe to call from several threads
+    once configured. Our choice.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.pad_token is None or tokenizer.pad_token_id is None:
+        return None
+    rust = copy.deepcopy(backend)
+    rust.enable_truncation(max_length=max_length, direction=getattr(tokenizer, "truncation_side", "right"))
+    rust.enable_padding(direction=getattr(tokenizer, "padding_side", "right"), pad_id=tokenizer.pad_token_id,
+                        pad_token=tokenizer.pad_token, pad_type_id=getattr(tokenizer, "pad_token_type_id", 0))
+    return rust
 
 
 class HFVisionBackbone(nn.Module):

@@ -1,0 +1,99 @@
+"""The traced text-only path (engine/text_graph.py) and serving-precision weights
+(TwoTowerModel.cast_for_inference), on tiny random models and real catalogue photos."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.text_graph import TextGraphError
+from engine.towers import bf16_is_fast
+from tests.tiny_models import make_tiny_clip, make_tiny_model
+
+TEXTS = ["women black heels", "a", "navy blue casual shirt for men with long sleeves and a button-down collar",
+         "red kurta", "sports shoes", "Puma Men Black and Grey Running Shoes", "watch", "blue jeans for girls"]
+
+
+@pytest.fixture
+def photos(fashion_dir):
+    return [str(fashion_dir / "images" / f"{pid}.jpg") for pid in (1580, 1563, 2987)]
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum(a * b, axis=1).min())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graph_gives_the_python_paths_vectors_for_any_batch_size_and_length(tiny_backbone_dir, precision):
+    model = make_tiny_model(tiny_backbone_dir, seed=3).cast_for_inference(precision)
+    tower = model.query_tower
+    expected = tower.encode(TEXTS, precision=precision, use_text_graph=False)
+    tower.use_text_graph(precision)
+    graph = tower.text_graph
+    before = graph.calls
+    for batch_size in (1, 3, 8):  # batches of 1, of 3 with 2 left over, of all 8; lengths 3..20 tokens
+        got = tower.encode(TEXTS, precision=precision, batch_size=batch_size)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        if precision == "fp32":
+            np.testing.assert_allclose(got, expected, atol=2e-5)
+        else:
+            assert _min_cosine(got, expected) > 0.999
+    assert graph.calls - before == 8 + 3 + 1
+
+
+def test_batches_with_an_image_run_in_python_and_agree(tiny_backbone_dir, photos):
+    model = make_tiny_model(tiny_backbone_dir, seed=4)
+    tower = model.query_tower
+    texts = ["black heels", None, "red kurta", "blue shirt", "watch"]
+    images = [None, photos[0], photos[1], None, photos[2]]
+    expected = tower.encode(texts, images, use_text_graph=False)
+    tower.use_text_graph("fp32")
+    before = tower.text_graph.calls
+    got = tower.encode(texts, images, batch_size=2)  # sorted: 2 text-only rows, then 3 with an image
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert tower.text_graph.calls - before == 1
+    tower.encode(texts, images)  # one mixed batch: Python only
+    assert tower.text_graph.calls - before == 1
+
+
+def test_graph_of_another_precision_is_not_used(tiny_backbone_dir):
+    model = make_tiny_model(tiny_backbone_dir, seed=5)
+    tower = model.query_tower
+    tower.use_text_graph("fp32")
+    before = tower.text_graph.calls
+    python_bf16 = tower.encode(TEXTS[:3], precision="bf16", use_text_graph=False)
+    np.testing.assert_array_equal(tower.encode(TEXTS[:3], precision="bf16"), python_bf16)
+    assert tower.text_graph.calls == before
+
+
+def test_clip_family_text_tower_is_traced_or_refused_cleanly(tmp_path):
+    from engine.towers import ModelConfig, build_model
+
+    folder = make_tiny_clip(tmp_path / "clip")
+    config = ModelConfig(dim=32, heads=4, cross_layers=1, self_layers=1, fusion_layers=1,
+                         text_backbone={"type": "hf_clip", "path": str(folder)},
+                         image_backbone={"type": "hf_clip", "path": str(folder)})
+    tower = build_model(config).query_tower
+    expected = tower.encode(TEXTS, use_text_graph=False)
+    try:
+        tower.use_text_graph("fp32")
+    except TextGraphError:
+        assert tower.text_graph is None
+    np.testing.assert_allclose(tower.encode(TEXTS), expected, atol=2e-5)
+
+
+@pytest.mark.skipif(not bf16_is_fast("cpu"), reason="bfloat16 weights are only cast where the CPU runs bf16")
+def test_bf16_weights_refuse_fp32_encoding_and_leave_other_models_alone(tiny_backbone_dir):
+    served = make_tiny_model(tiny_backbone_dir, seed=6)
+    fp32 = served.query_tower.encode(TEXTS, use_text_graph=False)
+    other = make_tiny_model(tiny_backbone_dir, seed=6)  # same backbone folder (cached HF module)
+    served.cast_for_inference("bf16")
+    assert served.text_backbone.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert other.text_backbone.model.embeddings.word_embeddings.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="bfloat16"):
+        served.query_tower.encode(TEXTS)
+    assert _min_cosine(served.query_tower.encode(TEXTS, precision="bf16"), fp32) > 0.99
+    np.testing.assert_array_equal(other.query_tower.encode(TEXTS, use_text_graph=False), fp32)
+    with pytest.raises(ValueError, match="unknown precision"):
+        served.cast_for_inference("int8")
