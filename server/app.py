@@ -113,13 +113,12 @@ class SearchServer:
         self.fatal: BaseException | None = None
         self._stopped = asyncio.Event()
         self._fatal_event = asyncio.Event()
-        self._tower_pool = ThreadPoolExecutor(1, thread_name_prefix="tower")
         self._search_pool = ThreadPoolExecutor(config.search_workers, thread_name_prefix="search")
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="index-load")
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._batcher = MicroBatcher(self._encode, self._tower_pool,
+        self._batcher = MicroBatcher(self._encode,
                                      BatchConfig(config.max_batch_size, config.max_wait_ms,
                                                  config.max_image_batch_size),
                                      on_batch=self.metrics.observe_batch)
@@ -249,7 +248,7 @@ class SearchServer:
             await self._server.stop(grace_s)
         await self._batcher.close()
         self.holder.close()
-        for pool in (self._tower_pool, self._search_pool, self._decode_pool, self._io_pool):
+        for pool in (self._search_pool, self._decode_pool, self._io_pool):
             pool.shutdown(wait=True, cancel_futures=True)
         if self._restore_threads is not None:
             self._restore_threads()

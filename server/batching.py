@@ -1,12 +1,16 @@
 """Micro-batching of concurrent queries into one query tower call.
 
-Requests submit one sample each (text and/or preprocessed image); a single asyncio task
-collects up to ``max_batch_size`` pending samples, waiting at most ``max_wait_ms`` after the
-first one, and runs one ``encode(texts, images) -> float32 (B, d)`` call in a dedicated
-thread. While that call runs, new requests queue up and form the next batch, so under load
-batches fill without waiting; hence the default ``max_wait_ms = 0`` ("greedy" batching: a
-lone query is encoded at once, queries arriving during a tower call share the next one),
-which measured best on 2 cores (bench/bench_grpc.py). Text-only samples and samples with
+Requests submit one sample each (text and/or preprocessed image) from the event loop; one
+dedicated tower thread takes up to ``max_batch_size`` pending samples, waiting at most
+``max_wait_ms`` after the first one, runs one ``encode(texts, images) -> float32 (B, d)``
+call, hands the results back to the loop in one callback, and takes the next batch at once.
+The tower never waits for the event loop between batches (an earlier asyncio-task design
+did: the loop had to wake up, deliver, and start the next call, which cost text queries
+1-2 ms each at concurrency 8 on 2 cores). While a call runs, new requests queue up and form
+the next batch, so under load batches fill without waiting; hence the default
+``max_wait_ms = 0`` ("greedy" batching: a lone query is encoded at once, queries arriving
+during a tower call share the next one), which measured best on 2 cores
+(bench/bench_grpc.py). Text-only samples and samples with
 an image go in separate calls (the oldest pending sample decides which kind is next, so
 neither starves), with their own size limits. Source: our choice (the usual dynamic
 batching of inference servers).
@@ -21,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -88,42 +92,43 @@ class _Pending:
 
 
 class MicroBatcher:
-    """Collects concurrent ``encode`` calls into batched calls of ``encode_fn``.
+    """Collects concurrent ``encode`` calls into batched calls of ``encode_fn`` on one thread.
 
     ``encode_fn(texts, images)`` gets equal-length lists (elements may be None) and returns
-    ``float32 (B, d)``; it runs in ``executor`` (use a single-thread executor so tower calls
-    never overlap). Create, ``start()`` and ``close()`` inside one running event loop.
+    ``float32 (B, d)``; it always runs on the batcher's own thread, one call at a time.
+    ``on_batch(size, seconds)`` is called on that thread after each call. Create, ``start()``
+    and ``close()`` inside one running event loop.
     """
 
-    def __init__(self, encode_fn: EncodeFn, executor: Executor, config: BatchConfig = BatchConfig(),
-                 on_batch: Callable[[int, float], None] | None = None):
+    def __init__(self, encode_fn: EncodeFn, config: BatchConfig = BatchConfig(),
+                 on_batch: Callable[[int, float], None] | None = None, thread_name: str = "tower"):
         self._encode_fn = encode_fn
-        self._executor = executor
         self.config = config
-        self._on_batch = on_batch  # called with (batch size, encode seconds)
+        self._on_batch = on_batch
+        self._thread_name = thread_name
         self._pending: collections.deque[_Pending] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
 
     def start(self) -> None:
-        """Start the batching task on the running loop."""
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+        """Start the tower thread; results are delivered to the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name=self._thread_name, daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        """Stop accepting samples, fail the queued ones, and stop the batching task."""
-        self._closed = True
-        while self._pending:
-            item = self._pending.popleft()
-            if not item.future.done():
-                item.future.set_exception(BatcherClosedError("server is shutting down"))
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        """Stop accepting samples, fail the queued ones, and wait for the running call to end."""
+        with self._cond:
+            self._closed = True
+            queued = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for item in queued:
+            _settle(item.future, error=BatcherClosedError("server is shutting down"))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
     async def encode(self, text: str | None, image: Any | None,
                      deadline_s: float | None = None) -> EncodedQuery:
@@ -139,44 +144,38 @@ class MicroBatcher:
             BatchDeadlineError: the deadline passed before the sample was encoded.
             BatcherClosedError: the batcher is closed.
         """
-        if self._closed or self._wakeup is None:
+        if self._closed or self._thread is None:
             raise BatcherClosedError("server is shutting down")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(text, image, future, time.monotonic(), deadline_s))
-        self._wakeup.set()
+        with self._cond:
+            self._pending.append(_Pending(text, image, future, time.monotonic(), deadline_s))
+            self._cond.notify()
         return await future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    # ------------------------------------------------------------ tower thread
+    def _work(self) -> None:
         wait_s = self.config.max_wait_ms / 1e3
         while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if wait_s > 0:
-                until = loop.time() + wait_s
-                while self._same_kind_pending() < self._limit_for(self._pending[0]):
-                    remaining = until - loop.time()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    except TimeoutError:
-                        break
-            batch = self._take_batch()
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if wait_s > 0:
+                    until = time.monotonic() + wait_s
+                    while not self._closed and self._same_kind_pending() < self._limit_for(self._pending[0]):
+                        remaining = until - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    if self._closed:
+                        return
+                batch = self._take_batch()
             try:
-                await self._encode_batch(batch)
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(BatcherClosedError("server is shutting down"))
-                raise
-            except Exception as exc:  # never let the batching task die
+                self._encode_batch(batch)
+            except Exception as exc:  # never let the tower thread die
                 log.exception("micro-batch failed unexpectedly")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                self._deliver([(item, None, exc) for item in batch], batch_size=len(batch), encode_ms=0.0)
 
     def _limit_for(self, item: _Pending) -> int:
         return self.config.max_image_batch_size if item.image is not None else self.config.max_batch_size
@@ -198,66 +197,93 @@ class MicroBatcher:
         self._pending = rest
         return batch
 
-    async def _encode_batch(self, batch: list[_Pending]) -> None:
+    def _encode_batch(self, batch: list[_Pending]) -> None:
         now = time.monotonic()
-        live = []
+        live, late = [], []
         for item in batch:
             if item.future.done():  # caller cancelled (deadline, client gone)
                 continue
             if item.deadline_s is not None and now >= item.deadline_s:
-                item.future.set_exception(BatchDeadlineError("deadline passed while queued for the query tower"))
+                late.append((item, None, BatchDeadlineError("deadline passed while queued for the query tower")))
                 continue
             live.append(item)
-        loop = asyncio.get_running_loop()
+        if late:
+            self._deliver(late, batch_size=0, encode_ms=0.0)
         while live:
             started = time.monotonic()
             try:
-                vectors = await loop.run_in_executor(
-                    self._executor, self._encode_fn, [p.text for p in live], [p.image for p in live])
+                vectors = self._call(live)
             except InputError as exc:
                 if exc.index is None or not 0 <= exc.index < len(live):
-                    await self._encode_one_by_one(live)
+                    self._encode_one_by_one(live)
                     return
                 bad = live.pop(exc.index)
                 exc.index = 0  # the request's own view: it sent one sample
-                if not bad.future.done():
-                    bad.future.set_exception(exc)
+                self._deliver([(bad, None, exc)], batch_size=0, encode_ms=0.0)
                 continue
             except Exception:
                 if len(live) == 1:
                     raise
                 log.warning("batch of %d failed; retrying sample by sample", len(live), exc_info=True)
-                await self._encode_one_by_one(live)
+                self._encode_one_by_one(live)
                 return
-            self._deliver(live, vectors, started)
+            self._finish(live, vectors, started)
             return
 
-    async def _encode_one_by_one(self, items: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+    def _encode_one_by_one(self, items: list[_Pending]) -> None:
         for item in items:
             if item.future.done():
                 continue
             started = time.monotonic()
             try:
-                vectors = await loop.run_in_executor(self._executor, self._encode_fn, [item.text], [item.image])
+                vectors = self._call([item])
             except Exception as exc:
                 if isinstance(exc, InputError):
                     exc.index = 0
-                if not item.future.done():
-                    item.future.set_exception(exc)
+                self._deliver([(item, None, exc)], batch_size=0, encode_ms=0.0)
                 continue
-            self._deliver([item], vectors, started)
+            self._finish([item], vectors, started)
 
-    def _deliver(self, items: list[_Pending], vectors: np.ndarray, started: float) -> None:
-        finished = time.monotonic()
-        encode_ms = (finished - started) * 1e3
-        if self._on_batch is not None:
-            self._on_batch(len(items), finished - started)
-        vectors = np.asarray(vectors, dtype=np.float32)
+    def _call(self, items: list[_Pending]) -> np.ndarray:
+        vectors = np.asarray(self._encode_fn([p.text for p in items], [p.image for p in items]), dtype=np.float32)
         if vectors.shape[0] != len(items):
             raise RuntimeError(f"encoder returned {vectors.shape[0]} vectors for {len(items)} samples")
-        for row, item in zip(vectors, items):
-            if not item.future.done():
-                item.future.set_result(EncodedQuery(
-                    vector=row.copy(), queue_ms=(started - item.enqueued_s) * 1e3,
-                    encode_ms=encode_ms, batch_size=len(items)))
+        return vectors
+
+    def _finish(self, items: list[_Pending], vectors: np.ndarray, started: float) -> None:
+        finished = time.monotonic()
+        if self._on_batch is not None:
+            self._on_batch(len(items), finished - started)
+        self._deliver([(item, row.copy(), None) for item, row in zip(items, vectors)], batch_size=len(items),
+                      encode_ms=(finished - started) * 1e3, started=started)
+
+    def _deliver(self, outcomes: list[tuple[_Pending, np.ndarray | None, BaseException | None]], *,
+                 batch_size: int, encode_ms: float, started: float | None = None) -> None:
+        """Hand a batch's outcomes to the event loop in one callback."""
+        settled = []
+        for item, vector, error in outcomes:
+            if error is not None:
+                settled.append((item.future, None, error))
+            else:
+                settled.append((item.future, EncodedQuery(
+                    vector=vector, queue_ms=(started - item.enqueued_s) * 1e3, encode_ms=encode_ms,
+                    batch_size=batch_size), None))
+        try:
+            self._loop.call_soon_threadsafe(_settle_all, settled)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it is already done (cancelled). Loop thread only."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _settle_all(settled: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -25,8 +25,7 @@ def _run_batcher(tiny_model, samples, config: BatchConfig, deadlines=None):
     sizes: list[int] = []
 
     async def main():
-        pool = ThreadPoolExecutor(1)
-        batcher = MicroBatcher(lambda t, i: tiny_model.query_tower.encode(t, i), pool, config,
+        batcher = MicroBatcher(lambda t, i: tiny_model.query_tower.encode(t, i), config,
                                on_batch=lambda n, _s: sizes.append(n))
         batcher.start()
         try:
@@ -35,7 +34,6 @@ def _run_batcher(tiny_model, samples, config: BatchConfig, deadlines=None):
             return await asyncio.gather(*calls, return_exceptions=True)
         finally:
             await batcher.close()
-            pool.shutdown()
     return asyncio.run(main()), sizes
 
 
@@ -101,8 +99,59 @@ def test_config_rejects_nonsense():
     assert issubclass(ImageDecodeError, InputError)
 
 
-def test_greedy_default_batches_what_queued_without_waiting(tiny_model):
+def test_greedy_default_encodes_at_once_and_batches_what_queued_meanwhile(tiny_model):
     assert BatchConfig().max_wait_ms == 0
-    samples = [(f"sample {n}", None) for n in range(10)]
-    results, sizes = _run_batcher(tiny_model, samples, BatchConfig())
-    assert sizes == [10] and all(r.batch_size == 10 for r in results)
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def encode(texts, images):
+        gate.wait(10)  # the first call holds the tower until the others are queued
+        return tiny_model.query_tower.encode(texts, images)
+
+    async def main():
+        batcher = MicroBatcher(encode, BatchConfig(), on_batch=lambda n, _s: sizes.append(n))
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.encode("first", None))
+            await asyncio.sleep(0.1)  # the tower thread has taken "first" alone: no waiting
+            rest = [asyncio.ensure_future(batcher.encode(f"sample {n}", None)) for n in range(10)]
+            await asyncio.sleep(0.1)
+            gate.set()
+            return await first, await asyncio.gather(*rest)
+        finally:
+            await batcher.close()
+
+    first, rest = asyncio.run(main())
+    assert sizes == [1, 10]
+    assert first.batch_size == 1 and all(r.batch_size == 10 for r in rest)
+    assert all(r.queue_ms >= 50 for r in rest)  # they waited for the running call, not for a timer
+
+
+def test_close_fails_queued_samples_and_later_calls(tiny_model):
+    from server.batching import BatcherClosedError
+
+    gate = threading.Event()
+
+    def encode(texts, images):
+        gate.wait(10)
+        return tiny_model.query_tower.encode(texts, images)
+
+    async def main():
+        batcher = MicroBatcher(encode, BatchConfig())
+        batcher.start()
+        running = asyncio.ensure_future(batcher.encode("running", None))
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(batcher.encode("queued", None))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await closing
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(BatcherClosedError):
+            await batcher.encode("after", None)
+        return results
+
+    running, queued = asyncio.run(main())
+    assert running.vector.shape == (tiny_model.dim,)  # the call in progress finished
+    assert isinstance(queued, BatcherClosedError)
