@@ -10,7 +10,9 @@ Everything here is synchronous and runs in the server's search thread pool.
 """
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Collection, Iterable, Mapping, Protocol, Sequence
@@ -96,7 +98,8 @@ class SearchableIndex(Protocol):
 
 @dataclass(frozen=True)
 class FoundHit:
-    """One hit: product id, inner-product score, and its flattened metadata record."""
+    """One hit: product id, inner-product score, and its flattened metadata record (possibly
+    shared with other hits through a ``FlatRecordCache``: do not change it)."""
 
     product_id: str
     score: float
@@ -114,8 +117,43 @@ class FilteredSearchResult:
     allowed_count: int | None
 
 
+class FlatRecordCache:
+    """Flattened metadata records (``flatten_record``) of one index version, least recently
+    used first out. Thread-safe. A record is read from LMDB and flattened once, not on every
+    hit: that was ~0.14 ms of each query's 0.32 ms of search + metadata (10 hits, fashion
+    index, one thread). Source: our choice; capacity 65,536 records by default.
+    """
+
+    def __init__(self, index: SearchableIndex, capacity: int = 65_536):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._index = index
+        self._capacity = capacity
+        self._records: collections.OrderedDict[str, dict[str, str] | None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, product_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """Flat records of ``product_ids`` in order (None for an id without a record). The
+        dicts are shared between calls: read them, never change them."""
+        with self._lock:
+            known = {pid: self._records[pid] for pid in product_ids if pid in self._records}
+            for pid in known:
+                self._records.move_to_end(pid)
+        missing = [pid for pid in dict.fromkeys(product_ids) if pid not in known]
+        if missing:
+            fresh = {pid: None if record is None else flatten_record(record)
+                     for pid, record in zip(missing, self._index.get_products(missing))}
+            known.update(fresh)
+            with self._lock:
+                self._records.update(fresh)
+                while len(self._records) > self._capacity:
+                    self._records.popitem(last=False)
+        return [known[pid] for pid in product_ids]
+
+
 def search_filtered(index: SearchableIndex, query: np.ndarray, top_k: int,
-                    filters: Sequence[MetadataFilter], *, nprobe: int | None = None) -> FilteredSearchResult:
+                    filters: Sequence[MetadataFilter], *, nprobe: int | None = None,
+                    flat_records: FlatRecordCache | None = None) -> FilteredSearchResult:
     """Top ``top_k`` products for one query vector that pass ``filters``.
 
     Args:
@@ -124,6 +162,7 @@ def search_filtered(index: SearchableIndex, query: np.ndarray, top_k: int,
         top_k: hits wanted (>= 1).
         filters: metadata filters; empty means no filtering.
         nprobe: IVF lists probed per shard, or None for the index default.
+        flat_records: the version's ``FlatRecordCache``; None reads and flattens every hit.
 
     Returns:
         ``FilteredSearchResult``; fewer than ``top_k`` hits only when fewer products pass
@@ -137,9 +176,10 @@ def search_filtered(index: SearchableIndex, query: np.ndarray, top_k: int,
     scores, ids = index.search(queries, top_k, nprobe=nprobe, allowed=allowed)
     t2 = time.perf_counter()
     found = [(pid, float(score)) for pid, score in zip(ids[0], scores[0]) if pid is not None]
-    records = index.get_products([pid for pid, _ in found])
-    hits = [FoundHit(pid, score, flatten_record(record))
-            for (pid, score), record in zip(found, records) if record is not None]
+    pids = [pid for pid, _ in found]
+    records = flat_records(pids) if flat_records is not None else [
+        None if record is None else flatten_record(record) for record in index.get_products(pids)]
+    hits = [FoundHit(pid, score, record) for (pid, score), record in zip(found, records) if record is not None]
     t3 = time.perf_counter()
     return FilteredSearchResult(hits, search_ms=(t2 - t1) * 1e3, metadata_ms=((t1 - t0) + (t3 - t2)) * 1e3,
                                 allowed_count=None if allowed is None else int(len(allowed)))
