@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.backbones import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, Backbones, build_backbones
+from engine.backbones.hf import TextTokens
 from engine.errors import BlankTextError, EmptySampleError, InputError
 from engine.fusion import FusionEncoder
 from engine.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
@@ -124,7 +125,8 @@ class Tower(nn.Module):
         """Encode B samples, each text-only, image-only or text+image.
 
         Args:
-            texts: B strings or None (no text); None for all-None.
+            texts: B strings or None (no text); None for all-None. A string may be replaced by
+                its ``TextTokens`` (``backbones.text.pretokenize``).
             images: B images or None; an image is encoded bytes, a path, a ``PIL.Image``,
                 or a preprocessed ``torch.Tensor float32 (3, S, S)``.
             view: "fused" (what the sample has), "text" (text only), "image" (image only).
@@ -233,6 +235,8 @@ def _check_inputs(texts, images, view: str) -> tuple[list, list]:
         raise ValueError(f"texts and images differ in length ({len(texts)} vs {len(images)})")
     for i, text in enumerate(texts):
         if text is not None:
+            if isinstance(text, TextTokens):  # pre-tokenized by the caller
+                continue
             if not isinstance(text, str):
                 raise InputError(f"text must be a string, got {type(text).__name__}", i)
             if not text.strip():

@@ -55,3 +55,14 @@ def test_rust_tokenizer_gives_the_hugging_face_ids_on_every_catalogue_title(defa
             assert torch.equal(fast[key], reference[key]), (start, key)
     assert text.token_lengths(titles[-4:]) == [len(ids) for ids in text.tokenizer(
         titles[-4:], truncation=True, max_length=text.max_length)["input_ids"]]
+    # Pre-tokenized texts (the query server tokenizes per request) pad to the same batch,
+    # alone or mixed with strings.
+    chunk = titles[:50] + titles[-4:]
+    reference = text.tokenize(chunk)
+    tokens = [text.pretokenize(t) for t in chunk]
+    for mixed in (tokens, [t if n % 2 else chunk[n] for n, t in enumerate(tokens)]):
+        padded = text.tokenize(mixed)
+        assert set(padded) == set(reference)
+        for key in reference:
+            assert torch.equal(padded[key], reference[key]), key
+    assert text.token_lengths(tokens) == text.token_lengths(chunk)

@@ -97,3 +97,16 @@ def test_bf16_weights_refuse_fp32_encoding_and_leave_other_models_alone(tiny_bac
     np.testing.assert_array_equal(other.query_tower.encode(TEXTS, use_text_graph=False), fp32)
     with pytest.raises(ValueError, match="unknown precision"):
         served.cast_for_inference("int8")
+
+
+def test_pretokenized_texts_encode_like_their_strings(tiny_backbone_dir, photos):
+    model = make_tiny_model(tiny_backbone_dir, seed=7)
+    tower = model.query_tower
+    texts = ["black heels", None, "a long query about red casual shoes for men with laces", "watch"]
+    images = [None, photos[0], photos[1], None]
+    tokens = [None if t is None else model.backbones.text.pretokenize(t) for t in texts]
+    for use_graph in (False, True):
+        if use_graph:
+            tower.use_text_graph("fp32")
+        np.testing.assert_allclose(tower.encode(tokens, images, batch_size=2),
+                                   tower.encode(texts, images, batch_size=2), atol=1e-6)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
@@ -34,6 +36,15 @@ def load_hf_model(folder: str) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """A text tokenized ahead of its batch (``HFTextBackbone.pretokenize``): token ids and
+    token type ids, special tokens included, truncated, not padded."""
+
+    ids: tuple[int, ...]
+    type_ids: tuple[int, ...]
 
 
 class HFTextBackbone(nn.Module):
@@ -61,11 +72,29 @@ class HFTextBackbone(nn.Module):
         limit = getattr(config, "max_position_embeddings", max_length) or max_length
         self.max_length = int(min(max_length, MAX_TEXT_TOKENS, limit))
         self._rust = _rust_tokenizer(self.tokenizer, self.max_length)
+        self._rust_unpadded = None if self._rust is None else copy.deepcopy(self._rust)
+        if self._rust_unpadded is not None:
+            self._rust_unpadded.no_padding()
         self.hidden_size = int(config.hidden_size)
         self.calls = 0  # number of forward passes run; lets tests prove a backbone was skipped
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenize with padding to the longest text in ``texts`` and truncation to ``max_length``."""
+    def pretokenize(self, text: str) -> TextTokens:
+        """Tokenize one text ahead of its batch (truncated to ``max_length``, not padded).
+        ``tokenize`` and ``encode`` accept the result in place of the string; the query
+        server does this per request, off the tower thread."""
+        if self._rust is not None:
+            encoding = self._rust_unpadded.encode(text)
+            return TextTokens(tuple(encoding.ids), tuple(encoding.type_ids))
+        with self._tokenizer_lock:
+            out = self.tokenizer(text, truncation=True, max_length=self.max_length)
+        ids = tuple(out["input_ids"])
+        return TextTokens(ids, tuple(out.get("token_type_ids", [0] * len(ids))))
+
+    def tokenize(self, texts: list[str | TextTokens]) -> dict[str, torch.Tensor]:
+        """Tokenize with padding to the longest text in ``texts`` and truncation to ``max_length``.
+        An element may be a ``TextTokens`` from ``pretokenize``: the same ids as its text."""
+        if any(isinstance(t, TextTokens) for t in texts):
+            return self._pad([t if isinstance(t, TextTokens) else self.pretokenize(t) for t in texts])
         if self._rust is not None:
             encodings = self._rust.encode_batch(texts)
             ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
@@ -78,8 +107,27 @@ class HFTextBackbone(nn.Module):
             return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                        return_tensors="pt"))
 
-    def token_lengths(self, texts: list[str]) -> list[int]:
+    def _pad(self, tokens: list[TextTokens]) -> dict[str, torch.Tensor]:
+        """Pad pre-tokenized texts as the tokenizer pads (its pad id, pad type id and side)."""
+        length = max(len(t.ids) for t in tokens)
+        ids = np.full((len(tokens), length), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        types = np.full((len(tokens), length), getattr(self.tokenizer, "pad_token_type_id", 0), dtype=np.int64)
+        mask = np.zeros((len(tokens), length), dtype=np.int64)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for row, t in enumerate(tokens):
+            span = slice(length - len(t.ids), length) if left else slice(0, len(t.ids))
+            ids[row, span] = t.ids
+            types[row, span] = t.type_ids
+            mask[row, span] = 1
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self._token_types:
+            batch["token_type_ids"] = torch.from_numpy(types)
+        return batch
+
+    def token_lengths(self, texts: list[str | TextTokens]) -> list[int]:
         """Number of tokens per text (after truncation), for length-sorted batching."""
+        if any(isinstance(t, TextTokens) for t in texts):
+            return [len(t.ids) if isinstance(t, TextTokens) else len(self.pretokenize(t).ids) for t in texts]
         if self._rust is not None:
             return [sum(e.attention_mask) for e in self._rust.encode_batch(texts)]
         with self._tokenizer_lock:
