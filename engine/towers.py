@@ -89,22 +89,29 @@ class Tower(nn.Module):
         self.fusion = fusion
         object.__setattr__(self, "backbones", backbones)  # shared, not a submodule of the tower
         self.name = name
-        self.text_graph = None  # engine.text_graph.TextGraph, set by use_text_graph()
+        self.graphs: dict = {}  # kind -> engine.tower_graphs.TracedPath, set by use_graphs()
 
-    def use_text_graph(self, precision: str) -> None:
-        """Encode text-only batches at ``precision`` through a traced TorchScript graph
-        (``engine.text_graph``: same vectors, cosine ≥ 0.999, less overhead, GIL released).
+    def use_graphs(self, precision: str, kinds: Sequence[str] = ("text", "image", "text+image")) -> dict[str, str]:
+        """Encode batches of these kinds ("text": all text-only, "image": all image-only,
+        "text+image": all with both) at ``precision`` through traced TorchScript graphs
+        (``engine.tower_graphs``: same vectors, cosine ≥ 0.999, less overhead, GIL released).
         Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must not change
-        afterwards (the graph holds frozen copies).
+        afterwards (the graphs hold frozen copies).
 
-        Raises:
-            engine.text_graph.TextGraphError: the path cannot be traced or the graph disagrees
-                with the Python path (the tower keeps encoding in Python).
+        Returns:
+            ``{kind: reason}`` for the kinds that could not be traced or whose graph disagreed
+            with the Python path; those keep encoding in Python.
         """
-        from engine.text_graph import trace_text_path
+        from engine.tower_graphs import GraphError, trace_path
 
-        self.text_graph = None
-        self.text_graph = trace_text_path(self, precision)
+        self.graphs = {}
+        refused = {}
+        for kind in kinds:
+            try:
+                self.graphs[kind] = trace_path(self, kind, precision)
+            except GraphError as exc:
+                refused[kind] = str(exc)
+        return refused
 
     def encode_tokens(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                       image_tokens: torch.Tensor, image_mask: torch.Tensor,
@@ -117,11 +124,12 @@ class Tower(nn.Module):
         """
         return self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
 
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str | None] | None, images: Sequence | None = None, *,
                view: str = "fused", batch_size: int = 64,
                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, precision: str = "fp32",
-               use_text_graph: bool = True) -> np.ndarray:
+               use_graphs: bool = True) -> np.ndarray:
         """Encode B samples, each text-only, image-only or text+image.
 
         Args:
@@ -135,8 +143,8 @@ class Tower(nn.Module):
             precision: "fp32", or "bf16" (autocast of backbones and fusion to bfloat16; about
                 1.7x faster text encoding on an AVX512-BF16 CPU, cosine to fp32 ≥ 0.999,
                 measured on all-MiniLM-L6-v2 queries; our choice, opt-in).
-            use_text_graph: encode text-only batches through ``self.text_graph`` when one was
-                traced for this precision (``use_text_graph()``); False forces Python.
+            use_graphs: encode a batch through ``self.graphs`` when one was traced for its kind
+                and this precision (``use_graphs()``); False forces Python.
 
         Returns:
             ``np.ndarray float32 (B, d)``, rows L2-normalised. A row does not depend on the
@@ -164,12 +172,13 @@ class Tower(nn.Module):
             text_lengths[with_text] = self.backbones.text.token_lengths([texts[i] for i in with_text])
         # Length-sorted batching: group image presence, then text length (less padding).
         order = sorted(range(n), key=lambda i: (images[i] is not None, int(text_lengths[i])))
-        graph = self.text_graph if use_text_graph and self.text_graph is not None \
-            and self.text_graph.precision == precision else None
+        graphs = {kind: g for kind, g in self.graphs.items() if g.precision == precision} if use_graphs else {}
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            if graph is not None and all(images[i] is None for i in idx):
-                out[idx] = graph([texts[i] for i in idx]).numpy()
+            graph = graphs.get(_batch_kind([texts[i] for i in idx], [images[i] for i in idx])) if graphs else None
+            if graph is not None:
+                pixels = None if graph.kind == "text" else self._pixels([images[i] for i in idx], idx, max_pixels)
+                out[idx] = graph(None if graph.kind == "image" else [texts[i] for i in idx], pixels).numpy()
                 continue
             device_type = self.fusion.merge.weight.device.type
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -196,18 +205,24 @@ class Tower(nn.Module):
             return torch.zeros(0, 1, self.backbones.text.hidden_size, device=device), torch.zeros(0, 1, dtype=torch.bool, device=device)
         return self.backbones.text.encode(present)
 
+    def _pixels(self, images: list, indices: list[int], max_pixels: int) -> list[torch.Tensor]:
+        """Preprocessed ``float32 (3, S, S)`` tensors of the images that are not None."""
+        return [image if isinstance(image, torch.Tensor) else
+                self.backbones.image.preprocess(load_image(image, index=index, max_pixels=max_pixels))
+                for image, index in zip(images, indices) if image is not None]
+
     def _run_image(self, images: list, indices: list[int], max_pixels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = []
-        for image, index in zip(images, indices):
-            if image is None:
-                continue
-            if isinstance(image, torch.Tensor):
-                pixels.append(image)
-            else:
-                pixels.append(self.backbones.image.preprocess(load_image(image, index=index, max_pixels=max_pixels)))
+        pixels = self._pixels(images, indices, max_pixels)
         if not pixels:  # the image backbone is not run at all
             return torch.zeros(0, 1, self.backbones.image.hidden_size, device=device), torch.zeros(0, 1, dtype=torch.bool, device=device)
         return self.backbones.image.encode(torch.stack(pixels).to(device))
+
+
+def _batch_kind(texts: list, images: list) -> str | None:
+    """"text", "image" or "text+image" when every sample of the batch is of that kind, else None."""
+    kinds = {("text" if image is None else "text+image") if text is not None else "image"
+             for text, image in zip(texts, images)}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _scatter(tokens: torch.Tensor, mask: torch.Tensor, present: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:

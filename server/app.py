@@ -64,7 +64,7 @@ class ServerConfig:
     max_batch_size: int = 32
     max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
     max_image_batch_size: int = 8          # queries with an image per tower call
-    text_graph: bool = True                # text-only queries through a traced graph (engine.text_graph)
+    graphs: bool = True                    # queries through traced TorchScript graphs (engine.tower_graphs)
     max_receive_bytes: int = 8 * 1024 * 1024
     max_concurrent_rpcs: int = 256         # beyond: RESOURCE_EXHAUSTED (bounds queued image bytes)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -195,23 +195,20 @@ class SearchServer:
         """Open ROOT/CURRENT's version and check it against the model (runs in a thread)."""
         if self.model is None:
             served, model = open_served_version(root, model_dir=self.config.model_dir, precision=self.precision)
-            if self.config.text_graph:
-                self._trace_text_graph(model)
+            if self.config.graphs:
+                self._trace_graphs(model)
             self.model = model
             return served
         served, _ = open_served_version(root, model=self.model)
         return served
 
-    def _trace_text_graph(self, model) -> None:
-        """Text-only queries through a TorchScript graph (engine.text_graph); on failure the
-        query tower keeps encoding them in Python, with a warning."""
-        from engine.text_graph import TextGraphError
-
-        try:
-            model.query_tower.use_text_graph(self.precision)
-            log.info("text queries run through a traced graph (%s)", self.precision)
-        except TextGraphError as exc:
-            log.warning("text queries run in Python: %s", exc)
+    def _trace_graphs(self, model) -> None:
+        """Queries through TorchScript graphs (engine.tower_graphs); a kind that cannot be
+        traced keeps encoding in Python, with a warning."""
+        refused = model.query_tower.use_graphs(self.precision)
+        log.info("traced query tower graphs (%s): %s", self.precision, ", ".join(model.query_tower.graphs) or "none")
+        for kind, reason in refused.items():
+            log.warning("%s queries run in Python: %s", kind, reason)
 
     def _on_swap(self, served: ServedVersion) -> None:
         self.metrics.set_index_version(served.version)

@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="most text-only queries per query tower call")
     parser.add_argument("--max-image-batch-size", type=int, default=8,
                         help="most queries with an image per tower call")
-    parser.add_argument("--no-text-graph", dest="text_graph", action="store_false",
-                        help="encode text queries in Python instead of a traced TorchScript graph")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false",
+                        help="encode queries in Python instead of through traced TorchScript graphs")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="longest a query waits for others to share its tower call (default 0: only "
                              "queries that arrived while the tower was busy are batched)")
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
             max_image_batch_size=args.max_image_batch_size,
-            text_graph=args.text_graph,
+            graphs=args.graphs,
             max_receive_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_image_pixels=args.max_image_pixels,
             torch_threads=args.torch_threads, precision=args.precision, faiss_threads=args.faiss_threads,

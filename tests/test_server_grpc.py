@@ -57,12 +57,16 @@ def test_reflection_lists_the_service(running):
         assert {m.name for m in pool_file.service[0].method} == {"Search", "GetProducts"}
 
 
-def test_text_queries_run_through_the_traced_graph(client, running):
-    graph = running.server.model.query_tower.text_graph
-    assert graph is not None and graph.precision == running.server.precision
-    before = graph.calls
-    assert len(client.search(text="black leather wallet", top_k=3).hits) == 3
-    assert graph.calls == before + 1
+def test_queries_run_through_the_traced_graphs(client, running, subset):
+    graphs = running.server.model.query_tower.graphs
+    assert set(graphs) == {"text", "image", "text+image"}
+    assert all(g.precision == running.server.precision for g in graphs.values())
+    photo = Path(subset.products[0].image).read_bytes()
+    for kind, kwargs in (("text", {"text": "black leather wallet"}), ("image", {"image": photo}),
+                         ("text+image", {"text": "in red", "image": photo})):
+        before = graphs[kind].calls
+        assert len(client.search(top_k=3, **kwargs).hits) == 3
+        assert graphs[kind].calls == before + 1, kind
 
 
 def test_text_image_and_text_image_queries_return_top_k_hits_with_metadata(client, subset, running):

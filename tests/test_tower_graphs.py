@@ -1,4 +1,4 @@
-"""The traced text-only path (engine/text_graph.py) and serving-precision weights
+"""Traced tower paths (engine/tower_graphs.py) and serving-precision weights
 (TwoTowerModel.cast_for_inference), on tiny random models and real catalogue photos."""
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.text_graph import TextGraphError
 from engine.towers import bf16_is_fast
 from tests.tiny_models import make_tiny_clip, make_tiny_model
 
@@ -27,9 +26,9 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_graph_gives_the_python_paths_vectors_for_any_batch_size_and_length(tiny_backbone_dir, precision):
     model = make_tiny_model(tiny_backbone_dir, seed=3).cast_for_inference(precision)
     tower = model.query_tower
-    expected = tower.encode(TEXTS, precision=precision, use_text_graph=False)
-    tower.use_text_graph(precision)
-    graph = tower.text_graph
+    expected = tower.encode(TEXTS, precision=precision, use_graphs=False)
+    assert tower.use_graphs(precision) == {}
+    graph = tower.graphs["text"]
     before = graph.calls
     for batch_size in (1, 3, 8):  # batches of 1, of 3 with 2 left over, of all 8; lengths 3..20 tokens
         got = tower.encode(TEXTS, precision=precision, batch_size=batch_size)
@@ -47,27 +46,27 @@ def test_batches_with_an_image_run_in_python_and_agree(tiny_backbone_dir, photos
     tower = model.query_tower
     texts = ["black heels", None, "red kurta", "blue shirt", "watch"]
     images = [None, photos[0], photos[1], None, photos[2]]
-    expected = tower.encode(texts, images, use_text_graph=False)
-    tower.use_text_graph("fp32")
-    before = tower.text_graph.calls
+    expected = tower.encode(texts, images, use_graphs=False)
+    tower.use_graphs("fp32", kinds=("text",))
+    before = tower.graphs["text"].calls
     got = tower.encode(texts, images, batch_size=2)  # sorted: 2 text-only rows, then 3 with an image
     np.testing.assert_allclose(got, expected, atol=2e-5)
-    assert tower.text_graph.calls - before == 1
+    assert tower.graphs["text"].calls - before == 1
     tower.encode(texts, images)  # one mixed batch: Python only
-    assert tower.text_graph.calls - before == 1
+    assert tower.graphs["text"].calls - before == 1
 
 
 def test_graph_of_another_precision_is_not_used(tiny_backbone_dir):
     model = make_tiny_model(tiny_backbone_dir, seed=5)
     tower = model.query_tower
-    tower.use_text_graph("fp32")
-    before = tower.text_graph.calls
-    python_bf16 = tower.encode(TEXTS[:3], precision="bf16", use_text_graph=False)
+    tower.use_graphs("fp32", kinds=("text",))
+    before = tower.graphs["text"].calls
+    python_bf16 = tower.encode(TEXTS[:3], precision="bf16", use_graphs=False)
     np.testing.assert_array_equal(tower.encode(TEXTS[:3], precision="bf16"), python_bf16)
-    assert tower.text_graph.calls == before
+    assert tower.graphs["text"].calls == before
 
 
-def test_clip_family_text_tower_is_traced_or_refused_cleanly(tmp_path):
+def test_clip_family_towers_are_traced_or_refused_cleanly(tmp_path):
     from engine.towers import ModelConfig, build_model
 
     folder = make_tiny_clip(tmp_path / "clip")
@@ -75,18 +74,17 @@ def test_clip_family_text_tower_is_traced_or_refused_cleanly(tmp_path):
                          text_backbone={"type": "hf_clip", "path": str(folder)},
                          image_backbone={"type": "hf_clip", "path": str(folder)})
     tower = build_model(config).query_tower
-    expected = tower.encode(TEXTS, use_text_graph=False)
-    try:
-        tower.use_text_graph("fp32")
-    except TextGraphError:
-        assert tower.text_graph is None
+    expected = tower.encode(TEXTS, use_graphs=False)
+    refused = tower.use_graphs("fp32")
+    assert set(refused) | set(tower.graphs) == {"text", "image", "text+image"}
+    assert not set(refused) & set(tower.graphs)
     np.testing.assert_allclose(tower.encode(TEXTS), expected, atol=2e-5)
 
 
 @pytest.mark.skipif(not bf16_is_fast("cpu"), reason="bfloat16 weights are only cast where the CPU runs bf16")
 def test_bf16_weights_refuse_fp32_encoding_and_leave_other_models_alone(tiny_backbone_dir):
     served = make_tiny_model(tiny_backbone_dir, seed=6)
-    fp32 = served.query_tower.encode(TEXTS, use_text_graph=False)
+    fp32 = served.query_tower.encode(TEXTS, use_graphs=False)
     other = make_tiny_model(tiny_backbone_dir, seed=6)  # same backbone folder (cached HF module)
     served.cast_for_inference("bf16")
     assert served.text_backbone.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
@@ -94,7 +92,7 @@ def test_bf16_weights_refuse_fp32_encoding_and_leave_other_models_alone(tiny_bac
     with pytest.raises(ValueError, match="bfloat16"):
         served.query_tower.encode(TEXTS)
     assert _min_cosine(served.query_tower.encode(TEXTS, precision="bf16"), fp32) > 0.99
-    np.testing.assert_array_equal(other.query_tower.encode(TEXTS, use_text_graph=False), fp32)
+    np.testing.assert_array_equal(other.query_tower.encode(TEXTS, use_graphs=False), fp32)
     with pytest.raises(ValueError, match="unknown precision"):
         served.cast_for_inference("int8")
 
@@ -107,6 +105,29 @@ def test_pretokenized_texts_encode_like_their_strings(tiny_backbone_dir, photos)
     tokens = [None if t is None else model.backbones.text.pretokenize(t) for t in texts]
     for use_graph in (False, True):
         if use_graph:
-            tower.use_text_graph("fp32")
+            tower.use_graphs("fp32")
         np.testing.assert_allclose(tower.encode(tokens, images, batch_size=2),
                                    tower.encode(texts, images, batch_size=2), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_image_and_text_image_graphs_give_the_python_paths_vectors(tiny_backbone_dir, photos, precision):
+    model = make_tiny_model(tiny_backbone_dir, seed=8).cast_for_inference(precision)
+    tower = model.query_tower
+    cases = {"image": ([None, None, None], photos), "text+image": (["black heels", "a", "red kurta"], photos)}
+    expected = {kind: tower.encode(t, i, precision=precision, use_graphs=False) for kind, (t, i) in cases.items()}
+    assert tower.use_graphs(precision) == {}
+    for kind, (texts, images) in cases.items():
+        before = tower.graphs[kind].calls
+        for batch_size in (1, 3):
+            got = tower.encode(texts, images, precision=precision, batch_size=batch_size)
+            if precision == "fp32":
+                np.testing.assert_allclose(got, expected[kind], atol=2e-5)
+            else:
+                assert _min_cosine(got, expected[kind]) > 0.999
+        assert tower.graphs[kind].calls - before == 3 + 1
+    from engine.errors import ImageDecodeError
+
+    with pytest.raises(ImageDecodeError) as info:  # bad input is still named by its index
+        tower.encode([None, None], [photos[0], b"not an image"], precision=precision)
+    assert info.value.index == 1
