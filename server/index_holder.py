@@ -40,13 +40,13 @@ class ServedVersion:
         index: the ``indexer.search.IndexVersion``.
         version: its version name (``index.version``).
         metadata_fields: field names that filters may use.
-        flat_records: the version's ``server.filters.FlatRecordCache`` (or None).
+        cache: the version's ``server.filters.VersionCache`` (or None).
     """
 
     index: Any
     version: str
     metadata_fields: frozenset[str]
-    flat_records: Any = None
+    cache: Any = None
     _leases: int = 0
     _retired: bool = False
     _closed: bool = False

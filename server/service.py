@@ -176,7 +176,7 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
             encoded = await self._batcher.encode(tokens, image, deadline_s)
             _check_deadline(deadline_s)
             result = await lease.run(self._search_executor, search_filtered, served.index, encoded.vector,
-                                     top_k, filters, nprobe=nprobe, flat_records=served.flat_records)
+                                     top_k, filters, nprobe=nprobe, cache=served.cache)
         finally:
             lease.release()
         response = search_pb2.SearchResponse(index_version=served.version,

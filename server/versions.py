@@ -75,10 +75,10 @@ def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any
                 f"model fingerprint {model.fingerprint[:12]}... differs from the {expected[:12]}... "
                 f"recorded by index version {index.version}: its item vectors were built by another model")
         fields = frozenset(index.facet_values())
-        from server.filters import FlatRecordCache
+        from server.filters import VersionCache
 
         return ServedVersion(index=index, version=index.version, metadata_fields=fields,
-                             flat_records=FlatRecordCache(index)), model
+                             cache=VersionCache(index)), model
     except BaseException:
         index.close()
         raise
