@@ -243,7 +243,10 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
         texts = [_TRACE_TEXTS[i] for i in rows] if with_text else None
         pixels = _probe_pixels(backbones, len(rows), seed=n + 1) if with_image else None
         expected = tower.encode(texts, pixels, precision=precision, use_graphs=False)
-        got = traced_path(texts, pixels).numpy()
+        try:
+            got = traced_path(texts, pixels).numpy()
+        except Exception as exc:  # e.g. a JIT pass this build of torch lacks
+            raise GraphError(f"the traced {kind} path fails on {len(rows)} probe samples: {exc}") from exc
         cosine = float(np.min(np.sum(expected * got, axis=1)))
         if not cosine >= MIN_COSINE:
             raise GraphError(f"traced {kind} path disagrees with the Python path (cosine {cosine:.5f} "

@@ -131,3 +131,23 @@ def test_image_and_text_image_graphs_give_the_python_paths_vectors(tiny_backbone
     with pytest.raises(ImageDecodeError) as info:  # bad input is still named by its index
         tower.encode([None, None], [photos[0], b"not an image"], precision=precision)
     assert info.value.index == 1
+
+
+def test_a_graph_that_fails_when_run_is_refused_and_python_encodes(tiny_backbone_dir):
+    # With the CPU tensor-expression fuser forced on, a torch build without LLVM fails inside
+    # the graph (RuntimeError "LLVM Backend not found"); the tower must refuse the graph, not crash.
+    model = make_tiny_model(tiny_backbone_dir, seed=9)
+    tower = model.query_tower
+    expected = tower.encode(TEXTS, use_graphs=False)
+    could_fuse, texpr = torch._C._jit_can_fuse_on_cpu(), torch._C._jit_texpr_fuser_enabled()
+    torch._C._jit_override_can_fuse_on_cpu(True)
+    torch._C._jit_set_texpr_fuser_enabled(True)
+    try:
+        refused = tower.use_graphs("fp32")
+    finally:
+        torch._C._jit_override_can_fuse_on_cpu(could_fuse)
+        torch._C._jit_set_texpr_fuser_enabled(texpr)
+    assert set(refused) | set(tower.graphs) == {"text", "image", "text+image"}
+    assert all("fails on" in reason or "disagrees" in reason or "cannot trace" in reason
+               for reason in refused.values())
+    np.testing.assert_allclose(tower.encode(TEXTS), expected, atol=2e-5)
