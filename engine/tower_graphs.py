@@ -26,7 +26,6 @@ when TorchScript goes away; ``--no-graphs`` serves without them.
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from typing import List, Optional, Sequence
 
@@ -35,16 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
-
+KINDS = ("text", "image", "text+image")
 # Probe texts for the trace and its check: different counts and lengths than each other.
 _TRACE_TEXTS = ("black leather wallet for men", "red heels", "blue denim jacket", "white sneakers for women",
                 "a long product title: Puma Men Black and Grey Running Shoes with mesh upper and rubber sole")
 _CHECK_BATCHES = ((0,), (1, 4, 2))
 MIN_COSINE = 0.999  # a graph whose vectors differ more from the Python path's is refused
-
-
-KINDS = ("text", "image", "text+image")
 
 
 class GraphError(RuntimeError):

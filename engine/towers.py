@@ -91,9 +91,9 @@ class Tower(nn.Module):
         self.name = name
         self.graphs: dict = {}  # kind -> engine.tower_graphs.TracedPath, set by use_graphs()
 
-    def use_graphs(self, precision: str, kinds: Sequence[str] = ("text", "image", "text+image")) -> dict[str, str]:
+    def use_graphs(self, precision: str, kinds: Sequence[str] | None = None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
-        "text+image": all with both) at ``precision`` through traced TorchScript graphs
+        "text+image": all with both; None: all three) at ``precision`` through traced TorchScript graphs
         (``engine.tower_graphs``: same vectors, cosine ≥ 0.999, less overhead, GIL released).
         Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must not change
         afterwards (the graphs hold frozen copies).
@@ -102,11 +102,11 @@ class Tower(nn.Module):
             ``{kind: reason}`` for the kinds that could not be traced or whose graph disagreed
             with the Python path; those keep encoding in Python.
         """
-        from engine.tower_graphs import GraphError, trace_path
+        from engine.tower_graphs import KINDS, GraphError, trace_path
 
         self.graphs = {}
         refused = {}
-        for kind in kinds:
+        for kind in KINDS if kinds is None else kinds:
             try:
                 self.graphs[kind] = trace_path(self, kind, precision)
             except GraphError as exc:
@@ -123,7 +123,6 @@ class Tower(nn.Module):
         mask (B, Li); has_* bool (B,).
         """
         return self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
-
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str | None] | None, images: Sequence | None = None, *,

@@ -99,7 +99,7 @@ class SearchableIndex(Protocol):
 @dataclass(frozen=True)
 class FoundHit:
     """One hit: product id, inner-product score, and its flattened metadata record (possibly
-    shared with other hits through a ``FlatRecordCache``: do not change it)."""
+    shared with other hits through a ``VersionCache``: do not change it)."""
 
     product_id: str
     score: float

@@ -72,9 +72,6 @@ class HFTextBackbone(nn.Module):
         limit = getattr(config, "max_position_embeddings", max_length) or max_length
         self.max_length = int(min(max_length, MAX_TEXT_TOKENS, limit))
         self._rust = _rust_tokenizer(self.tokenizer, self.max_length)
-        self._rust_unpadded = None if self._rust is None else copy.deepcopy(self._rust)
-        if self._rust_unpadded is not None:
-            self._rust_unpadded.no_padding()
         self.hidden_size = int(config.hidden_size)
         self.calls = 0  # number of forward passes run; lets tests prove a backbone was skipped
 
@@ -82,33 +79,34 @@ class HFTextBackbone(nn.Module):
         """Tokenize one text ahead of its batch (truncated to ``max_length``, not padded).
         ``tokenize`` and ``encode`` accept the result in place of the string; the query
         server does this per request, off the tower thread."""
-        if self._rust is not None:
-            encoding = self._rust_unpadded.encode(text)
-            return TextTokens(tuple(encoding.ids), tuple(encoding.type_ids))
-        with self._tokenizer_lock:
-            out = self.tokenizer(text, truncation=True, max_length=self.max_length)
-        ids = tuple(out["input_ids"])
-        return TextTokens(ids, tuple(out.get("token_type_ids", [0] * len(ids))))
+        return self._token_lists([text])[0]
 
     def tokenize(self, texts: list[str | TextTokens]) -> dict[str, torch.Tensor]:
-        """Tokenize with padding to the longest text in ``texts`` and truncation to ``max_length``.
-        An element may be a ``TextTokens`` from ``pretokenize``: the same ids as its text."""
-        if any(isinstance(t, TextTokens) for t in texts):
-            return self._pad([t if isinstance(t, TextTokens) else self.pretokenize(t) for t in texts])
+        """Tokenize with padding to the longest text in ``texts`` and truncation to
+        ``max_length``: the ids of ``tokenizer(texts, padding=True, truncation=True, ...)``.
+        An element may be a ``TextTokens`` from ``pretokenize``."""
+        return self._pad(self._token_lists(texts))
+
+    def token_lengths(self, texts: list[str | TextTokens]) -> list[int]:
+        """Number of tokens per text (after truncation), for length-sorted batching."""
+        return [len(t.ids) for t in self._token_lists(texts)]
+
+    def _token_lists(self, texts: list[str | TextTokens]) -> list[TextTokens]:
+        """Each text's ``TextTokens``; strings are tokenized in one call."""
+        strings = [t for t in texts if not isinstance(t, TextTokens)]
+        if not strings:
+            return list(texts)
         if self._rust is not None:
-            encodings = self._rust.encode_batch(texts)
-            ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-            mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
-            batch = {"input_ids": ids, "attention_mask": mask}
-            if self._token_types:
-                batch["token_type_ids"] = torch.tensor([e.type_ids for e in encodings], dtype=torch.long)
-            return batch
-        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads
-            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                       return_tensors="pt"))
+            fresh = iter([TextTokens(tuple(e.ids), tuple(e.type_ids)) for e in self._rust.encode_batch(strings)])
+        else:
+            with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads
+                out = self.tokenizer(strings, truncation=True, max_length=self.max_length)
+            types = out.get("token_type_ids") or [[0] * len(ids) for ids in out["input_ids"]]
+            fresh = iter([TextTokens(tuple(ids), tuple(t)) for ids, t in zip(out["input_ids"], types)])
+        return [t if isinstance(t, TextTokens) else next(fresh) for t in texts]
 
     def _pad(self, tokens: list[TextTokens]) -> dict[str, torch.Tensor]:
-        """Pad pre-tokenized texts as the tokenizer pads (its pad id, pad type id and side)."""
+        """Pad token lists as the tokenizer pads (its pad id, pad type id and side)."""
         length = max(len(t.ids) for t in tokens)
         ids = np.full((len(tokens), length), self.tokenizer.pad_token_id or 0, dtype=np.int64)
         types = np.full((len(tokens), length), getattr(self.tokenizer, "pad_token_type_id", 0), dtype=np.int64)
@@ -123,16 +121,6 @@ class HFTextBackbone(nn.Module):
         if self._token_types:
             batch["token_type_ids"] = torch.from_numpy(types)
         return batch
-
-    def token_lengths(self, texts: list[str | TextTokens]) -> list[int]:
-        """Number of tokens per text (after truncation), for length-sorted batching."""
-        if any(isinstance(t, TextTokens) for t in texts):
-            return [len(t.ids) if isinstance(t, TextTokens) else len(self.pretokenize(t).ids) for t in texts]
-        if self._rust is not None:
-            return [sum(e.attention_mask) for e in self._rust.encode_batch(texts)]
-        with self._tokenizer_lock:
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return [len(x) for x in ids]
 
     @property
     def _token_types(self) -> bool:
@@ -151,20 +139,18 @@ class HFTextBackbone(nn.Module):
 
 def _rust_tokenizer(tokenizer, max_length: int):
     """The fast tokenizer's Rust ``tokenizers.Tokenizer``, copied and set once to truncate at
-    ``max_length`` and pad to the longest text, or None (slow tokenizer, no pad token).
+    ``max_length`` (no padding: ``HFTextBackbone._pad`` pads), or None for a slow tokenizer.
 
-    Same ids as ``tokenizer(texts, padding=True, truncation=True, max_length=...)`` (tests
-    check it on the catalogue's titles) with a fraction of its Python overhead, which a query
-    server pays on every batch; and its ``encode_batch`` is safe to call from several threads
-    once configured. Our choice.
+    Same ids as the Hugging Face call (tests check it on the catalogue's titles) with a
+    fraction of its Python overhead, which a query server pays on every batch; and its
+    ``encode_batch`` is safe to call from several threads once configured. Our choice.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or tokenizer.pad_token is None or tokenizer.pad_token_id is None:
+    if backend is None:
         return None
     rust = copy.deepcopy(backend)
+    rust.no_padding()
     rust.enable_truncation(max_length=max_length, direction=getattr(tokenizer, "truncation_side", "right"))
-    rust.enable_padding(direction=getattr(tokenizer, "padding_side", "right"), pad_id=tokenizer.pad_token_id,
-                        pad_token=tokenizer.pad_token, pad_type_id=getattr(tokenizer, "pad_token_type_id", 0))
     return rust
 
 
