@@ -81,6 +81,22 @@ def test_search_shapes_order_and_self_retrieval(built):
         assert one_s.shape == (1, 3) and one_p[0][0] == "sku-5"
 
 
+def test_refined_scores_are_exact_inner_products(built):
+    root, _, vectors = built
+    with open_index(root) as index:
+        q = vectors[300:340] + 0.3 * np.random.default_rng(1).standard_normal((40, D)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        scores, ids = index.search_ids(q, k=10, nprobe=index.nlist, refine=True, k_factor=N)
+        stored = index.vectors(np.arange(N))                  # the fp16 vectors, as float32
+        exact = q @ stored.T
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), rtol=0, atol=1e-5)
+        truth = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+        # every list probed and every item a candidate: the exact top 10 (up to ties)
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, truth, axis=1), rtol=0, atol=1e-5)
+        _, plain = index.search_ids(q, k=10, nprobe=index.nlist, refine=False)
+        assert plain.shape == (40, 10) and (plain >= 0).all()
+
+
 def test_padding_when_fewer_than_k(built):
     root, _, vectors = built
     with open_index(root) as index:
