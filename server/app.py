@@ -38,6 +38,7 @@ from server.batching import BatchConfig, MicroBatcher
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
 from server.metrics import ServerMetrics
+from server.search_stage import search_batch
 from server.service import SearchService
 from server.versions import open_served_version
 
@@ -121,7 +122,8 @@ class SearchServer:
         self._batcher = MicroBatcher(self._encode,
                                      BatchConfig(config.max_batch_size, config.max_wait_ms,
                                                  config.max_image_batch_size),
-                                     on_batch=self.metrics.observe_batch)
+                                     on_batch=self.metrics.observe_batch,
+                                     then_fn=search_batch, then_executor=self._search_pool)
         self._watcher = IndexWatcher(Path(config.index_root), self.holder, self._load_version,
                                      config.poll_interval_s, self._io_pool, on_swap=self._on_swap)
         self._loader: asyncio.Task | None = None
@@ -252,7 +254,8 @@ class SearchServer:
             await self._server.stop(grace_s)
         await self._batcher.close()
         self.holder.close()
-        for pool in (self._search_pool, self._decode_pool, self._io_pool):
+        self._search_pool.shutdown(wait=True)  # its queued jobs settle requests and leases: let them run
+        for pool in (self._decode_pool, self._io_pool):
             pool.shutdown(wait=True, cancel_futures=True)
         if self._restore_threads is not None:
             self._restore_threads()

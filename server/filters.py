@@ -209,11 +209,19 @@ def search_filtered(index: SearchableIndex, query: np.ndarray, top_k: int,
     t1 = time.perf_counter()
     scores, ids = index.search(queries, top_k, nprobe=nprobe, allowed=allowed)
     t2 = time.perf_counter()
-    found = [(pid, float(score)) for pid, score in zip(ids[0], scores[0]) if pid is not None]
-    pids = [pid for pid, _ in found]
-    records = cache.records(pids) if cache is not None else [
-        None if record is None else flatten_record(record) for record in index.get_products(pids)]
-    hits = [FoundHit(pid, score, record) for (pid, score), record in zip(found, records) if record is not None]
+    hits = found_hits(index, ids[0], scores[0], cache)
     t3 = time.perf_counter()
     return FilteredSearchResult(hits, search_ms=(t2 - t1) * 1e3, metadata_ms=((t1 - t0) + (t3 - t2)) * 1e3,
                                 allowed_count=None if allowed is None else int(len(allowed)))
+
+
+def found_hits(index: SearchableIndex, product_ids: Sequence[str | None], scores: Sequence[float],
+               cache: VersionCache | None = None) -> list[FoundHit]:
+    """Search results (product ids, None where there was no hit, and their scores) → hits
+    with flattened metadata records, from ``cache`` when given. A product whose metadata
+    record is missing is left out."""
+    found = [(pid, float(score)) for pid, score in zip(product_ids, scores) if pid is not None]
+    pids = [pid for pid, _ in found]
+    records = cache.records(pids) if cache is not None else [
+        None if record is None else flatten_record(record) for record in index.get_products(pids)]
+    return [FoundHit(pid, score, record) for (pid, score), record in zip(found, records) if record is not None]

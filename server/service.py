@@ -8,8 +8,9 @@ recorded in the Prometheus histograms):
    tensor, in the decode thread pool;
 3. **queue** + **encode**: one sample of a micro-batched query tower call;
 4. **search** + **metadata**: faiss search over the shards and LMDB reads, with metadata
-   filters (facet id sets, see ``server.filters``), in the search thread pool, under a lease on the
-   index version that stays held until that thread work is done.
+   filters (facet id sets, see ``server.filters``), done for the whole micro-batch in one
+   job of the search thread pool (``server.search_stage``, the batcher's then stage),
+   under a lease on the index version that stays held until that work is done.
 
 Every failure becomes a precise gRPC status (see ``_status_of``); nothing a request sends
 can crash the server or poison later requests. Source: our choice.
@@ -29,10 +30,11 @@ from engine.errors import (BlankTextError, EmptySampleError, ImageDecodeError, I
                            InputError)
 from indexer.errors import SearchArgumentError
 from server.batching import BatchDeadlineError, BatcherClosedError, MicroBatcher
-from server.filters import FilterError, FoundHit, flatten_record, parse_filters, search_filtered
+from server.filters import FilterError, FoundHit, flatten_record, parse_filters
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, NoIndexError, ServedVersion
 from server.metrics import ServerMetrics
+from server.search_stage import SearchJob
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,10 @@ class _Lease:
         future = executor.submit(fn, *args, **kwargs)
         self._futures.append(future)
         return await asyncio.wrap_future(future)
+
+    def track(self, future: Future) -> None:
+        """Keep the lease until ``future`` (thread work on this version) is done."""
+        self._futures.append(future)
 
     def release(self) -> None:
         pending = [f for f in self._futures if not f.done()]
@@ -173,10 +179,10 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
             # Tokenized here, per request, so the tower thread (the server's one serial
             # stage) only pads the batch: 0.85 -> ~0.1 ms per batch at concurrency 8.
             tokens = None if text is None else self._pretokenize(text)
-            encoded = await self._batcher.encode(tokens, image, deadline_s)
+            job = SearchJob(served.index, served.cache, top_k, filters, nprobe)
+            encoded = await self._batcher.encode(tokens, image, deadline_s, payload=job, track=lease.track)
+            result = encoded.result  # the batcher's then stage searched (server.search_stage)
             _check_deadline(deadline_s)
-            result = await lease.run(self._search_executor, search_filtered, served.index, encoded.vector,
-                                     top_k, filters, nprobe=nprobe, cache=served.cache)
         finally:
             lease.release()
         response = search_pb2.SearchResponse(index_version=served.version,

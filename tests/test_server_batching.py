@@ -155,3 +155,78 @@ def test_close_fails_queued_samples_and_later_calls(tiny_model):
     running, queued = asyncio.run(main())
     assert running.vector.shape == (tiny_model.dim,)  # the call in progress finished
     assert isinstance(queued, BatcherClosedError)
+
+
+def test_then_stage_results_ride_with_the_vectors_and_fail_alone(tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[tuple[list, np.ndarray]] = []
+
+    def then(payloads, vectors):
+        calls.append((list(payloads), vectors.copy()))
+        return [ValueError(f"bad {p}") if p == "poison" else f"searched {p}" for p in payloads]
+
+    gate = threading.Event()
+
+    def encode(texts, images):
+        gate.wait(10)
+        return tiny_model.query_tower.encode(texts, images)
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(encode, BatchConfig(), then_fn=then, then_executor=pool)
+            batcher.start()
+            try:
+                first = asyncio.ensure_future(batcher.encode("first", None, payload="p0"))
+                await asyncio.sleep(0.1)
+                rest = [asyncio.ensure_future(batcher.encode(f"sample {n}", None, payload=p))
+                        for n, p in enumerate(["p1", "poison", "p3"])]
+                await asyncio.sleep(0.1)
+                gate.set()
+                return await asyncio.gather(first, *rest, return_exceptions=True)
+            finally:
+                await batcher.close()
+
+    first, one, poisoned, three = asyncio.run(main())
+    assert [c[0] for c in calls] == [["p0"], ["p1", "poison", "p3"]]  # one then call per batch, in order
+    assert first.result == "searched p0" and one.result == "searched p1" and three.result == "searched p3"
+    assert isinstance(poisoned, ValueError) and str(poisoned) == "bad poison"
+    np.testing.assert_array_equal(calls[1][1][0], one.vector)  # the then stage saw the delivered vectors
+    assert one.batch_size == 3
+
+
+def test_tracked_work_ends_only_after_the_then_stage_even_when_the_caller_gave_up(tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    in_then, release_then = threading.Event(), threading.Event()
+    tracked = []
+
+    def then(payloads, vectors):
+        in_then.set()
+        release_then.wait(10)
+        return list(payloads)
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(lambda t, i: tiny_model.query_tower.encode(t, i), BatchConfig(),
+                                   then_fn=then, then_executor=pool)
+            batcher.start()
+            try:
+                call = asyncio.ensure_future(batcher.encode("query", None, payload="job", track=tracked.append))
+                await asyncio.to_thread(in_then.wait, 10)
+                call.cancel()  # the request gives up while its search runs
+                await asyncio.sleep(0.05)
+                done_while_running = tracked[0].done()
+                release_then.set()
+                await asyncio.wrap_future(tracked[0])
+                return call.cancelled(), done_while_running
+            finally:
+                await batcher.close()
+
+    cancelled, done_while_running = asyncio.run(main())
+    assert cancelled and not done_while_running  # the lease would have stayed held until the search ended
+
+
+def test_then_stage_needs_an_executor(tiny_model):
+    with pytest.raises(ValueError, match="then_fn and then_executor"):
+        MicroBatcher(lambda t, i: None, BatchConfig(), then_fn=lambda p, v: p)
