@@ -17,7 +17,9 @@ refine index an fp16 ``IndexScalarQuantizer`` holding the exact vectors), which 
 GIL: a single query takes 0.04 ms instead of 0.16 ms with a Python merge + numpy refine
 (fashion index, 2 shards, nprobe 4, k_factor 10, one thread), with the same hits. Filtering: ``allowed`` (internal ids, e.g. from ``ids_with``) is applied
 inside faiss with an ``IDSelectorBatch``; when it is small (``<= exact_filter_max`` ids) the
-search is instead exact over just those items, which is faster and never misses.
+search is instead exact over just those items (a scan of the fp16 vectors with the same
+selector: 0.08 ms for 878 allowed of 11,882, against 0.35 ms gathering them into numpy),
+which is faster and never misses.
 ``id_filter`` takes product ids (a collection, mapped to ``allowed``) or a predicate on the
 product id (applied to over-fetched results, fetching more until k pass or all are seen).
 Source: faiss IVFADC + re-ranking (Jégou et al., ICASSP 2011, "Searching in one billion
@@ -36,7 +38,6 @@ from indexer.errors import IndexIntegrityError, IndexVersionError, SearchArgumen
 from indexer.manifest import read_manifest, verify_files
 from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
-from indexer.recall import exact_search
 
 MAX_TOP_K = 10_000
 # allowed sets up to this size are searched exactly over their own vectors (our choice:
@@ -68,7 +69,7 @@ class IndexVersion:
         self.k_factor_default: int = int(manifest["refine"]["k_factor"])
         self._shards = shards
         self._vectors = vectors
-        self._sharded, self._refined = _search_pipeline(shards, vectors, self.dim)
+        self._sharded, self._exact, self._refined = _search_pipeline(shards, vectors, self.dim)
         self._metadata = metadata
         self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
         self._lock = threading.Lock()
@@ -145,16 +146,17 @@ class IndexVersion:
 
     def _search_once(self, q: np.ndarray, k: int, nprobe: int, allowed: np.ndarray | None,
                      refine: bool, k_factor: int) -> tuple[np.ndarray, np.ndarray]:
-        if allowed is not None and allowed.size <= self.exact_filter_max:
-            if allowed.size == 0:
-                return _empty(q.shape[0], k)
-            return exact_search(self._vectors[allowed], q, k, ids=allowed)
-        if self._sharded.ntotal == 0:
+        if self._sharded.ntotal == 0 or (allowed is not None and allowed.size == 0):
             return _empty(q.shape[0], k)
+        selector = None if allowed is None else faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed))
+        if selector is not None and allowed.size <= self.exact_filter_max:
+            # exact over the allowed items: the fp16 vectors, scanned with the selector
+            scores, ids = self._exact.search(q, k, params=faiss.SearchParameters(sel=selector))
+            scores[ids < 0] = -np.inf
+            return scores, ids
         base = faiss.SearchParametersIVF(nprobe=nprobe)
-        if allowed is not None:
-            selector = faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed))  # alive until the search ends
-            base.sel = selector
+        if selector is not None:
+            base.sel = selector  # the selector stays alive (local) until the search ends
         if refine:
             k_factor = max(1, min(k_factor, MAX_TOP_K * 4 // k))  # at most 40,000 candidates
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=base)
@@ -259,7 +261,7 @@ class IndexVersion:
             if self._closed:
                 return
             self._closed = True
-            self._sharded = self._refined = None  # they point into the shards and vectors below
+            self._sharded = self._exact = self._refined = None  # _sharded points into the shards below
             self._shards = []
             self._vectors = np.empty((0, self.dim), np.float16)
             self._metadata.close()
@@ -279,12 +281,12 @@ def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
 
 
-def _search_pipeline(shards: list[faiss.Index], vectors: np.ndarray, dim: int,
-                     chunk_rows: int = 65536) -> tuple[faiss.IndexShards, faiss.IndexRefine]:
+def _search_pipeline(shards: list[faiss.Index], vectors: np.ndarray, dim: int, chunk_rows: int = 65536
+                     ) -> tuple[faiss.IndexShards, faiss.IndexScalarQuantizer, faiss.IndexRefine]:
     """The shards as one faiss index (``IndexShards``: each shard searched in turn in the
     calling thread, results merged by score; ids are the shards' own, global internal ids),
-    and that index refined by an fp16 ``IndexScalarQuantizer`` holding ``vectors`` (row =
-    internal id; fp16 → fp32 → fp16 is lossless, so it holds the stored values exactly).
+    the exact vectors as an fp16 ``IndexScalarQuantizer`` (row = internal id; fp16 → fp32 →
+    fp16 is lossless, so it holds the stored values exactly), and the shards refined by it.
     The pipeline does not own the shards: keep them alive while it is used.
     Memory: n x d x 2 bytes for the refine codes. Source: our choice (faiss's own
     ``IndexRefine``, as its ``IndexRefineFlat`` but with fp16 codes)."""
@@ -295,7 +297,7 @@ def _search_pipeline(shards: list[faiss.Index], vectors: np.ndarray, dim: int,
     for start in range(0, vectors.shape[0], chunk_rows):
         exact.add(np.ascontiguousarray(vectors[start:start + chunk_rows], dtype=np.float32))
     refined = faiss.IndexRefine(sharded, exact)
-    return sharded, refined
+    return sharded, exact, refined
 
 
 def open_index(path: str | Path, *, verify: bool = True) -> IndexVersion:
