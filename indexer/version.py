@@ -44,7 +44,7 @@ class VersionOptions:
         recall@10 with refine reaches ``target_recall`` on the recall sample.
     k_factor: refine re-scores the top ``k * k_factor`` candidates (our choice: 50; measured on
         1M synthetic clustered vectors, IVF2048,PQ32, nprobe 4: recall@10 0.78 with 10, 0.91
-        with 20, 0.993 with 50 at 0.53 ms per single query; bench/bench_index.py).
+        with 20, 0.993 with 50 at 0.22 ms per single query; bench/bench_index.py).
     refine: refine by default at search time.
     recall_queries: item vectors used as queries to measure recall@10 vs exact search.
     target_recall: recall@10 aimed at when choosing nprobe.
