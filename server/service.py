@@ -231,16 +231,21 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
             raise RequestError(bad, "an empty product_id was given")
         lease = _Lease(self._holder.acquire())
         try:
-            records = await lease.run(self._search_executor, lease.served.index.get_products, ids)
+            served = lease.served
+            if served.cache is not None:  # flattened records, shared with Search's hits
+                records = await lease.run(self._search_executor, served.cache.records, ids)
+            else:
+                raw = await lease.run(self._search_executor, served.index.get_products, ids)
+                records = [None if record is None else flatten_record(record) for record in raw]
         finally:
             lease.release()
-        response = search_pb2.GetProductsResponse(index_version=lease.served.version)
+        response = search_pb2.GetProductsResponse(index_version=served.version)
         for pid, record in zip(ids, records):
             if record is None:
                 response.missing_product_ids.append(pid)
             else:
                 product = response.products.add(product_id=pid)
-                product.metadata.update(flatten_record(record))
+                product.metadata.update(record)
         return response
 
 
