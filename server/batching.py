@@ -20,8 +20,8 @@ vector, run for the whole batch in one job on another thread, e.g. the query ser
 searches (``server.search_stage``); its results travel back with the vectors in the same
 single callback. Doing the searches there, instead of the loop handing each request's
 vector to a search thread and taking the hits back, removed two thread hops per request;
-measured with bench/bench_grpc.py, text at concurrency 8: mean latency 14.0-15.0 ->
-12.3-12.8 ms. Each sample may carry a ``concurrent.futures.Future`` (``track``) that is
+measured with bench/bench_grpc.py, text at concurrency 8, interleaved runs: p50 13.8 / 11.1
+/ 11.4 -> 10.5 / 10.2 / 11.0 ms, p99 43.9 / 29.7 / 22.7 -> 22.4 / 22.5 / 23.0 ms. Each sample may carry a ``concurrent.futures.Future`` (``track``) that is
 done once the batcher has finished with it, whatever happened (results delivered, error,
 cancelled, closed): the server holds its index lease until then.
 
