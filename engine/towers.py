@@ -25,17 +25,6 @@ VIEWS = ("fused", "text", "image")  # METHOD.md §1.4: F, T, V
 PRECISIONS = ("fp32", "bf16")
 
 
-def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
-    """True when bfloat16 matmuls run natively on ``device`` (CPU: AVX512-BF16 or AMX; CUDA:
-    compute capability >= 8.0), i.e. when ``precision="bf16"`` is a speed-up. Our choice."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((check and check()) or (amx and amx()))
-
-
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a two-tower model (stored as ``config.json``).

@@ -13,7 +13,8 @@ import sys
 from engine.catalog import CatalogError
 from engine.errors import ModelFolderError
 from engine.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
-from engine.towers import ModelConfig, bf16_is_fast
+from engine.cpu_features import bf16_is_fast
+from engine.towers import ModelConfig
 from engine.train import TrainingDataError, TrainJob, train_model
 from engine.trainer import TrainConfig
 

@@ -95,7 +95,7 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         log(f"stage: load model ({config.model_dir}, {device})")
         model = load_model(config.model_dir, device=device)
         if config.encode.precision == "auto":  # resolved on a copy: the caller's config is not changed
-            from engine.towers import bf16_is_fast
+            from engine.cpu_features import bf16_is_fast
 
             precision = "bf16" if bf16_is_fast(device) else "fp32"
             config = dataclasses.replace(config, encode=dataclasses.replace(config.encode, precision=precision))

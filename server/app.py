@@ -297,7 +297,7 @@ def resolve_precision(precision: str) -> str:
     """``auto`` → ``bf16`` where the CPU runs bfloat16 natively (AVX512-BF16 / AMX), else ``fp32``."""
     if precision != "auto":
         return precision
-    from engine.towers import bf16_is_fast
+    from engine.cpu_features import bf16_is_fast
 
     return "bf16" if bf16_is_fast("cpu") else "fp32"
 

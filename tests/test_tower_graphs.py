@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.towers import bf16_is_fast
+from engine.cpu_features import bf16_is_fast
 from tests.tiny_models import make_tiny_clip, make_tiny_model
 
 TEXTS = ["women black heels", "a", "navy blue casual shirt for men with long sleeves and a button-down collar",
