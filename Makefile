@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv stop bench proto buf-lint clean
+.PHONY: demo test test-avx2 venv stop bench proto buf-lint clean
 
 $(STAMP): setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m server.demo
 
+# pytest's exit 5 (no test collected) is a failure here, not a success.
+NO_TESTS_FAIL := rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q; $(NO_TESTS_FAIL)
+
+# The ISA-dependent tests again, as a plain AVX2 machine runs them (torch, oneDNN and
+# ecsearch's own CPU-feature probe all capped at AVX2; see engine/cpu_features.py).
+AVX2_ENV := ECSEARCH_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+test-avx2: $(STAMP)
+	$(AVX2_ENV) $(PY) -m pytest -q -m isa; $(NO_TESTS_FAIL)
 
 stop: $(STAMP)
 	$(PY) -m server.demo --stop

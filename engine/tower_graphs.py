@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_features import bf16_runs, cpu_isa
+
 KINDS = ("text", "image", "text+image")
 # Probe texts for the trace and its check: different counts and lengths than each other.
 _TRACE_TEXTS = ("black leather wallet for men", "red heels", "blue denim jacket", "white sneakers for women",
@@ -192,11 +194,14 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
 
     Raises:
         GraphError: unknown kind, a text backbone without a tokenizer + model, tracing fails,
+            bf16 on a CPU below AVX-512 (``engine.cpu_features.bf16_runs``),
             or the graph's vectors differ from ``tower.encode``'s (cosine < 0.999) on probe
             batches of other sizes and lengths than the trace's.
     """
     if kind not in KINDS:
         raise GraphError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    if precision == "bf16" and not bf16_runs("cpu"):
+        raise GraphError(f"bf16 graphs need AVX-512 bf16 kernels; this CPU runs isa={cpu_isa()}")
     backbones = tower.backbones
     text = backbones.text
     with_text, with_image = kind != "image", kind != "text"

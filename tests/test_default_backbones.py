@@ -10,6 +10,8 @@ import torch
 from engine.images import load_image
 from engine.towers import ModelConfig, build_model
 
+pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
+
 
 @pytest.fixture(scope="module")
 def default_model():

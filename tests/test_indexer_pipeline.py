@@ -23,6 +23,8 @@ from indexer.publish import list_versions, read_current
 from indexer.search import open_index
 from indexer.version import VersionOptions
 
+pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
+
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,usage,productDisplayName\n"
 
@@ -265,6 +267,7 @@ def test_jsonl_catalogue_with_field_mapping_flags(fashion_dir, tiny_model_dir, t
     with open_index(root) as index:
         first = json.loads(lines[0])
         rec = index.get_products([first["sku"]])[0]
-        assert rec["title"] == first["name"] and rec["image"] == first["photo"]
+        assert rec["title"] == first["name"]
+        assert Path(rec["image"]).resolve() == Path(first["photo"]).resolve()  # ../shared may be a symlink
         assert rec["attributes"] == {"colour": first["colour"]} and rec["extra"] == {"price": 0}
         assert index.manifest["catalog"]["layout"] == "jsonl"

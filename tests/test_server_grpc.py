@@ -18,6 +18,8 @@ from server.gen.ecsearch.v1 import search_pb2
 from tests.test_server_support import (copy_root, index_root, server_model, start_server,  # noqa: F401
                                        subset)
 
+pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
+
 MAX_IMAGE_PIXELS = 2_000_000  # small limit so the "image over limits" case stays a small request
 
 

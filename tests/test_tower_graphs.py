@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from engine.cpu_features import bf16_is_fast
+from tests.cpu_marks import needs_bf16, precisions
 from tests.tiny_models import make_tiny_clip, make_tiny_model
+
+pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
 
 TEXTS = ["women black heels", "a", "navy blue casual shirt for men with long sleeves and a button-down collar",
          "red kurta", "sports shoes", "Puma Men Black and Grey Running Shoes", "watch", "blue jeans for girls"]
@@ -22,7 +25,7 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(a * b, axis=1).min())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", precisions())
 def test_graph_gives_the_python_paths_vectors_for_any_batch_size_and_length(tiny_backbone_dir, precision):
     model = make_tiny_model(tiny_backbone_dir, seed=3).cast_for_inference(precision)
     tower = model.query_tower
@@ -110,7 +113,7 @@ def test_pretokenized_texts_encode_like_their_strings(tiny_backbone_dir, photos)
                                    tower.encode(texts, images, batch_size=2), atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", precisions())
 def test_image_and_text_image_graphs_give_the_python_paths_vectors(tiny_backbone_dir, photos, precision):
     model = make_tiny_model(tiny_backbone_dir, seed=8).cast_for_inference(precision)
     tower = model.query_tower
@@ -151,3 +154,13 @@ def test_a_graph_that_fails_when_run_is_refused_and_python_encodes(tiny_backbone
     assert all("fails on" in reason or "disagrees" in reason or "cannot trace" in reason
                for reason in refused.values())
     np.testing.assert_allclose(tower.encode(TEXTS), expected, atol=2e-5)
+
+
+def test_bf16_graphs_are_refused_with_a_reason_below_avx512(tiny_backbone_dir, monkeypatch):
+    """The AVX2 path: bf16 graphs are refused (Python keeps serving), never a crash."""
+    monkeypatch.setenv("ECSEARCH_CPU_ISA", "avx2")
+    tower = make_tiny_model(tiny_backbone_dir, seed=9).query_tower
+    refused = tower.use_graphs("bf16")
+    assert set(refused) == {"text", "image", "text+image"}
+    assert all("isa=avx2" in reason for reason in refused.values())
+    assert tower.graphs == {}

@@ -11,6 +11,8 @@ from PIL import Image
 
 from engine.errors import BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError
 
+pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
+
 
 @pytest.fixture(scope="module")
 def photos(fashion_dir):

@@ -14,6 +14,8 @@ from engine.train import TrainingDataError, TrainJob, load_products, train_model
 from engine.trainer import TrainConfig
 from tests.tiny_models import tiny_config
 
+pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
+
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,usage,productDisplayName\n"
 
 
