@@ -6,7 +6,9 @@ import platform
 
 
 def describe_machine() -> str:
-    """One line: CPU model, logical cores, RAM GiB, Python / torch / faiss versions, GPU if any."""
+    """One line: the ISA ecsearch runs (AVX2 / AVX-512 / AVX-512-BF16 / AMX, after the
+    ECSEARCH_CPU_ISA override, see engine/cpu_features.py), CPU model, logical cores, RAM GiB,
+    Python / torch / faiss versions, GPU if any."""
     cpu = platform.processor() or "unknown cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -21,7 +23,10 @@ def describe_machine() -> str:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         pass
-    parts = [f"cpu={cpu}", f"cores={os.cpu_count()}", f"ram={mem_gib:.0f}GiB", f"python={platform.python_version()}"]
+    from engine.cpu_features import cpu_isa, hardware_isa
+
+    isa, hardware = cpu_isa(), hardware_isa()
+    parts = [f"isa={isa}" + (f" (emulated on {hardware} hardware)" if isa != hardware else ""), f"cpu={cpu}", f"cores={os.cpu_count()}", f"ram={mem_gib:.0f}GiB", f"python={platform.python_version()}"]
     try:
         import torch
 

@@ -50,6 +50,22 @@ def detected_isa() -> str:
     return "default"
 
 
+@lru_cache(maxsize=None)
+def hardware_isa() -> str:
+    """The ISA level of the CPU itself, from ``/proc/cpuinfo`` flags (Linux), whatever torch or
+    the override run; ``"unknown"`` elsewhere. For benchmark lines: an emulated AVX2 run on an
+    AMX machine says so."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return "unknown"
+    for level, flag in (("amx", "amx_tile"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return level
+    return "default" if flags else "unknown"
+
+
 def cpu_isa() -> str:
     """The ISA level ecsearch uses: :func:`detected_isa`, lowered by ``ECSEARCH_CPU_ISA``.
 
@@ -98,7 +114,8 @@ def describe_cpu() -> str:
                     break
     except OSError:
         pass
-    override = os.environ.get(ISA_ENV)
-    extra = f" ({ISA_ENV}={override})" if override else ""
+    caps = [f"{name}={os.environ[name]}" for name in (ISA_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+            if os.environ.get(name)]
+    extra = f" (emulated on {hardware_isa()} hardware: {' '.join(caps)})" if caps else ""
     return (f"isa={cpu_isa()}{extra} detected={detected_isa()} "
             f"torch_capability={torch.backends.cpu.get_cpu_capability()} cpu={model!r} cores={os.cpu_count()}")
