@@ -110,12 +110,13 @@ def hinge_hardest(
         valid = valid & ~false_neg[keep][:, keep]
     pos = sim.diagonal()
     total = a.sum() * 0.0
-    for s, p in ((sim, pos), (sim.T, pos)):
-        neg = s.masked_fill(~valid, float("-inf"))
+    # a -> b: row i of sim, negatives valid[i, :]; b -> a: row j of sim.T, negatives valid[:, j]
+    for s, ok_neg in ((sim, valid), (sim.T, valid.T)):
+        neg = s.masked_fill(~ok_neg, float("-inf"))
         k = 1 if fraction is None else max(1, math.ceil(fraction * (n - 1)))
         hard, _ = neg.topk(k, dim=1)  # [n, k]
         finite = torch.isfinite(hard)
-        viol = F.relu(margin - p[:, None] + hard.masked_fill(~finite, 0.0)) * finite
+        viol = F.relu(margin - pos[:, None] + hard.masked_fill(~finite, 0.0)) * finite
         total = total + viol.sum() / finite.sum().clamp(min=1)
     return 0.5 * total
 

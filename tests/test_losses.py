@@ -143,3 +143,41 @@ def test_cmal_pair_weights_weight_the_view_pairs():
     for bad in ((1.0, 1.0), (1, 1, 1, 1, -1), (0, 0, 0, 0, 0), (1, 1, 1, 1, float("nan"))):
         with pytest.raises(ValueError, match="cmal_pair_weights"):
             LossConfig(cmal_pair_weights=bad)
+
+
+def _hinge_reference(a, b, margin, false_neg):
+    """Brute-force VSE++ hinge, both directions: query i never takes an item it finds relevant
+    (``false_neg[i, j]``) as a negative, and item j never takes a query that finds it relevant."""
+    n = a.shape[0]
+    sim = (a @ b.T).tolist()
+    total = 0.0
+    for direction in ("q->i", "i->q"):
+        viols = []
+        for r in range(n):
+            if direction == "q->i":
+                negs = [sim[r][c] for c in range(n) if c != r and not false_neg[r][c]]
+            else:
+                negs = [sim[c][r] for c in range(n) if c != r and not false_neg[c][r]]
+            if negs:
+                viols.append(max(0.0, margin - sim[r][r] + max(negs)))
+        total += sum(viols) / max(len(viols), 1)
+    return 0.5 * total
+
+
+def test_hinge_masks_each_direction_with_its_own_false_negatives():
+    """With an asymmetric false-negative matrix (item 1 relevant to query 0, not the reverse),
+    the item -> query direction must not take query 0 as item 1's hardest negative."""
+    g = torch.Generator().manual_seed(7)
+    a = _unit(torch.randn(5, 8, generator=g))
+    b = _unit(a + 0.8 * torch.randn(5, 8, generator=g))
+    b[1] = _unit(a[0] + 0.05 * torch.randn(8, generator=g))  # item 1 looks just like query 0
+    false_neg = torch.zeros(5, 5, dtype=torch.bool)
+    false_neg[0, 1] = True
+    false_neg[3, 2] = True
+    got = hinge_hardest(a, b, 0.2, false_neg)
+    assert got.item() == pytest.approx(_hinge_reference(a, b, 0.2, false_neg.tolist()), abs=1e-6)
+    # swapping the sides swaps the directions: the same loss
+    assert hinge_hardest(b, a, 0.2, false_neg.T).item() == pytest.approx(got.item(), abs=1e-6)
+    for fraction in (0.5, 1.0):
+        assert hinge_hardest(b, a, 0.2, false_neg.T, fraction=fraction).item() == pytest.approx(
+            hinge_hardest(a, b, 0.2, false_neg, fraction=fraction).item(), abs=1e-6)
