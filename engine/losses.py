@@ -169,32 +169,36 @@ def clal_loss(views: dict[str, torch.Tensor], cfg: LossConfig,
               false_neg: torch.Tensor | None = None, ok: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """CLAL, cohesive local alignment loss (UniECS; METHOD.md §2).
 
-    For each query row, the top-k (``cfg.clal_top_k``) items under the fused similarity
-    ``Fq Fiᵀ`` (its positive included); for those pairs the image-only similarity
-    ``Vq Viᵀ`` and the text-only similarity ``Tq Tiᵀ`` must agree with the fused one:
-    ``mean relu(|s_view - s_fused| - tol)²``. The fused similarity is the target (detached,
-    our choice: the neighbourhood is defined by F, the unimodal views move to keep it).
-    Rows whose view is missing are left out. Returns a 0-d tensor.
+    For each query row, its local neighbourhood: ``k = cfg.clal_top_k`` in-batch items,
+    chosen among the items that have the view being checked. Priority (our choice): the
+    positive first, then the items marked relevant in ``false_neg`` (they belong to the
+    neighbourhood by definition), then the nearest others under the fused similarity
+    ``Fq Fiᵀ``. For those pairs the image-only similarity ``Vq Viᵀ`` and the text-only
+    similarity ``Tq Tiᵀ`` must agree with the fused one: ``mean relu(|s_view - s_fused| - tol)²``.
+    The fused similarity is the target (detached, our choice: the neighbourhood is defined by
+    F, the unimodal views move to keep it). Rows lacking a view are left out; items lacking
+    it are skipped *before* the top-k, so every row gets ``min(k, items with the view)``
+    neighbours. Returns a 0-d tensor (mean of the view terms that have any pair).
     """
     ok = ok or {}
     fq, fi = views["Fq"], views["Fi"]
     b = fq.shape[0]
-    sim_f = (fq @ fi.T).detach()  # [B, B]
-    k = min(cfg.clal_top_k, b)
-    idx = sim_f.topk(k, dim=1).indices  # [B, k]
-    target = sim_f.gather(1, idx)
+    sim_f = (fq @ fi.T).detach()  # [B, B], cosine in [-1, 1]
+    priority = sim_f + 8.0 * torch.eye(b, device=fq.device)  # positive first
+    if false_neg is not None:
+        priority = priority + 4.0 * (false_neg & ~torch.eye(b, dtype=torch.bool, device=fq.device))
     total, count = fq.sum() * 0.0, 0
     for q, i in (("Vq", "Vi"), ("Tq", "Ti")):
         rows = _rows(ok.get(q), ok.get("Fq"), b, fq.device)
-        s_view = (views[q] @ views[i].T).gather(1, idx)  # [B, k]
-        cols_ok = torch.ones_like(s_view, dtype=torch.bool)
-        if ok.get(i) is not None:
-            cols_ok = ok[i][idx]
-        use = rows[:, None] & cols_ok
-        if not bool(use.any()):
+        cols = _rows(ok.get(i), ok.get("Fi"), b, fq.device)
+        k = min(cfg.clal_top_k, int(cols.sum()))
+        if k == 0 or not bool(rows.any()):
             continue
+        idx = priority.masked_fill(~cols[None, :], float("-inf")).topk(k, dim=1).indices  # [B, k]
+        target = sim_f.gather(1, idx)
+        s_view = (views[q] @ views[i].T).gather(1, idx)  # [B, k]
         err = F.relu((s_view - target).abs() - cfg.clal_tolerance) ** 2
-        total = total + err[use].mean()
+        total = total + err[rows].mean()
         count += 1
     return total / max(count, 1)
 

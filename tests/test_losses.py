@@ -181,3 +181,42 @@ def test_hinge_masks_each_direction_with_its_own_false_negatives():
     for fraction in (0.5, 1.0):
         assert hinge_hardest(b, a, 0.2, false_neg.T, fraction=fraction).item() == pytest.approx(
             hinge_hardest(a, b, 0.2, false_neg, fraction=fraction).item(), abs=1e-6)
+
+
+def _clal_reference(views, k, tol, false_neg, ok):
+    """Brute-force CLAL: per row, among the items that have the view, the positive, then the
+    relevant items, then the nearest by fused cosine; k of them; mean squared excess error."""
+    n = views["Fq"].shape[0]
+    sim_f = (views["Fq"] @ views["Fi"].T).tolist()
+    terms = []
+    for q, i in (("Vq", "Vi"), ("Tq", "Ti")):
+        s_view = (views[q] @ views[i].T).tolist()
+        cols = [c for c in range(n) if ok[i][c]]
+        errs = []
+        for r in (r for r in range(n) if ok[q][r]):
+            ranked = sorted(cols, key=lambda c: (c != r, not false_neg[r][c], -sim_f[r][c]))
+            for c in ranked[:k]:
+                errs.append(max(0.0, abs(s_view[r][c] - sim_f[r][c]) - tol) ** 2)
+        if errs:
+            terms.append(sum(errs) / len(errs))
+    return sum(terms) / max(len(terms), 1)
+
+
+def test_clal_takes_k_neighbours_among_items_with_the_view_and_uses_false_negatives():
+    views = {k: v.detach() for k, v in _views(seed=5, noise=0.6).items()}
+    cfg = LossConfig(clal_top_k=3, clal_tolerance=0.02)
+    ok = {name: torch.ones(B, dtype=torch.bool) for name in views}
+    ok["Vi"][[1, 2, 4, 7]] = False  # items without a photo
+    ok["Vq"][[3]] = False
+    ok["Ti"][[0, 5]] = False
+    false_neg = torch.zeros(B, B, dtype=torch.bool)
+    false_neg[0, 9] = True
+    false_neg[6, 11] = True
+    fn = false_neg.tolist()
+    want = _clal_reference(views, 3, 0.02, fn, {k: v.tolist() for k, v in ok.items()})
+    assert clal_loss(views, cfg, false_neg, ok).item() == pytest.approx(want, rel=1e-5)
+    # the relevant items change the neighbourhood, hence the loss
+    none = [[False] * B for _ in range(B)]
+    assert clal_loss(views, cfg, None, ok).item() == pytest.approx(
+        _clal_reference(views, 3, 0.02, none, {k: v.tolist() for k, v in ok.items()}), rel=1e-5)
+    assert clal_loss(views, cfg, false_neg, ok).item() != pytest.approx(clal_loss(views, cfg, None, ok).item(), rel=1e-4)
