@@ -9,7 +9,9 @@ Conventions (every function):
 - query views ``Fq, Vq, Tq`` and item views ``Fi, Vi, Ti``: ``float32 (B, d)``, rows
   L2-normalised; row ``i`` of the query side and row ``i`` of the item side form a positive
   pair (in-batch negatives).
-- ``scale``: the logit scale ``s`` (a 0-d tensor, already clamped, see ``clamp_logit_scale``).
+- ``scale``: the logit scale ``s`` (a 0-d tensor), taken as given. Its one cap is
+  ``ModelConfig.logit_scale_max``, put on the parameter by ``TwoTowerModel.clamp_logit_scale_``
+  after each optimiser step (``engine.trainer``), so its gradient never vanishes.
 - ``false_neg``: optional ``bool (B, B)``; ``True`` at ``[i, j]`` (``i != j``) when item ``j``
   is also relevant to query ``i`` (same product, same attribute group); those entries are
   left out of the negatives. The diagonal is ignored.
@@ -26,16 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOGIT_SCALE_MAX = math.exp(3.0)  # METHOD.md §1.6: clamp the logit scale to <= e^3 (≈ 20.09)
 LOSS_NAMES: tuple[str, ...] = ("cmal", "clal", "imcl")
 STAGE1_LOSS_NAMES: tuple[str, ...] = ("align_text", "align_image")
 # CMAL's cross-modal view pairs (METHOD.md §2), in the order of ``LossConfig.cmal_pair_weights``.
 CMAL_PAIRS: tuple[tuple[str, str], ...] = (("Tq", "Vi"), ("Vq", "Ti"), ("Tq", "Fi"), ("Vq", "Fi"), ("Fq", "Fi"))
-
-
-def clamp_logit_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Clamp a logit scale to ``(0, e^3]`` (METHOD.md §1.6; CLIP-style temperature cap)."""
-    return scale.clamp(min=1e-4, max=LOGIT_SCALE_MAX)
 
 
 def _negatives_mask(b: int, false_neg: torch.Tensor | None, device: torch.device) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from engine.losses import (
-    LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig, LossWeighting, clamp_logit_scale, stage1_losses, stage2_losses,
+    LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig, LossWeighting, stage1_losses, stage2_losses,
 )
 from engine.token_cache import TokenBatch, TokenTable, encode_views
 
@@ -158,6 +158,7 @@ class Trainer:
                                            eps=config.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, config))
         self.step = 0
+        model.clamp_logit_scale_()  # e.g. an init_model saved with another cap
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -202,7 +203,7 @@ class Trainer:
         # losses in float32 on re-normalised rows (bf16 rows are only unit to ~3 digits)
         emb = {**{v + "q": _unit_rows(e) for v, e in q_emb.items()}, **{v + "i": _unit_rows(e) for v, e in i_emb.items()}}
         ok = {**{v + "q": m for v, m in q_ok.items()}, **{v + "i": m for v, m in i_ok.items()}}
-        scale = clamp_logit_scale(self.model.logit_scale)
+        scale = self.model.logit_scale  # kept <= config.logit_scale_max on the parameter
         if stage == 1:
             terms = stage1_losses(emb, scale, fn, ok)
             weighting = self.weighting["stage1"]
@@ -218,6 +219,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.model.clamp_logit_scale_()  # the one cap, on the parameter (its gradient never vanishes)
         self.scheduler.step()
         self.step += 1
         return {"step": self.step, "stage": stage, "lr": lr, "loss": float(loss.detach()),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.losses import (
-    CMAL_PAIRS, LOGIT_SCALE_MAX, LossConfig, LossWeighting, clal_loss, clamp_logit_scale, cmal_loss,
+    CMAL_PAIRS, LossConfig, LossWeighting, clal_loss, cmal_loss,
     hinge_hardest, imcl_loss, info_nce, stage1_losses, stage2_losses,
 )
 
@@ -100,11 +100,6 @@ def test_hinge_uses_cosine_margin():
     # a->b: row0 relu(.2-1+.707)=0, row1 relu(.2-.707+0)=0 ; b->a: col0 relu(.2-1+0)=0,
     # col1: relu(.2-.707+.707)=.2 -> mean over both directions: 0.5*(0 + 0.1) = 0.05
     assert hinge_hardest(a, b, 0.2).item() == pytest.approx(0.05, abs=1e-6)
-
-
-def test_logit_scale_is_clamped():
-    assert clamp_logit_scale(torch.tensor(100.0)).item() == pytest.approx(LOGIT_SCALE_MAX)
-    assert clamp_logit_scale(torch.tensor(10.0)).item() == 10.0
 
 
 def test_uncertainty_weights_move_and_static_weights_do_not():
@@ -220,3 +215,4 @@ def test_clal_takes_k_neighbours_among_items_with_the_view_and_uses_false_negati
     assert clal_loss(views, cfg, None, ok).item() == pytest.approx(
         _clal_reference(views, 3, 0.02, none, {k: v.tolist() for k, v in ok.items()}), rel=1e-5)
     assert clal_loss(views, cfg, false_neg, ok).item() != pytest.approx(clal_loss(views, cfg, None, ok).item(), rel=1e-4)
+
