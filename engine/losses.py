@@ -242,20 +242,36 @@ def stage2_losses(views: dict[str, torch.Tensor], scale: torch.Tensor, cfg: Loss
     }
 
 
+# Range of each uncertainty log-variance s_k (our choice): weights exp(-s_k) in [e^-4, e^2] ≈
+# [0.018, 7.39]. Kendall et al. leave s_k free; a term that is exactly 0 (e.g. CLAL with every
+# view inside its tolerance) then drives its s_k down without end and its weight up without end.
+LOG_VAR_RANGE: tuple[float, float] = (-2.0, 4.0)
+
+
 class LossWeighting(nn.Module):
     """Combine named loss terms into one scalar, adaptively or with static weights.
 
     mode ``"uncertainty"`` (our choice for UniECS's unpublished "adaptive loss weighting";
     Kendall, Gal & Cipolla, CVPR 2018, homoscedastic uncertainty):
-    ``L = Σ_k exp(-s_k) L_k + s_k``, one learnable ``s_k`` (init 0, i.e. weight 1) per term.
+    ``L = Σ_k exp(-s_k) L_k + s_k``, one learnable ``s_k`` (init 0, i.e. weight 1) per term,
+    bounded to ``log_var_range`` (default ``LOG_VAR_RANGE`` = [-2, 4], weights in
+    [0.018, 7.39]; our choice): the forward pass reads ``s_k`` clamped, and ``clamp_()``
+    (called by the trainer after each optimiser step) puts the bound on the parameter itself,
+    so ``s_k`` never drifts beyond it and comes back as soon as its gradient turns.
     mode ``"static"``: ``L = Σ_k w_k L_k`` with fixed ``static_weights`` (default 1 each).
+    Raises ValueError on an unknown mode, static weights for unknown terms or an empty range.
     """
 
     def __init__(self, names: tuple[str, ...] | list[str], mode: str = "uncertainty",
-                 static_weights: dict[str, float] | None = None) -> None:
+                 static_weights: dict[str, float] | None = None,
+                 log_var_range: tuple[float, float] = LOG_VAR_RANGE) -> None:
         super().__init__()
         if mode not in ("uncertainty", "static"):
             raise ValueError(f"loss weighting mode must be 'uncertainty' or 'static', got {mode!r}")
+        lo, hi = (float(x) for x in log_var_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi):
+            raise ValueError(f"log_var_range must be finite and contain 0, got {log_var_range!r}")
+        self.log_var_range = (lo, hi)
         self.names = tuple(names)
         self.mode = mode
         self.log_vars = nn.Parameter(torch.zeros(len(self.names)), requires_grad=(mode == "uncertainty"))
@@ -265,9 +281,17 @@ class LossWeighting(nn.Module):
             raise ValueError(f"static weights for unknown loss terms {sorted(unknown)}; terms are {list(self.names)}")
         self.register_buffer("static", torch.tensor([float(weights.get(n, 1.0)) for n in self.names]))
 
+    def _bounded(self) -> torch.Tensor:
+        return self.log_vars.clamp(*self.log_var_range)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Put ``log_var_range`` on the parameters ``s_k`` in place (after each optimiser step)."""
+        self.log_vars.clamp_(*self.log_var_range)
+
     def weights(self) -> dict[str, float]:
         """Current weight of each term (``exp(-s_k)`` or the static weight), for logging."""
-        w = torch.exp(-self.log_vars.detach()) if self.mode == "uncertainty" else self.static
+        w = torch.exp(-self._bounded().detach()) if self.mode == "uncertainty" else self.static
         return {n: float(v) for n, v in zip(self.names, w)}
 
     def forward(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -277,5 +301,6 @@ class LossWeighting(nn.Module):
             raise KeyError(f"loss terms missing: {missing}")
         losses = torch.stack([terms[n] for n in self.names])
         if self.mode == "uncertainty":
-            return (torch.exp(-self.log_vars) * losses + self.log_vars).sum()
+            s = self._bounded()
+            return (torch.exp(-s) * losses + s).sum()
         return (self.static * losses).sum()

@@ -220,6 +220,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.model.clamp_logit_scale_()  # the one cap, on the parameter (its gradient never vanishes)
+        weighting.clamp_()  # uncertainty weights stay in LOG_VAR_RANGE
         self.scheduler.step()
         self.step += 1
         return {"step": self.step, "stage": stage, "lr": lr, "loss": float(loss.detach()),

@@ -216,3 +216,25 @@ def test_clal_takes_k_neighbours_among_items_with_the_view_and_uses_false_negati
         _clal_reference(views, 3, 0.02, none, {k: v.tolist() for k, v in ok.items()}), rel=1e-5)
     assert clal_loss(views, cfg, false_neg, ok).item() != pytest.approx(clal_loss(views, cfg, None, ok).item(), rel=1e-4)
 
+
+def test_uncertainty_weights_stay_bounded_when_a_term_is_exactly_zero():
+    """A term that is exactly 0 pulls its s_k down at every step; the weight stops at the bound."""
+    adaptive = LossWeighting(("cmal", "clal", "imcl"), mode="uncertainty")
+    opt = torch.optim.AdamW(adaptive.parameters(), lr=0.1, weight_decay=0.0)
+    terms = {"cmal": torch.tensor(1.0), "clal": torch.tensor(0.0), "imcl": torch.tensor(1e6)}
+    for _ in range(300):
+        opt.zero_grad()
+        adaptive(terms).backward()
+        opt.step()
+        adaptive.clamp_()
+    lo, hi = adaptive.log_var_range
+    assert lo <= adaptive.log_vars.min().item() and adaptive.log_vars.max().item() <= hi
+    assert adaptive.weights()["clal"] == pytest.approx(math.exp(-lo), rel=1e-5)
+    assert adaptive.weights()["imcl"] == pytest.approx(math.exp(-hi), rel=1e-5)
+    assert adaptive.weights()["cmal"] == pytest.approx(1.0, abs=0.05)  # s = log L = 0 for L = 1
+    # the bound at the forward pass holds even before clamp_ is called
+    with torch.no_grad():
+        adaptive.log_vars.fill_(-50.0)
+    assert adaptive(terms).item() == pytest.approx(math.exp(-lo) * 1.0 + 3 * lo + math.exp(-lo) * 1e6, rel=1e-5)
+    with pytest.raises(ValueError, match="log_var_range"):
+        LossWeighting(("cmal",), log_var_range=(1.0, 2.0))

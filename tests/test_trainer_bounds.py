@@ -59,3 +59,15 @@ def test_the_model_config_cap_is_the_only_cap(tiny_backbone_dir, tmp_path):
     assert record["logit_scale"] == pytest.approx(40.0, rel=1e-5)
     with pytest.raises(ValueError, match="logit_scale_init"):
         make_tiny_model(tiny_backbone_dir, logit_scale_init=60.0, logit_scale_max=50.0)
+
+
+def test_trainer_keeps_the_uncertainty_weights_in_their_range(tiny_backbone_dir, tmp_path):
+    model = make_tiny_model(tiny_backbone_dir)
+    trainer = _trainer(model, tmp_path, stage1_steps=0)
+    weighting = trainer.weighting["stage2"]
+    with torch.no_grad():
+        weighting.log_vars.copy_(torch.tensor([-50.0, 0.0, 50.0]))
+    trainer.train_step()
+    lo, hi = weighting.log_var_range
+    assert weighting.log_vars.min().item() >= lo and weighting.log_vars.max().item() <= hi
+    assert all(math.exp(-hi) * (1 - 1e-6) <= w <= math.exp(-lo) * (1 + 1e-6) for w in weighting.weights().values())
