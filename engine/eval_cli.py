@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--own-photo", type=int, default=0, metavar="N",
                         help="also rank the photo of each of the first N catalogue products (any split; query "
                              "tower, image only) against those N products' fused item vectors; 0: off")
+    parser.add_argument("--robust", type=int, default=0, metavar="N",
+                        help="robustness evaluation (engine/robustness.py): the first N products of the split as "
+                             "augmented-photo, brand + type, attribute-phrase and composed queries, ranked against "
+                             "the whole catalogue (caches every catalogue product once); 0: off")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -92,12 +96,27 @@ def run(args: argparse.Namespace) -> int:
         own_photo = {"products": len(photo_pool.products), "excluded": photo_pool.excluded,
                      "rank1": float((ranks == 1).mean()), "recall@5": float((ranks <= 5).mean()),
                      "mean_rank": float(ranks.mean())}
+    robust = None
+    if args.robust > 0:
+        from engine.robustness import evaluate_robustness, robustness_markdown
+
+        try:
+            everything, _ = load_products(args.catalog, None, args.limit)
+            catalogue = build_pool(everything, model.backbones, args.cache_dir, seed=args.seed,
+                                   progress=not args.quiet)
+            robust = evaluate_robustness(model, pool.products[:args.robust], catalogue, args.cache_dir,
+                                         progress=not args.quiet)
+        except (CatalogError, TrainingDataError, ValueError) as exc:
+            print(f"ecsearch eval: error: --robust: {exc}", file=sys.stderr)
+            return 2
     seconds = time.perf_counter() - start
     tables = markdown_tables(result["rows"])
+    if robust is not None:
+        tables += "\n" + robustness_markdown(robust)
     report = {
         "model": str(args.model), "fingerprint": model.fingerprint, "catalog": str(args.catalog),
         "split": args.split, "pool_size": len(pool.products), "attribute_queries": len(pool.query_phrases),
-        "excluded": pool.excluded, "rows": result["rows"], "own_photo": own_photo,
+        "excluded": pool.excluded, "rows": result["rows"], "own_photo": own_photo, "robustness": robust,
         "seconds": {"total": seconds, "cache": pool.cache_seconds, **result["seconds"]},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
