@@ -177,7 +177,8 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
 
 def robustness_markdown(result: dict) -> str:
     """One markdown table per task: rows = models, columns = the task's metrics (values in %)."""
-    parts = [f"Robustness: {result['candidates']} candidates (whole catalogue), augmentation seed {result['seed']}\n"]
+    parts = [f"Robustness: {result['candidates']} candidates (every catalogue product read), "
+             f"augmentation seed {result['seed']}\n"]
     for task in ("augmented_photo", "brand_type", "attribute_phrase", "composed"):
         if task not in result:
             continue
