@@ -7,7 +7,10 @@ Example::
 
 Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
 the markdown tables. Baselines: untrained towers (same configuration, seed ``--seed``) over
-the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4).
+the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4), and
+the raw pretrained backbone features with no tower (``engine.evaluate.raw_backbone_rows``).
+``--robust N`` adds the robustness tasks of ``engine.robustness`` (augmented photos, brand +
+type, attribute phrases, composed queries; against every catalogue product read).
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ from pathlib import Path
 from engine.catalog import CatalogError
 from engine.errors import ModelFolderError
 
-REFERENCE_ROW = "reference: pretrained backbone features, no tower"
 BASELINE_ROWS = {
     "baseline: untrained, text-only": ("untrained", "text"),
     "baseline: untrained, image-only": ("untrained", "image"),
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ablation", action="store_true",
                         help="leave out the trained model's own text-only / image-only / average rows")
     parser.add_argument("--no-reference", action="store_true",
-                        help="leave out the pretrained-backbone reference row (t2t, i2i, m2m only)")
+                        help="leave out the raw-backbone rows (pretrained features, no training: text-only t2t, "
+                             "image-only i2i, concatenation on the m scenarios)")
     parser.add_argument("--own-photo", type=int, default=0, metavar="N",
                         help="also rank the photo of each of the first N catalogue products (any split; query "
                              "tower, image only) against those N products' fused item vectors; 0: off")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, pretrained_reference
+    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
     from engine.model_folder import load_model
     from engine.towers import build_model
     from engine.train import TrainingDataError, load_products
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     rows.update(BASELINE_ROWS)
     result = evaluate_models({"trained": model, "untrained": untrained}, pool, rows)
     if not args.no_reference:
-        result["rows"][REFERENCE_ROW] = pretrained_reference(pool)
+        result["rows"].update(raw_backbone_rows(pool))
     own_photo = None
     if args.own_photo > 0:
         try:

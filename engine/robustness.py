@@ -4,7 +4,7 @@
 Query products: products of the evaluation split (``ecsearch eval --robust N``: the first N).
 Candidates: every catalogue product with a title and a usable photo, as fused item vectors
 (item tower, F), exact (flat) inner-product search; the raw-backbone rows rank the same
-candidates by the backbones' own pooled features (``engine.evaluate.pretrained_reference``'s
+candidates by the backbones' own pooled features (``engine.evaluate.raw_backbone_rows``'
 pooling: mean of MiniLM tokens, mean of the image tokens, concatenation / √2 for both).
 
 1. **Augmented photo → product**: one augmented view of each query product's photo
