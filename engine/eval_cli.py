@@ -7,7 +7,10 @@ Example::
 
 Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
 the markdown tables. Baselines: untrained towers (same configuration, seed ``--seed``) over
-the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4).
+the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4), and
+the raw pretrained backbone features with no tower (``engine.evaluate.raw_backbone_rows``).
+``--robust N`` adds the robustness tasks of ``engine.robustness`` (augmented photos, brand +
+type, attribute phrases, composed queries; against every catalogue product read).
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ from pathlib import Path
 from engine.catalog import CatalogError
 from engine.errors import ModelFolderError
 
-REFERENCE_ROW = "reference: pretrained backbone features, no tower"
 BASELINE_ROWS = {
     "baseline: untrained, text-only": ("untrained", "text"),
     "baseline: untrained, image-only": ("untrained", "image"),
@@ -43,10 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ablation", action="store_true",
                         help="leave out the trained model's own text-only / image-only / average rows")
     parser.add_argument("--no-reference", action="store_true",
-                        help="leave out the pretrained-backbone reference row (t2t, i2i, m2m only)")
+                        help="leave out the raw-backbone rows (pretrained features, no training: text-only t2t, "
+                             "image-only i2i, concatenation on the m scenarios)")
     parser.add_argument("--own-photo", type=int, default=0, metavar="N",
                         help="also rank the photo of each of the first N catalogue products (any split; query "
                              "tower, image only) against those N products' fused item vectors; 0: off")
+    parser.add_argument("--robust", type=int, default=0, metavar="N",
+                        help="robustness evaluation (engine/robustness.py): the first N products of the split as "
+                             "augmented-photo, brand + type, attribute-phrase and composed queries, ranked against "
+                             "the whole catalogue (caches every catalogue product once); 0: off")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, pretrained_reference
+    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
     from engine.model_folder import load_model
     from engine.towers import build_model
     from engine.train import TrainingDataError, load_products
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     rows.update(BASELINE_ROWS)
     result = evaluate_models({"trained": model, "untrained": untrained}, pool, rows)
     if not args.no_reference:
-        result["rows"][REFERENCE_ROW] = pretrained_reference(pool)
+        result["rows"].update(raw_backbone_rows(pool))
     own_photo = None
     if args.own_photo > 0:
         try:
@@ -92,12 +99,27 @@ def run(args: argparse.Namespace) -> int:
         own_photo = {"products": len(photo_pool.products), "excluded": photo_pool.excluded,
                      "rank1": float((ranks == 1).mean()), "recall@5": float((ranks <= 5).mean()),
                      "mean_rank": float(ranks.mean())}
+    robust = None
+    if args.robust > 0:
+        from engine.robustness import evaluate_robustness, robustness_markdown
+
+        try:
+            everything, _ = load_products(args.catalog, None, args.limit)
+            catalogue = build_pool(everything, model.backbones, args.cache_dir, seed=args.seed,
+                                   progress=not args.quiet)
+            robust = evaluate_robustness(model, pool.products[:args.robust], catalogue, args.cache_dir,
+                                         progress=not args.quiet)
+        except (CatalogError, TrainingDataError, ValueError) as exc:
+            print(f"ecsearch eval: error: --robust: {exc}", file=sys.stderr)
+            return 2
     seconds = time.perf_counter() - start
     tables = markdown_tables(result["rows"])
+    if robust is not None:
+        tables += "\n" + robustness_markdown(robust)
     report = {
         "model": str(args.model), "fingerprint": model.fingerprint, "catalog": str(args.catalog),
         "split": args.split, "pool_size": len(pool.products), "attribute_queries": len(pool.query_phrases),
-        "excluded": pool.excluded, "rows": result["rows"], "own_photo": own_photo,
+        "excluded": pool.excluded, "rows": result["rows"], "own_photo": own_photo, "robustness": robust,
         "seconds": {"total": seconds, "cache": pool.cache_seconds, **result["seconds"]},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},

@@ -231,27 +231,43 @@ def _pooled(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> np.nd
     return _unit(np.concatenate(out)) if out else np.zeros((0, table.hidden_size), np.float32)
 
 
-def pretrained_reference(pool: EvalPool) -> dict[str, dict[str, float]]:
-    """Reference row (our choice): the pretrained backbones' own pooled features, no tower.
+RAW_ROWS = ("raw backbone: text-only (MiniLM mean-pooled)", "raw backbone: image-only (mean of tokens)",
+            "raw backbones: concatenation [t; v]")
+
+
+def raw_backbone_rows(pool: EvalPool) -> dict[str, dict[str, dict[str, float]]]:
+    """Baseline rows with no training (issue 12 item 5a/5d; our choice): the pretrained backbones'
+    own pooled features, exact search.
 
     Text = mean-pooled text tokens (sentence-transformers pooling for MiniLM), image = mean of
-    the image tokens (global average pooling), m = ``[t; v] / √2`` (naive concatenation,
-    METHOD.md §4). Text and image features live in different spaces, so only the
-    same-form scenarios t2t, i2i, m2m exist. Returns ``{scenario: {metric: value}}``.
+    the image tokens (global average pooling). Rows: text-only (t2t), image-only (i2i), and the
+    naive concatenation ``[t; v] / √2`` (METHOD.md §4) for every scenario with an m side; a
+    one-modality side of a concatenation scenario fills the other half with zeros (so t2m ranks
+    by the text half). Text and image features share no space: t2i and i2t have no row.
+    Returns ``{label: {scenario: {metric: value}}}``, labels ``RAW_ROWS``.
     """
-    t = _pooled(pool.texts, pool.text_rows)
-    v = _pooled(pool.images, pool.image_rows)
-    m = np.concatenate([t, v], axis=1) / np.sqrt(2.0)
-    at = _pooled(pool.texts, pool.query_text_rows)
-    av = v[pool.query_reps]
-    am = np.concatenate([at, av], axis=1) / np.sqrt(2.0)
-    targets = np.arange(len(pool.products))
-    out: dict[str, dict[str, float]] = {}
-    for s, cand, query, attr in (("t2t", t, t, at), ("i2i", v, v, av), ("m2m", m, m, am)):
-        res = instance_metrics(rank_of_targets(query, cand, targets))
-        if len(pool.query_groups):
-            res.update(attribute_metrics(attr, cand, pool.query_groups, pool.groups, exclude=pool.query_reps, k=10))
-        out[s] = res
+    t, v = _pooled(pool.texts, pool.text_rows), _pooled(pool.images, pool.image_rows)
+    at, av = _pooled(pool.texts, pool.query_text_rows), v[pool.query_reps]
+
+    def cat(a: np.ndarray | None, b: np.ndarray | None, n: int) -> np.ndarray:
+        a = np.zeros((n, t.shape[1]), np.float32) if a is None else a
+        b = np.zeros((n, v.shape[1]), np.float32) if b is None else b
+        return np.concatenate([a, b], axis=1) / np.sqrt(2.0)
+
+    n, na = len(pool.products), len(pool.query_reps)
+    pad = {"t": (cat(t, None, n), cat(at, None, na)), "i": (cat(None, v, n), cat(None, av, na)),
+           "m": (cat(t, v, n), cat(at, av, na))}
+    plans = {RAW_ROWS[0]: {"t2t": ((t, at), t)}, RAW_ROWS[1]: {"i2i": ((v, av), v)},
+             RAW_ROWS[2]: {s: (pad[s[0]], pad[s[2]][0]) for s in SCENARIOS if "m" in (s[0], s[2])}}
+    targets = np.arange(n)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, plan in plans.items():
+        out[label] = {}
+        for s, ((query, attr), cand) in plan.items():
+            res = instance_metrics(rank_of_targets(query, cand, targets))
+            if len(pool.query_groups):
+                res.update(attribute_metrics(attr, cand, pool.query_groups, pool.groups, exclude=pool.query_reps, k=10))
+            out[label][s] = res
     return out
 
 

@@ -9,6 +9,13 @@ vector. When the *other* modality is absent the cross-attention update is skippe
 sample (our choice: the spec's ``A`` is undefined with no keys; skipping keeps the token
 unchanged instead of letting an untrained gate shrink it). A sample's output never depends
 on the other samples of its batch: every mask is per sample and pads are never attended.
+
+What the gates learn: since the cross-attention layers run only on the rows that have both
+modalities, the presence inputs ``e_t`` and ``e_v`` of the gate formula are always 1 there;
+their weight column acts as a second bias. The gates therefore learn, per token and channel,
+how much of the other modality's attended summary ``A`` to mix in, from the token itself and
+``A`` — not whether the other modality is present. Presence is handled outside the gates: by
+the skip above, the key padding masks and the learned "absent" pooled vectors (METHOD.md §1.3).
 """
 from __future__ import annotations
 
@@ -56,6 +63,10 @@ class GatedCrossLayer(nn.Module):
     ``A_v = MHA(LN(V), LN(T), LN(T))``, ``A_t = MHA(LN(T), LN(V), LN(V))``,
     ``g_v = sigmoid(W_v [V; A_v; e_t])``, ``g_t = sigmoid(W_t [T; A_t; e_v])``,
     ``V ← g_v*A_v + (1-g_v)*V``, ``T ← g_t*A_t + (1-g_t)*T``.
+
+    ``FusionEncoder`` calls it only on rows with both modalities, so ``has_image`` and
+    ``has_text`` are all True there and the ``e`` column of ``W_v`` / ``W_t`` works as a bias:
+    the gates learn how much cross-modal context to take, not presence (module docstring).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float):

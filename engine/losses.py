@@ -9,7 +9,9 @@ Conventions (every function):
 - query views ``Fq, Vq, Tq`` and item views ``Fi, Vi, Ti``: ``float32 (B, d)``, rows
   L2-normalised; row ``i`` of the query side and row ``i`` of the item side form a positive
   pair (in-batch negatives).
-- ``scale``: the logit scale ``s`` (a 0-d tensor, already clamped, see ``clamp_logit_scale``).
+- ``scale``: the logit scale ``s`` (a 0-d tensor), taken as given. Its one cap is
+  ``ModelConfig.logit_scale_max``, put on the parameter by ``TwoTowerModel.clamp_logit_scale_``
+  after each optimiser step (``engine.trainer``), so its gradient never vanishes.
 - ``false_neg``: optional ``bool (B, B)``; ``True`` at ``[i, j]`` (``i != j``) when item ``j``
   is also relevant to query ``i`` (same product, same attribute group); those entries are
   left out of the negatives. The diagonal is ignored.
@@ -26,16 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOGIT_SCALE_MAX = math.exp(3.0)  # METHOD.md §1.6: clamp the logit scale to <= e^3 (≈ 20.09)
 LOSS_NAMES: tuple[str, ...] = ("cmal", "clal", "imcl")
 STAGE1_LOSS_NAMES: tuple[str, ...] = ("align_text", "align_image")
 # CMAL's cross-modal view pairs (METHOD.md §2), in the order of ``LossConfig.cmal_pair_weights``.
 CMAL_PAIRS: tuple[tuple[str, str], ...] = (("Tq", "Vi"), ("Vq", "Ti"), ("Tq", "Fi"), ("Vq", "Fi"), ("Fq", "Fi"))
-
-
-def clamp_logit_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Clamp a logit scale to ``(0, e^3]`` (METHOD.md §1.6; CLIP-style temperature cap)."""
-    return scale.clamp(min=1e-4, max=LOGIT_SCALE_MAX)
 
 
 def _negatives_mask(b: int, false_neg: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -110,12 +106,13 @@ def hinge_hardest(
         valid = valid & ~false_neg[keep][:, keep]
     pos = sim.diagonal()
     total = a.sum() * 0.0
-    for s, p in ((sim, pos), (sim.T, pos)):
-        neg = s.masked_fill(~valid, float("-inf"))
+    # a -> b: row i of sim, negatives valid[i, :]; b -> a: row j of sim.T, negatives valid[:, j]
+    for s, ok_neg in ((sim, valid), (sim.T, valid.T)):
+        neg = s.masked_fill(~ok_neg, float("-inf"))
         k = 1 if fraction is None else max(1, math.ceil(fraction * (n - 1)))
         hard, _ = neg.topk(k, dim=1)  # [n, k]
         finite = torch.isfinite(hard)
-        viol = F.relu(margin - p[:, None] + hard.masked_fill(~finite, 0.0)) * finite
+        viol = F.relu(margin - pos[:, None] + hard.masked_fill(~finite, 0.0)) * finite
         total = total + viol.sum() / finite.sum().clamp(min=1)
     return 0.5 * total
 
@@ -168,32 +165,36 @@ def clal_loss(views: dict[str, torch.Tensor], cfg: LossConfig,
               false_neg: torch.Tensor | None = None, ok: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """CLAL, cohesive local alignment loss (UniECS; METHOD.md §2).
 
-    For each query row, the top-k (``cfg.clal_top_k``) items under the fused similarity
-    ``Fq Fiᵀ`` (its positive included); for those pairs the image-only similarity
-    ``Vq Viᵀ`` and the text-only similarity ``Tq Tiᵀ`` must agree with the fused one:
-    ``mean relu(|s_view - s_fused| - tol)²``. The fused similarity is the target (detached,
-    our choice: the neighbourhood is defined by F, the unimodal views move to keep it).
-    Rows whose view is missing are left out. Returns a 0-d tensor.
+    For each query row, its local neighbourhood: ``k = cfg.clal_top_k`` in-batch items,
+    chosen among the items that have the view being checked. Priority (our choice): the
+    positive first, then the items marked relevant in ``false_neg`` (they belong to the
+    neighbourhood by definition), then the nearest others under the fused similarity
+    ``Fq Fiᵀ``. For those pairs the image-only similarity ``Vq Viᵀ`` and the text-only
+    similarity ``Tq Tiᵀ`` must agree with the fused one: ``mean relu(|s_view - s_fused| - tol)²``.
+    The fused similarity is the target (detached, our choice: the neighbourhood is defined by
+    F, the unimodal views move to keep it). Rows lacking a view are left out; items lacking
+    it are skipped *before* the top-k, so every row gets ``min(k, items with the view)``
+    neighbours. Returns a 0-d tensor (mean of the view terms that have any pair).
     """
     ok = ok or {}
     fq, fi = views["Fq"], views["Fi"]
     b = fq.shape[0]
-    sim_f = (fq @ fi.T).detach()  # [B, B]
-    k = min(cfg.clal_top_k, b)
-    idx = sim_f.topk(k, dim=1).indices  # [B, k]
-    target = sim_f.gather(1, idx)
+    sim_f = (fq @ fi.T).detach()  # [B, B], cosine in [-1, 1]
+    priority = sim_f + 8.0 * torch.eye(b, device=fq.device)  # positive first
+    if false_neg is not None:
+        priority = priority + 4.0 * (false_neg & ~torch.eye(b, dtype=torch.bool, device=fq.device))
     total, count = fq.sum() * 0.0, 0
     for q, i in (("Vq", "Vi"), ("Tq", "Ti")):
         rows = _rows(ok.get(q), ok.get("Fq"), b, fq.device)
-        s_view = (views[q] @ views[i].T).gather(1, idx)  # [B, k]
-        cols_ok = torch.ones_like(s_view, dtype=torch.bool)
-        if ok.get(i) is not None:
-            cols_ok = ok[i][idx]
-        use = rows[:, None] & cols_ok
-        if not bool(use.any()):
+        cols = _rows(ok.get(i), ok.get("Fi"), b, fq.device)
+        k = min(cfg.clal_top_k, int(cols.sum()))
+        if k == 0 or not bool(rows.any()):
             continue
+        idx = priority.masked_fill(~cols[None, :], float("-inf")).topk(k, dim=1).indices  # [B, k]
+        target = sim_f.gather(1, idx)
+        s_view = (views[q] @ views[i].T).gather(1, idx)  # [B, k]
         err = F.relu((s_view - target).abs() - cfg.clal_tolerance) ** 2
-        total = total + err[use].mean()
+        total = total + err[rows].mean()
         count += 1
     return total / max(count, 1)
 
@@ -241,20 +242,36 @@ def stage2_losses(views: dict[str, torch.Tensor], scale: torch.Tensor, cfg: Loss
     }
 
 
+# Range of each uncertainty log-variance s_k (our choice): weights exp(-s_k) in [e^-4, e^2] ≈
+# [0.018, 7.39]. Kendall et al. leave s_k free; a term that is exactly 0 (e.g. CLAL with every
+# view inside its tolerance) then drives its s_k down without end and its weight up without end.
+LOG_VAR_RANGE: tuple[float, float] = (-2.0, 4.0)
+
+
 class LossWeighting(nn.Module):
     """Combine named loss terms into one scalar, adaptively or with static weights.
 
     mode ``"uncertainty"`` (our choice for UniECS's unpublished "adaptive loss weighting";
     Kendall, Gal & Cipolla, CVPR 2018, homoscedastic uncertainty):
-    ``L = Σ_k exp(-s_k) L_k + s_k``, one learnable ``s_k`` (init 0, i.e. weight 1) per term.
+    ``L = Σ_k exp(-s_k) L_k + s_k``, one learnable ``s_k`` (init 0, i.e. weight 1) per term,
+    bounded to ``log_var_range`` (default ``LOG_VAR_RANGE`` = [-2, 4], weights in
+    [0.018, 7.39]; our choice): the forward pass reads ``s_k`` clamped, and ``clamp_()``
+    (called by the trainer after each optimiser step) puts the bound on the parameter itself,
+    so ``s_k`` never drifts beyond it and comes back as soon as its gradient turns.
     mode ``"static"``: ``L = Σ_k w_k L_k`` with fixed ``static_weights`` (default 1 each).
+    Raises ValueError on an unknown mode, static weights for unknown terms or an empty range.
     """
 
     def __init__(self, names: tuple[str, ...] | list[str], mode: str = "uncertainty",
-                 static_weights: dict[str, float] | None = None) -> None:
+                 static_weights: dict[str, float] | None = None,
+                 log_var_range: tuple[float, float] = LOG_VAR_RANGE) -> None:
         super().__init__()
         if mode not in ("uncertainty", "static"):
             raise ValueError(f"loss weighting mode must be 'uncertainty' or 'static', got {mode!r}")
+        lo, hi = (float(x) for x in log_var_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi):
+            raise ValueError(f"log_var_range must be finite and contain 0, got {log_var_range!r}")
+        self.log_var_range = (lo, hi)
         self.names = tuple(names)
         self.mode = mode
         self.log_vars = nn.Parameter(torch.zeros(len(self.names)), requires_grad=(mode == "uncertainty"))
@@ -264,9 +281,17 @@ class LossWeighting(nn.Module):
             raise ValueError(f"static weights for unknown loss terms {sorted(unknown)}; terms are {list(self.names)}")
         self.register_buffer("static", torch.tensor([float(weights.get(n, 1.0)) for n in self.names]))
 
+    def _bounded(self) -> torch.Tensor:
+        return self.log_vars.clamp(*self.log_var_range)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Put ``log_var_range`` on the parameters ``s_k`` in place (after each optimiser step)."""
+        self.log_vars.clamp_(*self.log_var_range)
+
     def weights(self) -> dict[str, float]:
         """Current weight of each term (``exp(-s_k)`` or the static weight), for logging."""
-        w = torch.exp(-self.log_vars.detach()) if self.mode == "uncertainty" else self.static
+        w = torch.exp(-self._bounded().detach()) if self.mode == "uncertainty" else self.static
         return {n: float(v) for n, v in zip(self.names, w)}
 
     def forward(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -276,5 +301,6 @@ class LossWeighting(nn.Module):
             raise KeyError(f"loss terms missing: {missing}")
         losses = torch.stack([terms[n] for n in self.names])
         if self.mode == "uncertainty":
-            return (torch.exp(-self.log_vars) * losses + self.log_vars).sum()
+            s = self._bounded()
+            return (torch.exp(-s) * losses + s).sum()
         return (self.static * losses).sum()

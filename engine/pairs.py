@@ -17,6 +17,19 @@ From a catalogue without query logs (METHOD.md §3; M-BEER "trigger / recall" fo
   heels" (gender, baseColour, articleType, lower-cased) → that product: a short
   category-level query like the ones users type.
 
+Queries as shoppers type them and composed queries (``shopper_pairs``; issue 12 items 2-3;
+texts from ``engine.shopper_queries``):
+
+- ``brand_query``: "puma sports shoes" / "puma black sports shoes" → the product; every
+  product of that brand and type (and colour) is relevant.
+- ``partial_title``: a run of the title's words ("men black sports") → the product itself,
+  so rare title words keep their weight.
+- ``phrase_query``: attribute phrases in other word orders ("black heels for women",
+  "formal shirts") → the product; every product with those facets is relevant.
+- ``composed`` (M-BEER trigger → recall): photo of product A + a modifier text ("in red",
+  "for women", "for sports", "in leather") → a product B of A's type with the modified facet;
+  every product of that type with that facet is relevant, A itself is not (unless it has it).
+
 A pairs file (JSONL, one pair per line) carries real query logs:
 ``{"query_text": str?, "query_image": path?, "product_id": str}`` (aliases: ``query`` /
 ``text``, ``image`` / ``image_path``, ``item_id`` / ``id``). Relative image paths resolve
@@ -33,8 +46,12 @@ from typing import Sequence
 import numpy as np
 
 from engine.catalog import Product
+from engine.shopper_queries import (
+    attribute_phrases, brand_queries, composed_query, composed_targets, partial_title, product_facets,
+)
 
-KINDS = ("instance", "photo_query", "title_query", "similar", "attribute_query", "pairs_file")
+KINDS = ("instance", "photo_query", "title_query", "similar", "attribute_query", "pairs_file",
+         "brand_query", "partial_title", "phrase_query", "composed")
 DEFAULT_GROUP_FIELDS: tuple[str, ...] = ("gender", "baseColour", "articleType")
 
 
@@ -48,6 +65,8 @@ class TrainingPair:
         then relevant to the query too, and is left out of its in-batch negatives).
     group: attribute group of the item when the pair is attribute-level (``similar``,
         ``attribute_query``): every in-batch item of the same group is relevant, not a negative.
+    fields: the facet fields ``group`` is a key over (``engine.shopper_queries.facet_key`` of
+        ``product_facets``); None: the catalogue pairs' group fields (``DEFAULT_GROUP_FIELDS``).
     """
 
     kind: str
@@ -56,6 +75,7 @@ class TrainingPair:
     query_image: str | None
     query_product_id: str | None = None
     group: str | None = None
+    fields: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,48 @@ def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: f
         phrase = attribute_phrase(p.attributes, group_fields)
         if phrase is not None and rng.random() < attribute_query_rate:
             pairs.append(TrainingPair("attribute_query", p.product_id, phrase, None, None, k))
+    return pairs
+
+
+def shopper_pairs(products: Sequence[Product], seed: int = 0, *, brand_query_rate: float = 0.0,
+                  partial_title_rate: float = 0.0, phrase_query_rate: float = 0.0,
+                  composed_rate: float = 0.0) -> list[TrainingPair]:
+    """Queries as shoppers type them and composed queries (module docstring; issue 12 items 2-3).
+
+    Each product draws, with the given probability (our choice of rates), one ``brand_query``
+    (form drawn among those its facets allow), one ``partial_title``, one ``phrase_query``
+    (template drawn likewise) and, when it has a photo and a modifier applies, one
+    ``composed`` pair (target drawn uniformly among the other products of that type with
+    that facet). Each kind has its own seeded stream: deterministic for a given seed, and a
+    kind's pairs do not change with the other rates. Raises ValueError when a rate lies
+    outside [0, 1].
+    """
+    rates = {"brand_query_rate": brand_query_rate, "partial_title_rate": partial_title_rate,
+             "phrase_query_rate": phrase_query_rate, "composed_rate": composed_rate}
+    bad = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise ValueError(f"pair rates must lie in [0, 1], got {bad}")
+    facets = [product_facets(p.attributes, p.title) for p in products]
+    targets = composed_targets(facets) if composed_rate > 0 else {}
+    rngs = {k: np.random.default_rng([seed, 10 + n]) for n, k in enumerate(rates)}
+    pairs: list[TrainingPair] = []
+    for i, (p, f) in enumerate(zip(products, facets)):
+        draws = {k: r.random() for k, r in rngs.items()}
+        for kind, rate, options in (("brand_query", brand_query_rate, brand_queries(f)),
+                                    ("phrase_query", phrase_query_rate, attribute_phrases(f))):
+            if options and draws[kind + "_rate"] < rate:
+                text, fields = options[int(rngs[kind + "_rate"].integers(len(options)))]
+                pairs.append(TrainingPair(kind, p.product_id, text, None, None, "|".join(f[x] for x in fields), fields))
+        if draws["partial_title_rate"] < partial_title_rate:
+            fragment = partial_title(p.title, rngs["partial_title_rate"])
+            if fragment:
+                pairs.append(TrainingPair("partial_title", p.product_id, fragment, None, p.product_id, None))
+        if p.image and draws["composed_rate"] < composed_rate:
+            made = composed_query(f, targets, rngs["composed_rate"])
+            others = [] if made is None else [j for j in made[3] if j != i]
+            if others:
+                j = others[int(rngs["composed_rate"].integers(len(others)))]
+                pairs.append(TrainingPair("composed", products[j].product_id, made[0], p.image, None, made[2], made[1]))
     return pairs
 
 

@@ -36,8 +36,10 @@ class ModelConfig:
         mlp_ratio: MLP width factor of the Transformer blocks (our choice, 4.0).
         dropout: dropout in the fusion encoder during training (our choice, 0.1).
         share_fusion: query and item towers share one fusion encoder (default False).
-        logit_scale_init / logit_scale_max: learnable logit scale, initial 10, clamped
-            to ≤ e^3 ≈ 20 (METHOD.md §1.6).
+        logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
+            ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
+            (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
+            ``0 < init <= max < inf``.
         text_backbone / image_backbone: backbone specs, see ``engine.backbones.registry``.
     """
 
@@ -53,6 +55,11 @@ class ModelConfig:
     logit_scale_max: float = math.exp(3.0)
     text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
     image_backbone: dict = field(default_factory=lambda: dict(DEFAULT_IMAGE_BACKBONE))
+
+    def __post_init__(self) -> None:
+        if not (0 < self.logit_scale_init <= self.logit_scale_max < math.inf):
+            raise ValueError(f"need 0 < logit_scale_init <= logit_scale_max < inf, got "
+                             f"{self.logit_scale_init} and {self.logit_scale_max}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -288,8 +295,19 @@ class TwoTowerModel(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """Scalar tensor ``exp(log_logit_scale)`` clamped to ``config.logit_scale_max`` (METHOD.md §1.6)."""
-        return self.log_logit_scale.clamp(max=math.log(self.config.logit_scale_max)).exp()
+        """Scalar tensor ``exp(log_logit_scale)`` (METHOD.md §1.6), differentiable everywhere.
+
+        Not clamped when read (a read-time clamp has zero gradient above the cap, so the scale
+        would stay stuck there): the cap is put on the parameter by ``clamp_logit_scale_``.
+        """
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Project the parameter to ``logit_scale <= config.logit_scale_max`` (METHOD.md §1.6:
+        ≤ e^3 ≈ 20 by default), in place; the trainer calls it after every optimiser step.
+        The one cap on the logit scale (CLIP does the same after each step)."""
+        self.log_logit_scale.clamp_(max=math.log(self.config.logit_scale_max))
 
     def cast_for_inference(self, precision: str) -> "TwoTowerModel":
         """Store the weights the way a serving process runs them; in place, returns self.

@@ -18,7 +18,9 @@ import numpy as np
 
 from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, read_split
 from engine.model_folder import load_model, save_model
-from engine.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file
+from engine.augment_cache import augmented_key, cache_augmented_images
+from engine.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
+from engine.shopper_queries import facet_key, product_facets
 from engine.token_cache import TokenTable, cache_images, cache_texts
 from engine.towers import ModelConfig, build_model
 from engine.trainer import TrainConfig, Trainer, TrainingData
@@ -41,6 +43,11 @@ class TrainJob:
     train: ``TrainConfig``. resume: continue from ``<out>/checkpoint.pt`` when present.
     similar_rate / attribute_query_rate / photo_query_rate / title_query_rate: catalogue pair
     mix, see ``engine.pairs.catalog_pairs``.
+    brand_query_rate / partial_title_rate / phrase_query_rate / composed_rate: shopper and
+    composed pairs, see ``engine.pairs.shopper_pairs`` (default 0: off).
+    augment_views: augmented views cached per query photo (``engine.augment_cache``; 0: off,
+    the default, since each view costs one more image-backbone pass per training photo);
+    the trainer swaps query photos for them (``TrainConfig.augment_p``). Seeded by ``train.seed``.
     """
 
     catalog: str
@@ -59,6 +66,11 @@ class TrainJob:
     attribute_query_rate: float = 0.35
     photo_query_rate: float = 0.0
     title_query_rate: float = 0.0
+    brand_query_rate: float = 0.0
+    partial_title_rate: float = 0.0
+    phrase_query_rate: float = 0.0
+    composed_rate: float = 0.0
+    augment_views: int = 0
     progress: bool = True
 
 
@@ -89,10 +101,12 @@ def load_products(catalog: str, split: str | None, limit: int | None = None,
 
 
 def build_training_data(products: list[Product], pairs: list[TrainingPair], texts: TokenTable,
-                        images: TokenTable, group_fields=DEFAULT_GROUP_FIELDS) -> tuple[TrainingData, list[dict]]:
+                        images: TokenTable, group_fields=DEFAULT_GROUP_FIELDS,
+                        aug_images: TokenTable | None = None) -> tuple[TrainingData, list[dict]]:
     """Resolve pairs to token-table rows. Pairs whose item or query has no usable modality left
     (e.g. its only image failed to decode) are rejected with the reason; a product whose image
-    failed keeps its text."""
+    failed keeps its text. ``aug_images``: augmented query photos (``engine.augment_cache``),
+    whose views are attached to every pair with a query photo."""
     index = {p.product_id: i for i, p in enumerate(products)}
     groups: dict[str, int] = {}
     product_group = np.array([groups.setdefault(k, len(groups)) if (k := group_key(p, group_fields)) else -1
@@ -106,6 +120,7 @@ def build_training_data(products: list[Product], pairs: list[TrainingPair], text
     cols: dict[str, list[int]] = {k: [] for k in ("q_text", "q_image", "item_text", "item_image", "item",
                                                   "query_product", "item_group", "query_group")}
     kinds: list[str] = []
+    kept: list[TrainingPair] = []
     for pair in pairs:
         i = index[pair.item_id]
         qt = texts.row(pair.query_text) if pair.query_text is not None else -1
@@ -122,13 +137,40 @@ def build_training_data(products: list[Product], pairs: list[TrainingPair], text
         qp = index.get(pair.query_product_id, -1) if pair.query_product_id is not None else -1
         for name, value in (("q_text", qt), ("q_image", qi), ("item_text", p_text[i]), ("item_image", p_image[i]),
                             ("item", i), ("query_product", qp), ("item_group", product_group[i]),
-                            ("query_group", product_group[i] if pair.group is not None else -1)):
+                            ("query_group", product_group[i] if pair.group is not None and pair.fields is None else -1)):
             cols[name].append(int(value))
         kinds.append(pair.kind)
+        kept.append(pair)
     if len(kinds) < 2:
         raise TrainingDataError(f"fewer than 2 usable training pairs ({len(kinds)} of {len(pairs)})")
     arrays = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
-    return TrainingData(texts, images, kinds=np.asarray(kinds), **arrays), rejects
+    extra = _relevance(products, kept)
+    if aug_images is not None:
+        views = int(aug_images.meta.get("views", 1))
+        extra["aug_images"] = aug_images
+        extra["q_image_aug"] = np.array([[aug_images.row(augmented_key(q.query_image, v)) if q.query_image else -1
+                                          for v in range(views)] for q in kept], dtype=np.int64).reshape(len(kept), views)
+    return TrainingData(texts, images, kinds=np.asarray(kinds), **arrays, **extra), rejects
+
+
+def _relevance(products: list[Product], pairs: list[TrainingPair]) -> dict:
+    """``TrainingData`` relevance arrays of the pairs that name their facet ``fields`` (empty when none)."""
+    specs = list(dict.fromkeys(p.fields for p in pairs if p.fields is not None and p.group is not None))
+    if not specs:
+        return {}
+    facets = [product_facets(p.attributes, p.title) for p in products]
+    ids: list[dict[str, int]] = [{} for _ in specs]
+    keys = np.full((len(specs), len(products)), -1, dtype=np.int64)
+    for s, fields in enumerate(specs):
+        for n, f in enumerate(facets):
+            k = facet_key(f, fields)
+            if k is not None:
+                keys[s, n] = ids[s].setdefault(k, len(ids[s]))
+    spec_of = {fields: s for s, fields in enumerate(specs)}
+    query_spec = np.array([spec_of.get(p.fields, -1) if p.group is not None else -1 for p in pairs], dtype=np.int64)
+    query_key = np.array([ids[q].get(p.group, -2) if q >= 0 else -1 for p, q in zip(pairs, query_spec)],
+                         dtype=np.int64)  # -2: a key no product has (never matches)
+    return {"relevance_keys": keys, "query_spec": query_spec, "query_key": query_key}
 
 
 def train_model(job: TrainJob) -> dict:
@@ -145,6 +187,10 @@ def train_model(job: TrainJob) -> dict:
         pairs += catalog_pairs(products, job.train.seed, similar_rate=job.similar_rate,
                                attribute_query_rate=job.attribute_query_rate,
                                photo_query_rate=job.photo_query_rate, title_query_rate=job.title_query_rate)
+    shopper = dict(brand_query_rate=job.brand_query_rate, partial_title_rate=job.partial_title_rate,
+                   phrase_query_rate=job.phrase_query_rate, composed_rate=job.composed_rate)
+    if job.catalog_pairs and any(shopper.values()):
+        pairs += shopper_pairs(products, job.train.seed, **shopper)
     if job.pairs_file:
         file_pairs, pair_rejects = read_pairs_file(job.pairs_file, {p.product_id for p in products})
         pairs += file_pairs
@@ -158,9 +204,14 @@ def train_model(job: TrainJob) -> dict:
     all_images = [p.image for p in products if p.image] + [q.query_image for q in pairs if q.query_image]
     texts = cache_texts(model.backbones, all_texts, job.cache_dir, progress=job.progress)
     images = cache_images(model.backbones, all_images, job.cache_dir, progress=job.progress)
+    augmented = None
+    if job.augment_views > 0:
+        augmented = cache_augmented_images(model.backbones, [q.query_image for q in pairs if q.query_image],
+                                           job.cache_dir, views=job.augment_views, seed=job.train.seed,
+                                           progress=job.progress)
     cache_seconds = time.perf_counter() - t_cache
 
-    data, data_rejects = build_training_data(products, pairs, texts, images)
+    data, data_rejects = build_training_data(products, pairs, texts, images, aug_images=augmented)
     rejects += data_rejects
     _write_jsonl(out / "rejects.jsonl", rejects)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
@@ -176,6 +227,10 @@ def train_model(job: TrainJob) -> dict:
                        "items": len(texts.keys)},
         "image_cache": {"folder": str(images.folder), "build_seconds": images.meta.get("build_seconds"),
                         "items": len(images.keys), "errors": len(images.errors)},
+        "augmented_image_cache": None if augmented is None else {
+            "folder": str(augmented.folder), "views": augmented.meta.get("views"),
+            "build_seconds": augmented.meta.get("build_seconds"), "items": len(augmented.keys),
+            "bytes": int((Path(augmented.folder) / "tokens.npy").stat().st_size)},
         "train": job.train.to_dict(), **{k: v for k, v in result.items() if k != "final"},
         "final_step": result["final"], "total_seconds": time.perf_counter() - t_start,
     }

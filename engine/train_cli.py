@@ -69,6 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of products with an extra photo-only query pair (photo -> product)")
     t.add_argument("--title-query-rate", type=float, default=CPU_RECIPE["title_query_rate"],
                    help="share of products with an extra title-only query pair (title -> product)")
+    for name, what in (("brand-query", "brand + type query pair ('puma sports shoes')"),
+                       ("partial-title", "partial-title query pair"),
+                       ("phrase-query", "attribute-phrase query pair ('black heels for women')"),
+                       ("composed", "composed pair (photo + 'in red' -> same type in red)")):
+        t.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"share of products with a {what} (default 0)")
+    t.add_argument("--augment-views", type=int, default=0,
+                   help="augmented views cached per query photo (engine/augment.py; default 0: off; "
+                        "each view costs one image-backbone pass per training photo)")
+    t.add_argument("--augment-p", type=float, default=TrainConfig.augment_p,
+                   help="probability that a query photo is swapped for one of its views (default %(default)s)")
     t.add_argument("--cmal-pair-weights", default=CPU_RECIPE["cmal_pair_weights"],
                    help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
                         "(default %(default)s; 1,1,1,1,1 is METHOD.md's plain mean)")
@@ -122,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir, init_model=args.init_model, resume=args.resume,
             similar_rate=args.similar_rate, attribute_query_rate=args.attribute_query_rate,
             photo_query_rate=args.photo_query_rate, title_query_rate=args.title_query_rate,
-            progress=not args.quiet,
+            brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
+            phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
+            augment_views=args.augment_views, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
                               mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion),
@@ -131,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,
                               static_weights=_parse_weights(args.static_weights), loss=_loss_config(args),
                               checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
-                              precision=_precision(args.precision)),
+                              precision=_precision(args.precision), augment_p=args.augment_p),
         )
         summary = train_model(job)
     except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from engine.losses import (
-    LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig, LossWeighting, clamp_logit_scale, stage1_losses, stage2_losses,
+    LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig, LossWeighting, stage1_losses, stage2_losses,
 )
 from engine.token_cache import TokenBatch, TokenTable, encode_views
 
@@ -52,6 +52,10 @@ class TrainConfig:
     precision: ``"fp32"``, or ``"bf16"``: the towers' forward pass under CPU bfloat16 autocast
         (losses, optimiser and weights stay float32; our choice, measured about 1.5-2x faster
         per step on a CPU with AVX512-BF16, slower on one without).
+    augment_p: when the data has augmented query photos, the probability that a query photo
+        is replaced by one of its views, drawn uniformly, per pair and step (seeded by
+        ``(seed, step)``, so resume stays exact); the item side keeps the clean photo. Our
+        choice: 0.8 (a fifth of the steps still see the catalogue's own pixels).
     """
 
     steps: int = 200
@@ -71,10 +75,13 @@ class TrainConfig:
     stop_after: int | None = None
     log_every: int = 10
     precision: str = "fp32"
+    augment_p: float = 0.8
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0.0 <= self.augment_p <= 1.0:
+            raise ValueError(f"augment_p must lie in [0, 1], got {self.augment_p}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +96,13 @@ class TrainingData:
     query was made from (``-1`` none); item_group: ``int64 (P,)`` attribute group of the item
     (``-1`` none); query_group: ``int64 (P,)`` group for attribute-level pairs (``-1``:
     instance-level pair). kinds: ``(P,)`` pair kinds, for the log.
+
+    Optional (shopper and composed pairs, ``engine.pairs.shopper_pairs``): relevance_keys
+    ``int64 (S, N)``: key id of product ``n`` under facet spec ``s`` (``-1``: none);
+    query_spec / query_key ``int64 (P,)``: the pair's spec and key (``-1``: none); an item is
+    relevant to such a query when its key under the query's spec equals the query's key.
+    aug_images: table of augmented query photos (``engine.augment_cache``); q_image_aug
+    ``int64 (P, V)``: rows of the query photo's V augmented views in it (``-1``: none).
     """
 
     texts: TokenTable
@@ -102,6 +116,11 @@ class TrainingData:
     item_group: np.ndarray
     query_group: np.ndarray
     kinds: np.ndarray
+    relevance_keys: np.ndarray | None = None
+    query_spec: np.ndarray | None = None
+    query_key: np.ndarray | None = None
+    aug_images: TokenTable | None = None
+    q_image_aug: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.item.shape[0])
@@ -113,6 +132,10 @@ class TrainingData:
         ig, qg = self.item_group[idx], self.query_group[idx]
         fn = (item[None, :] == item[:, None]) | ((qp[:, None] >= 0) & (item[None, :] == qp[:, None]))
         fn |= (qg[:, None] >= 0) & (ig[None, :] == qg[:, None])
+        if self.relevance_keys is not None and self.query_spec is not None:
+            spec, key = self.query_spec[idx], self.query_key[idx]
+            item_keys = self.relevance_keys[np.maximum(spec, 0)][:, item]  # [B, B]: item j under query i's spec
+            fn |= (spec[:, None] >= 0) & (item_keys == key[:, None])
         np.fill_diagonal(fn, False)
         return torch.from_numpy(fn)
 
@@ -158,6 +181,7 @@ class Trainer:
                                            eps=config.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, config))
         self.step = 0
+        model.clamp_logit_scale_()  # e.g. an init_model saved with another cap
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -189,7 +213,7 @@ class Trainer:
         start = time.perf_counter()
         stage = 1 if self.step < cfg.stage1_steps else 2
         idx = self.batch_indices(self.step)
-        q = TokenBatch.gather(data.texts, data.images, data.q_text[idx], data.q_image[idx])
+        q, augmented = self.query_batch(idx)
         it = TokenBatch.gather(data.texts, data.images, data.item_text[idx], data.item_image[idx])
         fn = data.false_negatives(idx)
         views = ("T", "V") if stage == 1 else ("F", "T", "V")
@@ -202,7 +226,7 @@ class Trainer:
         # losses in float32 on re-normalised rows (bf16 rows are only unit to ~3 digits)
         emb = {**{v + "q": _unit_rows(e) for v, e in q_emb.items()}, **{v + "i": _unit_rows(e) for v, e in i_emb.items()}}
         ok = {**{v + "q": m for v, m in q_ok.items()}, **{v + "i": m for v, m in i_ok.items()}}
-        scale = clamp_logit_scale(self.model.logit_scale)
+        scale = self.model.logit_scale  # kept <= config.logit_scale_max on the parameter
         if stage == 1:
             terms = stage1_losses(emb, scale, fn, ok)
             weighting = self.weighting["stage1"]
@@ -218,12 +242,29 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.model.clamp_logit_scale_()  # the one cap, on the parameter (its gradient never vanishes)
+        weighting.clamp_()  # uncertainty weights stay in LOG_VAR_RANGE
         self.scheduler.step()
         self.step += 1
         return {"step": self.step, "stage": stage, "lr": lr, "loss": float(loss.detach()),
                 "terms": {k: float(v.detach()) for k, v in terms.items()}, "weights": weighting.weights(),
                 "logit_scale": float(scale.detach()), "grad_norm": float(grad_norm),
-                "batch": int(len(idx)), "seconds": time.perf_counter() - start}
+                "batch": int(len(idx)), "augmented_photos": augmented, "seconds": time.perf_counter() - start}
+
+    def query_batch(self, idx: np.ndarray) -> tuple[TokenBatch, int]:
+        """Query tokens of the pairs ``idx`` at the current step, each query photo swapped for one
+        of its augmented views with probability ``augment_p``; returns ``(batch, photos swapped)``."""
+        data = self.data
+        text_rows, photo_rows = data.q_text[idx], data.q_image[idx]
+        if data.aug_images is None or data.q_image_aug is None or self.config.augment_p == 0:
+            return TokenBatch.gather(data.texts, data.images, text_rows, photo_rows), 0
+        rng = np.random.default_rng([self.config.seed, self.step, 7])
+        swap = rng.random(len(idx)) < self.config.augment_p
+        views = data.q_image_aug[idx, rng.integers(data.q_image_aug.shape[1], size=len(idx))]
+        swap &= (views >= 0) & (photo_rows >= 0)
+        tt, tm, ht = data.texts.gather(text_rows)
+        it, im, hi = _gather_either(data.images, np.where(swap, -1, photo_rows), data.aug_images, np.where(swap, views, -1))
+        return TokenBatch(tt, tm, ht, it, im, hi), int(swap.sum())
 
     # ------------------------------------------------------------------ loop
 
@@ -293,6 +334,19 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         return self.step
+
+
+def _gather_either(a: TokenTable, a_rows: np.ndarray, b: TokenTable, b_rows: np.ndarray):
+    """Rows from table ``a`` or table ``b`` (``-1``: not from that one) → ``(tokens float32 (B, L, H),
+    mask bool (B, L), present bool (B,))``, as ``TokenTable.gather``."""
+    at, am, ap = a.gather(a_rows)
+    bt, bm, bp = b.gather(b_rows)
+    width = max(at.shape[1], bt.shape[1])
+    tokens = at.new_zeros((len(a_rows), width, at.shape[2]))
+    mask = torch.zeros((len(a_rows), width), dtype=torch.bool)
+    tokens[:, :at.shape[1]], mask[:, :am.shape[1]] = at, am
+    tokens[bp, :bt.shape[1]], mask[bp, :bm.shape[1]] = bt[bp], bm[bp]  # rows of b are empty in a
+    return tokens, mask, ap | bp
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

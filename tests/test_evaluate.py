@@ -8,7 +8,7 @@ import pytest
 
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
-from engine.evaluate import SCENARIOS, build_pool, evaluate_models, markdown_tables, own_photo_ranks
+from engine.evaluate import RAW_ROWS, SCENARIOS, build_pool, evaluate_models, markdown_tables, own_photo_ranks
 from engine.metrics import rank_of_targets
 from tests.tiny_models import make_tiny_model
 
@@ -61,10 +61,14 @@ def test_eval_cli_writes_json_and_markdown_with_baselines(fashion_dir, tiny_mode
     labels = set(report["rows"])
     assert {"trained (fused)", "baseline: untrained, text-only", "baseline: untrained, image-only",
             "baseline: untrained, average"} <= labels
-    reference = report["rows"].pop("reference: pretrained backbone features, no tower")
-    assert set(reference) == {"t2t", "i2i", "m2m"}  # text and image features share no space
-    assert reference["i2i"]["recall@1"] == pytest.approx(1.0)  # same photo, same feature
-    labels.discard("reference: pretrained backbone features, no tower")
+    raw = {label: report["rows"].pop(label) for label in RAW_ROWS}
+    assert set(raw[RAW_ROWS[0]]) == {"t2t"} and set(raw[RAW_ROWS[1]]) == {"i2i"}
+    assert set(raw[RAW_ROWS[2]]) == {"t2m", "i2m", "m2t", "m2i", "m2m"}  # t and v share no space: no t2i, i2t
+    assert raw[RAW_ROWS[1]]["i2i"]["recall@1"] == pytest.approx(1.0)  # same photo, same feature
+    assert raw[RAW_ROWS[2]]["m2m"]["recall@1"] == pytest.approx(1.0)
+    # a zero half adds nothing: t2m of the concatenation ranks like t2t of the text features
+    assert raw[RAW_ROWS[2]]["t2m"]["recall@10"] == pytest.approx(raw[RAW_ROWS[0]]["t2t"]["recall@10"])
+    labels -= set(RAW_ROWS)
     for label in labels:
         assert set(report["rows"][label]) == set(SCENARIOS)
         assert set(report["rows"][label]["t2i"]) == {"recall@1", "recall@5", "recall@10", "mrr",

@@ -86,7 +86,9 @@ def test_encode_tokens_is_differentiable(tiny_model):
     v = torch.randn(b, 17, h_v)
     out = tower.encode_tokens(t, torch.ones(b, 5, dtype=torch.bool), v, torch.ones(b, 17, dtype=torch.bool),
                               torch.tensor([True, True]), torch.tensor([True, False]))
-    out.sum().backward()
+    # not out.sum(): a freshly initialised LayerNorm → L2 row sums to exactly 0 whatever the input
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (out * weights).sum().backward()
     assert out.shape == (b, tiny_model.dim) and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
@@ -137,3 +139,25 @@ def test_bf16_precision_stays_close_to_fp32(tiny_model, photos):
     assert float((fp32 * bf16).sum(1).min()) > 0.99
     with pytest.raises(ValueError, match="unknown precision"):
         tiny_model.query_tower.encode(texts, images, precision="fp8")
+
+
+def test_gate_presence_input_acts_as_a_bias(tiny_model):
+    """The gates only ever see e = 1 (cross-attention runs on rows with both modalities), so
+    moving weight between the e column and the bias leaves every output unchanged: the gate
+    does not learn presence (engine/fusion.py docstring)."""
+    import copy
+
+    fusion = copy.deepcopy(tiny_model.query_tower.fusion).eval()
+    g = torch.Generator().manual_seed(3)
+    b, h_t, h_v = 3, tiny_model.backbones.text.hidden_size, tiny_model.backbones.image.hidden_size
+    args = (torch.randn(b, 5, h_t, generator=g), torch.ones(b, 5, dtype=torch.bool),
+            torch.randn(b, 7, h_v, generator=g), torch.ones(b, 7, dtype=torch.bool),
+            torch.tensor([True, True, False]), torch.tensor([True, False, True]))
+    before = fusion(*args)
+    with torch.no_grad():
+        for layer in fusion.cross:
+            for gate in (layer.gate_v, layer.gate_t):
+                shift = torch.randn(gate.out_features, generator=g)
+                gate.weight[:, -1] += shift
+                gate.bias -= shift
+    assert torch.allclose(fusion(*args), before, atol=1e-5)

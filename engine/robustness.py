@@ -1,0 +1,193 @@
+"""Robustness evaluation: queries as shoppers make them, ranked against the whole catalogue
+(issue 12 item 6; the protocol is our choice, documented here).
+
+Query products: products of the evaluation split (``ecsearch eval --robust N``: the first N).
+Candidates: every catalogue product with a title and a usable photo, as fused item vectors
+(item tower, F), exact (flat) inner-product search; the raw-backbone rows rank the same
+candidates by the backbones' own pooled features (``engine.evaluate.raw_backbone_rows``'
+pooling: mean of MiniLM tokens, mean of the image tokens, concatenation / √2 for both).
+
+1. **Augmented photo → product**: one augmented view of each query product's photo
+   (``engine.augment`` with the default ``AugmentConfig``; view 0 of seed
+   ``EVAL_AUGMENT_SEED``, so every run uses the same pixels), query tower image-only view V;
+   its own product is the one relevant item. Recall@1/5/10, MRR.
+2. **Brand + type** ("puma sports shoes") and **attribute phrase** ("black heels for women"):
+   one query per distinct key among the query products (``engine.shopper_queries``);
+   relevant = every candidate with the same brand and type / gender, colour and type.
+   Query tower text-only view T. Precision@10, nDCG@10.
+3. **Composed** (M-BEER trigger → recall): a query product's clean photo + a modifier ("in
+   red", "for women", ...; drawn with ``EVAL_AUGMENT_SEED``) → every candidate of the same type
+   with the modified facet. Query tower fused view F (and the average of T and V).
+   Precision@10, nDCG@10.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from engine.augment import AugmentConfig
+from engine.augment_cache import augmented_key, cache_augmented_images
+from engine.evaluate import EvalPool, _pooled, _unit, tower_views
+from engine.metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
+from engine.shopper_queries import (
+    attribute_phrases, brand_queries, composed_query, composed_targets, facet_key, product_facets,
+)
+from engine.token_cache import cache_texts
+
+EVAL_AUGMENT_SEED = 20_251_205  # our choice; documented in docs/results.md beside the figures
+PHRASE_FIELDS = ("gender", "baseColour", "articleType")
+
+
+@dataclass
+class QuerySet:
+    """Queries with attribute-level relevance over the candidates.
+
+    texts: query strings; photos: ``int64 (a,)`` candidate-pool index of each query's photo
+    (``-1``: text only); keys: ``int64 (a,)`` row of ``relevant`` for each query; relevant:
+    ``bool (g, m)``: candidate ``j`` is relevant to the queries of key ``g``.
+    """
+
+    texts: list[str]
+    photos: np.ndarray
+    keys: np.ndarray
+    relevant: np.ndarray
+
+
+def _relevance(facets: list[dict], specs: list[tuple[tuple[str, ...], str]]) -> np.ndarray:
+    """``bool (len(specs), len(facets))``: facet_key(facets[j], fields) == key for each (fields, key)."""
+    out = np.zeros((len(specs), len(facets)), dtype=bool)
+    for g, (fields, key) in enumerate(specs):
+        out[g] = [facet_key(f, fields) == key for f in facets]
+    return out
+
+
+def text_query_set(query_products: Sequence, catalogue: EvalPool, kind: str) -> QuerySet:
+    """``kind`` "brand_type" ("puma sports shoes") or "attribute_phrase" ("black heels for women"):
+    one query per distinct key among the query products. Raises ValueError on another kind."""
+    if kind not in ("brand_type", "attribute_phrase"):
+        raise ValueError(f"unknown text query kind {kind!r}")
+    fields = ("brand", "articleType") if kind == "brand_type" else PHRASE_FIELDS
+    texts: dict[str, str] = {}
+    for p in query_products:
+        f = product_facets(p.attributes, p.title)
+        options = brand_queries(f) if kind == "brand_type" else attribute_phrases(f)
+        made = next((o for o in options if o[1] == fields), None)
+        key = facet_key(f, fields)
+        if made and key not in texts:
+            texts[key] = made[0]
+    facets = [product_facets(p.attributes, p.title) for p in catalogue.products]
+    return QuerySet(list(texts.values()), np.full(len(texts), -1, dtype=np.int64), np.arange(len(texts)),
+                    _relevance(facets, [(fields, k) for k in texts]))
+
+
+def composed_query_set(query_products: Sequence, catalogue: EvalPool, seed: int = EVAL_AUGMENT_SEED) -> QuerySet:
+    """One composed query (clean photo + modifier) per query product that is among the candidates
+    and has a modifier (``engine.shopper_queries.composed_query``, seeded)."""
+    facets = [product_facets(p.attributes, p.title) for p in catalogue.products]
+    targets = composed_targets(facets)
+    index = {p.product_id: i for i, p in enumerate(catalogue.products)}
+    rng = np.random.default_rng(seed)
+    specs: dict[tuple, int] = {}
+    texts, photos, keys = [], [], []
+    for p in query_products:
+        i = index.get(p.product_id)
+        made = None if i is None else composed_query(facets[i], targets, rng)
+        if made is not None:
+            texts.append(made[0])
+            photos.append(i)
+            keys.append(specs.setdefault((made[1], made[2]), len(specs)))
+    return QuerySet(texts, np.asarray(photos, dtype=np.int64), np.asarray(keys, dtype=np.int64),
+                    _relevance(facets, list(specs)))
+
+
+def set_metrics(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: int = 10) -> dict[str, float]:
+    """Precision@k and nDCG@k of ``queries float32 (a, d)`` against ``candidates float32 (m, d)``."""
+    if len(qs.texts) == 0:
+        raise ValueError("no queries to score")
+    top = top_k_indices(queries, candidates, k)
+    rel = qs.relevant[qs.keys[:, None], top]
+    if rel.shape[1] < k:
+        rel = np.pad(rel, ((0, 0), (0, k - rel.shape[1])))
+    counts = qs.relevant.sum(axis=1)[qs.keys]
+    return {f"precision@{k}": float(precision_at_k(rel, k).mean()), f"ndcg@{k}": float(ndcg_at_k(rel, counts, k).mean())}
+
+
+def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, cache_dir: str, *,
+                        progress: bool = True, batch_size: int = 256) -> dict:
+    """The three robustness tasks (module docstring) for ``model`` and the raw backbones.
+
+    Returns ``{"candidates": m, "seed": .., "augment": {..}, task: {"queries": a, "rows":
+    {label: {metric: value}}}}`` for task in augmented_photo, brand_type, attribute_phrase,
+    composed (a task with no query is left out). Raises ValueError when no query product is
+    among the candidates.
+    """
+    backbones = model.backbones
+    index = {p.product_id: i for i, p in enumerate(catalogue.products)}
+    photo_q = [p for p in query_products if p.product_id in index]
+    if not photo_q:
+        raise ValueError("no query product is among the candidates (a title and a usable photo are needed)")
+    model.eval()
+    item = tower_views(model.item_tower, catalogue.texts, catalogue.images, catalogue.text_rows,
+                       catalogue.image_rows, batch_size)
+    item_avg = _unit(item["T"] + item["V"])
+    raw_t, raw_v = _pooled(catalogue.texts, catalogue.text_rows), _pooled(catalogue.images, catalogue.image_rows)
+    raw_m = np.concatenate([raw_t, raw_v], axis=1) / np.sqrt(2.0)
+    out: dict = {"candidates": len(catalogue.products), "seed": EVAL_AUGMENT_SEED,
+                 "augment": AugmentConfig().as_dict()}
+
+    aug = cache_augmented_images(backbones, [p.image for p in photo_q], cache_dir, views=1,
+                                 seed=EVAL_AUGMENT_SEED, progress=progress)
+    rows = aug.rows([augmented_key(p.image, 0) for p in photo_q])
+    ok = rows >= 0
+    targets = np.array([index[p.product_id] for p in photo_q], dtype=np.int64)[ok]
+    q_v = tower_views(model.query_tower, catalogue.texts, aug, np.full(int(ok.sum()), -1, dtype=np.int64),
+                      rows[ok], batch_size, views=("V",))["V"]
+    out["augmented_photo"] = {"queries": int(ok.sum()), "rows": {
+        "trained (photo V -> item F)": instance_metrics(rank_of_targets(q_v, item["F"], targets)),
+        "raw backbone: image features (mean of tokens)": instance_metrics(
+            rank_of_targets(_pooled(aug, rows[ok]), raw_v, targets))}}
+
+    sets = {"brand_type": text_query_set(photo_q, catalogue, "brand_type"),
+            "attribute_phrase": text_query_set(photo_q, catalogue, "attribute_phrase"),
+            "composed": composed_query_set(photo_q, catalogue)}
+    all_texts = [t for qs in sets.values() for t in qs.texts]
+    if not all_texts:
+        return out
+    texts = cache_texts(backbones, all_texts, cache_dir, progress=progress)
+    for name, qs in sets.items():
+        if not qs.texts:
+            continue
+        text_rows = texts.rows(qs.texts)
+        image_rows = np.where(qs.photos >= 0, catalogue.image_rows[np.maximum(qs.photos, 0)], -1)
+        q = tower_views(model.query_tower, texts, catalogue.images, text_rows, image_rows, batch_size)
+        raw_q = _pooled(texts, text_rows)
+        if name == "composed":
+            raw_q = np.concatenate([raw_q, raw_v[qs.photos]], axis=1) / np.sqrt(2.0)
+            result = {"trained (fused)": set_metrics(q["F"], item["F"], qs),
+                      "trained, average of T and V": set_metrics(_unit(q["T"] + q["V"]), item_avg, qs),
+                      "raw backbones: concatenation": set_metrics(raw_q, raw_m, qs)}
+        else:
+            result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
+                      "raw MiniLM: mean-pooled titles, exact": set_metrics(raw_q, raw_t, qs)}
+        out[name] = {"queries": len(qs.texts), "rows": result}
+    return out
+
+
+def robustness_markdown(result: dict) -> str:
+    """One markdown table per task: rows = models, columns = the task's metrics (values in %)."""
+    parts = [f"Robustness: {result['candidates']} candidates (every catalogue product read), "
+             f"augmentation seed {result['seed']}\n"]
+    for task in ("augmented_photo", "brand_type", "attribute_phrase", "composed"):
+        if task not in result:
+            continue
+        rows = result[task]["rows"]
+        metrics = list(next(iter(rows.values())))
+        parts.append(f"**{task}** ({result[task]['queries']} queries, %)\n")
+        parts.append("| model | " + " | ".join(metrics) + " |")
+        parts.append("|---|" + "---:|" * len(metrics))
+        for label, values in rows.items():
+            parts.append(f"| {label} | " + " | ".join(f"{100 * values[m]:.2f}" for m in metrics) + " |")
+        parts.append("")
+    return "\n".join(parts)

@@ -1,0 +1,74 @@
+"""engine.robustness and ``ecsearch eval --robust`` on a real subset and a tiny random model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.catalog import read_catalog
+from engine.cli import main as cli_main
+from engine.evaluate import build_pool
+from engine.robustness import composed_query_set, evaluate_robustness, set_metrics, text_query_set
+from engine.shopper_queries import facet_key, product_facets
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def catalogue(fashion_dir, tiny_backbone_dir, tmp_path_factory):
+    model = make_tiny_model(tiny_backbone_dir)
+    products = read_catalog(fashion_dir, limit=160).products
+    return model, build_pool(products, model.backbones, str(tmp_path_factory.mktemp("cache")), progress=False)
+
+
+def test_query_sets_mark_exactly_the_matching_candidates(catalogue):
+    _, pool = catalogue
+    facets = [product_facets(p.attributes, p.title) for p in pool.products]
+    queries = pool.products[:60]
+    brand = text_query_set(queries, pool, "brand_type")
+    assert brand.texts and len(set(brand.texts)) == len(brand.texts)
+    for text, key in zip(brand.texts, brand.keys):
+        members = np.nonzero(brand.relevant[key])[0]
+        assert len(members) >= 1
+        keys = {facet_key(facets[j], ("brand", "articleType")) for j in members}
+        assert len(keys) == 1 and text == " ".join(keys.pop().lower().split("|"))
+    composed = composed_query_set(queries, pool)
+    assert composed.texts and (composed.photos >= 0).all()
+    for photo, key in zip(composed.photos, composed.keys):
+        assert not composed.relevant[key, photo]  # the trigger product lacks the asked facet
+        assert composed.relevant[key].any()
+    with pytest.raises(ValueError, match="kind"):
+        text_query_set(queries, pool, "colour")
+
+
+def test_set_metrics_on_perfect_and_reversed_embeddings(catalogue):
+    _, pool = catalogue
+    qs = text_query_set(pool.products[:60], pool, "attribute_phrase")
+    cand = qs.relevant.T.astype(np.float32)  # candidate j: one-hot of the keys it matches
+    perfect = set_metrics(np.eye(len(qs.texts), dtype=np.float32), cand, qs)
+    counts = qs.relevant.sum(axis=1)
+    assert perfect["precision@10"] == pytest.approx(np.mean(np.minimum(counts, 10) / 10))
+    assert perfect["ndcg@10"] == pytest.approx(1.0)
+    assert set_metrics(-np.eye(len(qs.texts), dtype=np.float32), cand, qs)["precision@10"] < perfect["precision@10"]
+
+
+def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_path):
+    model, pool = catalogue
+    result = evaluate_robustness(model, pool.products[:30], pool, str(tmp_path), progress=False)
+    assert result["candidates"] == len(pool.products)
+    photo = result["augmented_photo"]
+    assert photo["queries"] == 30
+    for values in photo["rows"].values():
+        assert 0.0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1.0
+    for task in ("brand_type", "attribute_phrase", "composed"):
+        assert result[task]["queries"] > 0
+        assert all(0.0 <= v <= 1.0 for row in result[task]["rows"].values() for v in row.values())
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = cli_main(["eval", "--model", str(tiny_model_dir), "--catalog", str(fashion_dir), "--limit", "200",
+                   "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--markdown", str(md), "--quiet",
+                   "--robust", "15", "--no-ablation"])
+    assert rc == 0
+    report = json.loads(out.read_text())["robustness"]
+    assert report["augmented_photo"]["queries"] <= 15 and report["candidates"] > report["augmented_photo"]["queries"]
+    assert "raw MiniLM: mean-pooled titles, exact" in report["brand_type"]["rows"]
+    assert "**augmented_photo**" in md.read_text()
