@@ -37,6 +37,20 @@ def test_default_backbones_shapes_on_real_photos(default_model, fashion_dir):
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
+def test_folded_image_backbone_gives_the_unfolded_tokens_on_real_photos(default_model, fashion_dir):
+    """fp32 runs the BatchNorm/padding-folded copy; bf16 autocast the original net."""
+    image = default_model.backbones.image
+    photos = [fashion_dir / "images" / f"{pid}.jpg" for pid in (1580, 1563, 2987, 15970)]
+    pixels = torch.stack([image.preprocess(load_image(p)) for p in photos]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        folded, _ = image.encode(pixels)
+        unfolded = image.net.extract_features(pixels).flatten(2).transpose(1, 2)
+    assert image.folded is not image.net
+    assert float((folded - unfolded).abs().max()) < 1e-3
+    cosine = torch.nn.functional.cosine_similarity(folded.flatten(1), unfolded.flatten(1))
+    assert float(cosine.min()) > 0.99999
+
+
 def test_long_text_is_truncated_to_64_tokens(default_model):
     tokens, mask = default_model.backbones.text.encode(["red " * 200])
     assert tokens.shape[1] == 64 and mask.all()

@@ -7,6 +7,8 @@ Normalisation is the Lite family's (mean 127, std 128 on 0..255 pixels, i.e. ≈
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -35,6 +37,12 @@ class EfficientNetLiteBackbone(nn.Module):
         net.requires_grad_(False)
         # channels_last roughly doubles CPU throughput of the depthwise convolutions (measured).
         self.net = net.to(memory_format=torch.channels_last)
+        # float32 inference runs a copy with BatchNorm folded into the convolutions and
+        # symmetric "same" padding moved into them: ~1.4x faster on an AVX2 CPU, max abs
+        # difference 3e-5, cosine 0.9999998 (measured on real-size inputs). Under bf16
+        # autocast the unfolded net runs: folded scales in bf16 weights cost accuracy
+        # (cosine 0.997). Our choice.
+        self.folded = fold_for_inference(self.net)
         self.hidden_size = 1280
         self.preprocess = ImagePreprocessor(image_size=image_size, resize_size=resize_size,
                                             mean=LITE_MEAN, std=LITE_STD)
@@ -44,6 +52,49 @@ class EfficientNetLiteBackbone(nn.Module):
         device = next(self.net.parameters()).device
         self.calls += 1
         pixels = pixels.to(device).contiguous(memory_format=torch.channels_last)
-        fmap = self.net.extract_features(pixels)  # [B, 1280, h, w]
+        net = self.net if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") else self.folded
+        fmap = net.extract_features(pixels)  # [B, 1280, h, w]
         tokens = fmap.flatten(2).transpose(1, 2).float().contiguous()  # [B, h*w, 1280]
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
+
+
+def _fold_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+    """``bn(conv(x)) == conv'(x)``: scale the kernel per output channel, move the shift into the bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight = nn.Parameter((conv.weight * scale.reshape(-1, 1, 1, 1)).detach(), requires_grad=False)
+    conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+
+
+def _fold_padding(conv: nn.Module) -> None:
+    """A static ``ZeroPad2d`` with equal sides becomes the convolution's own padding."""
+    pad = getattr(conv, "static_padding", None)
+    if isinstance(pad, nn.ZeroPad2d) and len(set(pad.padding)) == 1:
+        conv.padding = (pad.padding[0], pad.padding[0])
+        conv.static_padding = nn.Identity()
+
+
+def fold_for_inference(net: nn.Module) -> nn.Module:
+    """A copy of an eval-mode ``efficientnet_lite_pytorch.EfficientNet`` with every BatchNorm
+    folded into the convolution before it and symmetric static padding folded into the
+    convolutions; same outputs up to float32 rounding. Inference only (running statistics
+    are baked in). Our choice."""
+    net = copy.deepcopy(net)
+    _fold_bn(net._conv_stem, net._bn0)
+    net._bn0 = nn.Identity()
+    for block in net._blocks:
+        if block._block_args.expand_ratio != 1:
+            _fold_bn(block._expand_conv, block._bn0)
+            block._bn0 = nn.Identity()
+        _fold_bn(block._depthwise_conv, block._bn1)
+        block._bn1 = nn.Identity()
+        _fold_bn(block._project_conv, block._bn2)
+        block._bn2 = nn.Identity()
+        for conv in (block._depthwise_conv, block._project_conv):
+            _fold_padding(conv)
+    _fold_bn(net._conv_head, net._bn1)
+    net._bn1 = nn.Identity()
+    _fold_padding(net._conv_stem)
+    return net.to(memory_format=torch.channels_last)
