@@ -1,38 +1,14 @@
-"""The one catalogue reader: fashion layout, JSONL and CSV catalogues, field mapping, rejects.
-
-Used by training (``engine.train``) and by the indexer (``indexer``), so both apply the
-same catalogue-level rules (our choice, issue 3 item 1 and issue 4 step 1):
-
-- a row that cannot be parsed (bad CSV quoting, wrong number of fields, invalid JSON, a
-  JSON value that is not an object, invalid UTF-8) is rejected as ``malformed row``;
-- a row without a product id is rejected;
-- a duplicate product id is rejected, the first occurrence wins;
-- a row with neither a usable title nor a usable image is rejected (a local image file
-  that does not exist is not usable);
-- a row with a title whose local image file is missing is kept, with ``image=None`` and
-  the flag ``image_missing`` (the indexer encodes it text-only). Whether an image decodes
-  is not checked here (too slow for a reader); callers flag decode errors themselves.
-
-Nothing is dropped silently: every row read ends up either in ``products`` or in
-``rejects``, so ``len(products) + len(rejects) == read_count``.
-
-Layouts (``read_catalog`` detects them):
-
-- **fashion**: a folder with ``styles.csv`` (``id,gender,masterCategory,subCategory,
-  articleType,baseColour,season,usage,productDisplayName``) and ``images/<id>.jpg``;
-  optional ``split.csv`` (``id,split``) read by ``read_split``.
-- **JSONL**: one JSON object per line (``.jsonl`` / ``.ndjson``, or a file starting with
-  ``{``); blank lines are skipped and not counted.
-- **CSV**: a header line, then one product per record (``.csv``; ``.tsv`` is tab-separated).
-"""
+"""Catalogue rows → ``Product`` / ``Reject``: field mapping, image resolution, duplicate ids,
+rejects report, fixed split; the rules are listed in ``engine.catalog``."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from engine.catalog.formats import CatalogError, iter_csv_records, iter_jsonl_records, detect_layout
 
 FASHION_ATTRIBUTES: tuple[str, ...] = (
     "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage",
@@ -43,10 +19,6 @@ TITLE_CANDIDATES: tuple[str, ...] = ("title", "productDisplayName", "name", "pro
 IMAGE_CANDIDATES: tuple[str, ...] = ("image", "image_path", "image_url", "image_uri", "imagePath")
 
 FLAG_IMAGE_MISSING = "image_missing"
-
-
-class CatalogError(ValueError):
-    """The catalogue as a whole cannot be read (no such path, unknown layout, no id column)."""
 
 
 @dataclass
@@ -137,115 +109,6 @@ class CatalogReadResult:
 
 
 # ----------------------------------------------------------------------------- detection
-
-
-def detect_layout(path: str | Path) -> str:
-    """Return ``"fashion"``, ``"jsonl"``, ``"csv"`` or ``"tsv"`` for ``path``.
-
-    Raises CatalogError when the path does not exist or is a folder without ``styles.csv``.
-    """
-    p = Path(path)
-    if p.is_dir():
-        if (p / "styles.csv").is_file():
-            return "fashion"
-        raise CatalogError(f"{p}: a folder catalogue must contain styles.csv (fashion layout)")
-    if not p.is_file():
-        raise CatalogError(f"{p}: no such catalogue file or folder")
-    by_suffix = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
-    if p.suffix.lower() in by_suffix:
-        return by_suffix[p.suffix.lower()]
-    with open(p, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    return "jsonl" if head.startswith(b"{") else "csv"
-
-
-# ----------------------------------------------------------------------------- raw records
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | None, Any, str | None]]:
-    """Yield ``(line_no, fields | None, raw, error)`` per non-blank line."""
-    with open(path, "rb") as fh:
-        for line_no, raw_bytes in enumerate(fh, start=1):
-            try:
-                line = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield (line_no, None, raw_bytes.decode("utf-8", "replace").rstrip("\r\n"),
-                       f"malformed row: invalid UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            if line_no == 1:
-                line = line.lstrip("\ufeff")
-            if not line.strip():
-                continue
-            text = line.rstrip("\r\n")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line_no, None, text, f"malformed row: invalid JSON ({exc.msg} at column {exc.colno})"
-                continue
-            if not isinstance(obj, dict):
-                yield line_no, None, text, f"malformed row: JSON {type(obj).__name__}, expected an object"
-                continue
-            yield line_no, obj, obj, None
-
-
-def _parse_record(lines: list[str], delimiter: str) -> tuple[list[str] | None, str | None]:
-    try:
-        rows = list(csv.reader(lines, delimiter=delimiter, strict=True))
-    except csv.Error as exc:
-        return None, f"malformed row: CSV error ({exc})"
-    if len(rows) != 1:
-        return None, f"malformed row: CSV error ({len(rows)} records where one was expected)"
-    return rows[0], None
-
-
-def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | None, Any, str | None]]:
-    """Yield ``(line_no, fields | None, raw, error)`` per CSV record after the header.
-
-    A record may span lines inside a quoted field. When such a multi-line record is
-    malformed (an unclosed quote swallowing the next lines), only its first line is
-    rejected and the following lines are read again as records of their own, so one bad
-    quote never hides the products after it (our choice).
-    """
-    with open(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        physical = [(no, line) for no, line in enumerate(fh, start=1)]
-    if not physical:
-        return
-    header_values, error = _parse_record([physical[0][1]], delimiter)
-    if header_values is None:
-        raise CatalogError(f"{path}: unreadable CSV header ({error})")
-    header = [h.strip() for h in header_values]
-    width = len(header)
-    pos = 1
-    while pos < len(physical):
-        start, first = physical[pos]
-        end = pos + 1
-        quotes = first.count('"')
-        while quotes % 2 == 1 and end < len(physical):  # inside a quoted field: record goes on
-            quotes += physical[end][1].count('"')
-            end += 1
-        lines = [line for _, line in physical[pos:end]]
-        values, error = _parse_record(lines, delimiter)
-        if values is not None and len(values) != width:
-            error = f"malformed row: {len(values)} fields, header has {width}"
-        if error is not None and end - pos > 1:  # reject the first line only, re-read the rest
-            lines, end = [first], pos + 1
-            values, error = _parse_record(lines, delimiter)
-            if values is not None and len(values) != width:
-                error = f"malformed row: {len(values)} fields, header has {width}"
-            error = error or "malformed row: unbalanced quotes"
-        pos = end
-        raw = "".join(lines).rstrip("\r\n")
-        if not raw.strip():
-            continue  # blank line
-        if any("\udc80" <= ch <= "\udcff" for ch in raw):  # undecodable bytes (surrogateescape)
-            yield start, None, raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), \
-                "malformed row: invalid UTF-8"
-            continue
-        if error is not None or values is None:
-            yield start, None, raw, error
-            continue
-        fields = dict(zip(header, values))
-        yield start, fields, dict(fields), None
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -369,13 +232,13 @@ def read_catalog(
     if layout == "fashion":
         data_file, image_root = src / "styles.csv", src
         mapping = mapping or FASHION_MAPPING
-        records = _iter_csv(data_file, ",")
+        records = iter_csv_records(data_file, ",")
     elif layout in ("csv", "tsv"):
         data_file, image_root = src, src.parent
-        records = _iter_csv(src, "," if layout == "csv" else "\t")
+        records = iter_csv_records(src, "," if layout == "csv" else "\t")
     elif layout == "jsonl":
         data_file, image_root = src, src.parent
-        records = _iter_jsonl(src)
+        records = iter_jsonl_records(src)
     else:
         raise CatalogError(f"unknown catalogue layout {layout!r} (fashion, jsonl, csv, tsv)")
     mapping = mapping or FieldMapping()
@@ -436,7 +299,7 @@ def read_split(fashion_dir: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise CatalogError(f"{path}: no split file")
     split: dict[str, str] = {}
-    for line_no, fields, raw, error in _iter_csv(path, ","):
+    for line_no, fields, raw, error in iter_csv_records(path, ","):
         if error is not None or fields is None:
             raise CatalogError(f"{path}:{line_no}: {error}: {raw!r}")
         pid, name = _as_text(fields.get("id")), _as_text(fields.get("split"))
