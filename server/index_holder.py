@@ -59,8 +59,14 @@ class ServedVersion:
             self._leases += 1
 
     def release(self) -> None:
-        """Return one lease; closes the index when retired and no lease is left."""
+        """Return one lease; closes the index when retired and no lease is left.
+
+        Raises:
+            RuntimeError: no lease is held (a lease returned twice); the count is left at 0.
+        """
         with self._lock:
+            if self._leases <= 0:
+                raise RuntimeError(f"index version {self.version}: lease released more often than acquired")
             self._leases -= 1
             close_now = self._retired and self._leases == 0 and not self._closed
             if close_now:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -90,34 +91,51 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class _Lease:
-    """A request's lease on an index version, returned only after its thread work is done."""
+    """A request's lease on an index version, returned only after its thread work is done.
+
+    Reference counted: the request itself holds one reference (dropped by ``release()``,
+    once, however often it is called) and every tracked future one (dropped when it is done,
+    in whatever thread finishes it). The version's lease is returned exactly once, when the
+    count reaches zero. Thread-safe. Source: our choice.
+    """
 
     def __init__(self, served: ServedVersion):
         self.served = served
-        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+        self._holders = 1  # the request itself
+        self._released = False
 
     async def run(self, executor: Executor, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         future = executor.submit(fn, *args, **kwargs)
-        self._futures.append(future)
+        self.track(future)
         return await asyncio.wrap_future(future)
 
     def track(self, future: Future) -> None:
-        """Keep the lease until ``future`` (thread work on this version) is done."""
-        self._futures.append(future)
+        """Keep the lease until ``future`` (thread work on this version) is done.
+
+        Raises:
+            RuntimeError: the lease was already returned (the work would run unleased).
+        """
+        with self._lock:
+            if self._holders == 0:
+                raise RuntimeError(f"index version {self.served.version}: tracking work after the lease ended")
+            self._holders += 1
+        future.add_done_callback(self._drop)
 
     def release(self) -> None:
-        pending = [f for f in self._futures if not f.done()]
-        if not pending:
-            self.served.release()
-            return
-        count = [len(pending)]
+        """The request is done with the version; the lease ends when its tracked work is done too."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._drop(None)
 
-        def done(_: Future) -> None:  # runs in the worker thread when its work ends
-            count[0] -= 1
-            if count[0] == 0:
-                self.served.release()
-        for future in pending:
-            future.add_done_callback(done)
+    def _drop(self, _future: Future | None) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.served.release()
 
 
 class SearchService(search_pb2_grpc.SearchServiceServicer):
