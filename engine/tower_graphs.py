@@ -1,15 +1,12 @@
 """TorchScript graphs of a tower's paths, for serving: text-only, image-only, text+image.
 
-A query runs hundreds of small PyTorch ops (backbones + fusion). Called from Python, each op
-pays dispatch overhead and re-takes the GIL, so in a server whose event loop and search
-threads also want the GIL, the tower thread stalls between ops. Traced and frozen into one
-TorchScript graph per kind of batch, a whole path (tokens / pixels → unit vectors) runs in
-C++ with the GIL released, and freezing turns autocast's per-call weight casts into bf16
-constants. Measured on this CPU (AVX512-BF16, one thread, trained MiniLM model, bf16):
-8 short text queries 9.6 → 7.0 ms, 1 query 5.1 → 3.1 ms; with another Python thread busy,
-8 queries took 985 ms through the Python path and 23.6 ms through the graph. The text path's
-linear layers, in bf16, also use weights reordered once for oneDNN (``PackedLinear``): 8
-queries 8.5 → 7.1 ms, 1 query 4.0 → 2.7 ms on top of the above.
+Contract: ``Tower.use_graphs(precision)`` traces and freezes one graph per kind of batch
+(tokens / pixels → float32 unit vectors (B, d)); each graph runs in C++ with the GIL
+released, and in bf16 its text path's linear layers use weights reordered once for oneDNN
+(``PackedLinear``). A graph is used only after it matched the Python path
+(cosine >= ``MIN_COSINE``) on probe batches; otherwise that kind stays in Python. Why (the
+Python path's per-op dispatch and GIL re-takes stall the tower thread) and the measured
+gains: docs/serving.md.
 
 A graph covers one kind of batch: every sample text-only ("text"), image-only ("image"),
 or with both ("text+image"); the fusion encoder's branches on presence are data-dependent,

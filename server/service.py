@@ -9,7 +9,7 @@ recorded in the Prometheus histograms):
 3. **queue** + **encode**: one sample of a micro-batched query tower call;
 4. **search** + **metadata**: faiss search over the shards and LMDB reads, with metadata
    filters (facet id sets, see ``server.filters``), done for the whole micro-batch in one
-   job of the search thread pool (``server.search_stage``, the batcher's then stage),
+   job of the search thread pool (``server.search_stage``, the batcher's post-encode search stage),
    under a lease on the index version that stays held until that work is done.
 
 Every failure becomes a precise gRPC status (see ``_status_of``); nothing a request sends
@@ -34,7 +34,7 @@ from server.batching import BatchDeadlineError, BatcherClosedError, MicroBatcher
 from server.filters import FilterError, FoundHit, flatten_record, parse_filters
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, NoIndexError, ServedVersion
-from server.metrics import ServerMetrics
+from server.prometheus_metrics import ServerMetrics
 from server.search_stage import SearchJob
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
             tokens = None if text is None else self._pretokenize(text)
             job = SearchJob(served.index, served.cache, top_k, filters, nprobe)
             encoded = await self._batcher.encode(tokens, image, deadline_s, payload=job, track=lease.track)
-            result = encoded.result  # the batcher's then stage searched (server.search_stage)
+            result = encoded.result  # the batcher's post-encode search stage searched (server.search_stage)
             _check_deadline(deadline_s)
         finally:
             lease.release()
