@@ -6,7 +6,8 @@ released, and in bf16 its text path's linear layers use weights reordered once f
 (``PackedLinear``). A graph is used only after it matched the Python path
 (cosine >= ``MIN_COSINE``) on probe batches; otherwise that kind stays in Python. Why (the
 Python path's per-op dispatch and GIL re-takes stall the tower thread) and the measured
-gains: docs/serving.md.
+gains: docs/serving.md. Importing this module turns TorchScript's autocast pass off for the
+process (see ``_jit_set_autocast_mode`` below).
 
 A graph covers one kind of batch: every sample text-only ("text"), image-only ("image"),
 or with both ("text+image"); the fusion encoder's branches on presence are data-dependent,
@@ -30,6 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# TorchScript's own autocast pass off, once, for the process: tracing under torch.autocast
+# then records autocast's casts in the graph itself, and our graphs run outside autocast, so
+# the pass has nothing to do. Set here only (never toggled around a trace: the flag is
+# process-wide, and another thread may be running a graph). Our choice.
+torch._C._jit_set_autocast_mode(False)
 
 KINDS = ("text", "image", "text+image")
 # Probe texts for the trace and its check: different counts and lengths than each other.
@@ -208,7 +215,6 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
     empty_ids = torch.zeros(0, dtype=torch.long)
     inputs = (example["input_ids"] if with_text else empty_ids, example["attention_mask"] if with_text else empty_ids,
               torch.stack(example_pixels) if with_image else torch.zeros(0))
-    previous = torch._C._jit_set_autocast_mode(False)  # record autocast's casts in the graph
     try:
         # The graph gets its own copies: packed weights, and no unused pooler head.
         text_model = copy.deepcopy(text.model) if with_text else None
@@ -228,8 +234,6 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
             graph = torch.jit.freeze(traced.eval(), optimize_numerics=False)
     except Exception as exc:  # tracing is best-effort: the caller falls back to Python
         raise GraphError(f"cannot trace the {kind} path: {exc}") from exc
-    finally:
-        torch._C._jit_set_autocast_mode(previous)
     traced_path = TracedPath(graph, kind, backbones, precision)
     for n, rows in enumerate(_CHECK_BATCHES):
         texts = [_TRACE_TEXTS[i] for i in rows] if with_text else None

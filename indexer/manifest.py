@@ -6,30 +6,20 @@ a precise error instead of giving wrong results. Source: our choice.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from engine.file_hashing import sha256_file
 from indexer.errors import IndexIntegrityError, IndexVersionError
 
 MANIFEST = "manifest.json"
 FORMAT = "ecsearch-index-v1"
-_READ_BYTES = 1 << 20
 # what opening a version reads from its manifest (dotted = nested); checked before any file opens
 REQUIRED_KEYS = ("version", "dim", "files", "shards", "index", "index.nlist", "index.nprobe_default", "refine",
                  "refine.default", "refine.k_factor", "vectors", "vectors.file", "metadata", "metadata.file",
                  "counts", "counts.indexed")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_file(path: Path) -> dict[str, Any]:

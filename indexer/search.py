@@ -42,7 +42,8 @@ from indexer.manifest import MANIFEST, read_manifest, verify_files
 from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
 
-MAX_TOP_K = 10_000
+# the library's limit on k (the gRPC server's own, lower one: server.service.MAX_REQUEST_TOP_K)
+MAX_SEARCH_K = 10_000
 # allowed sets up to this size are searched exactly over their own vectors (our choice:
 # ~20k x 256 fp16 dot products take a few ms, and exact never misses a filtered item).
 EXACT_FILTER_MAX = 20_000
@@ -166,7 +167,7 @@ class IndexVersion:
         until k pass in every row or everything reachable was seen (our choice)."""
         out_s, out_i = _empty(q.shape[0], k)
         todo = np.arange(q.shape[0])
-        fetch = min(max(4 * k, 64), MAX_TOP_K * 4)
+        fetch = min(max(4 * k, 64), MAX_SEARCH_K * 4)
         while todo.size:
             scores, iids = self._search_once(q[todo], fetch, nprobe, allowed_ids, refine, k_factor)
             names = self._metadata.product_ids(iids)
@@ -196,7 +197,7 @@ class IndexVersion:
         if selector is not None:
             base.sel = selector  # the selector stays alive (local) until the search ends
         if refine:
-            k_factor = max(1, min(k_factor, MAX_TOP_K * 4 // k))  # at most 40,000 candidates
+            k_factor = max(1, min(k_factor, MAX_SEARCH_K * 4 // k))  # at most 40,000 candidates
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=base)
             scores, ids = self._refined.search(q, k, params=params)
         else:
@@ -268,8 +269,8 @@ class IndexVersion:
         return q
 
     def _check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
-            raise SearchArgumentError(f"k (top_k) must be an integer in [1, {MAX_TOP_K}], got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SEARCH_K:
+            raise SearchArgumentError(f"k (top_k) must be an integer in [1, {MAX_SEARCH_K}], got {k!r}")
         return int(k)
 
     def _check_nprobe(self, nprobe: int | None) -> int:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from indexer.publish import read_current
+
 log = logging.getLogger(__name__)
 
 
@@ -151,14 +153,6 @@ class IndexHolder:
             old, self._current = self._current, None
         if old is not None:
             old.retire()
-
-
-def read_current(root: Path) -> str | None:
-    """Content of ``ROOT/CURRENT`` (stripped), or None when the file does not exist yet."""
-    try:
-        return (root / "CURRENT").read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
 
 
 class IndexWatcher:

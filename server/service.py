@@ -30,6 +30,7 @@ import grpc
 from engine.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
                            InputError)
 from indexer.errors import SearchArgumentError
+from indexer.search import MAX_SEARCH_K
 from server.batching import BatchDeadlineError, BatcherClosedError, MicroBatcher
 from server.filters import FilterError, FoundHit, flatten_record, parse_filters
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
@@ -39,7 +40,8 @@ from server.search_stage import SearchJob
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_K = 1000
+# the wire contract's limit on top_k (proto: 1 to 1000), within the library's MAX_SEARCH_K
+MAX_REQUEST_TOP_K = 1000
 DEFAULT_TOP_K = 10
 MAX_PRODUCT_IDS = 1000
 MAX_NPROBE = 65536
@@ -49,10 +51,15 @@ MAX_NPROBE = 65536
 class ServiceLimits:
     """Request limits (our choice). ``max_text_chars``: longer texts are rejected."""
 
-    max_top_k: int = MAX_TOP_K
+    max_top_k: int = MAX_REQUEST_TOP_K
     default_top_k: int = DEFAULT_TOP_K
     max_product_ids: int = MAX_PRODUCT_IDS
     max_text_chars: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_top_k <= MAX_SEARCH_K:
+            raise ValueError(f"max_top_k must be in [1, {MAX_SEARCH_K}] (indexer.search.MAX_SEARCH_K), "
+                             f"got {self.max_top_k}")
 
 
 class RequestError(Exception):
