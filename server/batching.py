@@ -148,7 +148,8 @@ class MicroBatcher:
 
     def __init__(self, encode_fn: EncodeFn, config: BatchConfig = BatchConfig(),
                  on_batch: Callable[[int, float], None] | None = None, thread_name: str = "tower",
-                 post_encode_fn: PostEncodeFn | None = None, post_encode_executor: concurrent.futures.Executor | None = None):
+                 post_encode_fn: PostEncodeFn | None = None,
+                 post_encode_executor: concurrent.futures.Executor | None = None):
         if (post_encode_fn is None) != (post_encode_executor is None):
             raise ValueError("give both post_encode_fn and post_encode_executor, or neither")
         self._encode_fn = encode_fn

@@ -9,8 +9,9 @@ recorded in the Prometheus histograms):
 3. **queue** + **encode**: one sample of a micro-batched query tower call;
 4. **search** + **metadata**: faiss search over the shards and LMDB reads, with metadata
    filters (facet id sets, see ``server.filters``), done for the whole micro-batch in one
-   job of the search thread pool (``server.search_stage``, the batcher's post-encode search stage),
-   under a lease on the index version that stays held until that work is done.
+   job of the search thread pool (``server.search_stage``, the batcher's post-encode
+   search stage), under a lease on the index version that stays held until that work is
+   done.
 
 Every failure becomes a precise gRPC status (see ``_status_of``); nothing a request sends
 can crash the server or poison later requests. Source: our choice.
