@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-
-# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads made
-# faiss training 17x slower (measured). Must be set before torch / faiss are imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # subcommand -> (module, one-line help). Our choice: a table, not entry-point plugins.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -8,7 +8,6 @@ files' bytes; index versions record it. Source: our choice.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ModelFolderError
+from engine.file_hashing import sha256_named_files
 from engine.towers import ModelConfig, TwoTowerModel, build_model
 
 CONFIG_FILE = "config.json"
@@ -102,16 +102,11 @@ def fingerprint_folder(folder: str | Path) -> str:
     Raises:
         ModelFolderError: a file is missing.
     """
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        path = Path(folder) / name
+    files = [(name, Path(folder) / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    for name, path in files:
         if not path.is_file():
             raise ModelFolderError(f"model folder {folder} has no {name}")
-        h.update(name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_named_files(files)
 
 
 def _atomic_write(path: Path, write) -> None:

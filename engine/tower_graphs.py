@@ -1,15 +1,13 @@
 """TorchScript graphs of a tower's paths, for serving: text-only, image-only, text+image.
 
-A query runs hundreds of small PyTorch ops (backbones + fusion). Called from Python, each op
-pays dispatch overhead and re-takes the GIL, so in a server whose event loop and search
-threads also want the GIL, the tower thread stalls between ops. Traced and frozen into one
-TorchScript graph per kind of batch, a whole path (tokens / pixels → unit vectors) runs in
-C++ with the GIL released, and freezing turns autocast's per-call weight casts into bf16
-constants. Measured on this CPU (AVX512-BF16, one thread, trained MiniLM model, bf16):
-8 short text queries 9.6 → 7.0 ms, 1 query 5.1 → 3.1 ms; with another Python thread busy,
-8 queries took 985 ms through the Python path and 23.6 ms through the graph. The text path's
-linear layers, in bf16, also use weights reordered once for oneDNN (``PackedLinear``): 8
-queries 8.5 → 7.1 ms, 1 query 4.0 → 2.7 ms on top of the above.
+Contract: ``Tower.use_graphs(precision)`` traces and freezes one graph per kind of batch
+(tokens / pixels → float32 unit vectors (B, d)); each graph runs in C++ with the GIL
+released, and in bf16 its text path's linear layers use weights reordered once for oneDNN
+(``PackedLinear``). A graph is used only after it matched the Python path
+(cosine >= ``MIN_COSINE``) on probe batches; otherwise that kind stays in Python. Why (the
+Python path's per-op dispatch and GIL re-takes stall the tower thread) and the measured
+gains: docs/serving.md. Importing this module turns TorchScript's autocast pass off for the
+process (see ``_jit_set_autocast_mode`` below).
 
 A graph covers one kind of batch: every sample text-only ("text"), image-only ("image"),
 or with both ("text+image"); the fusion encoder's branches on presence are data-dependent,
@@ -35,6 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.cpu_features import bf16_runs, cpu_isa
+
+# TorchScript's own autocast pass off, once, for the process: tracing under torch.autocast
+# then records autocast's casts in the graph itself, and our graphs run outside autocast, so
+# the pass has nothing to do. Set here only (never toggled around a trace: the flag is
+# process-wide, and another thread may be running a graph). Our choice.
+torch._C._jit_set_autocast_mode(False)
 
 KINDS = ("text", "image", "text+image")
 # Probe texts for the trace and its check: different counts and lengths than each other.
@@ -216,7 +220,6 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
     empty_ids = torch.zeros(0, dtype=torch.long)
     inputs = (example["input_ids"] if with_text else empty_ids, example["attention_mask"] if with_text else empty_ids,
               torch.stack(example_pixels) if with_image else torch.zeros(0))
-    previous = torch._C._jit_set_autocast_mode(False)  # record autocast's casts in the graph
     try:
         # The graph gets its own copies: packed weights, and no unused pooler head.
         text_model = copy.deepcopy(text.model) if with_text else None
@@ -236,8 +239,6 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
             graph = torch.jit.freeze(traced.eval(), optimize_numerics=False)
     except Exception as exc:  # tracing is best-effort: the caller falls back to Python
         raise GraphError(f"cannot trace the {kind} path: {exc}") from exc
-    finally:
-        torch._C._jit_set_autocast_mode(previous)
     traced_path = TracedPath(graph, kind, backbones, precision)
     for n, rows in enumerate(_CHECK_BATCHES):
         texts = [_TRACE_TEXTS[i] for i in rows] if with_text else None

@@ -349,13 +349,17 @@ class TwoTowerModel(nn.Module):
 def build_model(config: ModelConfig | None = None, seed: int | None = 0) -> TwoTowerModel:
     """Build a randomly initialised two-tower model over the configured backbones, eval mode.
 
+    ``seed``: the initial weights come from a generator seeded with it, without touching
+    torch's process-wide generator; None: drawn from that generator.
+
     Raises:
         ModelFolderError: a backbone path or package is missing.
     """
     config = config or ModelConfig()
     backbones = build_backbones(config.text_backbone, config.image_backbone)
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = TwoTowerModel(config, backbones)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the global generator is left as it was
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        model = TwoTowerModel(config, backbones)
     model.eval()
     return model

@@ -13,7 +13,8 @@ follow the UniECS reference code (METHOD.md §5): AdamW (0.9, 0.98, eps 1e-6), w
 cosine decay (per stage, our choice), gradient clipping (our choice: global norm 1.0).
 
 Exact resume: a checkpoint holds the weights, loss weights, optimiser and scheduler states,
-the step and the torch RNG state; the data order is a pure function of (seed, epoch), so a
+the step and the trainer's own torch RNG state (the process-wide generator is never
+reseeded); the data order is a pure function of (seed, epoch), so a
 run stopped after step k and resumed ends in the same state as an uninterrupted run.
 """
 from __future__ import annotations
@@ -172,11 +173,16 @@ class Trainer:
         self.progress = progress
         self.batch_size = min(config.batch_size, len(data))
         self.batches_per_epoch = max(1, len(data) // self.batch_size)
-        torch.manual_seed(config.seed)
-        self.weighting = torch.nn.ModuleDict({
-            "stage1": LossWeighting(STAGE1_LOSS_NAMES, config.weighting, _subset(config.static_weights, STAGE1_LOSS_NAMES)),
-            "stage2": LossWeighting(LOSS_NAMES, config.weighting, _subset(config.static_weights, LOSS_NAMES)),
-        })
+        # The trainer's own torch RNG stream (dropout etc.), seeded here and swapped in around
+        # each step: the process-wide generator is left as it was (our choice).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(config.seed)
+            self.weighting = torch.nn.ModuleDict({
+                "stage1": LossWeighting(STAGE1_LOSS_NAMES, config.weighting,
+                                        _subset(config.static_weights, STAGE1_LOSS_NAMES)),
+                "stage2": LossWeighting(LOSS_NAMES, config.weighting, _subset(config.static_weights, LOSS_NAMES)),
+            })
+            self._rng_state = torch.get_rng_state()
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, betas=tuple(config.betas),
                                            eps=config.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, config))
@@ -207,8 +213,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """Run with the trainer's RNG stream as torch's CPU generator; restore the global one after."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            try:
+                yield
+            finally:
+                self._rng_state = torch.get_rng_state()
+
     def train_step(self) -> dict:
         """One optimiser step; returns its log record."""
+        with self._own_rng():
+            return self._train_step()
+
+    def _train_step(self) -> dict:
         cfg, data = self.config, self.data
         start = time.perf_counter()
         stage = 1 if self.step < cfg.stage1_steps else 2
@@ -300,7 +320,7 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "model": self.model.trainable_state_dict(),
                 "weighting": self.weighting.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "scheduler": self.scheduler.state_dict(), "torch_rng": self._rng_state.clone(),
                 "config": self.config.to_dict(), "pairs": len(self.data)}
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
@@ -331,7 +351,7 @@ class Trainer:
         self.weighting.load_state_dict(state["weighting"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        self._rng_state = state["torch_rng"].clone()
         self.step = int(state["step"])
         return self.step
 

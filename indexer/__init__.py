@@ -14,9 +14,4 @@ Modules, one job each:
 - ``cli``: ``ecsearch index``.
 """
 
-import os as _os
-
-# OpenMP threads that spin while waiting make faiss 10-20x slower when the CPU is shared
-# with other processes (measured: IVF-PQ training 0.6 s passive vs 10.6 s active on a
-# loaded 2-core machine). Must be set before faiss's libgomp loads. Our choice.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import engine as _engine  # noqa: F401  (sets OMP_WAIT_POLICY before faiss loads)

@@ -16,7 +16,8 @@ class NoCurrentVersionError(IndexVersionError):
 
 
 class IndexIntegrityError(IndexVersionError):
-    """A file of an index version does not match the size or sha256 in its manifest."""
+    """An index version does not match its manifest (a file's size, sha256 or schema), or
+    the manifest lacks a key or holds a bad value."""
 
 
 class SearchArgumentError(ValueError):

@@ -6,26 +6,20 @@ a precise error instead of giving wrong results. Source: our choice.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from engine.file_hashing import sha256_file
 from indexer.errors import IndexIntegrityError, IndexVersionError
 
 MANIFEST = "manifest.json"
 FORMAT = "ecsearch-index-v1"
-_READ_BYTES = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+# what opening a version reads from its manifest (dotted = nested); checked before any file opens
+REQUIRED_KEYS = ("version", "dim", "files", "shards", "index", "index.nlist", "index.nprobe_default", "refine",
+                 "refine.default", "refine.k_factor", "vectors", "vectors.file", "metadata", "metadata.file",
+                 "counts", "counts.indexed")
 
 
 def describe_file(path: Path) -> dict[str, Any]:
@@ -46,7 +40,11 @@ def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(version_dir: Path) -> dict[str, Any]:
-    """Load and sanity-check ``version_dir/manifest.json``. Raises IndexVersionError."""
+    """Load and sanity-check ``version_dir/manifest.json``: the format and every key of
+    ``REQUIRED_KEYS`` (and each shard's ``file`` / ``items``).
+
+    Raises IndexVersionError (no manifest, another format) or IndexIntegrityError
+    (unreadable, or a key missing: named, dotted, e.g. ``'refine.k_factor'``)."""
     path = Path(version_dir) / MANIFEST
     if not path.is_file():
         raise IndexVersionError(f"{version_dir}: not an index version (no {MANIFEST})")
@@ -57,10 +55,22 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise IndexVersionError(f"{path}: format {found!r}, expected {FORMAT!r}")
-    for key in ("version", "dim", "files", "shards"):
-        if key not in manifest:
-            raise IndexIntegrityError(f"{path}: manifest lacks {key!r}")
+    missing = next((key for key in REQUIRED_KEYS if not _has(manifest, key)), None)
+    if missing is not None:
+        raise IndexIntegrityError(f"{path}: manifest lacks {missing!r}")
+    for n, shard in enumerate(manifest["shards"] if isinstance(manifest["shards"], list) else [None]):
+        if not isinstance(shard, dict) or "file" not in shard or "items" not in shard:
+            raise IndexIntegrityError(f"{path}: manifest lacks 'shards[{n}].file' or 'shards[{n}].items'")
     return manifest
+
+
+def _has(manifest: dict[str, Any], dotted: str) -> bool:
+    node: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def verify_files(version_dir: Path, manifest: dict[str, Any], checksums: bool = True) -> None:

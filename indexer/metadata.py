@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import lmdb
 import numpy as np
 
-from indexer.errors import IndexVersionError
+from indexer.errors import IndexIntegrityError, IndexVersionError
 
 SCHEMA = "ecsearch-metadata-v1"
 FACET_SEP = "\x1f"
@@ -81,18 +81,35 @@ class MetadataReader:
     """Read-only view of a version's ``metadata.lmdb``. Thread-safe for concurrent reads."""
 
     def __init__(self, path: Path):
+        """Open ``path`` read-only.
+
+        Raises:
+            IndexVersionError: the file is missing or not an LMDB with our sub-databases.
+            IndexIntegrityError: its schema is not ``SCHEMA``.
+        The environment is closed again whenever opening fails.
+        """
         if not Path(path).is_file():
             raise IndexVersionError(f"{path}: metadata file missing")
         try:
             self._env = lmdb.open(str(path), subdir=False, readonly=True, lock=False,
                                   max_dbs=len(_DBS), readahead=False)
-            self._dbs = {name: self._env.open_db(name, create=False) for name in _DBS}
         except lmdb.Error as exc:
             raise IndexVersionError(f"{path}: not a readable metadata LMDB ({exc})") from exc
-        with self._env.begin() as txn:
-            schema = txn.get(b"schema", db=self._dbs[b"info"])
+        try:
+            self._check(path)
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _check(self, path: Path) -> None:
+        try:
+            self._dbs = {name: self._env.open_db(name, create=False) for name in _DBS}
+            with self._env.begin() as txn:
+                schema = txn.get(b"schema", db=self._dbs[b"info"])
+        except lmdb.Error as exc:
+            raise IndexVersionError(f"{path}: not a readable metadata LMDB ({exc})") from exc
         if schema != SCHEMA.encode():
-            raise IndexVersionError(f"{path}: metadata schema {schema!r}, expected {SCHEMA!r}")
+            raise IndexIntegrityError(f"{path}: metadata schema {schema!r}, expected {SCHEMA!r}")
 
     def internal_ids(self, product_ids: Iterable[str]) -> np.ndarray:
         """``int64 (n,)`` internal ids of ``product_ids``; ``-1`` for an unknown id."""
@@ -134,5 +151,5 @@ class MetadataReader:
         return out
 
     def close(self) -> None:
-        """Close the LMDB environment."""
+        """Close the LMDB environment (no read may be running: ``IndexVersion`` ensures it)."""
         self._env.close()

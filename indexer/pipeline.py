@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.catalog import FieldMapping, Reject, read_catalog
+from engine.file_hashing import sha256_file
 from indexer.encode import FLAG_IMAGE_ONLY, FLAG_IMAGE_UNREADABLE, FLAG_TEXT_ONLY, EncodeOptions, encode_products
 from indexer.errors import BuildError
-from indexer.manifest import sha256_file
 from indexer.publish import (build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
                              read_current, tmp_dir)
 from indexer.version import VersionOptions, write_version
@@ -71,6 +71,61 @@ def _job_key(catalog_fp: str, model_fp: str, config: IndexJobConfig) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
+def _with_precision(config: IndexJobConfig, device: str) -> IndexJobConfig:
+    """``encode.precision`` "auto" resolved for ``device`` (bf16 where it runs natively), on a
+    copy: the caller's config is not changed."""
+    if config.encode.precision != "auto":
+        return config
+    from engine.cpu_features import bf16_is_fast
+
+    precision = "bf16" if bf16_is_fast(device) else "fp32"
+    return dataclasses.replace(config, encode=dataclasses.replace(config.encode, precision=precision))
+
+
+def _records_and_counts(catalog, encoded) -> tuple[list[dict[str, Any]], list[Reject], dict[str, int]]:
+    """Metadata records of the encoded products, all rejects (catalogue + encoder) and the
+    manifest counts. Raises BuildError when a product was neither indexed nor rejected."""
+    rejects: list[Reject] = list(catalog.rejects)
+    for pos, reason in sorted(encoded.rejects.items()):
+        p = catalog.products[pos]
+        rejects.append(Reject(p.row, p.product_id, reason, p.to_dict()))
+    records = []
+    for pos in encoded.indexed:
+        p = catalog.products[pos]
+        flags = encoded.flags.get(pos, [])
+        records.append({"product_id": p.product_id, "title": p.title, "image": p.image,
+                        "attributes": p.attributes, "extra": p.extra, "row": p.row,
+                        "flags": flags, "flag_detail": encoded.flag_detail.get(pos, {})})
+    counts = {
+        "read": catalog.read_count,
+        "indexed": len(records),
+        "text_only": sum(FLAG_TEXT_ONLY in r["flags"] for r in records),
+        "image_only": sum(FLAG_IMAGE_ONLY in r["flags"] for r in records),
+        "image_unreadable": sum(FLAG_IMAGE_UNREADABLE in r["flags"] for r in records),
+        "rejected": len(rejects),
+        "rejected_by_catalog": len(catalog.rejects),
+        "rejected_by_encoder": len(encoded.rejects),
+    }
+    if counts["indexed"] + counts["rejected"] != counts["read"]:
+        raise BuildError(f"products lost: indexed {counts['indexed']} + rejected {counts['rejected']} "
+                         f"!= read {counts['read']}")
+    return records, rejects, counts
+
+
+def _manifest_extra(config: IndexJobConfig, model, device: str, catalog, catalog_fp: str, key: str,
+                    encoded) -> dict[str, Any]:
+    """What the manifest records about the model, the catalogue and the build."""
+    return {
+        "model": {"fingerprint": model.fingerprint, "dir": str(Path(config.model_dir).resolve()),
+                  "view": config.encode.view, "dim": int(model.dim), "device": device,
+                  "precision": config.encode.precision},
+        "catalog": {"path": str(Path(config.catalog).resolve()), "layout": catalog.layout,
+                    "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit},
+        "build": {"job_key": key, "resumed_items": encoded.resumed_items,
+                  "batch_size": config.encode.batch_size, "workers": config.encode.workers},
+    }
+
+
 def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage) -> IndexJobResult:
     """Build and publish one index version. Raises CatalogError, ModelFolderError, BuildError."""
     import torch
@@ -94,11 +149,7 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         log(f"stage: load model ({config.model_dir}, {device})")
         model = load_model(config.model_dir, device=device)
-        if config.encode.precision == "auto":  # resolved on a copy: the caller's config is not changed
-            from engine.cpu_features import bf16_is_fast
-
-            precision = "bf16" if bf16_is_fast(device) else "fp32"
-            config = dataclasses.replace(config, encode=dataclasses.replace(config.encode, precision=precision))
+        config = _with_precision(config, device)
         log(f"encode precision: {config.encode.precision}")
         key = _job_key(catalog_fp, model.fingerprint, config)
         work = tmp_dir(root) / f"build-{key}"
@@ -111,30 +162,7 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         encoded = encode_products(model, catalog.products, work / "chunks", config.encode, log=log)
         timings["encode"] = time.perf_counter() - t0
 
-        rejects: list[Reject] = list(catalog.rejects)
-        for pos, reason in sorted(encoded.rejects.items()):
-            p = catalog.products[pos]
-            rejects.append(Reject(p.row, p.product_id, reason, p.to_dict()))
-        records = []
-        for pos in encoded.indexed:
-            p = catalog.products[pos]
-            flags = encoded.flags.get(pos, [])
-            records.append({"product_id": p.product_id, "title": p.title, "image": p.image,
-                            "attributes": p.attributes, "extra": p.extra, "row": p.row,
-                            "flags": flags, "flag_detail": encoded.flag_detail.get(pos, {})})
-        counts = {
-            "read": catalog.read_count,
-            "indexed": len(records),
-            "text_only": sum(FLAG_TEXT_ONLY in r["flags"] for r in records),
-            "image_only": sum(FLAG_IMAGE_ONLY in r["flags"] for r in records),
-            "image_unreadable": sum(FLAG_IMAGE_UNREADABLE in r["flags"] for r in records),
-            "rejected": len(rejects),
-            "rejected_by_catalog": len(catalog.rejects),
-            "rejected_by_encoder": len(encoded.rejects),
-        }
-        if counts["indexed"] + counts["rejected"] != counts["read"]:
-            raise BuildError(f"products lost: indexed {counts['indexed']} + rejected {counts['rejected']} "
-                             f"!= read {counts['read']}")
+        records, rejects, counts = _records_and_counts(catalog, encoded)
         log(f"encode: {counts['indexed']} indexed ({counts['text_only']} text-only), {counts['rejected']} rejected"
             f"{f', {encoded.resumed_items} resumed' if encoded.resumed_items else ''}")
 
@@ -143,15 +171,7 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         staged = work / "stage"
         if staged.exists():
             shutil.rmtree(staged)
-        extra = {
-            "model": {"fingerprint": model.fingerprint, "dir": str(Path(config.model_dir).resolve()),
-                      "view": config.encode.view, "dim": int(model.dim), "device": device,
-                      "precision": config.encode.precision},
-            "catalog": {"path": str(Path(config.catalog).resolve()), "layout": catalog.layout,
-                        "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit},
-            "build": {"job_key": key, "resumed_items": encoded.resumed_items,
-                      "batch_size": config.encode.batch_size, "workers": config.encode.workers},
-        }
+        extra = _manifest_extra(config, model, device, catalog, catalog_fp, key, encoded)
         written = write_version(staged, version, encoded.vectors, records, config.version, rejects=rejects,
                                 counts=counts, extra_manifest=extra, timings_s=timings, log=log)
 

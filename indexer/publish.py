@@ -131,11 +131,13 @@ def cleanup_stale(root: Path, keep: set[str] = frozenset()) -> list[str]:
 
 
 def read_current(root: Path) -> str | None:
-    """The version named by ``ROOT/CURRENT``, or None when there is none yet."""
-    path = root / CURRENT
-    if not path.is_file():
+    """The version named by ``ROOT/CURRENT`` (stripped), or None when there is none yet
+    (no file, or an empty one). The one reader of ``CURRENT`` (the indexer and the server's
+    watcher); ``publish_version`` replaces the file atomically, so a read never sees half."""
+    try:
+        name = (Path(root) / CURRENT).read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, IsADirectoryError):
         return None
-    name = path.read_text(encoding="utf-8").strip()
     return name or None
 
 

@@ -29,19 +29,21 @@ vectors: re-rank with source coding"); filtering strategy our choice.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import faiss
 import numpy as np
 
 from indexer.errors import IndexIntegrityError, IndexVersionError, SearchArgumentError
-from indexer.manifest import read_manifest, verify_files
+from indexer.manifest import MANIFEST, read_manifest, verify_files
 from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
 
-MAX_TOP_K = 10_000
+# the library's limit on k (the gRPC server's own, lower one: server.service.MAX_REQUEST_TOP_K)
+MAX_SEARCH_K = 10_000
 # allowed sets up to this size are searched exactly over their own vectors (our choice:
 # ~20k x 256 fp16 dot products take a few ms, and exact never misses a filtered item).
 EXACT_FILTER_MAX = 20_000
@@ -50,32 +52,62 @@ IdFilter = Collection[str] | Callable[[str], bool] | None
 
 
 class IndexVersion:
-    """One opened, immutable index version. Thread-safe for concurrent ``search`` calls.
+    """One opened, immutable index version. Thread-safe on its own: any number of threads may
+    call ``search`` / ``get_products`` / ... at once, and ``close()`` may come from any thread
+    at any time: calls already running finish on the open files, later ones raise
+    ``IndexVersionError``, and the files (LMDB environment, faiss shards, vector memmap) are
+    released when the last running call returns (at once when none runs). The server's
+    leases (``server.index_holder``) come on top: they decide *when* to close.
 
     Attributes: ``path`` (version folder), ``manifest`` (dict), ``version`` (str), ``dim``
     (int), ``n_items`` (int), ``nlist`` (int), ``nprobe_default`` (int), ``refine_default``
     (bool), ``k_factor_default`` (int), ``metric`` ("inner_product").
+
+    Raises (constructor): IndexIntegrityError when a manifest value has the wrong type.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], shards: list[faiss.Index],
                  vectors: np.ndarray, metadata: MetadataReader):
         self.path = path
         self.manifest = manifest
-        self.version: str = manifest["version"]
-        self.dim: int = int(manifest["dim"])
-        self.metric: str = manifest.get("metric", "inner_product")
-        self.n_items: int = int(manifest["counts"]["indexed"]) if "counts" in manifest else int(vectors.shape[0])
-        self.nlist: int = int(manifest["index"]["nlist"])
-        self.nprobe_default: int = int(manifest["index"]["nprobe_default"])
-        self.refine_default: bool = bool(manifest["refine"]["default"])
-        self.k_factor_default: int = int(manifest["refine"]["k_factor"])
+        try:
+            self.version: str = str(manifest["version"])
+            self.dim: int = int(manifest["dim"])
+            self.metric: str = manifest.get("metric", "inner_product")
+            self.n_items: int = int(manifest["counts"]["indexed"])
+            self.nlist: int = int(manifest["index"]["nlist"])
+            self.nprobe_default: int = int(manifest["index"]["nprobe_default"])
+            self.refine_default: bool = bool(manifest["refine"]["default"])
+            self.k_factor_default: int = int(manifest["refine"]["k_factor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexIntegrityError(f"{path / MANIFEST}: bad value in the manifest ({exc!r})") from exc
         self._shards = shards
         self._vectors = vectors
         self._sharded, self._exact, self._refined = _search_pipeline(shards, vectors, self.dim)
         self._metadata = metadata
         self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # no new call starts
+        self._running = 0  # calls in progress
+        self._released = False  # files released
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Count a call in progress; refuse it once closed; release the files after the
+        last call that was running when ``close()`` came."""
+        with self._lock:
+            if self._closed:
+                raise IndexVersionError(f"index version {self.version} is closed")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                release = self._closed and self._running == 0 and not self._released
+                self._released = self._released or release
+            if release:
+                self._release()
 
     # ------------------------------------------------------------------ search
 
@@ -96,14 +128,19 @@ class IndexVersion:
         where fewer than k items qualify.
         Raises SearchArgumentError for bad shapes / dtypes / non-finite values / k / nprobe.
         """
-        scores, iids = self.search_ids(queries, k, nprobe, id_filter, allowed=allowed, refine=refine, k_factor=k_factor)
-        return scores, self._metadata.product_ids(iids)
+        with self._in_use():
+            scores, iids = self.search_ids(queries, k, nprobe, id_filter, allowed=allowed, refine=refine,
+                                           k_factor=k_factor)
+            return scores, self._metadata.product_ids(iids)
 
     def search_ids(self, queries: np.ndarray, k: int, nprobe: int | None = None, id_filter: IdFilter = None, *,
                    allowed: np.ndarray | Collection[int] | None = None, refine: bool | None = None,
                    k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """As ``search`` but returns internal ids: ``(scores float32 (n, k), ids int64 (n, k))``, ``-1`` padding."""
-        self._check_open()
+        with self._in_use():
+            return self._search_ids(queries, k, nprobe, id_filter, allowed, refine, k_factor)
+
+    def _search_ids(self, queries, k, nprobe, id_filter, allowed, refine, k_factor) -> tuple[np.ndarray, np.ndarray]:
         q = self._check_queries(queries)
         k = self._check_k(k)
         nprobe = self._check_nprobe(nprobe)
@@ -130,7 +167,7 @@ class IndexVersion:
         until k pass in every row or everything reachable was seen (our choice)."""
         out_s, out_i = _empty(q.shape[0], k)
         todo = np.arange(q.shape[0])
-        fetch = min(max(4 * k, 64), MAX_TOP_K * 4)
+        fetch = min(max(4 * k, 64), MAX_SEARCH_K * 4)
         while todo.size:
             scores, iids = self._search_once(q[todo], fetch, nprobe, allowed_ids, refine, k_factor)
             names = self._metadata.product_ids(iids)
@@ -160,7 +197,7 @@ class IndexVersion:
         if selector is not None:
             base.sel = selector  # the selector stays alive (local) until the search ends
         if refine:
-            k_factor = max(1, min(k_factor, MAX_TOP_K * 4 // k))  # at most 40,000 candidates
+            k_factor = max(1, min(k_factor, MAX_SEARCH_K * 4 // k))  # at most 40,000 candidates
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=base)
             scores, ids = self._refined.search(q, k, params=params)
         else:
@@ -175,15 +212,15 @@ class IndexVersion:
 
         A record: ``{"product_id", "title", "image", "attributes", "extra", "flags", "shard", "row"}``.
         """
-        self._check_open()
         pids = list(product_ids)
-        iids = self._metadata.internal_ids(pids)
-        return self._metadata.records(int(i) for i in iids)
+        with self._in_use():
+            iids = self._metadata.internal_ids(pids)
+            return self._metadata.records(int(i) for i in iids)
 
     def internal_ids(self, product_ids: Iterable[str]) -> np.ndarray:
         """``int64 (n,)`` internal ids of product ids, ``-1`` for unknown ones."""
-        self._check_open()
-        return self._metadata.internal_ids(product_ids)
+        with self._in_use():
+            return self._metadata.internal_ids(product_ids)
 
     def ids_with(self, filters: Mapping[str, str | Sequence[str]]) -> np.ndarray:
         """Internal ids (sorted int64) of products matching attribute ``filters``.
@@ -192,33 +229,29 @@ class IndexVersion:
         articleType is Heels OR Flats (exact, case-sensitive values as in the catalogue).
         Pass the result as ``search(..., allowed=...)``.
         """
-        self._check_open()
         result: np.ndarray | None = None
-        for attribute, values in filters.items():
-            values = [values] if isinstance(values, str) else list(values)
-            ids = np.unique(np.concatenate([self._metadata.facet_ids(attribute, v) for v in values])) \
-                if values else np.empty(0, np.int64)
-            result = ids if result is None else np.intersect1d(result, ids, assume_unique=True)
+        with self._in_use():
+            for attribute, values in filters.items():
+                values = [values] if isinstance(values, str) else list(values)
+                ids = np.unique(np.concatenate([self._metadata.facet_ids(attribute, v) for v in values])) \
+                    if values else np.empty(0, np.int64)
+                result = ids if result is None else np.intersect1d(result, ids, assume_unique=True)
         return result if result is not None else np.arange(self.n_items, dtype=np.int64)
 
     def facet_values(self) -> dict[str, list[str]]:
         """``{attribute: [values...]}`` available for ``ids_with``."""
-        self._check_open()
-        return self._metadata.facet_values()
+        with self._in_use():
+            return self._metadata.facet_values()
 
     def vectors(self, internal_ids: np.ndarray) -> np.ndarray:
         """Stored item vectors as float32 (n, d) for internal ids (fp16 on disk)."""
-        self._check_open()
         ids = np.asarray(internal_ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self._vectors.shape[0]):
-            raise SearchArgumentError(f"internal ids must be in [0, {self._vectors.shape[0]})")
-        return np.asarray(self._vectors[ids], dtype=np.float32)
+        with self._in_use():
+            if ids.size and (ids.min() < 0 or ids.max() >= self._vectors.shape[0]):
+                raise SearchArgumentError(f"internal ids must be in [0, {self._vectors.shape[0]})")
+            return np.asarray(self._vectors[ids], dtype=np.float32)
 
     # ------------------------------------------------------------------ checks
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise IndexVersionError(f"index version {self.version} is closed")
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.asarray(queries)
@@ -236,8 +269,8 @@ class IndexVersion:
         return q
 
     def _check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
-            raise SearchArgumentError(f"k (top_k) must be an integer in [1, {MAX_TOP_K}], got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SEARCH_K:
+            raise SearchArgumentError(f"k (top_k) must be an integer in [1, {MAX_SEARCH_K}], got {k!r}")
         return int(k)
 
     def _check_nprobe(self, nprobe: int | None) -> int:
@@ -258,15 +291,23 @@ class IndexVersion:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Release the shards, the vector memmap and the LMDB environment."""
+        """Refuse new calls and release the shards, the vector memmap and the LMDB
+        environment: now when no call is running, else when the last running one returns.
+        Idempotent; never blocks."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._sharded = self._exact = self._refined = None  # _sharded points into the shards below
-            self._shards = []
-            self._vectors = np.empty((0, self.dim), np.float16)
-            self._metadata.close()
+            release = self._running == 0
+            self._released = release
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        self._sharded = self._exact = self._refined = None  # _sharded points into the shards below
+        self._shards = []
+        self._vectors = np.empty((0, self.dim), np.float16)
+        self._metadata.close()
 
     def __enter__(self) -> "IndexVersion":
         return self
@@ -333,4 +374,8 @@ def open_index(path: str | Path, *, verify: bool = True) -> IndexVersion:
         raise IndexIntegrityError(f"{vectors_file}: {vectors.dtype} {vectors.shape}, manifest says float16 "
                                   f"({manifest['counts']['indexed']}, {manifest['dim']})")
     metadata = MetadataReader(version_dir / manifest["metadata"]["file"])
-    return IndexVersion(version_dir, manifest, shards, vectors, metadata)
+    try:
+        return IndexVersion(version_dir, manifest, shards, vectors, metadata)
+    except BaseException:
+        metadata.close()
+        raise

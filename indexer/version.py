@@ -86,12 +86,7 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     t_all = time.perf_counter()
     timings = dict(timings_s or {})
     n, dim = vectors.shape
-    if n != len(records):
-        raise BuildError(f"{n} vectors but {len(records)} records")
-    counts = dict(counts or {"read": n + len(rejects), "indexed": n, "rejected": len(rejects)})
-    if counts["indexed"] != n or counts["indexed"] + counts["rejected"] != counts["read"]:
-        raise BuildError(f"counts do not add up: indexed {counts['indexed']} (vectors {n}) + rejected "
-                         f"{counts['rejected']} != read {counts['read']}")
+    counts = _checked_counts(n, len(records), len(rejects), counts)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plan = plan_index(options.factory, n, dim)
@@ -113,6 +108,42 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     timings["vectors"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    map_size = _write_records(out_dir, records, shard_of_row, rejects)
+    timings["metadata"] = time.perf_counter() - t0
+
+    manifest = _manifest(out_dir, version, (n, dim), plan, options, shard_builds, map_size, counts, extra_manifest)
+    write_manifest(out_dir, manifest)
+
+    t0 = time.perf_counter()
+    quality = measure_quality(out_dir, options)
+    timings["recall"] = time.perf_counter() - t0
+    manifest["index"]["nprobe_default"] = quality.pop("nprobe_chosen")
+    manifest["recall"] = quality
+    timings["version_total"] = time.perf_counter() - t_all
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    write_manifest(out_dir, manifest)
+    log(f"index: nprobe {manifest['index']['nprobe_default']}: recall@10 {quality['recall_at_10']:.4f} with refine, "
+        f"{quality['recall_at_10_no_refine']:.4f} without (vs exact, {quality['queries']} item queries); "
+        f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
+        f"over {quality['self_items']} items")
+    return VersionResult(manifest, timings)
+
+
+def _checked_counts(n: int, n_records: int, n_rejects: int, counts: dict[str, int] | None) -> dict[str, int]:
+    """The manifest counts (given, or derived); raises BuildError when they do not add up."""
+    if n != n_records:
+        raise BuildError(f"{n} vectors but {n_records} records")
+    counts = dict(counts or {"read": n + n_rejects, "indexed": n, "rejected": n_rejects})
+    if counts["indexed"] != n or counts["indexed"] + counts["rejected"] != counts["read"]:
+        raise BuildError(f"counts do not add up: indexed {counts['indexed']} (vectors {n}) + rejected "
+                         f"{counts['rejected']} != read {counts['read']}")
+    return counts
+
+
+def _write_records(out_dir: Path, records: Sequence[dict[str, Any]], shard_of_row: np.ndarray,
+                   rejects: Sequence[Reject]) -> int:
+    """Write ``metadata.lmdb`` (records with their shard), ``rejects.jsonl`` and
+    ``flags.jsonl``; returns the LMDB ``map_size`` in bytes."""
     full_records = [{**r, "shard": int(s)} for r, s in zip(records, shard_of_row)]
     map_size = write_metadata(out_dir / METADATA_FILE, full_records)
     write_rejects(rejects, out_dir / REJECTS_FILE)
@@ -121,10 +152,16 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     with open(out_dir / FLAGS_FILE, "w", encoding="utf-8") as fh:
         for f in flagged:
             fh.write(json.dumps(f, ensure_ascii=False) + "\n")
-    timings["metadata"] = time.perf_counter() - t0
+    return map_size
 
+
+def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options: VersionOptions,
+              shard_builds: list[ShardBuild], map_size: int, counts: dict[str, int],
+              extra_manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of the files written so far (recall and timings are added later)."""
+    n, dim = shape
     data_files = [b.file for b in shard_builds] + [VECTORS_FILE, METADATA_FILE, REJECTS_FILE, FLAGS_FILE]
-    manifest: dict[str, Any] = {
+    return {
         "version": version,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dim": dim,
@@ -147,21 +184,6 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
         "counts": counts,
         "files": {name: describe_file(out_dir / name) for name in data_files},
     }
-    write_manifest(out_dir, manifest)
-
-    t0 = time.perf_counter()
-    quality = measure_quality(out_dir, options)
-    timings["recall"] = time.perf_counter() - t0
-    manifest["index"]["nprobe_default"] = quality.pop("nprobe_chosen")
-    manifest["recall"] = quality
-    timings["version_total"] = time.perf_counter() - t_all
-    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    write_manifest(out_dir, manifest)
-    log(f"index: nprobe {manifest['index']['nprobe_default']}: recall@10 {quality['recall_at_10']:.4f} with refine, "
-        f"{quality['recall_at_10_no_refine']:.4f} without (vs exact, {quality['queries']} item queries); "
-        f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
-        f"over {quality['self_items']} items")
-    return VersionResult(manifest, timings)
 
 
 def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10) -> dict[str, Any]:

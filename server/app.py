@@ -37,10 +37,10 @@ from engine.images import DEFAULT_MAX_IMAGE_PIXELS
 from server.batching import BatchConfig, MicroBatcher
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
-from server.metrics import ServerMetrics
+from server.prometheus_metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
-from server.versions import open_served_version
+from server.version_loader import open_served_version
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class SearchServer:
                                      BatchConfig(config.max_batch_size, config.max_wait_ms,
                                                  config.max_image_batch_size),
                                      on_batch=self.metrics.observe_batch,
-                                     then_fn=search_batch, then_executor=self._search_pool)
+                                     post_encode_fn=search_batch, post_encode_executor=self._search_pool)
         self._watcher = IndexWatcher(Path(config.index_root), self.holder, self._load_version,
                                      config.poll_interval_s, self._io_pool, on_swap=self._on_swap)
         self._loader: asyncio.Task | None = None

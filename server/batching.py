@@ -1,34 +1,38 @@
 """Micro-batching of concurrent queries into one query tower call.
 
-Requests submit one sample each (text and/or preprocessed image) from the event loop; one
-dedicated tower thread takes up to ``max_batch_size`` pending samples, waiting at most
-``max_wait_ms`` after the first one, runs one ``encode(texts, images) -> float32 (B, d)``
-call, hands the results back to the loop in one callback, and takes the next batch at once.
-The tower never waits for the event loop between batches (an earlier asyncio-task design
-did: the loop had to wake up, deliver, and start the next call, which cost text queries
-1-2 ms each at concurrency 8 on 2 cores). While a call runs, new requests queue up and form
-the next batch, so under load batches fill without waiting; hence the default
-``max_wait_ms = 0`` ("greedy" batching: a lone query is encoded at once, queries arriving
-during a tower call share the next one), which measured best on 2 cores
-(bench/bench_grpc.py). Text-only samples and samples with
-an image go in separate calls (the oldest pending sample decides which kind is next, so
-neither starves), with their own size limits. Source: our choice (the usual dynamic
-batching of inference servers).
+Contract: requests submit one sample each (text and/or preprocessed image) from the event
+loop with ``await encode(...)``; one dedicated tower thread takes up to ``max_batch_size``
+pending samples (``max_image_batch_size`` for samples with an image; text-only samples and
+samples with an image go in separate calls, the oldest pending sample deciding which kind
+is next), waiting at most ``max_wait_ms`` after the first one, runs one
+``encode_fn(texts, images) -> float32 (B, d)`` call and takes the next batch at once,
+without waiting for the event loop. ``max_wait_ms = 0`` is greedy batching: a lone query
+is encoded at once, queries arriving during a call share the next one.
 
-**Then stage** (optional, ``then_fn`` + ``then_executor``): what each sample needs after its
-vector, run for the whole batch in one job on another thread, e.g. the query server's
-searches (``server.search_stage``); its results travel back with the vectors in the same
-single callback. Doing the searches there, instead of the loop handing each request's
-vector to a search thread and taking the hits back, removed two thread hops per request;
-measured with bench/bench_grpc.py, text at concurrency 8, interleaved runs: p50 13.8 / 11.1
-/ 11.4 -> 10.5 / 10.2 / 11.0 ms, p99 43.9 / 29.7 / 22.7 -> 22.4 / 22.5 / 23.0 ms. Each sample may carry a ``concurrent.futures.Future`` (``track``) that is
-done once the batcher has finished with it, whatever happened (results delivered, error,
-cancelled, closed): the server holds its index lease until then.
+**Post-encode stage** (optional, ``post_encode_fn`` + ``post_encode_executor``): what each
+sample needs after its vector, run for the whole batch in one job of another thread pool;
+the query server's post-encode search stage (``server.search_stage``) searches there. Its
+results travel back with the vectors.
+
+Threads: the tower thread and the post-encode stage never touch asyncio objects; every
+outcome reaches the loop through ``loop.call_soon_threadsafe`` (one callback per batch),
+and a caller giving up (cancelled future) is seen by the tower thread through a flag the
+loop sets. Each sample is handed on exactly once: to its caller (result or error), or to
+the post-encode stage, which then answers it; an unexpected error later in the same batch
+fails only the samples not yet handed on.
+
+Tracking: a sample may carry a ``concurrent.futures.Future`` (``track``) that is done once
+the batcher has finished with it, whatever happened (delivered, error, cancelled, closed);
+the server holds its index lease until then.
 
 Isolation: a bad sample never fails the others. When the encoder raises an ``InputError``
 whose ``.index`` names a sample, that sample alone gets the error and the rest of the batch
 is encoded again; any other exception makes the batch fall back to one call per sample, so
-only the guilty sample fails.
+only the guilty sample fails. A failing post-encode stage fails its batch's samples.
+
+Why this design, and what it measured against the alternatives (an asyncio-task batcher,
+searches as separate thread hops): docs/serving.md. Source: our choice (the usual dynamic
+batching of inference servers).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ log = logging.getLogger(__name__)
 EncodeFn = Callable[[Sequence[str | None], Sequence[Any | None]], np.ndarray]
 # (payloads of the batch's samples, their vectors float32 (B, d)) -> B results (an
 # exception instance fails that sample alone)
-ThenFn = Callable[[Sequence[Any], np.ndarray], Sequence[Any]]
+PostEncodeFn = Callable[[Sequence[Any], np.ndarray], Sequence[Any]]
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class BatchConfig:
 @dataclass(frozen=True)
 class EncodedQuery:
     """One encoded sample: ``vector`` float32 (d,), time queued and encoding (ms), batch
-    size, and the then stage's result for it (None without a then stage)."""
+    size, and the post-encode stage's result for it (None without that stage)."""
 
     vector: np.ndarray
     queue_ms: float
@@ -98,19 +102,37 @@ class BatcherClosedError(Exception):
     """The batcher is closed; no more samples are accepted."""
 
 
+_HAND_ON_LOCK = threading.Lock()
+
+
 @dataclass
 class _Pending:
     text: str | None
     image: Any | None
-    future: asyncio.Future
+    future: asyncio.Future  # touched on the event loop only
     enqueued_s: float
     deadline_s: float | None  # time.monotonic() deadline, or None
     payload: Any = None
     finished: concurrent.futures.Future | None = None  # done when the batcher is done with it
+    abandoned: bool = False  # set on the loop when the caller stopped waiting (cancelled)
+    handed_on: bool = False  # an outcome was sent to the loop, or the post-encode stage took it
+
+    def hand_on(self) -> bool:
+        """Claim the sample's one hand-off; False when it was already handed on. Any thread."""
+        with _HAND_ON_LOCK:
+            if self.handed_on:
+                return False
+            self.handed_on = True
+            return True
 
     def release(self) -> None:
-        if self.finished is not None and not self.finished.done():
+        """The batcher is done with the sample (called once, by whoever handed it on)."""
+        if self.finished is not None:
             self.finished.set_result(None)
+
+    def on_future_done(self, future: asyncio.Future) -> None:  # loop thread
+        if future.cancelled():
+            self.abandoned = True
 
 
 class MicroBatcher:
@@ -118,23 +140,24 @@ class MicroBatcher:
 
     ``encode_fn(texts, images)`` gets equal-length lists (elements may be None) and returns
     ``float32 (B, d)``; it always runs on the batcher's own thread, one call at a time.
-    ``on_batch(size, seconds)`` is called on that thread after each call. ``then_fn(payloads,
-    vectors)``, when given, runs once per encoded batch in ``then_executor`` and returns one
+    ``on_batch(size, seconds)`` is called on that thread after each call. ``post_encode_fn(payloads,
+    vectors)``, when given, runs once per encoded batch in ``post_encode_executor`` and returns one
     result per sample (see the module docstring). Create, ``start()`` and ``close()`` inside
     one running event loop.
     """
 
     def __init__(self, encode_fn: EncodeFn, config: BatchConfig = BatchConfig(),
                  on_batch: Callable[[int, float], None] | None = None, thread_name: str = "tower",
-                 then_fn: ThenFn | None = None, then_executor: concurrent.futures.Executor | None = None):
-        if (then_fn is None) != (then_executor is None):
-            raise ValueError("give both then_fn and then_executor, or neither")
+                 post_encode_fn: PostEncodeFn | None = None,
+                 post_encode_executor: concurrent.futures.Executor | None = None):
+        if (post_encode_fn is None) != (post_encode_executor is None):
+            raise ValueError("give both post_encode_fn and post_encode_executor, or neither")
         self._encode_fn = encode_fn
         self.config = config
         self._on_batch = on_batch
         self._thread_name = thread_name
-        self._then_fn = then_fn
-        self._then_executor = then_executor
+        self._post_encode_fn = post_encode_fn
+        self._post_encode_executor = post_encode_executor
         self._pending: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,21 +178,22 @@ class MicroBatcher:
             self._pending.clear()
             self._cond.notify_all()
         for item in queued:
-            item.release()
-            _settle(item.future, error=BatcherClosedError("server is shutting down"))
+            if item.hand_on():
+                item.release()
+                _settle(item.future, error=BatcherClosedError("server is shutting down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
     async def encode(self, text: str | None, image: Any | None, deadline_s: float | None = None, *,
                      payload: Any = None,
                      track: Callable[[concurrent.futures.Future], None] | None = None) -> EncodedQuery:
-        """Encode one sample in the next batch (and run the then stage on it).
+        """Encode one sample in the next batch (and run the post-encode stage on it).
 
         Args:
             text: query text or None.
             image: image as accepted by the encoder (e.g. a preprocessed tensor) or None.
             deadline_s: ``time.monotonic()`` time after which the sample is dropped unencoded.
-            payload: what ``then_fn`` gets for this sample.
+            payload: what ``post_encode_fn`` gets for this sample.
             track: called at once with a ``concurrent.futures.Future`` that is done when the
                 batcher has finished with this sample (even after this call was cancelled).
 
@@ -182,11 +206,14 @@ class MicroBatcher:
             raise BatcherClosedError("server is shutting down")
         future = asyncio.get_running_loop().create_future()
         item = _Pending(text, image, future, time.monotonic(), deadline_s, payload)
+        future.add_done_callback(item.on_future_done)
         if track is not None:
             item.finished = concurrent.futures.Future()
+            item.finished.set_running_or_notify_cancel()
             track(item.finished)
         with self._cond:
             if self._closed:
+                item.hand_on()
                 item.release()
                 raise BatcherClosedError("server is shutting down")
             self._pending.append(item)
@@ -242,8 +269,8 @@ class MicroBatcher:
         now = time.monotonic()
         live, late = [], []
         for item in batch:
-            if item.future.done():  # caller cancelled (deadline, client gone)
-                item.release()
+            if item.abandoned:  # caller cancelled (deadline, client gone)
+                self._drop(item)
                 continue
             if item.deadline_s is not None and now >= item.deadline_s:
                 late.append((item, None, BatchDeadlineError("deadline passed while queued for the query tower")))
@@ -274,8 +301,8 @@ class MicroBatcher:
 
     def _encode_one_by_one(self, items: list[_Pending]) -> None:
         for item in items:
-            if item.future.done():
-                item.release()
+            if item.abandoned:
+                self._drop(item)
                 continue
             started = time.monotonic()
             try:
@@ -286,6 +313,12 @@ class MicroBatcher:
                 self._deliver([(item, None, exc)], batch_size=0, encode_ms=0.0)
                 continue
             self._finish([item], vectors, started)
+
+    @staticmethod
+    def _drop(item: _Pending) -> None:
+        """An abandoned sample: nobody waits for an outcome; end its tracked work."""
+        if item.hand_on():
+            item.release()
 
     def _call(self, items: list[_Pending]) -> np.ndarray:
         vectors = np.asarray(self._encode_fn([p.text for p in items], [p.image for p in items]), dtype=np.float32)
@@ -298,35 +331,43 @@ class MicroBatcher:
         if self._on_batch is not None:
             self._on_batch(len(items), finished - started)
         encode_ms = (finished - started) * 1e3
-        if self._then_fn is None:
+        if self._post_encode_fn is None:
             self._deliver([(item, (row.copy(), None), None) for item, row in zip(items, vectors)],
                           batch_size=len(items), encode_ms=encode_ms, started=started)
             return
+        taken = [n for n, item in enumerate(items) if item.hand_on()]  # the stage answers these now
+        items, vectors = [items[n] for n in taken], vectors[taken]
+        if not items:
+            return
         try:
-            self._then_executor.submit(self._then, items, vectors, encode_ms, started)
+            self._post_encode_executor.submit(self._post_encode, items, vectors, encode_ms, started)
         except RuntimeError as exc:  # the executor is shut down
             self._deliver([(item, None, BatcherClosedError(f"server is shutting down ({exc})")) for item in items],
-                          batch_size=len(items), encode_ms=encode_ms, started=started)
+                          batch_size=len(items), encode_ms=encode_ms, started=started, taken=True)
 
-    def _then(self, items: list[_Pending], vectors: np.ndarray, encode_ms: float, started: float) -> None:
-        """The then stage of one batch (in ``then_executor``): one result or error per sample."""
+    def _post_encode(self, items: list[_Pending], vectors: np.ndarray, encode_ms: float, started: float) -> None:
+        """The post-encode stage of one batch (in ``post_encode_executor``): one result or
+        error per sample; it owns the samples (already handed on to it)."""
         try:
-            results = list(self._then_fn([item.payload for item in items], vectors))
+            results = list(self._post_encode_fn([item.payload for item in items], vectors))
             if len(results) != len(items):
-                raise RuntimeError(f"then stage returned {len(results)} results for {len(items)} samples")
+                raise RuntimeError(f"post-encode stage returned {len(results)} results for {len(items)} samples")
         except Exception as exc:
-            log.exception("then stage failed for a batch of %d", len(items))
+            log.exception("post-encode stage failed for a batch of %d", len(items))
             results = [exc] * len(items)
         outcomes = [(item, None, result) if isinstance(result, BaseException) else (item, (row.copy(), result), None)
                     for item, row, result in zip(items, vectors, results)]
-        self._deliver(outcomes, batch_size=len(items), encode_ms=encode_ms, started=started)
+        self._deliver(outcomes, batch_size=len(items), encode_ms=encode_ms, started=started, taken=True)
 
     def _deliver(self, outcomes: list[tuple[_Pending, tuple[np.ndarray, Any] | None, BaseException | None]], *,
-                 batch_size: int, encode_ms: float, started: float | None = None) -> None:
-        """Hand a batch's outcomes (item, (vector, then result) or None, error or None) to the
-        event loop in one callback."""
+                 batch_size: int, encode_ms: float, started: float | None = None, taken: bool = False) -> None:
+        """Hand a batch's outcomes (item, (vector, post-encode result) or None, error or None)
+        to the event loop in one callback. Samples already handed on are skipped, unless
+        ``taken`` (the caller handed them on to itself: the post-encode stage)."""
         settled = []
         for item, value, error in outcomes:
+            if not taken and not item.hand_on():
+                continue
             item.release()
             if error is not None:
                 settled.append((item.future, None, error))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from indexer.publish import read_current
+
 log = logging.getLogger(__name__)
 
 
@@ -59,8 +61,14 @@ class ServedVersion:
             self._leases += 1
 
     def release(self) -> None:
-        """Return one lease; closes the index when retired and no lease is left."""
+        """Return one lease; closes the index when retired and no lease is left.
+
+        Raises:
+            RuntimeError: no lease is held (a lease returned twice); the count is left at 0.
+        """
         with self._lock:
+            if self._leases <= 0:
+                raise RuntimeError(f"index version {self.version}: lease released more often than acquired")
             self._leases -= 1
             close_now = self._retired and self._leases == 0 and not self._closed
             if close_now:
@@ -145,14 +153,6 @@ class IndexHolder:
             old, self._current = self._current, None
         if old is not None:
             old.retire()
-
-
-def read_current(root: Path) -> str | None:
-    """Content of ``ROOT/CURRENT`` (stripped), or None when the file does not exist yet."""
-    try:
-        return (root / "CURRENT").read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
 
 
 class IndexWatcher:

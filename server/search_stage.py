@@ -1,4 +1,4 @@
-"""The searches of one micro-batch: the then stage of the query server's ``MicroBatcher``.
+"""The searches of one micro-batch: the post-encode search stage of the query server's ``MicroBatcher``.
 
 After the query tower has encoded a batch, one job in the search thread pool searches for
 every request of the batch and hands the hits back with the vectors (``server.batching``).

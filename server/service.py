@@ -9,8 +9,9 @@ recorded in the Prometheus histograms):
 3. **queue** + **encode**: one sample of a micro-batched query tower call;
 4. **search** + **metadata**: faiss search over the shards and LMDB reads, with metadata
    filters (facet id sets, see ``server.filters``), done for the whole micro-batch in one
-   job of the search thread pool (``server.search_stage``, the batcher's then stage),
-   under a lease on the index version that stays held until that work is done.
+   job of the search thread pool (``server.search_stage``, the batcher's post-encode
+   search stage), under a lease on the index version that stays held until that work is
+   done.
 
 Every failure becomes a precise gRPC status (see ``_status_of``); nothing a request sends
 can crash the server or poison later requests. Source: our choice.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -29,16 +31,18 @@ import grpc
 from engine.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
                            InputError)
 from indexer.errors import SearchArgumentError
+from indexer.search import MAX_SEARCH_K
 from server.batching import BatchDeadlineError, BatcherClosedError, MicroBatcher
 from server.filters import FilterError, FoundHit, flatten_record, parse_filters
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, NoIndexError, ServedVersion
-from server.metrics import ServerMetrics
+from server.prometheus_metrics import ServerMetrics
 from server.search_stage import SearchJob
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_K = 1000
+# the wire contract's limit on top_k (proto: 1 to 1000), within the library's MAX_SEARCH_K
+MAX_REQUEST_TOP_K = 1000
 DEFAULT_TOP_K = 10
 MAX_PRODUCT_IDS = 1000
 MAX_NPROBE = 65536
@@ -48,10 +52,15 @@ MAX_NPROBE = 65536
 class ServiceLimits:
     """Request limits (our choice). ``max_text_chars``: longer texts are rejected."""
 
-    max_top_k: int = MAX_TOP_K
+    max_top_k: int = MAX_REQUEST_TOP_K
     default_top_k: int = DEFAULT_TOP_K
     max_product_ids: int = MAX_PRODUCT_IDS
     max_text_chars: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_top_k <= MAX_SEARCH_K:
+            raise ValueError(f"max_top_k must be in [1, {MAX_SEARCH_K}] (indexer.search.MAX_SEARCH_K), "
+                             f"got {self.max_top_k}")
 
 
 class RequestError(Exception):
@@ -90,34 +99,51 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class _Lease:
-    """A request's lease on an index version, returned only after its thread work is done."""
+    """A request's lease on an index version, returned only after its thread work is done.
+
+    Reference counted: the request itself holds one reference (dropped by ``release()``,
+    once, however often it is called) and every tracked future one (dropped when it is done,
+    in whatever thread finishes it). The version's lease is returned exactly once, when the
+    count reaches zero. Thread-safe. Source: our choice.
+    """
 
     def __init__(self, served: ServedVersion):
         self.served = served
-        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+        self._holders = 1  # the request itself
+        self._released = False
 
     async def run(self, executor: Executor, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         future = executor.submit(fn, *args, **kwargs)
-        self._futures.append(future)
+        self.track(future)
         return await asyncio.wrap_future(future)
 
     def track(self, future: Future) -> None:
-        """Keep the lease until ``future`` (thread work on this version) is done."""
-        self._futures.append(future)
+        """Keep the lease until ``future`` (thread work on this version) is done.
+
+        Raises:
+            RuntimeError: the lease was already returned (the work would run unleased).
+        """
+        with self._lock:
+            if self._holders == 0:
+                raise RuntimeError(f"index version {self.served.version}: tracking work after the lease ended")
+            self._holders += 1
+        future.add_done_callback(self._drop)
 
     def release(self) -> None:
-        pending = [f for f in self._futures if not f.done()]
-        if not pending:
-            self.served.release()
-            return
-        count = [len(pending)]
+        """The request is done with the version; the lease ends when its tracked work is done too."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._drop(None)
 
-        def done(_: Future) -> None:  # runs in the worker thread when its work ends
-            count[0] -= 1
-            if count[0] == 0:
-                self.served.release()
-        for future in pending:
-            future.add_done_callback(done)
+    def _drop(self, _future: Future | None) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.served.release()
 
 
 class SearchService(search_pb2_grpc.SearchServiceServicer):
@@ -181,7 +207,7 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
             tokens = None if text is None else self._pretokenize(text)
             job = SearchJob(served.index, served.cache, top_k, filters, nprobe)
             encoded = await self._batcher.encode(tokens, image, deadline_s, payload=job, track=lease.track)
-            result = encoded.result  # the batcher's then stage searched (server.search_stage)
+            result = encoded.result  # the batcher's post-encode search stage searched (server.search_stage)
             _check_deadline(deadline_s)
         finally:
             lease.release()

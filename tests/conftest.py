@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as engine/cli.py: no spinning OpenMP threads
+import engine  # noqa: F401,E402  (sets OMP_WAIT_POLICY before torch / faiss load)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

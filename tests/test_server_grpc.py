@@ -247,7 +247,7 @@ def test_health_not_serving_until_an_index_is_published_then_serving(tmp_path, i
 
 
 def test_refuses_to_start_on_model_fingerprint_mismatch(index_root, tiny_model_dir, tmp_path):
-    from server.versions import ModelMismatchError
+    from server.version_loader import ModelMismatchError
 
     # a copy: LMDB refuses a second handle on a file this process already has open
     server = start_server(copy_root(index_root, tmp_path / "root"), model_dir=tiny_model_dir)

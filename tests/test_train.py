@@ -81,6 +81,12 @@ def test_training_writes_a_loadable_model_and_logs_every_term(mini_catalog, cach
     assert any(not torch.equal(start[k], trained[k]) for k in start)
 
 
+def test_training_leaves_the_global_generator_alone(mini_catalog, cache_dir, tiny_backbone_dir, tmp_path):
+    before = torch.get_rng_state()
+    train_model(_job(mini_catalog, tmp_path / "out", cache_dir, tiny_backbone_dir, steps=2, stage1_steps=1))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_interrupted_run_resumes_to_the_same_state(mini_catalog, cache_dir, tiny_backbone_dir, tmp_path):
     full = tmp_path / "full"
     train_model(_job(mini_catalog, full, cache_dir, tiny_backbone_dir, steps=2, stage1_steps=1))

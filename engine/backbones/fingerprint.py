@@ -1,9 +1,10 @@
 """Content fingerprints of backbone files (sha256), cached per (path, size, mtime)."""
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from pathlib import Path
+
+from engine.file_hashing import sha256_named_files
 
 _SKIP = {"README.md", ".gitattributes"}
 
@@ -24,10 +25,4 @@ def fingerprint_path(path: Path) -> str:
 
 @lru_cache(maxsize=64)
 def _digest(key: tuple) -> str:
-    h = hashlib.sha256()
-    for name, _size, _mtime in key:
-        h.update(Path(name).name.encode())
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_named_files((Path(name).name, name) for name, _size, _mtime in key)

@@ -28,11 +28,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def load_hf_model(folder: str, attn_implementation: str | None = None) -> nn.Module:
+    """Load (once per process and ``attn_implementation``) a Hugging Face model from a local
+    folder, eval mode, frozen. The cached model is shared: callers must not reconfigure it,
+    they ask for the attention implementation they need here instead."""
+    return _load_cached(str(folder), attn_implementation)
+
+
 @lru_cache(maxsize=4)
-def load_hf_model(folder: str) -> nn.Module:
-    """Load (once per process) a Hugging Face model from a local folder, eval mode, frozen."""
+def _load_cached(folder: str, attn_implementation: str | None) -> nn.Module:
     transformers_logging.disable_progress_bar()  # no per-load progress bars in servers / logs
-    model = AutoModel.from_pretrained(folder, local_files_only=True)
+    options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModel.from_pretrained(folder, local_files_only=True, **options)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -58,14 +65,13 @@ class HFTextBackbone(nn.Module):
 
     def __init__(self, folder: str, clip: bool = False, max_length: int = MAX_TEXT_TOKENS):
         super().__init__()
-        model = load_hf_model(folder)
+        # Plain matmul + softmax ("eager") attention for a text encoder: for texts of <= 64
+        # tokens on a CPU it beats the SDPA flash kernel (all-MiniLM-L6-v2, 8 queries of 8
+        # tokens, bf16, one thread: query tower 10.9 -> 10.2 ms; 64 titles: 113 -> 105 ms).
+        # Same results (cosine 0.99995). Chosen at load time, so the shared cached model is
+        # never reconfigured. Our choice.
+        model = load_hf_model(folder, attn_implementation=None if clip else "eager")
         self.model = model.text_model if clip else model
-        if not clip and hasattr(self.model, "set_attn_implementation"):
-            # Plain matmul + softmax attention: for texts of <= 64 tokens on a CPU it beats the
-            # SDPA flash kernel (all-MiniLM-L6-v2, 8 queries of 8 tokens, bf16, one thread:
-            # query tower 10.9 -> 10.2 ms; 64 titles: 113 -> 105 ms). Same results (cosine
-            # 0.99995). Our choice.
-            self.model.set_attn_implementation("eager")
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self._tokenizer_lock = threading.Lock()
         config = self.model.config
