@@ -23,6 +23,7 @@ from engine.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 VIEWS = ("fused", "text", "image")  # METHOD.md §1.4: F, T, V
 PRECISIONS = ("fp32", "bf16")
+GRAPH_BACKENDS = ("torchscript", "onnxruntime", "onnxruntime-int8")
 
 
 @dataclass
@@ -80,24 +81,42 @@ class Tower(nn.Module):
         self.name = name
         self.graphs: dict = {}  # kind -> engine.tower_graphs.TracedPath, set by use_graphs()
 
-    def use_graphs(self, precision: str, kinds: Sequence[str] | None = None) -> dict[str, str]:
+    def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
+                   threads: int | None = None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
-        "text+image": all with both; None: all three) at ``precision`` through traced TorchScript graphs
-        (``engine.tower_graphs``: same vectors, cosine ≥ 0.999, less overhead, GIL released).
-        Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must not change
-        afterwards (the graphs hold frozen copies).
+        "text+image": all with both; None: all three) at ``precision`` through compiled graphs
+        instead of Python: ``backend="torchscript"`` traced TorchScript graphs
+        (``engine.tower_graphs``), ``"onnxruntime"`` ONNX Runtime sessions of the fp32 paths,
+        ``"onnxruntime-int8"`` the same with the text path's linear weights in int8
+        (``engine.tower_onnx``). Same vectors (cosine ≥ 0.999; int8 ≥ 0.995), less overhead,
+        GIL released. Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must
+        not change afterwards (the graphs hold frozen copies). ``threads``: ONNX Runtime
+        intra-op threads (default: ``torch.get_num_threads()``).
 
         Returns:
-            ``{kind: reason}`` for the kinds that could not be traced or whose graph disagreed
+            ``{kind: reason}`` for the kinds that could not be built or whose graph disagreed
             with the Python path; those keep encoding in Python.
+
+        Raises:
+            ValueError: unknown backend, or an ONNX Runtime backend with precision other than fp32.
         """
         from engine.tower_graphs import KINDS, GraphError, trace_path
 
+        if backend not in GRAPH_BACKENDS:
+            raise ValueError(f"unknown graph backend {backend!r}; expected one of {GRAPH_BACKENDS}")
+        if backend != "torchscript" and precision != "fp32":
+            raise ValueError(f"the {backend} backend runs fp32 weights, not {precision}")
         self.graphs = {}
         refused = {}
         for kind in KINDS if kinds is None else kinds:
             try:
-                self.graphs[kind] = trace_path(self, kind, precision)
+                if backend == "torchscript":
+                    self.graphs[kind] = trace_path(self, kind, precision)
+                else:
+                    from engine.tower_onnx import onnx_path
+
+                    self.graphs[kind] = onnx_path(self, kind, threads or torch.get_num_threads(),
+                                                  int8=backend == "onnxruntime-int8" and kind == "text")
             except GraphError as exc:
                 refused[kind] = str(exc)
         return refused
