@@ -6,7 +6,8 @@ import platform
 
 
 def describe_machine() -> str:
-    """One line: CPU model, logical cores, RAM GiB, Python / torch / faiss versions, GPU if any."""
+    """One line: CPU model, logical cores, RAM GiB, Python / torch / faiss / onnxruntime versions, GPU if
+    any, then ``engine.cpu_features.describe_cpu()`` (ISA used and detected, torch's capability)."""
     cpu = platform.processor() or "unknown cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -33,6 +34,18 @@ def describe_machine() -> str:
         import faiss
 
         parts.append(f"faiss={faiss.__version__} gpus={faiss.get_num_gpus()}")
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+
+        parts.append(f"onnxruntime={onnxruntime.__version__}")
+    except ImportError:
+        pass
+    try:
+        from engine.cpu_features import describe_cpu
+
+        parts.append(f"| {describe_cpu()}")  # the ISA ecsearch uses (ECSEARCH_CPU_ISA) and torch's
     except ImportError:
         pass
     return " ".join(parts)

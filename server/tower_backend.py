@@ -72,21 +72,29 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
 
 def prepare_tower(tower, plan: TowerPlan, threads: int) -> str:
     """Build ``plan``'s graphs on ``tower`` (after ``cast_for_inference(plan.precision)``);
-    kinds the backend refuses fall back to TorchScript, then Python, each with a warning.
+    kinds the backend refuses fall back (int8 → fp32 ONNX Runtime → TorchScript → Python),
+    each step with a warning.
 
     Returns:
         One line for the start-up log, e.g. ``"onnxruntime fp32 (isa=avx2): text, image,
         text+image"``.
     """
+    from engine.tower_graphs import KINDS
+
     if plan.backend == "python":
         return f"python {plan.precision} (isa={plan.isa}; --no-graphs)"
-    refused = tower.use_graphs(plan.precision, backend=plan.backend, threads=threads)
-    built = dict(tower.graphs)
-    if refused and plan.backend != "torchscript":
-        for kind, reason in refused.items():
-            log.warning("%s queries: %s refused (%s); trying TorchScript", kind, plan.backend, reason)
-        refused = tower.use_graphs(plan.precision, kinds=tuple(refused), backend="torchscript")
+    chain = {"onnxruntime-int8": ("onnxruntime-int8", "onnxruntime", "torchscript"),
+             "onnxruntime": ("onnxruntime", "torchscript")}.get(plan.backend, ("torchscript",))
+    built: dict = {}
+    refused: dict = dict.fromkeys(KINDS, "")
+    for position, backend in enumerate(chain):
+        if position:
+            for kind, reason in refused.items():
+                log.warning("%s queries: %s refused (%s); trying %s", kind, chain[position - 1], reason, backend)
+        refused = tower.use_graphs(plan.precision, kinds=tuple(refused), backend=backend, threads=threads)
         built.update(tower.graphs)
+        if not refused:
+            break
     tower.graphs = built
     for kind, reason in refused.items():
         log.warning("%s queries run in Python: %s", kind, reason)

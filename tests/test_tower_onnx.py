@@ -58,6 +58,9 @@ def test_int8_text_path_is_kept_only_within_its_cosine_bound(tiny_backbone_dir):
     else:
         assert tower.graphs["text"].backend == "onnxruntime int8"
         assert _min_cosine(tower.encode(TEXTS), expected) >= 0.99
+    line = prepare_tower(tower, plan_tower("fp32", "onnxruntime-int8"), threads=1)  # refused int8 -> ORT fp32
+    assert tower.graphs["text"].backend == ("onnxruntime fp32" if refused else "onnxruntime int8")
+    assert tower.graphs["image"].backend == "onnxruntime fp32" and tower.graphs["text"].backend in line
     with pytest.raises(GraphError, match="only offered for the text path"):
         from engine.tower_onnx import onnx_path
 
