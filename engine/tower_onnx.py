@@ -160,13 +160,15 @@ class OnnxPath:
     """An ONNX Runtime session for one kind of batch of one tower; called like
     ``engine.tower_graphs.TracedPath`` (B texts and/or B preprocessed images → ``float32
     (B, d)`` unit vectors, input order). ``precision`` is "fp32" (the Python path it
-    replaces); ``backend`` says "onnxruntime fp32" or "onnxruntime int8". Thread-safe."""
+    replaces); it also ``serves`` bf16 requests (the server's plan on bf16 CPUs sends image
+    batches here); ``backend`` says "onnxruntime fp32" or "onnxruntime int8". Thread-safe."""
 
     def __init__(self, session, kind: str, backbones, int8: bool):
         self._session = session
         self.kind = kind
         self._backbones = backbones
         self.precision = "fp32"
+        self.serves = ("fp32", "bf16")  # fp32 vectors may answer a bf16 request (same or better accuracy)
         self.backend = f"onnxruntime {'int8' if int8 else 'fp32'}"
         self.calls = 0
 

@@ -41,7 +41,7 @@ from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
 from server.metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
-from server.tower_backend import BackendError, TowerPlan, plan_tower, prepare_tower
+from server.tower_backend import BackendError, TowerPlan, plan_tower, prepare_query_tower
 from server.versions import open_served_version
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,8 @@ class SearchServer:
             raise StartupError(f"cannot bind {address}")
         if self.config.metrics_port is not None:
             self.metrics.start_http(self.config.metrics_port, self.config.metrics_host)
-        plan = self.config.plan
-        log.info("query tower: %s %s (isa=%s; --precision %s --backend %s)", plan.backend, plan.precision, plan.isa,
-                 self.config.precision, self.config.backend if self.config.graphs else "python")
+        log.info("query tower plan: %s (--precision %s --backend %s%s)", self.config.plan.describe(),
+                 self.config.precision, self.config.backend, "" if self.config.graphs else " --no-graphs")
         self._batcher.start()
         await self._server.start()
         log.info("gRPC on %s:%d (%s); waiting for %s/CURRENT", _host_for_address(self.config.host), self.port,
@@ -206,9 +205,10 @@ class SearchServer:
     def _load_version(self, root: Path) -> ServedVersion:
         """Open ROOT/CURRENT's version and check it against the model (runs in a thread)."""
         if self.model is None:
-            served, model = open_served_version(root, model_dir=self.config.model_dir, precision=self.precision)
+            # fp32 weights: ONNX Runtime graphs are exported from them, then the tower is cast
+            served, model = open_served_version(root, model_dir=self.config.model_dir, precision="fp32")
             threads = self.config.torch_threads or default_torch_threads()
-            log.info("query tower backend: %s", prepare_tower(model.query_tower, self.config.plan, threads))
+            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads))
             self.model = model
             return served
         served, _ = open_served_version(root, model=self.model)

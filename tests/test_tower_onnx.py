@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.cpu_features import ISA_LEVELS, bf16_is_fast, detected_isa
-from engine.tower_graphs import GraphError
-from server.tower_backend import BackendError, plan_tower, prepare_tower
+from engine.tower_graphs import KINDS, GraphError
+from server.tower_backend import BackendError, plan_tower, prepare_query_tower
 from tests.test_server_support import index_root, server_model, start_server, subset  # noqa: F401
 from tests.tiny_models import make_tiny_model
 
@@ -50,7 +51,8 @@ def test_onnx_paths_give_the_python_paths_vectors_for_every_kind_and_batch_size(
 
 
 def test_int8_text_path_is_kept_only_within_its_cosine_bound(tiny_backbone_dir):
-    tower = make_tiny_model(tiny_backbone_dir, seed=12).query_tower
+    model = make_tiny_model(tiny_backbone_dir, seed=12)
+    tower = model.query_tower
     expected = tower.encode(TEXTS, use_graphs=False)
     refused = tower.use_graphs("fp32", kinds=("text",), backend="onnxruntime-int8")
     if refused:  # the check on the probe texts refused it: Python encodes, and says why
@@ -58,7 +60,7 @@ def test_int8_text_path_is_kept_only_within_its_cosine_bound(tiny_backbone_dir):
     else:
         assert tower.graphs["text"].backend == "onnxruntime int8"
         assert _min_cosine(tower.encode(TEXTS), expected) >= 0.99
-    line = prepare_tower(tower, plan_tower("fp32", "onnxruntime-int8"), threads=1)  # refused int8 -> ORT fp32
+    line = prepare_query_tower(model, plan_tower("fp32", "onnxruntime-int8"), threads=1)  # refused int8 -> ORT fp32
     assert tower.graphs["text"].backend == ("onnxruntime fp32" if refused else "onnxruntime int8")
     assert tower.graphs["image"].backend == "onnxruntime fp32" and tower.graphs["text"].backend in line
     with pytest.raises(GraphError, match="only offered for the text path"):
@@ -79,9 +81,10 @@ def test_auto_picks_onnxruntime_fp32_on_avx2_and_python_without_graphs(monkeypat
     monkeypatch.setenv("ECSEARCH_CPU_ISA", "avx2")
     assert plan_tower() == plan_tower("auto", "auto") == plan_tower("fp32")
     plan = plan_tower()
-    assert (plan.precision, plan.backend, plan.isa) == ("fp32", "onnxruntime", "avx2")
-    assert plan_tower("fp32", "torchscript").backend == "torchscript"
-    assert plan_tower(graphs=False).backend == "python"
+    assert (plan.precision, plan.backends, plan.isa) == ("fp32", dict.fromkeys(KINDS, "onnxruntime"), "avx2")
+    assert plan.describe() == "text, image, text+image: onnxruntime fp32 (isa=avx2)"
+    assert plan_tower("fp32", "torchscript").backends == dict.fromkeys(KINDS, "torchscript")
+    assert plan_tower(graphs=False).backends == dict.fromkeys(KINDS, "python")
     with pytest.raises(BackendError, match="fp32 weights"):
         plan_tower("bf16", "onnxruntime")
     with pytest.raises(BackendError, match="precision must be"):
@@ -91,11 +94,29 @@ def test_auto_picks_onnxruntime_fp32_on_avx2_and_python_without_graphs(monkeypat
 
 
 @pytest.mark.skipif(not bf16_is_fast("cpu"), reason="auto picks bf16 only where the CPU runs it natively")
-def test_auto_picks_bf16_torchscript_where_bf16_is_native(monkeypatch):
+def test_auto_picks_bf16_torchscript_for_text_and_onnx_for_images_where_bf16_is_native(
+        monkeypatch, tiny_backbone_dir, photos):
     monkeypatch.delenv("ECSEARCH_CPU_ISA", raising=False)
     plan = plan_tower()
-    assert (plan.precision, plan.backend, plan.isa) == ("bf16", "torchscript", detected_isa())
+    assert (plan.precision, plan.isa) == ("bf16", detected_isa())
+    assert plan.backends == {"text": "torchscript", "image": "onnxruntime", "text+image": "onnxruntime"}
     assert ISA_LEVELS.index(plan.isa) >= ISA_LEVELS.index("avx512_bf16")
+    assert plan_tower("auto", "onnxruntime").precision == "fp32"  # an explicit ONNX backend: fp32
+    model = make_tiny_model(tiny_backbone_dir, seed=14)
+    tower = model.query_tower
+    texts, images = ["black heels", "a", "red kurta"], photos[:3]
+    expected = {"text": tower.encode(texts, None, use_graphs=False), "image": tower.encode(None, images, use_graphs=False),
+                "text+image": tower.encode(texts, images, use_graphs=False)}  # fp32 Python path
+    line = prepare_query_tower(model, plan, threads=1)
+    assert line == f"text: torchscript bf16; image, text+image: onnxruntime fp32 (isa={plan.isa})"
+    assert model.text_backbone.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="bfloat16"):  # the weights were cast after the ONNX export
+        tower.encode(texts, None, precision="fp32")
+    for kind, (t, i) in {"text": (texts, None), "image": (None, images), "text+image": (texts, images)}.items():
+        before = tower.graphs[kind].calls
+        got = tower.encode(t, i, precision="bf16")
+        assert tower.graphs[kind].calls == before + 1, kind
+        assert _min_cosine(got, expected[kind]) > (0.999 if kind == "text" else 0.99999), kind
 
 
 def test_prepare_tower_falls_back_per_kind_and_says_what_runs(tmp_path, photos):
@@ -108,10 +129,11 @@ def test_prepare_tower_falls_back_per_kind_and_says_what_runs(tmp_path, photos):
     config = ModelConfig(dim=32, heads=4, cross_layers=1, self_layers=1, fusion_layers=1,
                          text_backbone={"type": "hf_clip", "path": str(folder)},
                          image_backbone={"type": "hf_clip", "path": str(folder)})
-    tower = build_model(config).query_tower
+    tower_owner = build_model(config)
+    tower = tower_owner.query_tower
     texts, images = ["black heels", "red kurta", "watch"], photos[:3]
     expected = {"text": tower.encode(texts, use_graphs=False), "image": tower.encode(None, images, use_graphs=False)}
-    line = prepare_tower(tower, plan_tower("fp32", "onnxruntime"), threads=1)
+    line = prepare_query_tower(tower_owner, plan_tower("fp32", "onnxruntime"), threads=1)
     assert all(kind in line for kind in ("text", "image", "text+image")) and "isa=" in line
     np.testing.assert_allclose(tower.encode(texts), expected["text"], atol=2e-5)
     np.testing.assert_allclose(tower.encode(None, images), expected["image"], atol=2e-5)
