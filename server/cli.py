@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encode queries in Python instead of through compiled graphs (--backend)")
     parser.add_argument("--backend", choices=BACKEND_CHOICES[:-1], default="auto",
                         help="query tower graphs: torchscript, onnxruntime (fp32), onnxruntime-int8 (fp32, int8 "
-                             "text linears); auto: bf16 TorchScript where the CPU runs bf16 natively, else fp32 "
-                             "ONNX Runtime (default auto; see docs/serving.md)")
+                             "text linears); auto: where the CPU runs bf16 natively, text through bf16 TorchScript "
+                             "and images through fp32 ONNX Runtime, elsewhere all fp32 ONNX Runtime (default auto; "
+                             "see docs/serving.md)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="longest a query waits for others to share its tower call (default 0: only "
                              "queries that arrived while the tower was busy are batched)")

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 BACKEND_CHOICES = ("auto", "torchscript", "onnxruntime", "onnxruntime-int8", "python")
+# ONNX Runtime backends tried, in order, before TorchScript (then Python) takes a kind
+_ONNX_CHAINS = {"onnxruntime-int8": ("onnxruntime-int8", "onnxruntime"), "onnxruntime": ("onnxruntime",)}
 
 
 class BackendError(ValueError):
@@ -104,7 +106,7 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
     built: dict = {}
     for kind in KINDS:
         backend = plan.backends[kind]
-        chain = {"onnxruntime-int8": ("onnxruntime-int8", "onnxruntime"), "onnxruntime": ("onnxruntime",)}.get(backend, ())
+        chain = _ONNX_CHAINS.get(backend, ())
         for position, step in enumerate(chain):
             reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads).get(kind)
             if reason is None:

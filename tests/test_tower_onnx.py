@@ -105,14 +105,14 @@ def test_auto_picks_bf16_torchscript_for_text_and_onnx_for_images_where_bf16_is_
     model = make_tiny_model(tiny_backbone_dir, seed=14)
     tower = model.query_tower
     texts, images = ["black heels", "a", "red kurta"], photos[:3]
-    expected = {"text": tower.encode(texts, None, use_graphs=False), "image": tower.encode(None, images, use_graphs=False),
-                "text+image": tower.encode(texts, images, use_graphs=False)}  # fp32 Python path
+    cases = {"text": (texts, None), "image": (None, images), "text+image": (texts, images)}
+    expected = {kind: tower.encode(t, i, use_graphs=False) for kind, (t, i) in cases.items()}  # fp32 Python path
     line = prepare_query_tower(model, plan, threads=1)
     assert line == f"text: torchscript bf16; image, text+image: onnxruntime fp32 (isa={plan.isa})"
     assert model.text_backbone.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="bfloat16"):  # the weights were cast after the ONNX export
         tower.encode(texts, None, precision="fp32")
-    for kind, (t, i) in {"text": (texts, None), "image": (None, images), "text+image": (texts, images)}.items():
+    for kind, (t, i) in cases.items():
         before = tower.graphs[kind].calls
         got = tower.encode(t, i, precision="bf16")
         assert tower.graphs[kind].calls == before + 1, kind
@@ -158,3 +158,16 @@ def test_server_with_the_onnx_backend_answers_every_kind_through_it(index_root, 
             assert client.search(image=photo, top_k=1).hits[0].product_id == subset.products[0].product_id
     finally:
         server.stop()
+
+
+def test_serve_refuses_an_impossible_plan_with_exit_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for options, message in ((["--precision", "bf16", "--backend", "onnxruntime"], "runs fp32 weights"),
+                             (["--backend", "tvm"], "invalid choice")):
+        done = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--index-root", str(tmp_path), *options],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
