@@ -1,4 +1,4 @@
-"""Describe the machine a benchmark ran on (CPU model, cores, memory, library versions)."""
+"""Describe the machine a benchmark ran on (ISA, CPU model, cores, memory, library versions)."""
 from __future__ import annotations
 
 import os
@@ -6,27 +6,18 @@ import platform
 
 
 def describe_machine() -> str:
-    """One line: the ISA ecsearch runs (AVX2 / AVX-512 / AVX-512-BF16 / AMX, after the
-    ECSEARCH_CPU_ISA override, see engine/cpu_features.py), CPU model, logical cores, RAM GiB,
-    Python / torch / faiss versions, GPU if any."""
-    cpu = platform.processor() or "unknown cpu"
+    """One line: ``engine.cpu_features.describe_cpu()`` first (the ISA ecsearch ran on: AVX2 /
+    AVX-512 / AVX-512-BF16 / AMX after the ECSEARCH_CPU_ISA override, whether it was emulated,
+    torch's capability, CPU model, cores), then RAM GiB and the Python / torch / faiss /
+    onnxruntime versions, GPU if any."""
+    from engine.cpu_features import describe_cpu
+
+    parts = [describe_cpu()]
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gib = 0.0
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        parts.append(f"ram={os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}GiB")
     except (ValueError, OSError):
         pass
-    from engine.cpu_features import cpu_isa, hardware_isa
-
-    isa, hardware = cpu_isa(), hardware_isa()
-    parts = [f"isa={isa}" + (f" (emulated on {hardware} hardware)" if isa != hardware else ""), f"cpu={cpu}", f"cores={os.cpu_count()}", f"ram={mem_gib:.0f}GiB", f"python={platform.python_version()}"]
+    parts.append(f"python={platform.python_version()}")
     try:
         import torch
 
@@ -38,6 +29,12 @@ def describe_machine() -> str:
         import faiss
 
         parts.append(f"faiss={faiss.__version__} gpus={faiss.get_num_gpus()}")
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+
+        parts.append(f"onnxruntime={onnxruntime.__version__}")
     except ImportError:
         pass
     return " ".join(parts)

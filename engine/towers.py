@@ -23,6 +23,7 @@ from engine.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 VIEWS = ("fused", "text", "image")  # METHOD.md §1.4: F, T, V
 PRECISIONS = ("fp32", "bf16")
+GRAPH_BACKENDS = ("torchscript", "onnxruntime", "onnxruntime-int8")
 
 
 @dataclass
@@ -87,24 +88,42 @@ class Tower(nn.Module):
         self.name = name
         self.graphs: dict = {}  # kind -> engine.tower_graphs.TracedPath, set by use_graphs()
 
-    def use_graphs(self, precision: str, kinds: Sequence[str] | None = None) -> dict[str, str]:
+    def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
+                   threads: int | None = None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
-        "text+image": all with both; None: all three) at ``precision`` through traced TorchScript graphs
-        (``engine.tower_graphs``: same vectors, cosine ≥ 0.999, less overhead, GIL released).
-        Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must not change
-        afterwards (the graphs hold frozen copies).
+        "text+image": all with both; None: all three) at ``precision`` through compiled graphs
+        instead of Python: ``backend="torchscript"`` traced TorchScript graphs
+        (``engine.tower_graphs``), ``"onnxruntime"`` ONNX Runtime sessions of the fp32 paths,
+        ``"onnxruntime-int8"`` the same with the text path's linear weights in int8
+        (``engine.tower_onnx``). Same vectors (cosine ≥ 0.999; int8 ≥ 0.995), less overhead,
+        GIL released. Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must
+        not change afterwards (the graphs hold frozen copies). ``threads``: ONNX Runtime
+        intra-op threads (default: ``torch.get_num_threads()``).
 
         Returns:
-            ``{kind: reason}`` for the kinds that could not be traced or whose graph disagreed
+            ``{kind: reason}`` for the kinds that could not be built or whose graph disagreed
             with the Python path; those keep encoding in Python.
+
+        Raises:
+            ValueError: unknown backend, or an ONNX Runtime backend with precision other than fp32.
         """
         from engine.tower_graphs import KINDS, GraphError, trace_path
 
+        if backend not in GRAPH_BACKENDS:
+            raise ValueError(f"unknown graph backend {backend!r}; expected one of {GRAPH_BACKENDS}")
+        if backend != "torchscript" and precision != "fp32":
+            raise ValueError(f"the {backend} backend runs fp32 weights, not {precision}")
         self.graphs = {}
         refused = {}
         for kind in KINDS if kinds is None else kinds:
             try:
-                self.graphs[kind] = trace_path(self, kind, precision)
+                if backend == "torchscript":
+                    self.graphs[kind] = trace_path(self, kind, precision)
+                else:
+                    from engine.tower_onnx import onnx_path
+
+                    self.graphs[kind] = onnx_path(self, kind, threads or torch.get_num_threads(),
+                                                  int8=backend == "onnxruntime-int8" and kind == "text")
             except GraphError as exc:
                 refused[kind] = str(exc)
         return refused
@@ -138,8 +157,9 @@ class Tower(nn.Module):
             precision: "fp32", or "bf16" (autocast of backbones and fusion to bfloat16; about
                 1.7x faster text encoding on an AVX512-BF16 CPU, cosine to fp32 ≥ 0.999,
                 measured on all-MiniLM-L6-v2 queries; our choice, opt-in).
-            use_graphs: encode a batch through ``self.graphs`` when one was traced for its kind
-                and this precision (``use_graphs()``); False forces Python.
+            use_graphs: encode a batch through ``self.graphs`` when one was built for its kind
+                and serves this precision (``use_graphs()``; an fp32 ONNX Runtime graph also
+                serves bf16 requests: same or better accuracy); False forces Python.
 
         Returns:
             ``np.ndarray float32 (B, d)``, rows L2-normalised. A row does not depend on the
@@ -167,7 +187,7 @@ class Tower(nn.Module):
             text_lengths[with_text] = self.backbones.text.token_lengths([texts[i] for i in with_text])
         # Length-sorted batching: group image presence, then text length (less padding).
         order = sorted(range(n), key=lambda i: (images[i] is not None, int(text_lengths[i])))
-        graphs = {kind: g for kind, g in self.graphs.items() if g.precision == precision} if use_graphs else {}
+        graphs = {kind: g for kind, g in self.graphs.items() if precision in g.serves} if use_graphs else {}
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             graph = graphs.get(_batch_kind([texts[i] for i in idx], [images[i] for i in idx])) if graphs else None

@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.cpu_features import CpuFeatureError
 from engine.images import DEFAULT_MAX_IMAGE_PIXELS
 from server.batching import BatchConfig, MicroBatcher
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
@@ -40,6 +41,7 @@ from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
 from server.prometheus_metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
+from server.tower_backend import BackendError, TowerPlan, plan_tower, prepare_query_tower
 from server.version_loader import open_served_version
 
 log = logging.getLogger(__name__)
@@ -65,12 +67,13 @@ class ServerConfig:
     max_batch_size: int = 32
     max_wait_ms: float = 0.0               # 0: greedy batching (see server.batching)
     max_image_batch_size: int = 8          # queries with an image per tower call
-    graphs: bool = True                    # queries through traced TorchScript graphs (engine.tower_graphs)
+    graphs: bool = True                    # False: queries in Python (--no-graphs)
+    backend: str = "auto"                  # query tower graphs: auto | torchscript | onnxruntime | onnxruntime-int8
     max_receive_bytes: int = 8 * 1024 * 1024
     max_concurrent_rpcs: int = 256         # beyond: RESOURCE_EXHAUSTED (bounds queued image bytes)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
-    precision: str = "auto"                # query tower: fp32 | bf16 | auto (bf16 where the CPU/GPU runs it natively)
+    precision: str = "auto"                # query tower: fp32 | bf16 | auto (server.tower_backend: per CPU ISA)
     faiss_threads: int = 1
     search_workers: int = 2
     decode_workers: int = 2
@@ -80,6 +83,7 @@ class ServerConfig:
     tls_key: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    plan: TowerPlan = field(init=False)    # resolved precision x backend (server.tower_backend)
 
     def __post_init__(self) -> None:
         checks = [(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
@@ -90,7 +94,6 @@ class ServerConfig:
                   (self.max_concurrent_rpcs >= 1, f"max concurrent RPCs must be >= 1, got {self.max_concurrent_rpcs}"),
                   (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
                   (self.torch_threads is None or self.torch_threads >= 1, "torch threads must be >= 1"),
-                  (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
                   (min(self.faiss_threads, self.search_workers, self.decode_workers) >= 1,
                    "faiss threads, search workers and decode workers must be >= 1"),
                   (self.poll_interval_s > 0, f"poll interval must be > 0 s, got {self.poll_interval_s}"),
@@ -99,6 +102,10 @@ class ServerConfig:
         for ok, message in checks:
             if not ok:
                 raise StartupError(message)
+        try:
+            self.plan = plan_tower(self.precision, self.backend, self.graphs)
+        except (BackendError, CpuFeatureError) as exc:
+            raise StartupError(str(exc)) from exc
 
 
 class SearchServer:
@@ -106,7 +113,7 @@ class SearchServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.precision = resolve_precision(config.precision)
+        self.precision = config.plan.precision
         self.metrics = ServerMetrics()
         self.holder = IndexHolder()
         self.model: Any = None
@@ -161,6 +168,8 @@ class SearchServer:
             raise StartupError(f"cannot bind {address}")
         if self.config.metrics_port is not None:
             self.metrics.start_http(self.config.metrics_port, self.config.metrics_host)
+        log.info("query tower plan: %s (--precision %s --backend %s%s)", self.config.plan.describe(),
+                 self.config.precision, self.config.backend, "" if self.config.graphs else " --no-graphs")
         self._batcher.start()
         await self._server.start()
         log.info("gRPC on %s:%d (%s); waiting for %s/CURRENT", _host_for_address(self.config.host), self.port,
@@ -196,21 +205,14 @@ class SearchServer:
     def _load_version(self, root: Path) -> ServedVersion:
         """Open ROOT/CURRENT's version and check it against the model (runs in a thread)."""
         if self.model is None:
-            served, model = open_served_version(root, model_dir=self.config.model_dir, precision=self.precision)
-            if self.config.graphs:
-                self._trace_graphs(model)
+            # fp32 weights: ONNX Runtime graphs are exported from them, then the tower is cast
+            served, model = open_served_version(root, model_dir=self.config.model_dir, precision="fp32")
+            threads = self.config.torch_threads or default_torch_threads()
+            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads))
             self.model = model
             return served
         served, _ = open_served_version(root, model=self.model)
         return served
-
-    def _trace_graphs(self, model) -> None:
-        """Queries through TorchScript graphs (engine.tower_graphs); a kind that cannot be
-        traced keeps encoding in Python, with a warning."""
-        refused = model.query_tower.use_graphs(self.precision)
-        log.info("traced query tower graphs (%s): %s", self.precision, ", ".join(model.query_tower.graphs) or "none")
-        for kind, reason in refused.items():
-            log.warning("%s queries run in Python: %s", kind, reason)
 
     def _on_swap(self, served: ServedVersion) -> None:
         self.metrics.set_index_version(served.version)
@@ -291,15 +293,6 @@ def _bound_threads(config: ServerConfig) -> Callable[[], None]:
         faiss.omp_set_num_threads(before[0])
         torch.set_num_threads(before[1])
     return restore
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` → ``bf16`` where the CPU runs bfloat16 natively (AVX512-BF16 / AMX), else ``fp32``."""
-    if precision != "auto":
-        return precision
-    from engine.cpu_features import bf16_is_fast
-
-    return "bf16" if bf16_is_fast("cpu") else "fp32"
 
 
 def default_torch_threads() -> int:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from engine.images import DEFAULT_MAX_IMAGE_PIXELS
+from server.tower_backend import BACKEND_CHOICES, PRECISION_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-batch-size", type=int, default=8,
                         help="most queries with an image per tower call")
     parser.add_argument("--no-graphs", dest="graphs", action="store_false",
-                        help="encode queries in Python instead of through traced TorchScript graphs")
+                        help="encode queries in Python instead of through compiled graphs (--backend)")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES[:-1], default="auto",
+                        help="query tower graphs: torchscript, onnxruntime (fp32), onnxruntime-int8 (fp32, int8 "
+                             "text linears); auto: where the CPU runs bf16 natively, text through bf16 TorchScript "
+                             "and images through fp32 ONNX Runtime, elsewhere all fp32 ONNX Runtime (default auto; "
+                             "see docs/serving.md)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="longest a query waits for others to share its tower call (default 0: only "
                              "queries that arrived while the tower was busy are batched)")
@@ -39,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest query image, width*height (decompression-bomb guard)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="intra-op threads of the tower (default: cores - 1, at least 1)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="query tower precision; auto: bf16 where the CPU runs it natively (default auto)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="query tower precision; auto: bf16 where the CPU runs it natively, else fp32 "
+                             "(default auto; the choice is logged at start-up)")
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
     parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             index_root=args.index_root, model_dir=args.model, host=args.host, port=args.port,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
             max_image_batch_size=args.max_image_batch_size,
-            graphs=args.graphs,
+            graphs=args.graphs, backend=args.backend,
             max_receive_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_image_pixels=args.max_image_pixels,
             torch_threads=args.torch_threads, precision=args.precision, faiss_threads=args.faiss_threads,

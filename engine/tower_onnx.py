@@ -1,0 +1,241 @@
+"""ONNX Runtime graphs of a tower's paths, for fp32 serving: text-only, image-only, text+image.
+
+The same three paths as ``engine.tower_graphs`` (token ids + mask and/or pixels → unit
+vectors), exported with ``torch.onnx.export`` (dynamic batch and token axes) and run by ONNX
+Runtime's CPU provider. Where the CPU has no native bf16 (AVX2), fp32 is the serving
+precision, and ORT's fp32 kernels (MLAS) and graph fusions run a short query's few hundred
+small ops with less overhead than TorchScript's interpreter: measured figures are in
+docs/serving.md. ``session.run`` releases the GIL, as the TorchScript graphs do.
+
+``int8=True`` quantizes the text path's linear weights to int8 (ORT dynamic quantization:
+int8 weights, activations quantized per call; Jacob et al. 2018 / ORT ``quantize_dynamic``).
+It is refused unless its vectors keep cosine ≥ 0.995 to the Python fp32 path on the probe
+texts; ``docs/serving.md`` has the check on real queries.
+
+Export needs ``nn.MultiheadAttention`` written out (its traced reshapes bake the example's
+batch and length into the graph), so the exported copy of the fusion encoder uses
+``_ExportAttention``: the same weights and arithmetic, shapes taken at run time. Every graph
+is checked against the Python path on probe batches of other sizes and lengths than the
+export's, and refused (``GraphError``) when it disagrees. Source: our choice.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.tower_graphs import _CHECK_BATCHES, _TRACE_TEXTS, KINDS, MIN_COSINE, GraphError, _Path, _probe_pixels
+
+MIN_COSINE_INT8 = 0.995  # an int8 text graph further from the fp32 Python path is refused
+OPSET = 17
+
+
+class _ExportAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch_first, no dropout, ``need_weights=False``) as plain
+    ops whose shapes are read at run time. Returns ``(output, None)`` like the original."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha.batch_first or mha.in_proj_weight is None:
+            raise GraphError("only batch-first attention with a packed input projection can be exported")
+        self.heads = mha.num_heads
+        self.in_proj_weight, self.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    def _split(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, weight, bias)  # (B, L, d) → (B, heads, L, d / heads)
+        return y.reshape(y.shape[0], y.shape[1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False):
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = self._split(query, w_q, b_q), self._split(key, w_k, b_k), self._split(value, w_v, b_v)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if key_padding_mask is not None:  # True = ignore (nn.MultiheadAttention's convention)
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2)
+        return self.out_proj(out.reshape(out.shape[0], out.shape[1], -1)), None
+
+
+def _exportable(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every ``nn.MultiheadAttention`` replaced by ``_ExportAttention``."""
+    module = copy.deepcopy(module)
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, nn.MultiheadAttention):
+                setattr(child, attr, _ExportAttention(sub))
+    return module
+
+
+class _KindInputs(nn.Module):
+    """A path taking only the inputs its kind uses (ONNX graphs drop unused inputs)."""
+
+    def __init__(self, path: _Path):
+        super().__init__()
+        self.path = path
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        empty = torch.zeros(0, dtype=torch.long)
+        if self.path.kind == "text":
+            return self.path(inputs[0], inputs[1], torch.zeros(0))
+        if self.path.kind == "image":
+            return self.path(empty, empty, inputs[0])
+        return self.path(inputs[0], inputs[1], inputs[2])
+
+
+def _input_names(kind: str) -> list[str]:
+    return {"text": ["input_ids", "attention_mask"], "image": ["pixels"],
+            "text+image": ["input_ids", "attention_mask", "pixels"]}[kind]
+
+
+def export_path(tower, kind: str, path: str | Path) -> Path:
+    """Export ``tower``'s fp32 path for batches of ``kind`` to the ONNX file ``path``.
+
+    Inputs: ``input_ids int64 (B, L)`` and ``attention_mask int64 (B, L)`` for kinds with
+    text, ``pixels float32 (B, 3, S, S)`` for kinds with an image; output ``vectors float32
+    (B, d)``, unit rows. B and L are dynamic.
+
+    Raises:
+        GraphError: unknown kind, weights not float32, a text backbone without a tokenizer +
+            model, or the export fails.
+    """
+    if kind not in KINDS:
+        raise GraphError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    if tower.fusion.merge.weight.dtype != torch.float32:
+        raise GraphError("ONNX graphs are exported from float32 weights (not after cast_for_inference('bf16'))")
+    backbones, text = tower.backbones, tower.backbones.text
+    with_text, with_image = kind != "image", kind != "text"
+    if with_text and (not hasattr(text, "tokenize") or not hasattr(text, "model")):
+        raise GraphError(f"text backbone {type(text).__name__} has no tokenizer + model to export")
+    inputs = []
+    if with_text:
+        example = text.tokenize(list(_TRACE_TEXTS[:3]))
+        inputs += [example["input_ids"], example["attention_mask"]]
+    if with_image:
+        inputs.append(torch.stack(_probe_pixels(backbones, 3, seed=0)))
+    axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+            "pixels": {0: "batch"}, "vectors": {0: "batch"}}
+    names = _input_names(kind)
+    try:
+        text_model = _exportable(text.model) if with_text else None
+        if text_model is not None and getattr(text_model, "pooler", None) is not None:
+            text_model.pooler = None  # unused (METHOD.md §1.1 takes tokens)
+        image_backbone = _exportable(backbones.image) if with_image else None
+        graph = _KindInputs(_Path(kind, text_model, image_backbone, _exportable(tower.fusion),
+                                  text.hidden_size, backbones.image.hidden_size)).eval()
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on branches fixed for this kind
+            torch.onnx.export(graph, tuple(inputs), str(path), dynamo=False, opset_version=OPSET,
+                              input_names=names, output_names=["vectors"],
+                              dynamic_axes={n: axes[n] for n in names + ["vectors"]})
+    except Exception as exc:  # export is best-effort: the caller falls back
+        raise GraphError(f"cannot export the {kind} path to ONNX: {exc}") from exc
+    return Path(path)
+
+
+def session_options(threads: int):
+    """ORT session options for a serving tower: ``threads`` intra-op threads, no spinning
+    (a spinning pool thread steals the core the event loop needs), all graph fusions."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+class OnnxPath:
+    """An ONNX Runtime session for one kind of batch of one tower; called like
+    ``engine.tower_graphs.TracedPath`` (B texts and/or B preprocessed images → ``float32
+    (B, d)`` unit vectors, input order). ``precision`` is "fp32" (the Python path it
+    replaces); it also ``serves`` bf16 requests (the server's plan on bf16 CPUs sends image
+    batches here); ``backend`` says "onnxruntime fp32" or "onnxruntime int8". Thread-safe."""
+
+    def __init__(self, session, kind: str, backbones, int8: bool):
+        self._session = session
+        self.kind = kind
+        self._backbones = backbones
+        self.precision = "fp32"
+        self.serves = ("fp32", "bf16")  # fp32 vectors may answer a bf16 request (same or better accuracy)
+        self.backend = f"onnxruntime {'int8' if int8 else 'fp32'}"
+        self.calls = 0
+
+    def __call__(self, texts: Sequence | None, pixels: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        feed = {}
+        if self.kind != "image":
+            batch = self._backbones.text.tokenize(list(texts))
+            feed["input_ids"] = batch["input_ids"].numpy()
+            feed["attention_mask"] = batch["attention_mask"].numpy()
+            self._backbones.text.calls += 1
+        if self.kind != "text":
+            feed["pixels"] = torch.stack(list(pixels)).numpy()
+            self._backbones.image.calls += 1
+        self.calls += 1
+        return torch.from_numpy(self._session.run(["vectors"], feed)[0])
+
+
+def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False) -> OnnxPath:
+    """Export ``tower``'s fp32 path of ``kind``, load it into ONNX Runtime, check it.
+
+    ``int8`` (text only): quantize the linear weights (``quantize_dynamic``, int8). The file
+    lives in a temporary folder only while ORT loads it.
+
+    Raises:
+        GraphError: onnxruntime missing, export fails, int8 asked for a kind with an image,
+            or the session's vectors differ from ``tower.encode``'s (cosine < 0.999 fp32,
+            < 0.995 int8) on probe batches of other sizes and lengths than the export's.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise GraphError(f"onnxruntime is not installed: {exc}") from exc
+    if int8 and kind != "text":
+        raise GraphError(f"int8 is only offered for the text path, not {kind}")
+    with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
+        model_file = export_path(tower, kind, Path(folder) / "path.onnx")
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = Path(folder) / "path-int8.onnx"
+            try:
+                quantize_dynamic(str(model_file), str(quantized), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
+            except Exception as exc:
+                raise GraphError(f"cannot quantize the {kind} path: {exc}") from exc
+            model_file = quantized
+        try:
+            session = ort.InferenceSession(str(model_file), session_options(threads),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise GraphError(f"onnxruntime cannot load the {kind} path: {exc}") from exc
+    path = OnnxPath(session, kind, tower.backbones, int8)
+    _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
+    return path
+
+
+def _check(tower, path: OnnxPath, min_cosine: float) -> None:
+    with_text, with_image = path.kind != "image", path.kind != "text"
+    for n, rows in enumerate(_CHECK_BATCHES + ((0, 1, 2, 3, 4),)):
+        texts = [_TRACE_TEXTS[i] for i in rows] if with_text else None
+        pixels = _probe_pixels(tower.backbones, len(rows), seed=n + 1) if with_image else None
+        expected = tower.encode(texts, pixels, precision="fp32", use_graphs=False)
+        try:
+            got = path(texts, pixels).numpy()
+        except Exception as exc:
+            raise GraphError(f"the ONNX {path.kind} path fails on {len(rows)} probe samples: {exc}") from exc
+        cosine = float(np.min(np.sum(expected * got, axis=1)))
+        if not cosine >= min_cosine:
+            raise GraphError(f"ONNX {path.kind} path ({path.backend}) disagrees with the Python path "
+                             f"(cosine {cosine:.5f} < {min_cosine} on {len(rows)} probe samples)")

@@ -1,0 +1,128 @@
+"""Which query tower path a server runs: precision x graph backend, chosen for the CPU it finds.
+
+``--precision auto --backend auto`` (the default) picks, from ``engine.cpu_features``:
+
+| CPU ISA (after ``ECSEARCH_CPU_ISA``) | text-only batches | image-only, text+image batches |
+|---|---|---|
+| ``avx512_bf16``, ``amx`` | bf16 TorchScript (oneDNN-packed bf16 linears) | fp32 ONNX Runtime |
+| ``avx2``, ``avx512``, ``default`` | fp32 ONNX Runtime | fp32 ONNX Runtime |
+
+(TorchScript where onnxruntime is not installed.) The figures behind the table are in
+docs/serving.md: bf16 TorchScript is the fastest text path where the CPU has native bf16;
+ONNX Runtime's fp32 kernels beat TorchScript for the convolutional image backbone even
+there, and for everything without native bf16. A kind of batch whose graph cannot be built,
+or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
+Python) with a warning; the plan is logged at start-up, what was built once the model is
+loaded. Our choice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+BACKEND_CHOICES = ("auto", "torchscript", "onnxruntime", "onnxruntime-int8", "python")
+# ONNX Runtime backends tried, in order, before TorchScript (then Python) takes a kind
+_ONNX_CHAINS = {"onnxruntime-int8": ("onnxruntime-int8", "onnxruntime"), "onnxruntime": ("onnxruntime",)}
+
+
+class BackendError(ValueError):
+    """A precision / backend combination that cannot run (e.g. bf16 on ONNX Runtime)."""
+
+
+@dataclass(frozen=True)
+class TowerPlan:
+    """What the query tower runs: ``precision`` ("fp32" | "bf16": the weights of the Python and
+    TorchScript paths, and the ``Tower.encode`` precision), ``backends`` (kind of batch →
+    "torchscript" | "onnxruntime" | "onnxruntime-int8" | "python"; ONNX Runtime always runs
+    fp32), and ``isa``, the ISA level the choice was made for."""
+
+    precision: str
+    backends: dict
+    isa: str
+
+    def describe(self) -> str:
+        """E.g. ``"text: torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``."""
+        groups: dict[str, list[str]] = {}
+        for kind, backend in self.backends.items():
+            name = f"{backend} fp32" if backend.startswith("onnxruntime") else f"{backend} {self.precision}"
+            groups.setdefault(name, []).append(kind)
+        return "; ".join(f"{', '.join(kinds)}: {name}" for name, kinds in groups.items()) + f" (isa={self.isa})"
+
+
+def onnxruntime_available() -> bool:
+    """True when the ``onnxruntime`` package can be imported."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = True) -> TowerPlan:
+    """Resolve ``--precision`` / ``--backend`` (``graphs=False``: ``--no-graphs``, Python) for this CPU.
+
+    Raises:
+        BackendError: unknown choice, or an ONNX Runtime backend asked for with bf16.
+        engine.cpu_features.CpuFeatureError: a bad ``ECSEARCH_CPU_ISA``.
+    """
+    from engine.cpu_features import bf16_is_fast, cpu_isa
+    from engine.tower_graphs import KINDS
+
+    if precision not in PRECISION_CHOICES:
+        raise BackendError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    if backend not in BACKEND_CHOICES:
+        raise BackendError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+    isa = cpu_isa()
+    if precision == "auto":  # an explicit ONNX Runtime backend runs fp32 on any CPU
+        precision = "bf16" if bf16_is_fast("cpu") and not backend.startswith("onnxruntime") else "fp32"
+    if backend.startswith("onnxruntime") and precision != "fp32":
+        raise BackendError(f"the {backend} backend runs fp32 weights; use --precision fp32 (or auto on a CPU "
+                           f"without native bf16), or --backend auto, not --precision {precision}")
+    if not graphs:
+        backends = dict.fromkeys(KINDS, "python")
+    elif backend != "auto":
+        backends = dict.fromkeys(KINDS, backend)
+    else:
+        fp32_graphs = "onnxruntime" if onnxruntime_available() else "torchscript"
+        backends = dict.fromkeys(KINDS, fp32_graphs)
+        if precision == "bf16":  # bf16 TorchScript wins for text; fp32 ONNX Runtime for images
+            backends["text"] = "torchscript"
+    return TowerPlan(precision, backends, isa)
+
+
+def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
+    """Build ``plan``'s graphs on ``model.query_tower`` and store its weights for
+    ``plan.precision`` (``cast_for_inference``): ONNX Runtime graphs are exported first, from
+    the fp32 weights. A kind its backend refuses falls back (int8 → fp32 ONNX Runtime →
+    TorchScript → Python), each step with a warning. ``model`` must hold fp32 weights.
+
+    Returns:
+        One line for the start-up log: what each kind of batch runs through, e.g. ``"text:
+        torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``.
+    """
+    from engine.tower_graphs import KINDS
+
+    tower = model.query_tower
+    built: dict = {}
+    for kind in KINDS:
+        backend = plan.backends[kind]
+        chain = _ONNX_CHAINS.get(backend, ())
+        for position, step in enumerate(chain):
+            reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads).get(kind)
+            if reason is None:
+                built[kind] = tower.graphs[kind]
+                break
+            log.warning("%s queries: %s refused (%s); trying %s", kind, step, reason,
+                        chain[position + 1] if position + 1 < len(chain) else "torchscript")
+    model.cast_for_inference(plan.precision)
+    traced = [kind for kind in KINDS if kind not in built and plan.backends[kind] != "python"]
+    refused = tower.use_graphs(plan.precision, kinds=traced, backend="torchscript") if traced else {}
+    built.update(tower.graphs if traced else {})
+    tower.graphs = built
+    for kind, reason in refused.items():
+        log.warning("%s queries run in Python: %s", kind, reason)
+    groups: dict[str, list[str]] = {}
+    for kind in KINDS:
+        name = built[kind].backend if kind in built else f"python {plan.precision}"
+        groups.setdefault(name, []).append(kind)
+    return "; ".join(f"{', '.join(kinds)}: {name}" for name, kinds in groups.items()) + f" (isa={plan.isa})"
