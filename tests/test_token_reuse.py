@@ -12,6 +12,7 @@ import pytest
 
 from engine.catalog import read_catalog
 from engine.cli import main as ecsearch
+from engine.cpu_features import bf16_runs, describe_cpu
 from engine.model_folder import load_model
 from engine.token_cache import cache_images, cache_texts
 from engine.token_lookup import TokenLookup
@@ -40,8 +41,9 @@ def _train_cache(backbones, products, root: Path) -> None:
     cache_images(backbones, [p.image for p in seen if p.image], root, progress=False)
 
 
-def _encode(model, products, work: Path, token_cache: Path | None):
-    options = EncodeOptions(batch_size=8, chunk_size=10, workers=0, token_cache=str(token_cache) if token_cache else None)
+def _encode(model, products, work: Path, token_cache: Path | None, precision: str = "fp32"):
+    options = EncodeOptions(batch_size=8, chunk_size=10, workers=0, precision=precision,
+                            token_cache=str(token_cache) if token_cache else None)
     return encode_products(model, products, work, options, log=lambda _m: None)
 
 
@@ -59,10 +61,13 @@ def setup(fashion_dir, tiny_model_dir, tmp_path):
     return model, products, cache, tmp_path
 
 
-def test_cached_tokens_give_the_fresh_vectors_and_the_rest_is_encoded(setup):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cached_tokens_give_the_fresh_vectors_and_the_rest_is_encoded(setup, precision):
+    if precision == "bf16" and not bf16_runs():
+        pytest.skip(f"bf16 kernels do not run here ({describe_cpu()})")
     model, products, cache, tmp = setup
-    fresh = _encode(model, products, tmp / "fresh", None)
-    reused = _encode(model, products, tmp / "reused", cache)
+    fresh = _encode(model, products, tmp / "fresh", None, precision)
+    reused = _encode(model, products, tmp / "reused", cache, precision)
     assert reused.indexed == fresh.indexed == list(range(len(products)))
     assert _cosines(reused, fresh).min() >= 0.999
     seen, rest = products[:N_CACHED], products[N_CACHED:]
