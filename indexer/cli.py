@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print("ecsearch index: --shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1",
               file=sys.stderr)
         return 2
+    if args.token_cache is not None and not args.token_cache.is_dir():
+        print(f"ecsearch index: --token-cache {args.token_cache}: not a folder", file=sys.stderr)
+        return 2
     mapping = None
     if any(v is not None for v in (args.id_field, args.title_field, args.image_field, args.attribute_fields,
                                    args.image_root)):

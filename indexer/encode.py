@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -223,10 +224,11 @@ def _open_reuse(model, options: EncodeOptions, log: Callable[[str], None]):
         return None
     from indexer.token_reuse import TokenReuse
 
+    start = time.perf_counter()
     reuse = TokenReuse(model, options.token_cache, options.view, options.precision)
     skipped = "; ".join(f"{name}: {why}" for name, why in reuse.lookup.skipped.items())
     log(f"token cache {options.token_cache}: reusing {reuse.lookup.used or 'no folder'}"
-        + (f"; skipped {skipped}" if skipped else ""))
+        + (f"; skipped {skipped}" if skipped else "") + f" (scanned in {time.perf_counter() - start:.1f} s)")
     return reuse
 
 

@@ -110,7 +110,9 @@ def ensure_index(data: Path, model: Path, root: Path, limit: int | None, model_f
         except Exception as exc:  # any unreadable index is rebuilt, never trusted
             print(f"index: {root} is not reusable ({exc}); building again")
     cmd = _ecsearch("index", "--catalog", str(data), "--model", str(model), "--index-root", str(root),
-                    "--shards", "2", "--token-cache", str(VAR / "cache"))
+                    "--shards", "2")
+    if (VAR / "cache").is_dir():  # the backbone tokens training cached: only unseen products run the backbones
+        cmd += ["--token-cache", str(VAR / "cache")]
     if limit:
         cmd += ["--limit", str(limit)]
     _run(cmd)

@@ -153,3 +153,11 @@ def test_cli_records_the_sources_in_the_manifest(setup, tiny_model_dir, capsys):
     assert manifest["build"]["sources"] == summary["sources"]
     assert summary["sources"]["images_from_cache"] == sum(p.image is not None for p in products[:N_CACHED])
     assert summary["sources"]["images_from_backbones"] == sum(p.image is not None for p in products[N_CACHED:])
+
+
+def test_cli_refuses_a_token_cache_that_is_not_a_folder(setup, tiny_model_dir, capsys):
+    _model, _products, _cache, tmp = setup
+    status = ecsearch(["index", "--catalog", str(tmp / "fashion"), "--model", str(tiny_model_dir), "--index-root",
+                       str(tmp / "root"), "--token-cache", str(tmp / "no-such-cache")])
+    assert status == 2
+    assert "no-such-cache: not a folder" in capsys.readouterr().err
