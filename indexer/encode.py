@@ -225,7 +225,7 @@ def _open_reuse(model, options: EncodeOptions, log: Callable[[str], None]):
     from indexer.token_reuse import TokenReuse
 
     start = time.perf_counter()
-    reuse = TokenReuse(model, options.token_cache, options.view, options.precision)
+    reuse = TokenReuse(model, options.token_cache, options.precision)
     skipped = "; ".join(f"{name}: {why}" for name, why in reuse.lookup.skipped.items())
     log(f"token cache {options.token_cache}: reusing {reuse.lookup.used or 'no folder'}"
         + (f"; skipped {skipped}" if skipped else "") + f" (scanned in {time.perf_counter() - start:.1f} s)")

@@ -23,23 +23,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.token_cache import TokenBatch, encode_views
 from engine.token_lookup import TokenLookup, gather_entries
-
-VIEW_LETTER = {"fused": "F", "text": "T", "image": "V"}
-
 
 class TokenReuse:
     """Cached-token encoding for one index build.
 
-    model: ``TwoTowerModel``; root: token cache root; view: "fused" | "text" | "image";
-    precision: "fp32" | "bf16" (the fusion encoder runs under the same autocast as
+    model: ``TwoTowerModel``; root: token cache root; precision: "fp32" | "bf16" (the fusion encoder runs under the same autocast as
     ``Tower.encode``). ``lookup`` tells which cache folders are used or skipped and why.
     """
 
-    def __init__(self, model, root: str | Path, view: str, precision: str):
+    def __init__(self, model, root: str | Path, precision: str):
         self.model = model
-        self.view = view
         self.precision = precision
         self.lookup = TokenLookup(model.backbones, root)
 
@@ -74,13 +68,12 @@ class TokenReuse:
         tower = self.model.item_tower
         device = tower.fusion.merge.weight.device
         backbones = self.model.backbones
-        text = gather_entries([e[0] for e in entries], backbones.text.hidden_size)
-        image = gather_entries([e[1] for e in entries], backbones.image.hidden_size)
-        batch = TokenBatch(*(x.to(device) for x in (*text, *image)))
-        letter = VIEW_LETTER[self.view]
+        tt, tm, has_t = (x.to(device) for x in gather_entries([e[0] for e in entries], backbones.text.hidden_size))
+        it, im, has_i = (x.to(device) for x in gather_entries([e[1] for e in entries], backbones.image.hidden_size))
+        # one fusion call on what each sample has, as Tower.encode: the view already left out the
+        # modality it does not use (its entry is None), so has_text / has_image say the view
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            emb, _ok = encode_views(tower, batch, views=(letter,))
-        vecs = emb[letter].float()
+            vecs = tower.encode_tokens(tt, tm, it, im, has_t, has_i).float()
         if self.precision != "fp32":
             vecs = torch.nn.functional.normalize(vecs, dim=-1)  # unit norm in fp32, as Tower.encode
         return vecs.cpu().numpy()

@@ -41,8 +41,8 @@ def _train_cache(backbones, products, root: Path) -> None:
     cache_images(backbones, [p.image for p in seen if p.image], root, progress=False)
 
 
-def _encode(model, products, work: Path, token_cache: Path | None, precision: str = "fp32"):
-    options = EncodeOptions(batch_size=8, chunk_size=10, workers=0, precision=precision,
+def _encode(model, products, work: Path, token_cache: Path | None, precision: str = "fp32", view: str = "fused"):
+    options = EncodeOptions(batch_size=8, chunk_size=10, workers=0, precision=precision, view=view,
                             token_cache=str(token_cache) if token_cache else None)
     return encode_products(model, products, work, options, log=lambda _m: None)
 
@@ -78,6 +78,19 @@ def test_cached_tokens_give_the_fresh_vectors_and_the_rest_is_encoded(setup, pre
         "images_from_backbones": sum(p.image is not None for p in rest)}
     assert fresh.sources["texts_from_cache"] == fresh.sources["images_from_cache"] == 0
     assert fresh.sources["images_from_backbones"] == sum(p.image is not None for p in products)
+
+
+@pytest.mark.parametrize("view", ["text", "image"])
+def test_one_modality_views_use_only_that_modality_of_the_cache(setup, view):
+    model, products, cache, tmp = setup
+    fresh = _encode(model, products, tmp / "fresh", None, view=view)
+    reused = _encode(model, products, tmp / "reused", cache, view=view)
+    assert _cosines(reused, fresh).min() >= 0.999
+    used, unused = ("texts", "images") if view == "text" else ("images", "texts")
+    has = (lambda p: p.title is not None) if view == "text" else (lambda p: p.image is not None)
+    assert reused.sources[f"{used}_from_cache"] == sum(map(has, products[:N_CACHED]))
+    assert reused.sources[f"{used}_from_backbones"] == sum(map(has, products[N_CACHED:]))
+    assert reused.sources[f"{unused}_from_cache"] == reused.sources[f"{unused}_from_backbones"] == 0
 
 
 def test_a_changed_photo_is_encoded_again(setup):
