@@ -62,7 +62,8 @@ class EncodeResult:
     flags / flag_detail: per input position; rejects: ``{position: reason}``;
     resumed_items: products taken from chunks written by an earlier run; sources: how many
     titles / photos of the indexed products came from the token cache or the backbones
-    (``{texts,images}_from_{cache,backbones}``, summed over chunks, resumed ones included)."""
+    (``{texts,images}_from_{cache,backbones}``, summed over chunks, resumed ones included);
+    cached_seconds: time spent encoding from cached tokens (part of the encode stage)."""
 
     vectors: np.ndarray
     indexed: list[int]
@@ -71,6 +72,7 @@ class EncodeResult:
     rejects: dict[int, str] = field(default_factory=dict)
     resumed_items: int = 0
     sources: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCE_COUNTS, 0))
+    cached_seconds: float = 0.0
 
 
 class _BatchImages(Dataset):
@@ -216,6 +218,7 @@ def _merge_chunk_info(result: EncodeResult, info: dict) -> None:
     result.flag_detail.update({int(k): v for k, v in info["detail"].items()})
     for name, value in info.get("sources", {}).items():
         result.sources[name] = result.sources.get(name, 0) + int(value)
+    result.cached_seconds += float(info.get("cached_seconds", 0.0))
 
 
 def _open_reuse(model, options: EncodeOptions, log: Callable[[str], None]):
@@ -248,7 +251,9 @@ def _encode_chunk(model, products, texts, images, start, count, options, preproc
     # length-sorted batches: image presence first, then title length (our choice)
     live.sort(key=lambda pos: (images[pos] is not None, len(texts[pos] or "")))
     vecs = np.zeros((count, dim), dtype=np.float32)
+    t_cached = time.perf_counter()
     cached = reuse.encode(live, texts, images, options.batch_size) if reuse is not None else {}
+    t_cached = time.perf_counter() - t_cached
     for pos, vec in cached.items():
         vecs[pos - start] = vec
     bar.update(len(cached))
@@ -280,7 +285,7 @@ def _encode_chunk(model, products, texts, images, start, count, options, preproc
     info = {"start": start, "count": count, "view": options.view,
             "rejects": {str(k): v for k, v in rejects.items()},
             "flags": {str(k): v for k, v in flags.items()},
-            "detail": {str(k): v for k, v in detail.items()}, "sources": sources}
+            "detail": {str(k): v for k, v in detail.items()}, "sources": sources, "cached_seconds": t_cached}
     return vecs, info
 
 

@@ -116,6 +116,8 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         t0 = time.perf_counter()
         encoded = encode_products(model, catalog.products, work / "chunks", config.encode, log=log)
         timings["encode"] = time.perf_counter() - t0
+        if config.encode.token_cache is not None:
+            timings["encode_from_cache"] = encoded.cached_seconds  # part of "encode"
 
         rejects: list[Reject] = list(catalog.rejects)
         for pos, reason in sorted(encoded.rejects.items()):

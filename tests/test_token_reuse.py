@@ -164,6 +164,7 @@ def test_cli_records_the_sources_in_the_manifest(setup, tiny_model_dir, capsys):
     manifest = json.loads((Path(summary["path"]) / "manifest.json").read_text())
     assert manifest["build"]["token_cache"] == str(cache)
     assert manifest["build"]["sources"] == summary["sources"]
+    assert 0 < manifest["timings_s"]["encode_from_cache"] <= manifest["timings_s"]["encode"]
     assert summary["sources"]["images_from_cache"] == sum(p.image is not None for p in products[:N_CACHED])
     assert summary["sources"]["images_from_backbones"] == sum(p.image is not None for p in products[N_CACHED:])
 
