@@ -98,6 +98,23 @@ def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def text_cache_key(backbones, keys: Sequence[str]) -> str:
+    """Folder key of a text cache: sha256 (24 hex) over the text backbone's fingerprint, spec,
+    tokenizer max_length and the distinct texts ``keys`` in order."""
+    return _digest({"format": CACHE_FORMAT, "fp": backbones.text_fingerprint, "spec": backbones.text_spec,
+                    "max_length": getattr(backbones.text, "max_length", None), "texts": list(keys)})
+
+
+def image_cache_key(backbones, files: Sequence[list]) -> str:
+    """Folder key of an image cache: sha256 (24 hex) over the image backbone's fingerprint, spec,
+    preprocessing (``as_dict()``) and ``files``: ``[path, size, mtime_ns]`` per distinct image
+    (``file_stat``; stored as ``meta["files"]`` so a reader can check each image on its own)."""
+    pre = backbones.image.preprocess
+    pre = pre.as_dict() if hasattr(pre, "as_dict") else repr(pre)
+    return _digest({"format": CACHE_FORMAT, "fp": backbones.image_fingerprint, "spec": backbones.image_spec,
+                    "preprocess": pre, "files": [list(f) for f in files]})
+
+
 def _unique(items: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -134,8 +151,7 @@ def cache_texts(backbones, texts: Sequence[str], cache_root: str | Path, *, batc
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"cannot cache a blank text: {t!r}")
     text = backbones.text
-    key = _digest({"format": CACHE_FORMAT, "fp": backbones.text_fingerprint, "spec": backbones.text_spec,
-                   "max_length": getattr(text, "max_length", None), "texts": keys})
+    key = text_cache_key(backbones, keys)
     final = Path(cache_root) / f"text-{key}"
     if (final / "meta.json").is_file():
         return open_table(final)
@@ -179,7 +195,8 @@ def _check_prefix_mask(mask: torch.Tensor) -> None:
         raise ValueError("backbone mask is not left-aligned; the token cache stores lengths only")
 
 
-def _stat(path: str) -> list:
+def file_stat(path: str) -> list:
+    """``[path, size in bytes, mtime_ns]`` of a file, or ``[path, None, error name]`` when it cannot be stat'ed."""
     try:
         st = os.stat(path)
         return [path, st.st_size, st.st_mtime_ns]
@@ -198,9 +215,8 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     """
     keys = _unique([str(p) for p in paths])
     image = backbones.image
-    pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
-    key = _digest({"format": CACHE_FORMAT, "fp": backbones.image_fingerprint, "spec": backbones.image_spec,
-                   "preprocess": pre, "files": [_stat(p) for p in keys]})
+    files = [file_stat(p) for p in keys]
+    key = image_cache_key(backbones, files)
     final = Path(cache_root) / f"image-{key}"
     if (final / "meta.json").is_file():
         return open_table(final)
@@ -234,7 +250,7 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     np.save(tmp / "lengths.npy", lengths)
     elapsed = time.perf_counter() - start
     meta = {"format": CACHE_FORMAT, "kind": "image", "fingerprint": backbones.image_fingerprint, "keys": keys,
-            "errors": errors, "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
+            "files": files, "errors": errors, "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
     return _finish(tmp, final, meta)
 
 

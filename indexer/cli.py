@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="item tower precision; auto: bf16 where the CPU/GPU runs it natively (default auto)")
+    parser.add_argument("--token-cache", default=None, type=Path,
+                        help="token cache root (e.g. var/cache, what `ecsearch train --cache-dir` wrote): reuse the "
+                             "backbone tokens it holds for the same titles and unchanged photos (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
     parser.add_argument("--id-field", default=None, help="catalogue field holding the product id")
@@ -57,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print("ecsearch index: --shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1",
               file=sys.stderr)
         return 2
+    if args.token_cache is not None and not args.token_cache.is_dir():
+        print(f"ecsearch index: --token-cache {args.token_cache}: not a folder", file=sys.stderr)
+        return 2
     mapping = None
     if any(v is not None for v in (args.id_field, args.title_field, args.image_field, args.attribute_fields,
                                    args.image_root)):
@@ -69,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=mapping, limit=args.limit,
         keep_versions=args.keep_versions, device=args.device,
         encode=EncodeOptions(view=args.view, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                             workers=args.workers, precision=args.precision),
+                             workers=args.workers, precision=args.precision,
+                             token_cache=str(args.token_cache) if args.token_cache else None),
         version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
                                k_factor=args.k_factor, refine=not args.no_refine,
                                recall_queries=args.recall_queries))
@@ -84,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
     m = result.manifest
     summary = {"version": result.version, "path": str(result.path), "previous": result.previous,
                "counts": m["counts"], "index": {k: m["index"][k] for k in ("factory", "nlist", "nprobe_default")},
-               "recall": m["recall"], "timings_s": m["timings_s"]}
+               "recall": m["recall"], "timings_s": m["timings_s"], "sources": m["build"]["sources"]}
     print(json.dumps(summary, indent=2))
     return 0

@@ -3,7 +3,8 @@
 ``run_index_job(config)`` holds the build lock of ROOT, removes stale temporary folders,
 reads the catalogue (``engine.catalog``), encodes it resumably into
 ``ROOT/tmp/build-<key>`` (key = catalogue + model + view + limit, so a rerun of the same job
-resumes and any other leftover is stale), writes the version into that folder
+resumes and any other leftover is stale), reusing the backbone tokens a token cache already
+holds when ``encode.token_cache`` is set (``indexer.token_reuse``), writes the version into that folder
 (``indexer.version``) and publishes it atomically (``indexer.publish``). Every product read
 is either indexed or in ``rejects.jsonl``; ``indexed + rejected == read`` is checked.
 Source: our choice.
@@ -66,6 +67,11 @@ def log_stage(message: str) -> None:
 
 
 def _job_key(catalog_fp: str, model_fp: str, config: IndexJobConfig) -> str:
+    """Work-folder key of a build. ``--token-cache`` is deliberately not part of it: a vector from
+    cached float16 tokens equals the fresh one within cosine >= 0.999 (``indexer.token_reuse``),
+    so a killed build resumes its chunks with or without the cache; each chunk records where its
+    titles and photos came from (manifest ``build.sources``). Version identity (model and
+    catalogue fingerprints) is unchanged either way."""
     parts = [catalog_fp, model_fp, config.encode.view, str(config.limit), str(config.encode.chunk_size),
              repr(config.mapping), config.encode.precision]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
@@ -122,7 +128,8 @@ def _manifest_extra(config: IndexJobConfig, model, device: str, catalog, catalog
         "catalog": {"path": str(Path(config.catalog).resolve()), "layout": catalog.layout,
                     "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit},
         "build": {"job_key": key, "resumed_items": encoded.resumed_items,
-                  "batch_size": config.encode.batch_size, "workers": config.encode.workers},
+                  "batch_size": config.encode.batch_size, "workers": config.encode.workers,
+                  "token_cache": config.encode.token_cache, "sources": encoded.sources},
     }
 
 
@@ -161,10 +168,13 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         t0 = time.perf_counter()
         encoded = encode_products(model, catalog.products, work / "chunks", config.encode, log=log)
         timings["encode"] = time.perf_counter() - t0
+        if config.encode.token_cache is not None:
+            timings["encode_from_cache"] = encoded.cached_seconds  # part of "encode"
 
         records, rejects, counts = _records_and_counts(catalog, encoded)
         log(f"encode: {counts['indexed']} indexed ({counts['text_only']} text-only), {counts['rejected']} rejected"
-            f"{f', {encoded.resumed_items} resumed' if encoded.resumed_items else ''}")
+            f"{f', {encoded.resumed_items} resumed' if encoded.resumed_items else ''}; "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in encoded.sources.items()))
 
         log("stage: index")
         version = new_version_id()

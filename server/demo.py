@@ -5,7 +5,9 @@ Steps (each reuses its output when it is still valid, so a second run takes minu
 1. train the default model on the train split → ``var/model`` (reused when the model folder
    loads and was trained on the same catalogue and limit);
 2. build and publish an index version over the whole catalogue → ``var/index`` (reused when
-   CURRENT was built from this model and this catalogue);
+   CURRENT was built from this model and this catalogue); the backbone tokens training
+   cached in ``var/cache`` are reused, so only the products training did not see run the
+   backbones (``ecsearch index --token-cache``);
 3. start ``ecsearch serve`` on 127.0.0.1:50051 in the background (log ``var/server.log``,
    pid ``var/server.pid``) and wait for gRPC health SERVING;
 4. send real queries over gRPC (text, image, text+image, filtered) and print the hits;
@@ -109,6 +111,8 @@ def ensure_index(data: Path, model: Path, root: Path, limit: int | None, model_f
             print(f"index: {root} is not reusable ({exc}); building again")
     cmd = _ecsearch("index", "--catalog", str(data), "--model", str(model), "--index-root", str(root),
                     "--shards", "2")
+    if (VAR / "cache").is_dir():  # the backbone tokens training cached: only unseen products run the backbones
+        cmd += ["--token-cache", str(VAR / "cache")]
     if limit:
         cmd += ["--limit", str(limit)]
     _run(cmd)

@@ -6,6 +6,7 @@ Every step runs the real CLI in a subprocess, exactly as ``make demo`` does.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -47,8 +48,8 @@ def served(tmp_path_factory, fashion_dir):
     model, cache, root = work / "model", work / "cache", work / "index"
     _ecsearch("train", "--catalog", str(fashion_dir), "--out", str(model), "--cache-dir", str(cache),
               "--limit", str(LIMIT), "--steps", "120", "--stage1-steps", "30", "--batch-size", "64", "--quiet")
-    _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
-              "--limit", str(LIMIT), "--shards", "2")
+    indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
+                        "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--index-root", str(root),
                                "--model", str(model), "--port", str(port)],
@@ -68,7 +69,7 @@ def served(tmp_path_factory, fashion_dir):
                 assert time.monotonic() < deadline, "server never reported SERVING"
                 time.sleep(0.3)
         rows = list(csv.DictReader(open(fashion_dir / "styles.csv")))[:LIMIT]
-        yield target, rows
+        yield target, rows, json.loads(indexed.stdout)
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
@@ -80,7 +81,7 @@ def test_own_photo_finds_its_product_at_rank_1(served, fashion_dir):
     (i2m Recall@1 in docs/results.md)."""
     from server.client import SearchClient
 
-    target, rows = served
+    target, rows, _summary = served
     split = {r["id"]: r["split"] for r in csv.DictReader(open(fashion_dir / "split.csv"))}
     picks = [r for r in rows if split[r["id"]] == "train"][::25]  # 10 products spread over the subset
     with SearchClient(target, timeout_s=60) as client:
@@ -94,7 +95,7 @@ def test_own_photo_finds_its_product_at_rank_1(served, fashion_dir):
 def test_text_query_top_hits_share_its_article_type(served):
     from server.client import SearchClient
 
-    target, rows = served
+    target, rows, _summary = served
     counts = Counter(r["articleType"] for r in rows)
     queries = {"Tshirts": "men blue t-shirt", "Flip Flops": "flip flops", "Sports Shoes": "sports shoes for men"}
     with SearchClient(target, timeout_s=60) as client:
@@ -109,7 +110,7 @@ def test_text_query_top_hits_share_its_article_type(served):
 def test_filtered_and_multimodal_queries(served, fashion_dir):
     from server.client import SearchClient
 
-    target, rows = served
+    target, rows, _summary = served
     shoe = next(r for r in rows if r["articleType"] == "Casual Shoes")
     with SearchClient(target, timeout_s=60) as client:
         response = client.search(text="shoes", top_k=5, filters={"gender": "Women"})
@@ -117,3 +118,15 @@ def test_filtered_and_multimodal_queries(served, fashion_dir):
         response = client.search(text="in red", image=fashion_dir / "images" / f"{shoe['id']}.jpg", top_k=5)
         assert len(response.hits) == 5
         assert sum(hit.metadata["masterCategory"] == "Footwear" for hit in response.hits) >= 3
+
+
+def test_index_reused_the_training_token_cache(served, fashion_dir):
+    """Titles and photos of the train-split products come from the cache training wrote; the
+    held-out products run the backbones (``--token-cache``, as ``make demo`` passes it)."""
+    _target, rows, summary = served
+    split = {r["id"]: r["split"] for r in csv.DictReader(open(fashion_dir / "split.csv"))}
+    trained = sum(split.get(r["id"]) == "train" for r in rows)
+    assert summary["counts"]["indexed"] == len(rows)
+    assert summary["sources"]["images_from_cache"] == trained
+    assert summary["sources"]["texts_from_cache"] == trained
+    assert summary["sources"]["images_from_backbones"] == len(rows) - trained
