@@ -65,8 +65,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from engine.model_folder import load_model
-    from engine.towers import build_model
+    from engine.model.model_folder import load_model
+    from engine.model.towers import build_model
 
     torch.set_num_threads(args.threads)
     model = (load_model(args.model) if args.model else build_model()).cast_for_inference(args.precision)

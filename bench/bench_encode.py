@@ -33,8 +33,8 @@ def main() -> None:
 
     import torch
 
-    from engine.model_folder import load_model
-    from engine.towers import build_model
+    from engine.model.model_folder import load_model
+    from engine.model.towers import build_model
 
     model = load_model(args.model) if args.model else build_model()
     tower = getattr(model, f"{args.tower}_tower")

@@ -207,7 +207,7 @@ def main() -> None:
 def _report_targets(results: list[dict]) -> None:
     def find(kind: str, conc: int):
         return next((r for r in results if r["kind"] == kind and r["concurrency"] == conc), None)
-    text8, image8 = find("text", 8), find("image", 8)
+    text8 = find("text", 8)
     if text8:
         ok = text8["p50_ms"] <= 15 and text8["p99_ms"] <= 50
         print(f"target text@8: p50 {text8['p50_ms']:.1f} ms (<= 15), p99 {text8['p99_ms']:.1f} ms (<= 50): "

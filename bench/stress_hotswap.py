@@ -44,7 +44,7 @@ KINDS = ("text", "image", "text+image", "filtered")
 def build_small_index(work: Path, data: Path, products: int) -> Path:
     """A tiny random model (shared fusion) and a published index version over the first
     ``products`` products (image view, IVF-Flat); returns the index root."""
-    from engine.model_folder import save_model
+    from engine.model.model_folder import save_model
     from indexer.encode import EncodeOptions
     from indexer.pipeline import IndexJobConfig, run_index_job
     from indexer.version import VersionOptions

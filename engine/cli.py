@@ -12,8 +12,8 @@ import sys
 
 # subcommand -> (module, one-line help). Our choice: a table, not entry-point plugins.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("engine.train_cli", "train the query and item towers on a catalogue"),
-    "eval": ("engine.eval_cli", "nine-scenario evaluation of a model on the test split"),
+    "train": ("engine.training.cli", "train the query and item towers on a catalogue"),
+    "eval": ("engine.evaluation.cli", "nine-scenario evaluation of a model on the test split"),
     "index": ("indexer.cli", "encode a catalogue and publish a sharded IVF-PQ index version"),
     "serve": ("server.cli", "serve the current index version over gRPC"),
     "query": ("server.client_cli", "send a query to a running server and print the hits"),

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``ecsearch index`` options to ``parser``."""
     parser.add_argument("--catalog", required=True, type=Path,
                         help="fashion folder (styles.csv + images/), JSONL or CSV catalogue")
-    parser.add_argument("--model", required=True, type=Path, help="model folder (engine.model_folder)")
+    parser.add_argument("--model", required=True, type=Path, help="model folder (engine.model.model_folder)")
     parser.add_argument("--index-root", required=True, type=Path, help="ROOT holding versions/ and CURRENT")
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
     parser.add_argument("--factory", default="auto",
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the build; prints the manifest summary as JSON on stdout. Returns the exit status."""
     from engine.catalog import CatalogError, FieldMapping
-    from engine.errors import ModelFolderError
+    from engine.model.errors import ModelFolderError
     from indexer.errors import BuildError
     from indexer.pipeline import IndexJobConfig, run_index_job
 

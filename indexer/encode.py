@@ -3,7 +3,7 @@
 Products are cut into chunks of ``chunk_size`` (in catalogue order). Inside a chunk they
 are sorted by (has image, title length) and cut into batches (length-sorted batching, after
 sentence-transformers); DataLoader workers decode and preprocess the images of a batch
-(``engine.images.load_image`` + the image backbone's ``preprocess``), the main process runs
+(``engine.model.images.load_image`` + the image backbone's ``preprocess``), the main process runs
 ``model.item_tower.encode``. Each finished chunk is written to the work folder (``.npy``
 vectors + ``.json`` outcome, temp name + rename), so a killed job resumes at the first
 missing chunk.
@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from engine.catalog import FLAG_IMAGE_MISSING, Product
-from engine.errors import InputError
-from engine.images import load_image
+from engine.model.errors import InputError
+from engine.model.images import load_image
 
 FLAG_IMAGE_UNREADABLE = "image_unreadable"
 FLAG_TEXT_ONLY = "text_only"

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.file_hashing import sha256_file
+from engine.model.file_hashing import sha256_file
 from indexer.errors import IndexIntegrityError, IndexVersionError
 
 MANIFEST = "manifest.json"

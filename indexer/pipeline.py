@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.catalog import FieldMapping, Reject, read_catalog
-from engine.file_hashing import sha256_file
+from engine.model.file_hashing import sha256_file
 from indexer.encode import FLAG_IMAGE_ONLY, FLAG_IMAGE_UNREADABLE, FLAG_TEXT_ONLY, EncodeOptions, encode_products
 from indexer.errors import BuildError
 from indexer.publish import (build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
@@ -137,7 +137,7 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
     """Build and publish one index version. Raises CatalogError, ModelFolderError, BuildError."""
     import torch
 
-    from engine.model_folder import load_model
+    from engine.model.model_folder import load_model
 
     root = Path(config.index_root)
     t_job = time.perf_counter()

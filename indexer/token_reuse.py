@@ -1,9 +1,9 @@
 """Item vectors from backbone tokens that a token cache already holds (``ecsearch index --token-cache DIR``).
 
-Training caches the frozen backbones' tokens of the train split (``engine.token_cache``);
+Training caches the frozen backbones' tokens of the train split (``engine.tokens.cache``);
 an index build over the whole catalogue would otherwise run the backbones again on the same
 titles and photos. ``TokenReuse`` finds a product's title and photo in the cache
-(``engine.token_lookup.TokenLookup``: same backbone fingerprints, preprocessing and
+(``engine.tokens.lookup.TokenLookup``: same backbone fingerprints, preprocessing and
 max_length; a photo only while its size and mtime are unchanged) and, when every modality
 the view needs is there, runs only the item tower's fusion encoder on the cached tokens.
 Everything else (products the cache does not hold, photos that failed to decode there,
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.token_lookup import TokenLookup, gather_entries
+from engine.tokens.lookup import TokenLookup, gather_entries
 
 class TokenReuse:
     """Cached-token encoding for one index build.

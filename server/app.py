@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.cpu_features import CpuFeatureError
-from engine.images import DEFAULT_MAX_IMAGE_PIXELS
+from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS
 from server.batching import BatchConfig, MicroBatcher
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
@@ -230,8 +230,8 @@ class SearchServer:
     def _decode_image(self, data: bytes):
         """Image bytes → preprocessed tensor (decode thread). Raises ImageDecodeError /
         ImageTooLargeError (pixel count, or an aspect ratio whose resize would explode)."""
-        from engine.errors import ImageTooLargeError
-        from engine.images import load_image
+        from engine.model.errors import ImageTooLargeError
+        from engine.model.images import load_image
 
         image = load_image(data, index=0, max_pixels=self.config.max_image_pixels)
         width, height = image.size

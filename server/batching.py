@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from engine.errors import InputError
+from engine.model.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.images import DEFAULT_MAX_IMAGE_PIXELS
+from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS
 from server.tower_backend import BACKEND_CHOICES, PRECISION_CHOICES
 
 

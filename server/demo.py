@@ -68,8 +68,8 @@ def _run(cmd: list[str]) -> None:
 
 def ensure_model(data: Path, folder: Path, limit: int | None, catalog_key: str) -> str:
     """Train unless ``folder`` holds a loadable model trained on this catalogue; returns its fingerprint."""
-    from engine.errors import ModelFolderError
-    from engine.model_folder import fingerprint_folder, load_model
+    from engine.model.errors import ModelFolderError
+    from engine.model.model_folder import fingerprint_folder, load_model
 
     state = _load_state(folder)
     if state.get("catalog_key") == catalog_key:

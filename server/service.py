@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import grpc
 
-from engine.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
+from engine.model.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
                            InputError)
 from indexer.errors import SearchArgumentError
 from indexer.search import MAX_SEARCH_K

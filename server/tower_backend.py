@@ -66,7 +66,7 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
         engine.cpu_features.CpuFeatureError: a bad ``ECSEARCH_CPU_ISA``.
     """
     from engine.cpu_features import bf16_is_fast, cpu_isa
-    from engine.tower_graphs import KINDS
+    from engine.model.tower_graphs import KINDS
 
     if precision not in PRECISION_CHOICES:
         raise BackendError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
@@ -100,7 +100,7 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
         One line for the start-up log: what each kind of batch runs through, e.g. ``"text:
         torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``.
     """
-    from engine.tower_graphs import KINDS
+    from engine.model.tower_graphs import KINDS
 
     tower = model.query_tower
     built: dict = {}

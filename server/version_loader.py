@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelFolderError
+from engine.model.errors import ModelFolderError
 from server.index_holder import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any
             if folder is None:
                 raise ModelMismatchError(
                     f"index version {index.version} records no model folder; pass --model MODEL_DIR")
-            from engine.model_folder import load_model
+            from engine.model.model_folder import load_model
 
             try:
                 model = load_model(folder)

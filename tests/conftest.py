@@ -45,7 +45,7 @@ def tiny_model(tiny_backbone_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     """``tiny_model`` saved as a model folder (config.json + model.safetensors)."""
-    from engine.model_folder import save_model
+    from engine.model.model_folder import save_model
 
     folder = tmp_path_factory.mktemp("tiny-model")
     save_model(tiny_model, folder)

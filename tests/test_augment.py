@@ -1,14 +1,14 @@
-"""engine.augment and engine.augment_cache on real catalogue photos and a tiny random backbone."""
+"""engine.training.augment and engine.training.augment_cache on real catalogue photos and a tiny random backbone."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from engine.augment import AugmentConfig, augment_photo, view_seed
-from engine.augment_cache import augmented_key, cache_augmented_images
-from engine.images import load_image
-from engine.token_cache import cache_images
+from engine.training.augment import AugmentConfig, augment_photo, view_seed
+from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.model.images import load_image
+from engine.tokens.cache import cache_images
 
 
 @pytest.fixture(scope="module")

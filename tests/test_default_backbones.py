@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.images import load_image
-from engine.towers import ModelConfig, build_model
+from engine.model.images import load_image
+from engine.model.towers import ModelConfig, build_model
 
 pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.backbones import hf
-from engine.towers import build_model
+from engine.model.backbones import hf
+from engine.model.towers import build_model
 from tests.tiny_models import tiny_config
 
 
@@ -31,7 +31,7 @@ def test_a_text_backbone_does_not_reconfigure_the_shared_cached_model(tiny_backb
 
 
 def test_tracing_a_graph_never_toggles_the_process_wide_jit_autocast_flag(tiny_model, monkeypatch):
-    from engine import tower_graphs
+    from engine.model import tower_graphs
 
     calls = []
     original = torch._C._jit_set_autocast_mode

@@ -1,4 +1,4 @@
-"""engine.evaluate / ``ecsearch eval`` on a tiny random model and a real subset."""
+"""engine.evaluation.evaluate / ``ecsearch eval`` on a tiny random model and a real subset."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
-from engine.evaluate import RAW_ROWS, SCENARIOS, build_pool, evaluate_models, markdown_tables, own_photo_ranks
-from engine.metrics import rank_of_targets
+from engine.evaluation.evaluate import RAW_ROWS, SCENARIOS, build_pool, evaluate_models, markdown_tables, own_photo_ranks
+from engine.evaluation.ranking_metrics import rank_of_targets
 from tests.tiny_models import make_tiny_model
 
 

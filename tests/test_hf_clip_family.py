@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.model_folder import load_model, save_model
-from engine.towers import ModelConfig, build_model
+from engine.model.model_folder import load_model, save_model
+from engine.model.towers import ModelConfig, build_model
 from tests.tiny_models import make_tiny_clip
 
 pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
@@ -22,7 +22,7 @@ def test_clip_family_checkpoint_as_both_backbones(family, image_tokens, tmp_path
     tokens, mask = model.backbones.text.encode(["women black heels", "a"])
     assert tokens.shape[0] == 2 and tokens.shape[2] == 32 and mask[1].sum() < mask[0].sum()
     photo = str(fashion_dir / "images" / "1580.jpg")
-    from engine.images import load_image
+    from engine.model.images import load_image
 
     pixels = model.backbones.image.preprocess(load_image(photo))
     assert tuple(pixels.shape) == (3, 32, 32)

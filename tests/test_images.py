@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import ImageDecodeError, ImageTooLargeError
-from engine.images import ImagePreprocessor, load_image
+from engine.model.errors import ImageDecodeError, ImageTooLargeError
+from engine.model.images import ImagePreprocessor, load_image
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:

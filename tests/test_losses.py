@@ -1,4 +1,4 @@
-"""engine.losses on plain embedding tensors: finite values, gradient direction, weighting."""
+"""engine.training.losses on plain embedding tensors: finite values, gradient direction, weighting."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import (
+from engine.training.losses import (
     CMAL_PAIRS, LossConfig, LossWeighting, clal_loss, cmal_loss,
     hinge_hardest, imcl_loss, info_nce, stage1_losses, stage2_losses,
 )

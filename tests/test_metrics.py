@@ -1,4 +1,4 @@
-"""engine.metrics against hand-computed values on toy rankings."""
+"""engine.evaluation.ranking_metrics against hand-computed values on toy rankings."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.metrics import (
+from engine.evaluation.ranking_metrics import (
     attribute_metrics, instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices,
 )
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ModelFolderError
-from engine.model_folder import fingerprint_folder, load_model, save_model
+from engine.model.errors import ModelFolderError
+from engine.model.model_folder import fingerprint_folder, load_model, save_model
 from tests.tiny_models import make_tiny_model
 
 
@@ -60,7 +60,7 @@ def test_missing_and_corrupt_files_give_clear_errors(tiny_model_dir, tmp_path):
 
 def test_changed_backbone_is_refused(tiny_backbone_dir, tmp_path):
     from tests.tiny_models import make_tiny_bert, tiny_config
-    from engine.towers import build_model
+    from engine.model.towers import build_model
 
     bert = make_tiny_bert(tmp_path / "bert", seed=0)
     config = tiny_config(tiny_backbone_dir, text_backbone={"type": "hf", "path": str(bert)})

@@ -1,4 +1,4 @@
-"""engine.pairs: catalogue pairs (METHOD.md §3) and the JSONL pairs file with rejects."""
+"""engine.training.pairs: catalogue pairs (METHOD.md §3) and the JSONL pairs file with rejects."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.catalog import read_catalog
-from engine.pairs import attribute_phrase, catalog_pairs, group_key, read_pairs_file
+from engine.training.pairs import attribute_phrase, catalog_pairs, group_key, read_pairs_file
 
 
 def _products(fashion_dir: Path, n: int = 200):

@@ -1,4 +1,4 @@
-"""engine.robustness and ``ecsearch eval --robust`` on a real subset and a tiny random model."""
+"""engine.evaluation.robustness and ``ecsearch eval --robust`` on a real subset and a tiny random model."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
-from engine.evaluate import build_pool
-from engine.robustness import composed_query_set, evaluate_robustness, set_metrics, text_query_set
-from engine.shopper_queries import facet_key, product_facets
+from engine.evaluation.evaluate import build_pool
+from engine.evaluation.robustness import composed_query_set, evaluate_robustness, set_metrics, text_query_set
+from engine.training.shopper_queries import facet_key, product_facets
 from tests.tiny_models import make_tiny_model
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import ImageDecodeError, InputError
+from engine.model.errors import ImageDecodeError, InputError
 from server.batching import BatchConfig, BatchDeadlineError, MicroBatcher
 
 

@@ -34,7 +34,7 @@ class Subset:
 @pytest.fixture(scope="session")
 def server_model(tiny_backbone_dir, tmp_path_factory):
     """``(model, model_dir)``: tiny random TwoTowerModel with shared fusion, saved as a folder."""
-    from engine.model_folder import save_model
+    from engine.model.model_folder import save_model
     from tests.tiny_models import make_tiny_model
 
     model = make_tiny_model(tiny_backbone_dir, seed=3, share_fusion=True)

@@ -1,12 +1,12 @@
-"""engine.shopper_queries and engine.pairs.shopper_pairs on the real fashion catalogue."""
+"""engine.training.shopper_queries and engine.training.pairs.shopper_pairs on the real fashion catalogue."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from engine.catalog import read_catalog
-from engine.pairs import shopper_pairs
-from engine.shopper_queries import (
+from engine.training.pairs import shopper_pairs
+from engine.training.shopper_queries import (
     attribute_phrases, brand_of, brand_queries, facet_key, modifier_text, partial_title, product_facets,
 )
 

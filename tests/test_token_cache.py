@@ -1,4 +1,4 @@
-"""engine.token_cache on a tiny random model and real photos: reuse, fidelity, bad images."""
+"""engine.tokens.cache on a tiny random model and real photos: reuse, fidelity, bad images."""
 from __future__ import annotations
 
 import shutil
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from engine.catalog import read_catalog
-from engine.token_cache import TokenBatch, cache_images, cache_texts, encode_views
+from engine.tokens.cache import TokenBatch, cache_images, cache_texts, encode_views
 
 
 def _sample(fashion_dir, n=12):
@@ -45,7 +45,7 @@ def test_cached_tokens_equal_the_backbone_output(tiny_model, fashion_dir, tmp_pa
     n = int(mask.sum())
     assert bool(present[0]) and int(got_mask.sum()) == n
     torch.testing.assert_close(got[0, :n], direct[0, :n], atol=2e-3, rtol=2e-3)  # fp16 storage
-    from engine.images import load_image
+    from engine.model.images import load_image
     with torch.inference_mode():
         pixels = bb.image.preprocess(load_image(images[1]))[None]
         direct_img, _ = bb.image.encode(pixels)

@@ -13,9 +13,9 @@ import pytest
 from engine.catalog import read_catalog
 from engine.cli import main as ecsearch
 from engine.cpu_features import bf16_runs, describe_cpu
-from engine.model_folder import load_model
-from engine.token_cache import cache_images, cache_texts
-from engine.token_lookup import TokenLookup
+from engine.model.model_folder import load_model
+from engine.tokens.cache import cache_images, cache_texts
+from engine.tokens.lookup import TokenLookup
 from indexer.encode import FLAG_IMAGE_UNREADABLE, EncodeOptions, encode_products
 from tests.tiny_models import make_tiny_bert, make_tiny_model
 
@@ -35,7 +35,7 @@ def _catalogue(fashion_dir: Path, dest: Path) -> Path:
 
 
 def _train_cache(backbones, products, root: Path) -> None:
-    """Cache the first N_CACHED products' titles and photos, as ``engine.train`` does for its split."""
+    """Cache the first N_CACHED products' titles and photos, as ``engine.training.job`` does for its split."""
     seen = products[:N_CACHED]
     cache_texts(backbones, [p.title for p in seen if p.title], root, progress=False)
     cache_images(backbones, [p.image for p in seen if p.image], root, progress=False)

@@ -1,4 +1,4 @@
-"""Traced tower paths (engine/tower_graphs.py) and serving-precision weights
+"""Traced tower paths (engine/model/tower_graphs.py) and serving-precision weights
 (TwoTowerModel.cast_for_inference), on tiny random models and real catalogue photos."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_graph_of_another_precision_is_not_used(tiny_backbone_dir):
 
 
 def test_clip_family_towers_are_traced_or_refused_cleanly(tmp_path):
-    from engine.towers import ModelConfig, build_model
+    from engine.model.towers import ModelConfig, build_model
 
     folder = make_tiny_clip(tmp_path / "clip")
     config = ModelConfig(dim=32, heads=4, cross_layers=1, self_layers=1, fusion_layers=1,
@@ -129,7 +129,7 @@ def test_image_and_text_image_graphs_give_the_python_paths_vectors(tiny_backbone
             else:
                 assert _min_cosine(got, expected[kind]) > 0.999
         assert tower.graphs[kind].calls - before == 3 + 1
-    from engine.errors import ImageDecodeError
+    from engine.model.errors import ImageDecodeError
 
     with pytest.raises(ImageDecodeError) as info:  # bad input is still named by its index
         tower.encode([None, None], [photos[0], b"not an image"], precision=precision)

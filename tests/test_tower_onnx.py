@@ -1,4 +1,4 @@
-"""ONNX Runtime tower paths (engine/tower_onnx.py) and the serving backend choice
+"""ONNX Runtime tower paths (engine/model/tower_onnx.py) and the serving backend choice
 (server/tower_backend.py), on tiny random models, real catalogue photos and a real server."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.cpu_features import ISA_LEVELS, bf16_is_fast, detected_isa
-from engine.tower_graphs import KINDS, GraphError
+from engine.model.tower_graphs import KINDS, GraphError
 from server.tower_backend import BackendError, plan_tower, prepare_query_tower
 from tests.test_server_support import index_root, server_model, start_server, subset  # noqa: F401
 from tests.tiny_models import make_tiny_model
@@ -64,7 +64,7 @@ def test_int8_text_path_is_kept_only_within_its_cosine_bound(tiny_backbone_dir):
     assert tower.graphs["text"].backend == ("onnxruntime fp32" if refused else "onnxruntime int8")
     assert tower.graphs["image"].backend == "onnxruntime fp32" and tower.graphs["text"].backend in line
     with pytest.raises(GraphError, match="only offered for the text path"):
-        from engine.tower_onnx import onnx_path
+        from engine.model.tower_onnx import onnx_path
 
         onnx_path(tower, "image", int8=True)
 
@@ -122,7 +122,7 @@ def test_auto_picks_bf16_torchscript_for_text_and_onnx_for_images_where_bf16_is_
 def test_prepare_tower_falls_back_per_kind_and_says_what_runs(tmp_path, photos):
     # A CLIP-family model: whatever ORT cannot export goes to TorchScript, then Python;
     # every kind is accounted for in the start-up line and encodes the Python path's vectors.
-    from engine.towers import ModelConfig, build_model
+    from engine.model.towers import ModelConfig, build_model
     from tests.tiny_models import make_tiny_clip
 
     folder = make_tiny_clip(tmp_path / "clip")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError
+from engine.model.errors import BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError
 
 pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
 
@@ -71,7 +71,7 @@ def test_query_and_item_towers_have_separate_fusion_heads(tiny_model):
 
 
 def test_preprocessed_tensor_image_equals_decoded_image(tiny_model, photos):
-    from engine.images import load_image
+    from engine.model.images import load_image
 
     pixels = tiny_model.backbones.image.preprocess(load_image(photos[0]))
     a = tiny_model.item_tower.encode([None], [pixels])
@@ -144,7 +144,7 @@ def test_bf16_precision_stays_close_to_fp32(tiny_model, photos):
 def test_gate_presence_input_acts_as_a_bias(tiny_model):
     """The gates only ever see e = 1 (cross-attention runs on rows with both modalities), so
     moving weight between the e column and the bias leaves every output unchanged: the gate
-    does not learn presence (engine/fusion.py docstring)."""
+    does not learn presence (engine/model/fusion.py docstring)."""
     import copy
 
     fusion = copy.deepcopy(tiny_model.query_tower.fusion).eval()

@@ -1,4 +1,4 @@
-"""engine.train / engine.trainer on a tiny random model and a ~200-product real subset."""
+"""engine.training.job / engine.training.trainer on a tiny random model and a ~200-product real subset."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from engine.cli import main as cli_main
-from engine.model_folder import load_model
-from engine.train import TrainingDataError, TrainJob, load_products, train_model
-from engine.trainer import TrainConfig
+from engine.model.model_folder import load_model
+from engine.training.job import TrainingDataError, TrainJob, load_products, train_model
+from engine.training.trainer import TrainConfig
 from tests.tiny_models import tiny_config
 
 pytestmark = pytest.mark.isa  # depends on the CPU's ISA: CI reruns it as on an AVX2-only CPU
@@ -75,7 +75,7 @@ def test_training_writes_a_loadable_model_and_logs_every_term(mini_catalog, cach
     assert vec.shape == (1, model.dim)
     # training moved the weights away from the fresh initialisation
     fresh = tiny_config(tiny_backbone_dir)
-    from engine.towers import build_model
+    from engine.model.towers import build_model
     start = build_model(fresh, seed=0).trainable_state_dict()
     trained = model.trainable_state_dict()
     assert any(not torch.equal(start[k], trained[k]) for k in start)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.train import TrainJob, train_model
-from engine.trainer import Trainer, TrainConfig, TrainingData
+from engine.training.job import TrainJob, train_model
+from engine.training.trainer import Trainer, TrainConfig, TrainingData
 from tests.test_train import _mini_fashion
 from tests.test_trainer_bounds import _table
 from tests.tiny_models import make_tiny_model, tiny_config

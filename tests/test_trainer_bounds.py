@@ -1,4 +1,4 @@
-"""engine.trainer keeps its learned scalars in range: the logit scale (one cap, from the model
+"""engine.training.trainer keeps its learned scalars in range: the logit scale (one cap, from the model
 config, on the parameter) and the uncertainty loss weights. Tiny random model, token tables
 built in memory (random tokens: the values do not matter here, only the bounds)."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.token_cache import TokenTable
-from engine.trainer import Trainer, TrainConfig, TrainingData
+from engine.tokens.cache import TokenTable
+from engine.training.trainer import Trainer, TrainConfig, TrainingData
 from tests.tiny_models import make_tiny_model
 
 N = 16

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
-from engine.backbones import resolve_path
-from engine.towers import ModelConfig, TwoTowerModel, build_model
+from engine.model.backbones import resolve_path
+from engine.model.towers import ModelConfig, TwoTowerModel, build_model
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VOCAB = 30522

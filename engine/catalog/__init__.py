@@ -1,6 +1,6 @@
 """The one catalogue reader: fashion layout, JSONL and CSV catalogues, field mapping, rejects.
 
-Used by training (``engine.train``) and by the indexer (``indexer``), so both apply the
+Used by training (``engine.training.job``) and by the indexer (``indexer``), so both apply the
 same catalogue-level rules (our choice, issue 3 item 1 and issue 4 step 1):
 
 - a row that cannot be parsed (bad CSV quoting, wrong number of fields, invalid JSON, a

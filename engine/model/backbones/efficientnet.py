@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from engine.images import ImagePreprocessor
+from engine.model.images import ImagePreprocessor
 
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3

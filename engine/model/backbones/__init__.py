@@ -5,6 +5,6 @@ Everything is loaded from local paths; ``pkg:<module>/<relative path>`` names a 
 folder shipped inside an installed Python package (the default weights), so model folders
 stay portable across machines.
 """
-from engine.backbones.registry import Backbones, build_backbones, resolve_path, DEFAULT_TEXT_BACKBONE, DEFAULT_IMAGE_BACKBONE
+from engine.model.backbones.registry import Backbones, build_backbones, resolve_path, DEFAULT_TEXT_BACKBONE, DEFAULT_IMAGE_BACKBONE
 
 __all__ = ["Backbones", "build_backbones", "resolve_path", "DEFAULT_TEXT_BACKBONE", "DEFAULT_IMAGE_BACKBONE"]

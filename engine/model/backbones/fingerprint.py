@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from engine.file_hashing import sha256_named_files
+from engine.model.file_hashing import sha256_named_files
 
 _SKIP = {"README.md", ".gitattributes"}
 

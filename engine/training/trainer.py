@@ -2,11 +2,11 @@
 
 - Stage 1 (Beyond Text, two-stage alignment; METHOD.md §2): the query aligned with the
   product text view and with the product image view separately (unimodal views T, V only;
-  ``engine.losses.stage1_losses``).
+  ``engine.training.losses.stage1_losses``).
 - Stage 2 (UniECS; METHOD.md §2): the full loss CMAL + CLAL + IMCL on all views including the
   fused view F, combined by ``LossWeighting`` (uncertainty weighting, our choice, or static).
 
-Backbones stay frozen (their tokens come from ``engine.token_cache``); the fusion encoders
+Backbones stay frozen (their tokens come from ``engine.tokens.cache``); the fusion encoders
 of both towers, the logit scale and the loss weights are trained. Optimiser and schedule
 follow the UniECS reference code (METHOD.md §5): AdamW (0.9, 0.98, eps 1e-6), weight decay
 0.01 (not on biases, norms, learned vectors, logit scale or loss weights), linear warm-up then
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.losses import (
+from engine.training.losses import (
     LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig, LossWeighting, stage1_losses, stage2_losses,
 )
-from engine.token_cache import TokenBatch, TokenTable, encode_views
+from engine.tokens.cache import TokenBatch, TokenTable, encode_views
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -98,11 +98,11 @@ class TrainingData:
     (``-1`` none); query_group: ``int64 (P,)`` group for attribute-level pairs (``-1``:
     instance-level pair). kinds: ``(P,)`` pair kinds, for the log.
 
-    Optional (shopper and composed pairs, ``engine.pairs.shopper_pairs``): relevance_keys
+    Optional (shopper and composed pairs, ``engine.training.pairs.shopper_pairs``): relevance_keys
     ``int64 (S, N)``: key id of product ``n`` under facet spec ``s`` (``-1``: none);
     query_spec / query_key ``int64 (P,)``: the pair's spec and key (``-1``: none); an item is
     relevant to such a query when its key under the query's spec equals the query's key.
-    aug_images: table of augmented query photos (``engine.augment_cache``); q_image_aug
+    aug_images: table of augmented query photos (``engine.training.augment_cache``); q_image_aug
     ``int64 (P, V)``: rows of the query photo's V augmented views in it (``-1``: none).
     """
 

@@ -1,6 +1,6 @@
 """ONNX Runtime graphs of a tower's paths, for fp32 serving: text-only, image-only, text+image.
 
-The same three paths as ``engine.tower_graphs`` (token ids + mask and/or pixels → unit
+The same three paths as ``engine.model.tower_graphs`` (token ids + mask and/or pixels → unit
 vectors), exported with ``torch.onnx.export`` (dynamic batch and token axes) and run by ONNX
 Runtime's CPU provider. Where the CPU has no native bf16 (AVX2), fp32 is the serving
 precision, and ORT's fp32 kernels (MLAS) and graph fusions run a short query's few hundred
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.tower_graphs import _CHECK_BATCHES, _TRACE_TEXTS, KINDS, MIN_COSINE, GraphError, _Path, _probe_pixels
+from engine.model.tower_graphs import _CHECK_BATCHES, _TRACE_TEXTS, KINDS, MIN_COSINE, GraphError, _Path, _probe_pixels
 
 MIN_COSINE_INT8 = 0.995  # an int8 text graph further from the fp32 Python path is refused
 OPSET = 17
@@ -158,7 +158,7 @@ def session_options(threads: int):
 
 class OnnxPath:
     """An ONNX Runtime session for one kind of batch of one tower; called like
-    ``engine.tower_graphs.TracedPath`` (B texts and/or B preprocessed images → ``float32
+    ``engine.model.tower_graphs.TracedPath`` (B texts and/or B preprocessed images → ``float32
     (B, d)`` unit vectors, input order). ``precision`` is "fp32" (the Python path it
     replaces); it also ``serves`` bf16 requests (the server's plan on bf16 CPUs sends image
     batches here); ``backend`` says "onnxruntime fp32" or "onnxruntime int8". Thread-safe."""

@@ -2,9 +2,9 @@
 
 ``train_model(TrainJob)`` is what ``ecsearch train`` runs: read the catalogue with the one
 catalogue reader (``engine.catalog``), keep the ``train`` split, make pairs (METHOD.md §3,
-``engine.pairs``) plus an optional pairs file, cache the frozen backbones' tokens
-(``engine.token_cache``), train (``engine.trainer``) and write a model folder with
-``engine.model_folder.save_model``. Everything that could not be used is written to
+``engine.training.pairs``) plus an optional pairs file, cache the frozen backbones' tokens
+(``engine.tokens.cache``), train (``engine.training.trainer``) and write a model folder with
+``engine.model.model_folder.save_model``. Everything that could not be used is written to
 ``<out>/rejects.jsonl`` with its reason; training goes on with the rest.
 """
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, read_split
-from engine.model_folder import load_model, save_model
-from engine.augment_cache import augmented_key, cache_augmented_images
-from engine.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
-from engine.shopper_queries import facet_key, product_facets
-from engine.token_cache import TokenTable, cache_images, cache_texts
-from engine.towers import ModelConfig, build_model
-from engine.trainer import TrainConfig, Trainer, TrainingData
+from engine.model.model_folder import load_model, save_model
+from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
+from engine.training.shopper_queries import facet_key, product_facets
+from engine.tokens.cache import TokenTable, cache_images, cache_texts
+from engine.model.towers import ModelConfig, build_model
+from engine.training.trainer import TrainConfig, Trainer, TrainingData
 
 
 class TrainingDataError(ValueError):
@@ -42,10 +42,10 @@ class TrainJob:
     model: ``ModelConfig`` for a fresh model; init_model: start from this model folder instead.
     train: ``TrainConfig``. resume: continue from ``<out>/checkpoint.pt`` when present.
     similar_rate / attribute_query_rate / photo_query_rate / title_query_rate: catalogue pair
-    mix, see ``engine.pairs.catalog_pairs``.
+    mix, see ``engine.training.pairs.catalog_pairs``.
     brand_query_rate / partial_title_rate / phrase_query_rate / composed_rate: shopper and
-    composed pairs, see ``engine.pairs.shopper_pairs`` (default 0: off).
-    augment_views: augmented views cached per query photo (``engine.augment_cache``; 0: off,
+    composed pairs, see ``engine.training.pairs.shopper_pairs`` (default 0: off).
+    augment_views: augmented views cached per query photo (``engine.training.augment_cache``; 0: off,
     the default, since each view costs one more image-backbone pass per training photo);
     the trainer swaps query photos for them (``TrainConfig.augment_p``). Seeded by ``train.seed``.
     """
@@ -105,7 +105,7 @@ def build_training_data(products: list[Product], pairs: list[TrainingPair], text
                         aug_images: TokenTable | None = None) -> tuple[TrainingData, list[dict]]:
     """Resolve pairs to token-table rows. Pairs whose item or query has no usable modality left
     (e.g. its only image failed to decode) are rejected with the reason; a product whose image
-    failed keeps its text. ``aug_images``: augmented query photos (``engine.augment_cache``),
+    failed keeps its text. ``aug_images``: augmented query photos (``engine.training.augment_cache``),
     whose views are attached to every pair with a query photo."""
     index = {p.product_id: i for i, p in enumerate(products)}
     groups: dict[str, int] = {}

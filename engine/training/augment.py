@@ -25,7 +25,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image
 
-# Augmented views kept per training photo by the token cache (engine.augment_cache); our
+# Augmented views kept per training photo by the token cache (engine.training.augment_cache); our
 # choice: 3 views triple the query-side image cache, enough for a new view most epochs.
 DEFAULT_AUGMENT_VIEWS = 3
 
@@ -86,7 +86,7 @@ def augment_photo(image: Image.Image, seed: int, config: AugmentConfig | None = 
     """One augmented view of ``image``, a pure function of ``(image, seed, config)``.
 
     Args:
-        image: ``PIL.Image`` (any mode Pillow converts to RGB; ``engine.images.load_image``
+        image: ``PIL.Image`` (any mode Pillow converts to RGB; ``engine.model.images.load_image``
             gives one).
         seed: view seed (``view_seed``).
         config: ``AugmentConfig``; None: the defaults.

@@ -1,6 +1,6 @@
 """Queries as shoppers type them, made from catalogue fields (issue 12, items 2 and 3).
 
-Used by ``engine.pairs`` (training pairs) and by the evaluation (brand + type and composed
+Used by ``engine.training.pairs`` (training pairs) and by the evaluation (brand + type and composed
 queries). Every query comes with the *facet fields* that define what is relevant to it: a
 product is relevant when its facets equal the query's on those fields (``facet_key``).
 

@@ -166,7 +166,7 @@ class TracedPath:
         self.kind = kind
         self._backbones = backbones
         self.precision = precision
-        self.backend = f"torchscript {precision}"  # for logs (engine.tower_onnx.OnnxPath has its own)
+        self.backend = f"torchscript {precision}"  # for logs (engine.model.tower_onnx.OnnxPath has its own)
         self.serves = (precision,)  # the Tower.encode precisions it answers
         self.calls = 0  # batches encoded through the graph
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from engine.images import ImagePreprocessor
+from engine.model.images import ImagePreprocessor
 
 MAX_TEXT_TOKENS = 64  # METHOD.md §1.1: Lt <= 64
 

@@ -11,7 +11,7 @@ Conventions (every function):
   pair (in-batch negatives).
 - ``scale``: the logit scale ``s`` (a 0-d tensor), taken as given. Its one cap is
   ``ModelConfig.logit_scale_max``, put on the parameter by ``TwoTowerModel.clamp_logit_scale_``
-  after each optimiser step (``engine.trainer``), so its gradient never vanishes.
+  after each optimiser step (``engine.training.trainer``), so its gradient never vanishes.
 - ``false_neg``: optional ``bool (B, B)``; ``True`` at ``[i, j]`` (``i != j``) when item ``j``
   is also relevant to query ``i`` (same product, same attribute group); those entries are
   left out of the negatives. The diagonal is ignored.

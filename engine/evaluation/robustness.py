@@ -4,15 +4,15 @@
 Query products: products of the evaluation split (``ecsearch eval --robust N``: the first N).
 Candidates: every catalogue product with a title and a usable photo, as fused item vectors
 (item tower, F), exact (flat) inner-product search; the raw-backbone rows rank the same
-candidates by the backbones' own pooled features (``engine.evaluate.raw_backbone_rows``'
+candidates by the backbones' own pooled features (``engine.evaluation.evaluate.raw_backbone_rows``'
 pooling: mean of MiniLM tokens, mean of the image tokens, concatenation / √2 for both).
 
 1. **Augmented photo → product**: one augmented view of each query product's photo
-   (``engine.augment`` with the default ``AugmentConfig``; view 0 of seed
+   (``engine.training.augment`` with the default ``AugmentConfig``; view 0 of seed
    ``EVAL_AUGMENT_SEED``, so every run uses the same pixels), query tower image-only view V;
    its own product is the one relevant item. Recall@1/5/10, MRR.
 2. **Brand + type** ("puma sports shoes") and **attribute phrase** ("black heels for women"):
-   one query per distinct key among the query products (``engine.shopper_queries``);
+   one query per distinct key among the query products (``engine.training.shopper_queries``);
    relevant = every candidate with the same brand and type / gender, colour and type.
    Query tower text-only view T. Precision@10, nDCG@10.
 3. **Composed** (M-BEER trigger → recall): a query product's clean photo + a modifier ("in
@@ -27,14 +27,14 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.augment import AugmentConfig
-from engine.augment_cache import augmented_key, cache_augmented_images
-from engine.evaluate import EvalPool, _pooled, _unit, tower_views
-from engine.metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
-from engine.shopper_queries import (
+from engine.training.augment import AugmentConfig
+from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.evaluation.evaluate import EvalPool, _pooled, _unit, tower_views
+from engine.evaluation.ranking_metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
+from engine.training.shopper_queries import (
     attribute_phrases, brand_queries, composed_query, composed_targets, facet_key, product_facets,
 )
-from engine.token_cache import cache_texts
+from engine.tokens.cache import cache_texts
 
 EVAL_AUGMENT_SEED = 20_251_205  # our choice; documented in docs/results.md beside the figures
 PHRASE_FIELDS = ("gender", "baseColour", "articleType")
@@ -84,7 +84,7 @@ def text_query_set(query_products: Sequence, catalogue: EvalPool, kind: str) -> 
 
 def composed_query_set(query_products: Sequence, catalogue: EvalPool, seed: int = EVAL_AUGMENT_SEED) -> QuerySet:
     """One composed query (clean photo + modifier) per query product that is among the candidates
-    and has a modifier (``engine.shopper_queries.composed_query``, seeded)."""
+    and has a modifier (``engine.training.shopper_queries.composed_query``, seeded)."""
     facets = [product_facets(p.attributes, p.title) for p in catalogue.products]
     targets = composed_targets(facets)
     index = {p.product_id: i for i, p in enumerate(catalogue.products)}

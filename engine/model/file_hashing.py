@@ -1,7 +1,7 @@
 """The one file-hashing loop: sha256 over a file's bytes, read in 1 MiB blocks.
 
-Used for model-folder fingerprints (``engine.model_folder``), backbone fingerprints
-(``engine.backbones.fingerprint``) and index-version file checksums (``indexer.manifest``).
+Used for model-folder fingerprints (``engine.model.model_folder``), backbone fingerprints
+(``engine.model.backbones.fingerprint``) and index-version file checksums (``indexer.manifest``).
 Source: our choice.
 """
 from __future__ import annotations

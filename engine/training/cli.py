@@ -11,12 +11,12 @@ import json
 import sys
 
 from engine.catalog import CatalogError
-from engine.errors import ModelFolderError
-from engine.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
+from engine.model.errors import ModelFolderError
+from engine.training.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
 from engine.cpu_features import bf16_is_fast
-from engine.towers import ModelConfig
-from engine.train import TrainingDataError, TrainJob, train_model
-from engine.trainer import TrainConfig
+from engine.model.towers import ModelConfig
+from engine.training.job import TrainingDataError, TrainJob, train_model
+from engine.training.trainer import TrainConfig
 
 # The CPU recipe measured in docs/results.md (our choice: a fusion encoder slimmed to one
 # layer of each kind so cache + training fit 30 minutes on 2 CPU cores).
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("composed", "composed pair (photo + 'in red' -> same type in red)")):
         t.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"share of products with a {what} (default 0)")
     t.add_argument("--augment-views", type=int, default=0,
-                   help="augmented views cached per query photo (engine/augment.py; default 0: off; "
+                   help="augmented views cached per query photo (engine/training/augment.py; default 0: off; "
                         "each view costs one image-backbone pass per training photo)")
     t.add_argument("--augment-p", type=float, default=TrainConfig.augment_p,
                    help="probability that a query photo is swapped for one of its views (default %(default)s)")

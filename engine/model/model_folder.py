@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.errors import ModelFolderError
-from engine.file_hashing import sha256_named_files
-from engine.towers import ModelConfig, TwoTowerModel, build_model
+from engine.model.errors import ModelFolderError
+from engine.model.file_hashing import sha256_named_files
+from engine.model.towers import ModelConfig, TwoTowerModel, build_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.errors import ImageDecodeError, ImageTooLargeError
+from engine.model.errors import ImageDecodeError, ImageTooLargeError
 
 ImageSource = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
 

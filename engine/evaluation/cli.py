@@ -8,8 +8,8 @@ Example::
 Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
 the markdown tables. Baselines: untrained towers (same configuration, seed ``--seed``) over
 the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4), and
-the raw pretrained backbone features with no tower (``engine.evaluate.raw_backbone_rows``).
-``--robust N`` adds the robustness tasks of ``engine.robustness`` (augmented photos, brand +
+the raw pretrained backbone features with no tower (``engine.evaluation.evaluate.raw_backbone_rows``).
+``--robust N`` adds the robustness tasks of ``engine.evaluation.robustness`` (augmented photos, brand +
 type, attribute phrases, composed queries; against every catalogue product read).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from engine.catalog import CatalogError
-from engine.errors import ModelFolderError
+from engine.model.errors import ModelFolderError
 
 BASELINE_ROWS = {
     "baseline: untrained, text-only": ("untrained", "text"),
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also rank the photo of each of the first N catalogue products (any split; query "
                              "tower, image only) against those N products' fused item vectors; 0: off")
     parser.add_argument("--robust", type=int, default=0, metavar="N",
-                        help="robustness evaluation (engine/robustness.py): the first N products of the split as "
+                        help="robustness evaluation (engine/evaluation/robustness.py): the first N products of the split as "
                              "augmented-photo, brand + type, attribute-phrase and composed queries, ranked against "
                              "the whole catalogue (caches every catalogue product once); 0: off")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
-    from engine.model_folder import load_model
-    from engine.towers import build_model
-    from engine.train import TrainingDataError, load_products
+    from engine.evaluation.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
+    from engine.model.model_folder import load_model
+    from engine.model.towers import build_model
+    from engine.training.job import TrainingDataError, load_products
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                      "mean_rank": float(ranks.mean())}
     robust = None
     if args.robust > 0:
-        from engine.robustness import evaluate_robustness, robustness_markdown
+        from engine.evaluation.robustness import evaluate_robustness, robustness_markdown
 
         try:
             everything, _ = load_products(args.catalog, None, args.limit)

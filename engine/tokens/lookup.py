@@ -1,6 +1,6 @@
 """Find, sample by sample, backbone tokens that a token cache already holds (exact-safe reuse).
 
-Cache folders (``engine.token_cache``) are keyed by their whole sample list, so a job over
+Cache folders (``engine.tokens.cache``) are keyed by their whole sample list, so a job over
 another sample list (the index build over the whole catalogue, after training cached the
 train split) cannot find them by key. ``TokenLookup`` scans the complete folders under a
 cache root instead and keeps a folder only when its key, recomputed with *this* model's
@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.token_cache import CACHE_FORMAT, TokenTable, file_stat, image_cache_key, open_table, text_cache_key
+from engine.tokens.cache import CACHE_FORMAT, TokenTable, file_stat, image_cache_key, open_table, text_cache_key
 
 Entry = tuple[TokenTable, int]
 

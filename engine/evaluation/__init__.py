@@ -1,0 +1,1 @@
+"""Evaluation: nine scenarios, robustness tasks, baselines, ranking metrics, `ecsearch eval`."""

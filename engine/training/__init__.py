@@ -1,0 +1,1 @@
+"""Training: pairs, augmented photo views, losses, the trainer and the `ecsearch train` job."""
