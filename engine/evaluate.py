@@ -13,11 +13,12 @@ in-batch.
   every other pool product with the same three attributes. nDCG@10 and Precision@10.
 
 Embeddings per form: the model uses its views (t → text-only view T, i → image-only view
-V, m → fused view F), query tower for queries, item tower for candidates. Baselines
-(always reported, METHOD.md §4): untrained towers of the same configuration over the same
-pretrained backbones, whose m form is the text-only view (``text-only``), the image-only view
-(``image-only``) or the normalised average of the two unit vectors (``average``); their t
-and i forms are T and V. Every embedding is computed from the backbone token cache.
+V, m → fused view F), query tower for queries, item tower for candidates; the m form can be
+replaced by the text-only view (``text``), the image-only view (``image``) or the normalised
+average of the two unit vectors (``average``: the trained average-of-views baseline, issue 12
+item 5c). Other baselines: ``raw_backbone_rows`` (no training) and
+``engine.linear_baseline.linear_rows`` (trained linear two-tower). Every embedding is computed
+from the backbone token cache.
 """
 from __future__ import annotations
 
