@@ -199,19 +199,20 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     keys = _unique([str(p) for p in paths])
     image = backbones.image
     pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
-    key = _digest({"format": CACHE_FORMAT, "fp": backbones.image_fingerprint, "spec": backbones.image_spec,
-                   "preprocess": pre, "files": [_stat(p) for p in keys]})
-    final = Path(cache_root) / f"image-{key}"
+    source = {"format": CACHE_FORMAT, "fp": backbones.image_fingerprint, "spec": backbones.image_spec,
+              "preprocess": pre}
+    stats = [_stat(p) for p in keys]
+    final = Path(cache_root) / f"image-{_digest({**source, 'files': stats})}"
     if (final / "meta.json").is_file():
         return open_table(final)
     tmp = _fresh_tmp(final)
     start = time.perf_counter()
     errors: dict[str, str] = {}
     lengths = np.zeros(len(keys), dtype=np.int32)
-    tokens = None
-    with tqdm(total=len(keys), unit="item", desc="image tokens", disable=not progress) as bar, \
-            ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
-        batches = [list(range(s, min(s + batch_size, len(keys)))) for s in range(0, len(keys), batch_size)]
+    tokens, todo = _reuse_image_rows(Path(cache_root), source, keys, stats, tmp, lengths, errors)
+    with tqdm(total=len(keys), initial=len(keys) - len(todo), unit="item", desc="image tokens",
+              disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+        batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
         pending = pool.submit(_load_batch, image, keys, batches[0], errors) if batches else None
         for b in range(len(batches)):
             idx, pixels = pending.result()
@@ -236,6 +237,45 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     meta = {"format": CACHE_FORMAT, "kind": "image", "fingerprint": backbones.image_fingerprint, "keys": keys,
             "errors": errors, "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
     return _finish(tmp, final, meta)
+
+
+def _reuse_image_rows(root: Path, source: dict, keys: list[str], stats: list, tmp: Path, lengths: np.ndarray,
+                      errors: dict[str, str]) -> tuple[np.ndarray | None, list[int]]:
+    """Copy the rows of ``keys`` that a finished image cache in ``root`` already holds (our choice:
+    the whole-catalogue cache of ``ecsearch eval --robust`` reuses the split caches). A folder
+    counts only when its name is the digest of ``source`` + its own keys' current file stats,
+    i.e. the same backbone, preprocessing and unchanged files. Fills ``lengths`` / ``errors``;
+    returns ``(tokens memmap or None, indices still to encode)``."""
+    where = {k: i for i, k in enumerate(keys)}
+    want = {i: st for i, st in enumerate(stats)}
+    tokens, done = None, set()
+    for folder in sorted(root.glob("image-*")):
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        theirs = meta.get("keys", [])
+        if meta.get("kind") != "image" or not any(k in where for k in theirs):
+            continue
+        their_stats = [_stat(k) for k in theirs]
+        if folder.name != f"image-{_digest({**source, 'files': their_stats})}":
+            continue
+        table = open_table(folder)
+        pairs = [(where[k], r) for r, k in enumerate(theirs)
+                 if k in where and where[k] not in done and want[where[k]] == their_stats[r]]
+        if not pairs:
+            continue
+        if tokens is None:
+            tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                               shape=(len(keys),) + table.tokens.shape[1:])
+        if table.tokens.shape[1:] != tokens.shape[1:]:
+            continue
+        for i, r in pairs:
+            tokens[i], lengths[i] = table.tokens[r], table.lengths[r]
+            if keys[i] in table.errors:
+                errors[keys[i]] = table.errors[keys[i]]
+            done.add(i)
+    return tokens, [i for i in range(len(keys)) if i not in done]
 
 
 def _load_batch(image, keys: list[str], batch: list[int], errors: dict[str, str]):
