@@ -92,6 +92,30 @@ def test_own_photo_finds_its_product_at_rank_1(served, fashion_dir):
     assert ranks_1 == len(picks), f"only {ranks_1}/{len(picks)} photos found their product at rank 1"
 
 
+def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_path):
+    """A product photo taken a little differently (the robustness evaluation's seeded view:
+    crop, flip, rotation, jitter, down-scaling, JPEG; engine/robustness.py) sent as a JPEG file
+    over gRPC comes back at rank 1 from the served index (issue 12)."""
+    from engine.augment import augment_photo, view_seed
+    from engine.images import load_image
+    from engine.robustness import EVAL_AUGMENT_SEED
+    from server.client import SearchClient
+
+    target, rows = served
+    split = {r["id"]: r["split"] for r in csv.DictReader(open(fashion_dir / "split.csv"))}
+    picks = [r for r in rows if split[r["id"]] == "train"][3::25]  # 10 products spread over the subset
+    with SearchClient(target, timeout_s=60) as client:
+        found = []
+        for row in picks:
+            photo = fashion_dir / "images" / f"{row['id']}.jpg"
+            view = augment_photo(load_image(photo), view_seed(EVAL_AUGMENT_SEED, str(photo), 0))
+            path = tmp_path / f"{row['id']}-aug.jpg"
+            view.save(path, quality=90)
+            assert view.tobytes() != load_image(photo).convert("RGB").tobytes()
+            found.append(client.search(image=path, top_k=5).hits[0].product_id == row["id"])
+    assert all(found), f"only {sum(found)}/{len(found)} augmented photos found their product at rank 1"
+
+
 def test_text_query_top_hits_share_its_article_type(served):
     from server.client import SearchClient
 

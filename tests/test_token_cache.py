@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from engine.catalog import read_catalog
-from engine.tokens.cache import TokenBatch, cache_images, cache_texts, encode_views
+from engine.tokens.cache import cache_images, cache_texts
+from engine.tokens.views import TokenBatch, encode_views
 
 
 def _sample(fashion_dir, n=12):
@@ -77,3 +78,32 @@ def test_missing_and_corrupt_images_are_reported_and_the_rest_cached(tiny_model,
     assert all(table.row(p) >= 0 for p in [str(copy)] + images[1:])
     tokens, mask, present = table.gather(table.rows([str(copy), str(corrupt), None]))
     assert present.tolist() == [True, False, False] and not mask[1:].any()
+
+
+def test_a_larger_image_cache_reuses_the_rows_of_finished_ones(tiny_model, fashion_dir, tmp_path):
+    """The whole-catalogue cache (eval --robust) copies the rows the split caches hold; a cache
+    one of whose files changed since (other size / mtime) is not trusted, so that file is encoded
+    again; an error record carries over."""
+    _, images = _sample(fashion_dir, 12)
+    bb = tiny_model.backbones
+    changed = tmp_path / "changed.jpg"
+    shutil.copy(images[0], changed)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not a jpeg")
+    first = cache_images(bb, images[:6] + [str(corrupt)], tmp_path / "c", batch_size=4, progress=False)
+    second = cache_images(bb, images[6:], tmp_path / "c", batch_size=4, progress=False)
+    cache_images(bb, [str(changed)], tmp_path / "c", progress=False)
+    shutil.copy(images[1], changed)  # new content, new size: its cached row is stale
+    calls = bb.image.calls
+    both = cache_images(bb, images + [str(changed), str(corrupt)], tmp_path / "c", batch_size=4, progress=False)
+    assert bb.image.calls == calls + 1  # one batch: only the changed photo was encoded
+    assert both.folder not in (first.folder, second.folder)
+    for table in (first, second):
+        for key in table.keys:
+            if key in images:
+                r, s = both.row(key), table.row(key)
+                np.testing.assert_array_equal(np.asarray(both.tokens[r]), np.asarray(table.tokens[s]))
+                assert both.lengths[r] == table.lengths[s]
+    assert both.row(str(corrupt)) == -1 and str(corrupt) in both.errors
+    fresh = cache_images(bb, [str(changed)], tmp_path / "fresh", progress=False)
+    np.testing.assert_array_equal(np.asarray(both.tokens[both.row(str(changed))]), np.asarray(fresh.tokens[0]))

@@ -93,9 +93,9 @@ def test_train_cli_augment_and_shopper_flags(fashion_dir, tiny_model_dir, tmp_pa
     rc = cli_main(["train", "--catalog", str(catalog), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
                    "--init-model", str(tiny_model_dir), "--steps", "2", "--stage1-steps", "1", "--batch-size", "8",
                    "--augment-views", "1", "--augment-p", "0.5", "--brand-query-rate", "1", "--composed-rate", "1",
-                   "--quiet"])
+                   "--partial-title-rate", "0", "--quiet"])
     assert rc == 0
     training = json.loads((out / "config.json").read_text())["extra"]["training"]
     assert training["augmented_image_cache"]["views"] == 1 and training["train"]["augment_p"] == 0.5
     assert {"brand_query", "composed"} <= set(training["pairs_by_kind"])
-    assert "partial_title" not in training["pairs_by_kind"]
+    assert "partial_title" not in training["pairs_by_kind"]  # the recipe's default rate, turned off

@@ -6,10 +6,11 @@ Example::
         --out var/eval/results.json --markdown var/eval/results.md
 
 Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
-the markdown tables. Baselines: untrained towers (same configuration, seed ``--seed``) over
-the same pretrained backbones, m form = text-only / image-only / average (METHOD.md §4), and
-the raw pretrained backbone features with no tower (``engine.evaluation.evaluate.raw_backbone_rows``).
-``--robust N`` adds the robustness tasks of ``engine.evaluation.robustness`` (augmented photos, brand +
+the markdown tables. Baselines (issue 12 item 5): the raw pretrained backbone features with no
+tower (``engine.evaluate.raw_backbone_rows``), the trained CLIP-style linear two-tower stored in
+the model folder (``engine.training.linear_baseline``; left out when the folder has none) and the
+trained towers' own average of views (the ablation row "m = average of T and V").
+``--robust N`` adds the robustness tasks of ``engine.robustness`` (augmented photos, brand +
 type, attribute phrases, composed queries; against every catalogue product read).
 """
 from __future__ import annotations
@@ -24,13 +25,6 @@ from pathlib import Path
 from engine.catalog import CatalogError
 from engine.model.errors import ModelFolderError
 
-BASELINE_ROWS = {
-    "baseline: untrained, text-only": ("untrained", "text"),
-    "baseline: untrained, image-only": ("untrained", "image"),
-    "baseline: untrained, average": ("untrained", "average"),
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``eval`` options."""
     parser.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
@@ -40,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default="var/cache", help="backbone token cache root")
     parser.add_argument("--out", default=None, help="JSON results file to write")
     parser.add_argument("--markdown", default=None, help="markdown tables file to write")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained baseline towers and the "
-                                                            "attribute queries' representative photos")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attribute queries' representative photos")
     parser.add_argument("--no-ablation", action="store_true",
                         help="leave out the trained model's own text-only / image-only / average rows")
     parser.add_argument("--no-reference", action="store_true",
@@ -62,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluation.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
-    from engine.model.model_folder import load_model
-    from engine.model.towers import build_model
-    from engine.training.job import TrainingDataError, load_products
+    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
+    from engine.training.linear_baseline import linear_rows, load_linear_baseline
+    from engine.model_folder import load_model
+    from engine.train import TrainingDataError, load_products
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,14 +70,15 @@ def run(args: argparse.Namespace) -> int:
     except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:
         print(f"ecsearch eval: error: {exc}", file=sys.stderr)
         return 2
-    untrained = build_model(model.config, seed=args.seed)
+    linear = load_linear_baseline(args.model)
     rows = {"trained (fused)": ("trained", "fused")}
     if not args.no_ablation:
         rows.update({"trained, m = text-only view": ("trained", "text"),
                      "trained, m = image-only view": ("trained", "image"),
                      "trained, m = average of T and V": ("trained", "average")})
-    rows.update(BASELINE_ROWS)
-    result = evaluate_models({"trained": model, "untrained": untrained}, pool, rows)
+    result = evaluate_models({"trained": model}, pool, rows)
+    if linear is not None:
+        result["rows"].update(linear_rows(linear, pool))
     if not args.no_reference:
         result["rows"].update(raw_backbone_rows(pool))
     own_photo = None
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             catalogue = build_pool(everything, model.backbones, args.cache_dir, seed=args.seed,
                                    progress=not args.quiet)
             robust = evaluate_robustness(model, pool.products[:args.robust], catalogue, args.cache_dir,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, linear=linear)
         except (CatalogError, TrainingDataError, ValueError) as exc:
             print(f"ecsearch eval: error: --robust: {exc}", file=sys.stderr)
             return 2

@@ -13,11 +13,12 @@ in-batch.
   every other pool product with the same three attributes. nDCG@10 and Precision@10.
 
 Embeddings per form: the model uses its views (t → text-only view T, i → image-only view
-V, m → fused view F), query tower for queries, item tower for candidates. Baselines
-(always reported, METHOD.md §4): untrained towers of the same configuration over the same
-pretrained backbones, whose m form is the text-only view (``text-only``), the image-only view
-(``image-only``) or the normalised average of the two unit vectors (``average``); their t
-and i forms are T and V. Every embedding is computed from the backbone token cache.
+V, m → fused view F), query tower for queries, item tower for candidates; the m form can be
+replaced by the text-only view (``text``), the image-only view (``image``) or the normalised
+average of the two unit vectors (``average``: the trained average-of-views baseline, issue 12
+item 5c). Other baselines: ``raw_backbone_rows`` (no training) and
+``engine.training.linear_baseline.linear_rows`` (trained linear two-tower). Every embedding is computed
+from the backbone token cache.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import torch
 from engine.catalog import Product
 from engine.evaluation.ranking_metrics import attribute_metrics, instance_metrics, rank_of_targets
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
-from engine.tokens.cache import TokenBatch, TokenTable, cache_images, cache_texts, encode_views, iter_chunks
+from engine.tokens.cache import TokenTable, cache_images, cache_texts
+from engine.tokens.views import TokenBatch, encode_views, iter_chunks
 
 SCENARIOS: tuple[str, ...] = ("t2t", "t2i", "t2m", "i2t", "i2i", "i2m", "m2t", "m2i", "m2m")
 FORM_VIEW = {"t": "T", "i": "V", "m": "F"}

@@ -38,6 +38,7 @@ from engine.tokens.cache import cache_texts
 
 EVAL_AUGMENT_SEED = 20_251_205  # our choice; documented in docs/results.md beside the figures
 PHRASE_FIELDS = ("gender", "baseColour", "articleType")
+LINEAR_LABEL = "baseline: linear two-tower (CLIP-style, trained)"
 
 
 @dataclass
@@ -115,8 +116,10 @@ def set_metrics(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: in
 
 
 def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, cache_dir: str, *,
-                        progress: bool = True, batch_size: int = 256) -> dict:
-    """The three robustness tasks (module docstring) for ``model`` and the raw backbones.
+                        progress: bool = True, batch_size: int = 256, linear=None) -> dict:
+    """The three robustness tasks (module docstring) for ``model``, the raw backbones and, when
+    given, the trained linear two-tower ``linear`` (``engine.training.linear_baseline.LinearTwoTower``;
+    its photo, text and photo + text queries against its own item vectors unit(T + V)).
 
     Returns ``{"candidates": m, "seed": .., "augment": {..}, task: {"queries": a, "rows":
     {label: {metric: value}}}}`` for task in augmented_photo, brand_type, attribute_phrase,
@@ -134,6 +137,7 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
     item_avg = _unit(item["T"] + item["V"])
     raw_t, raw_v = _pooled(catalogue.texts, catalogue.text_rows), _pooled(catalogue.images, catalogue.image_rows)
     raw_m = np.concatenate([raw_t, raw_v], axis=1) / np.sqrt(2.0)
+    lin = None if linear is None else linear.embed(raw_t, raw_v)
     out: dict = {"candidates": len(catalogue.products), "seed": EVAL_AUGMENT_SEED,
                  "augment": AugmentConfig().as_dict()}
 
@@ -148,6 +152,9 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         "trained (photo V -> item F)": instance_metrics(rank_of_targets(q_v, item["F"], targets)),
         "raw backbone: image features (mean of tokens)": instance_metrics(
             rank_of_targets(_pooled(aug, rows[ok]), raw_v, targets))}}
+    if lin is not None:
+        out["augmented_photo"]["rows"][LINEAR_LABEL] = instance_metrics(
+            rank_of_targets(linear.embed_image(_pooled(aug, rows[ok])), lin["F"], targets))
 
     sets = {"brand_type": text_query_set(photo_q, catalogue, "brand_type"),
             "attribute_phrase": text_query_set(photo_q, catalogue, "attribute_phrase"),
@@ -171,6 +178,11 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         else:
             result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
                       "raw MiniLM: mean-pooled titles, exact": set_metrics(raw_q, raw_t, qs)}
+        if lin is not None:
+            lq = linear.embed_text(_pooled(texts, text_rows))
+            if name == "composed":
+                lq = _unit(lq + lin["V"][qs.photos])
+            result[LINEAR_LABEL] = set_metrics(lq, lin["F"], qs)
         out[name] = {"queries": len(qs.texts), "rows": result}
     return out
 

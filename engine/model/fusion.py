@@ -16,8 +16,17 @@ their weight column acts as a second bias. The gates therefore learn, per token 
 how much of the other modality's attended summary ``A`` to mix in, from the token itself and
 ``A`` — not whether the other modality is present. Presence is handled outside the gates: by
 the skip above, the key padding masks and the learned "absent" pooled vectors (METHOD.md §1.3).
+
+Pooled residual (``pooled_residual=True``, our choice, issue 12): the output adds, per present
+modality, a linear projection of the *raw* backbone tokens' masked mean (L2-normalised, scaled to
+the deep path's norm, times a learned gain initialised to 1). The fused vector then starts as
+the sum of its two linear unimodal views plus the deep path, so it keeps the backbones'
+robustness (an augmented photo stays close to its clean photo) and an absent modality simply
+contributes no residual.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -111,12 +120,13 @@ class FusionEncoder(nn.Module):
         dim: output width d (256). heads: attention heads (8).
         cross_layers: gated cross-attention layers L (3). self_layers: pre-LN blocks per
         modality (2). fusion_layers: blocks after concatenation (3). mlp_ratio, dropout: block MLP width
-        factor and dropout (our choice: 4.0, 0.1).
+        factor and dropout (our choice: 4.0, 0.1). pooled_residual: add the linear projection of
+        the raw mean-pooled backbone tokens to the output (module docstring; default False).
     """
 
     def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
                  cross_layers: int = 3, self_layers: int = 2, fusion_layers: int = 3,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1):
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False):
         super().__init__()
         self.text_proj = nn.Linear(text_hidden, dim)
         self.image_proj = nn.Linear(image_hidden, dim)
@@ -132,6 +142,11 @@ class FusionEncoder(nn.Module):
         self.merge = nn.Linear(2 * dim, dim)
         self.fusion_blocks = nn.ModuleList(PreLNBlock(dim, heads, mlp_ratio, dropout) for _ in range(fusion_layers))
         self.out_norm = nn.LayerNorm(dim)
+        self.pooled_residual = pooled_residual
+        if pooled_residual:  # created last: the other parameters draw the same initial values
+            self.text_residual = nn.Linear(text_hidden, dim)
+            self.image_residual = nn.Linear(image_hidden, dim)
+            self.residual_gain = nn.Parameter(torch.ones(2))  # text, image
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 image_tokens: torch.Tensor, image_mask: torch.Tensor,
@@ -182,4 +197,14 @@ class FusionEncoder(nn.Module):
         x = self.merge(torch.cat([p_t, p_v], dim=-1)).unsqueeze(1)  # [B, 1, d]
         for block in self.fusion_blocks:
             x = block(x)
-        return F.normalize(self.out_norm(x.squeeze(1)), dim=-1)
+        out = self.out_norm(x.squeeze(1))
+        if self.pooled_residual:
+            out = out + self._residual(text_tokens, t_valid, has_text, self.text_residual, 0, out.dtype)
+            out = out + self._residual(image_tokens, v_valid, has_image, self.image_residual, 1, out.dtype)
+        return F.normalize(out, dim=-1)
+
+    def _residual(self, tokens: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, proj: nn.Linear,
+                  slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, d)``: gain * sqrt(d) * unit(proj(masked mean of raw tokens)); zero rows where absent."""
+        r = F.normalize(proj(masked_mean(tokens.float(), valid)), dim=-1) * math.sqrt(proj.out_features)
+        return (r * self.residual_gain[slot] * present[:, None].to(r.dtype)).to(dtype)

@@ -37,6 +37,8 @@ class ModelConfig:
         mlp_ratio: MLP width factor of the Transformer blocks (our choice, 4.0).
         dropout: dropout in the fusion encoder during training (our choice, 0.1).
         share_fusion: query and item towers share one fusion encoder (default False).
+        pooled_residual: the fusion output adds a linear projection of the raw mean-pooled
+            backbone tokens per present modality (``engine.fusion``; our choice, default False).
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
@@ -52,6 +54,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     share_fusion: bool = False
+    pooled_residual: bool = False
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
     text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
@@ -301,7 +304,7 @@ class TwoTowerModel(nn.Module):
         kwargs = dict(text_hidden=backbones.text.hidden_size, image_hidden=backbones.image.hidden_size,
                       dim=config.dim, heads=config.heads, cross_layers=config.cross_layers,
                       self_layers=config.self_layers, fusion_layers=config.fusion_layers,
-                      mlp_ratio=config.mlp_ratio, dropout=config.dropout)
+                      mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual)
         query_fusion = FusionEncoder(**kwargs)
         item_fusion = query_fusion if config.share_fusion else FusionEncoder(**kwargs)
         self.query_tower = Tower(query_fusion, backbones, "query")

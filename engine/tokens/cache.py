@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -224,10 +224,10 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     start = time.perf_counter()
     errors: dict[str, str] = {}
     lengths = np.zeros(len(keys), dtype=np.int32)
-    tokens = None
-    with tqdm(total=len(keys), unit="item", desc="image tokens", disable=not progress) as bar, \
-            ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
-        batches = [list(range(s, min(s + batch_size, len(keys)))) for s in range(0, len(keys), batch_size)]
+    tokens, todo = _reuse_image_rows(Path(cache_root), backbones, keys, files, tmp, lengths, errors)
+    with tqdm(total=len(keys), initial=len(keys) - len(todo), unit="item", desc="image tokens",
+              disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+        batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
         pending = pool.submit(_load_batch, image, keys, batches[0], errors) if batches else None
         for b in range(len(batches)):
             idx, pixels = pending.result()
@@ -254,6 +254,45 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     return _finish(tmp, final, meta)
 
 
+def _reuse_image_rows(root: Path, backbones, keys: list[str], stats: list, tmp: Path, lengths: np.ndarray,
+                      errors: dict[str, str]) -> tuple[np.ndarray | None, list[int]]:
+    """Copy the rows of ``keys`` that a finished image cache in ``root`` already holds (our choice:
+    the whole-catalogue cache of ``ecsearch eval --robust`` reuses the split caches). A folder
+    counts only when its name is the digest of ``source`` + its own keys' current file stats,
+    i.e. the same backbone, preprocessing and unchanged files. Fills ``lengths`` / ``errors``;
+    returns ``(tokens memmap or None, indices still to encode)``."""
+    where = {k: i for i, k in enumerate(keys)}
+    want = {i: st for i, st in enumerate(stats)}
+    tokens, done = None, set()
+    for folder in sorted(root.glob("image-*")):
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        theirs = meta.get("keys", [])
+        if meta.get("kind") != "image" or not any(k in where for k in theirs):
+            continue
+        their_stats = [file_stat(k) for k in theirs]
+        if folder.name != f"image-{image_cache_key(backbones, their_stats)}":
+            continue
+        table = open_table(folder)
+        pairs = [(where[k], r) for r, k in enumerate(theirs)
+                 if k in where and where[k] not in done and want[where[k]] == their_stats[r]]
+        if not pairs:
+            continue
+        if tokens is None:
+            tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                               shape=(len(keys),) + table.tokens.shape[1:])
+        if table.tokens.shape[1:] != tokens.shape[1:]:
+            continue
+        for i, r in pairs:
+            tokens[i], lengths[i] = table.tokens[r], table.lengths[r]
+            if keys[i] in table.errors:
+                errors[keys[i]] = table.errors[keys[i]]
+            done.add(i)
+    return tokens, [i for i in range(len(keys)) if i not in done]
+
+
 def _load_batch(image, keys: list[str], batch: list[int], errors: dict[str, str]):
     """Decode + preprocess one batch; returns ``(ok indices, pixels (n, 3, S, S) | None)``."""
     ok, pixels = [], []
@@ -269,99 +308,3 @@ def _load_batch(image, keys: list[str], batch: list[int], errors: dict[str, str]
 
 
 # ----------------------------------------------------------------------------- views
-
-
-@dataclass
-class TokenBatch:
-    """Cached tokens of B samples, as the fusion encoder takes them.
-
-    text_tokens ``float32 (B, Lt, Ht)``, text_mask ``bool (B, Lt)``, has_text ``bool (B,)``;
-    image_tokens ``float32 (B, Li, Hi)``, image_mask ``bool (B, Li)``, has_image ``bool (B,)``.
-    """
-
-    text_tokens: torch.Tensor
-    text_mask: torch.Tensor
-    has_text: torch.Tensor
-    image_tokens: torch.Tensor
-    image_mask: torch.Tensor
-    has_image: torch.Tensor
-
-    @classmethod
-    def gather(cls, texts: TokenTable, images: TokenTable, text_rows: np.ndarray, image_rows: np.ndarray) -> "TokenBatch":
-        """Rows of the two tables (``-1``: modality absent for that sample)."""
-        tt, tm, ht = texts.gather(text_rows)
-        it, im, hi = images.gather(image_rows)
-        return cls(tt, tm, ht, it, im, hi)
-
-    def select(self, idx: torch.Tensor) -> "TokenBatch":
-        return TokenBatch(self.text_tokens[idx], self.text_mask[idx], self.has_text[idx],
-                          self.image_tokens[idx], self.image_mask[idx], self.has_image[idx])
-
-
-def _run(tower, batch: TokenBatch, idx: torch.Tensor, use_text: bool, use_image: bool) -> torch.Tensor:
-    """Tower on the samples ``idx`` with one or both modalities; an unused modality is passed
-    as one masked dummy token so it costs nothing (its tokens are never attended)."""
-    b = batch.select(idx)
-    text = _side(b.text_tokens, b.text_mask, b.has_text, use_text)
-    image = _side(b.image_tokens, b.image_mask, b.has_image, use_image)
-    return tower.encode_tokens(*text[:2], *image[:2], text[2], image[2])
-
-
-def _side(tokens: torch.Tensor, mask: torch.Tensor, has: torch.Tensor, use: bool):
-    """One modality's ``(tokens, mask, has)``, or a masked dummy token per sample when unused."""
-    if use:
-        return tokens, mask, has
-    n = tokens.shape[0]
-    return (tokens.new_zeros((n, 1, tokens.shape[2])), torch.zeros((n, 1), dtype=torch.bool),
-            torch.zeros(n, dtype=torch.bool))
-
-
-def encode_views(tower, batch: TokenBatch, views: Sequence[str] = ("F", "T", "V"),
-                 dim: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A tower's views of B cached samples (METHOD.md §1.4): fused F, text-only T, image-only V.
-
-    Returns ``(emb, ok)``: ``emb[view]`` ``float32 (B, d)`` unit rows (zeros where the view
-    does not exist), ``ok[view]`` ``bool (B,)``. T exists when the sample has text, V when it
-    has an image, F always (a one-modality sample's F equals that modality's view and is
-    not recomputed). Differentiable when called under grad.
-    """
-    has_t, has_i = batch.has_text, batch.has_image
-    n = has_t.shape[0]
-    emb: dict[str, torch.Tensor] = {}
-    ok: dict[str, torch.Tensor] = {}
-    need_t = "T" in views or "F" in views
-    need_v = "V" in views or "F" in views
-    t_idx = torch.nonzero(has_t).flatten()
-    v_idx = torch.nonzero(has_i).flatten()
-    t_emb = _run(tower, batch, t_idx, True, False) if need_t and len(t_idx) else None
-    v_emb = _run(tower, batch, v_idx, False, True) if need_v and len(v_idx) else None
-    d = dim or (t_emb.shape[1] if t_emb is not None else v_emb.shape[1] if v_emb is not None else 1)
-    proto = t_emb if t_emb is not None else v_emb
-
-    def scatter(rows: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
-        base = torch.zeros(n, d) if proto is None else proto.new_zeros((n, d))
-        if values is None or len(rows) == 0:
-            return base
-        return base.index_copy(0, rows, values)
-
-    if "T" in views:
-        emb["T"], ok["T"] = scatter(t_idx, t_emb), has_t.clone()
-    if "V" in views:
-        emb["V"], ok["V"] = scatter(v_idx, v_emb), has_i.clone()
-    if "F" in views:
-        both = torch.nonzero(has_t & has_i).flatten()
-        only_t = torch.nonzero(has_t & ~has_i).flatten()
-        only_v = torch.nonzero(~has_t & has_i).flatten()
-        f = scatter(both, _run(tower, batch, both, True, True) if len(both) else None)
-        if len(only_t):
-            f = f.index_copy(0, only_t, t_emb[torch.searchsorted(t_idx, only_t)])
-        if len(only_v):
-            f = f.index_copy(0, only_v, v_emb[torch.searchsorted(v_idx, only_v)])
-        emb["F"], ok["F"] = f, has_t | has_i
-    return emb, ok
-
-
-def iter_chunks(n: int, size: int) -> Iterator[np.ndarray]:
-    """Consecutive index chunks ``int64 (≤size,)`` covering ``range(n)``."""
-    for s in range(0, n, size):
-        yield np.arange(s, min(s + size, n))

@@ -19,15 +19,20 @@ from engine.training.job import TrainingDataError, TrainJob, train_model
 from engine.training.trainer import TrainConfig
 
 # The CPU recipe measured in docs/results.md (our choice: a fusion encoder slimmed to one
-# layer of each kind so cache + training fit 30 minutes on 2 CPU cores).
+# layer of each kind so cache + training fit 30 minutes on 2 CPU cores, plus the pooled residual
+# that keeps the raw backbones' robustness in every view, engine/fusion.py).
 CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
+CPU_POOLED_RESIDUAL = True
 # The CPU training recipe (our choice, measured in docs/results.md): no dropout (a few hundred
 # steps under-fit, they do not over-fit), bf16 autocast where the CPU runs it natively (about
-# 2x per step), photo-only / title-only query pairs and CMAL weighted towards the fused item
-# view ((Tq, Fi) 2, (Vq, Fi) 3, (Fq, Fi) 2, the two unimodal cross pairs 1), so a photo query
-# finds its product's fused vector.
-CPU_RECIPE = dict(steps=480, stage1_steps=96, photo_query_rate=0.5, title_query_rate=0.25,
-                  cmal_pair_weights="1,1,2,3,2")
+# 2x per step), photo-only / title-only query pairs, CMAL weighted towards the fused item
+# view ((Tq, Fi) 2, (Vq, Fi) 3, (Fq, Fi) 2, the two unimodal cross pairs 1), shopper-typed and
+# composed pairs (issue 12), one augmented view for a quarter of the training photos (the
+# cache budget), 384 steps (the fp32 AVX2 budget).
+CPU_RECIPE = dict(steps=384, stage1_steps=72, photo_query_rate=0.5, title_query_rate=0.25,
+                  cmal_pair_weights="1,1,2,3,2", brand_query_rate=0.25, partial_title_rate=0.15,
+                  phrase_query_rate=0.25, composed_rate=0.25, augment_views=1, augment_fraction=0.25,
+                  augment_p=0.8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model (fresh models only)")
     for name, default in CPU_MODEL.items():
         m.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    m.add_argument("--no-pooled-residual", action="store_true",
+                   help="no linear residual of the raw mean-pooled backbone tokens in the output (engine/fusion.py)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
@@ -73,11 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("partial-title", "partial-title query pair"),
                        ("phrase-query", "attribute-phrase query pair ('black heels for women')"),
                        ("composed", "composed pair (photo + 'in red' -> same type in red)")):
-        t.add_argument(f"--{name}-rate", type=float, default=0.0, help=f"share of products with a {what} (default 0)")
-    t.add_argument("--augment-views", type=int, default=0,
-                   help="augmented views cached per query photo (engine/training/augment.py; default 0: off; "
+        key = f"{name.replace('-', '_')}_rate"
+        t.add_argument(f"--{name}-rate", type=float, default=CPU_RECIPE[key],
+                       help=f"share of products with a {what} (default {CPU_RECIPE[key]})")
+    t.add_argument("--augment-views", type=int, default=CPU_RECIPE["augment_views"],
+                   help="augmented views cached per query photo (engine/augment.py; 0: off; default %(default)s; "
                         "each view costs one image-backbone pass per training photo)")
-    t.add_argument("--augment-p", type=float, default=TrainConfig.augment_p,
+    t.add_argument("--augment-fraction", type=float, default=CPU_RECIPE["augment_fraction"],
+                   help="share of the training photos that get augmented views (default %(default)s)")
+    t.add_argument("--augment-p", type=float, default=CPU_RECIPE["augment_p"],
                    help="probability that a query photo is swapped for one of its views (default %(default)s)")
     t.add_argument("--cmal-pair-weights", default=CPU_RECIPE["cmal_pair_weights"],
                    help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
@@ -86,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bf16: towers' forward under CPU bfloat16 autocast, losses and weights in fp32; "
                         "auto (default): bf16 where the CPU has AVX512-BF16 or AMX, else fp32")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    t.add_argument("--no-linear-baseline", action="store_true",
+                   help="skip the CLIP-style linear two-tower baseline trained after the towers (engine/training/linear_baseline.py)")
+    t.add_argument("--linear-baseline-only", action="store_true",
+                   help="train only the linear baseline into --out (an existing model folder; same pairs and steps)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -134,10 +149,12 @@ def run(args: argparse.Namespace) -> int:
             photo_query_rate=args.photo_query_rate, title_query_rate=args.title_query_rate,
             brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
-            augment_views=args.augment_views, progress=not args.quiet,
+            augment_views=args.augment_views, augment_fraction=args.augment_fraction,
+            linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
-                              mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion),
+                              mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion,
+                              pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,
@@ -146,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
                               precision=_precision(args.precision), augment_p=args.augment_p),
         )
         summary = train_model(job)
+        if args.linear_baseline_only:
+            print(json.dumps(summary, indent=2))
+            return 0
     except (CatalogError, TrainingDataError, ModelFolderError, FileNotFoundError, ValueError) as exc:
         print(f"ecsearch train: error: {exc}", file=sys.stderr)
         return 2

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, read_split
-from engine.model.model_folder import load_model, save_model
-from engine.training.augment_cache import augmented_key, cache_augmented_images
-from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
-from engine.training.shopper_queries import facet_key, product_facets
-from engine.tokens.cache import TokenTable, cache_images, cache_texts
-from engine.model.towers import ModelConfig, build_model
-from engine.training.trainer import TrainConfig, Trainer, TrainingData
+from engine.model_folder import load_model, save_model
+from engine.training.linear_baseline import save_linear_baseline, train_linear_baseline
+from engine.augment_cache import augmented_key, cache_augmented_images
+from engine.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
+from engine.shopper_queries import facet_key, product_facets
+from engine.token_cache import TokenTable, cache_images, cache_texts
+from engine.towers import ModelConfig, build_model
+from engine.trainer import TrainConfig, Trainer, TrainingData
 
 
 class TrainingDataError(ValueError):
@@ -48,6 +49,11 @@ class TrainJob:
     augment_views: augmented views cached per query photo (``engine.training.augment_cache``; 0: off,
     the default, since each view costs one more image-backbone pass per training photo);
     the trainer swaps query photos for them (``TrainConfig.augment_p``). Seeded by ``train.seed``.
+    augment_fraction: share of the distinct query photos that get augmented views (a seeded
+    choice; 1.0: all). Cache time and disk scale with it (our choice, to keep the CPU budget).
+    linear_baseline: after the towers, train the CLIP-style linear two-tower baseline on the
+    same pairs and steps (``engine.training.linear_baseline``; seconds) into the model folder.
+    linear_only: train only that baseline into ``out`` (an existing model folder is kept).
     """
 
     catalog: str
@@ -71,7 +77,14 @@ class TrainJob:
     phrase_query_rate: float = 0.0
     composed_rate: float = 0.0
     augment_views: int = 0
+    augment_fraction: float = 1.0
+    linear_baseline: bool = True
+    linear_only: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.augment_fraction <= 1.0:
+            raise ValueError(f"augment_fraction must lie in (0, 1], got {self.augment_fraction}")
 
 
 def load_products(catalog: str, split: str | None, limit: int | None = None,
@@ -98,6 +111,17 @@ def load_products(catalog: str, split: str | None, limit: int | None = None,
         raise TrainingDataError(f"{catalog}: no usable product{where} ({result.read_count} rows read, "
                                 f"{len(result.rejects)} rejected)")
     return products, rejects
+
+
+def augment_subset(paths: list[str], fraction: float, seed: int) -> list[str]:
+    """The distinct ``paths`` (first-seen order) that get augmented views: all when ``fraction``
+    is 1, else a seeded ``round(fraction * n)`` of them (at least one when any). Deterministic."""
+    unique = list(dict.fromkeys(paths))
+    if fraction >= 1.0 or not unique:
+        return unique
+    keep = max(1, round(fraction * len(unique)))
+    chosen = np.random.default_rng([seed, 11]).choice(len(unique), size=keep, replace=False)
+    return [unique[i] for i in sorted(chosen)]
 
 
 def build_training_data(products: list[Product], pairs: list[TrainingPair], texts: TokenTable,
@@ -206,13 +230,17 @@ def train_model(job: TrainJob) -> dict:
     images = cache_images(model.backbones, all_images, job.cache_dir, progress=job.progress)
     augmented = None
     if job.augment_views > 0:
-        augmented = cache_augmented_images(model.backbones, [q.query_image for q in pairs if q.query_image],
+        augmented = cache_augmented_images(model.backbones, augment_subset([q.query_image for q in pairs if q.query_image],
+                                                                           job.augment_fraction, job.train.seed),
                                            job.cache_dir, views=job.augment_views, seed=job.train.seed,
                                            progress=job.progress)
     cache_seconds = time.perf_counter() - t_cache
 
     data, data_rejects = build_training_data(products, pairs, texts, images, aug_images=augmented)
     rejects += data_rejects
+    if job.linear_only:
+        return {"products": len(products), "pairs": len(data), "rejects": len(rejects), "cache_seconds": cache_seconds,
+                "linear_baseline": _train_linear(data, job, out, model.config.dim), "total_seconds": time.perf_counter() - t_start}
     _write_jsonl(out / "rejects.jsonl", rejects)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
@@ -236,8 +264,16 @@ def train_model(job: TrainJob) -> dict:
     }
     if result["steps"] >= job.train.steps:  # a finished run publishes the model folder
         summary["fingerprint"] = save_model(model, out, extra={"training": _jsonable(summary)})
+        if job.linear_baseline:
+            summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
     (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
+
+
+def _train_linear(data: TrainingData, job: TrainJob, out: Path, dim: int) -> dict:
+    linear, info = train_linear_baseline(data, job.train, dim=dim)
+    save_linear_baseline(linear, out, info)
+    return info
 
 
 def _jsonable(obj):

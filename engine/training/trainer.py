@@ -34,7 +34,8 @@ from tqdm import tqdm
 from engine.training.losses import (
     LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig, LossWeighting, stage1_losses, stage2_losses,
 )
-from engine.tokens.cache import TokenBatch, TokenTable, encode_views
+from engine.tokens.cache import TokenTable
+from engine.tokens.views import TokenBatch, encode_views
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
