@@ -94,11 +94,11 @@ def test_own_photo_finds_its_product_at_rank_1(served, fashion_dir):
 
 def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_path):
     """A product photo taken a little differently (the robustness evaluation's seeded view:
-    crop, flip, rotation, jitter, down-scaling, JPEG; engine/robustness.py) sent as a JPEG file
+    crop, flip, rotation, jitter, down-scaling, JPEG; engine/evaluation/robustness.py) sent as a JPEG file
     over gRPC comes back at rank 1 from the served index (issue 12)."""
-    from engine.augment import augment_photo, view_seed
-    from engine.images import load_image
-    from engine.robustness import EVAL_AUGMENT_SEED
+    from engine.training.augment import augment_photo, view_seed
+    from engine.model.images import load_image
+    from engine.evaluation.robustness import EVAL_AUGMENT_SEED
     from server.client import SearchClient
 
     target, rows = served

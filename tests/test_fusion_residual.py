@@ -1,11 +1,11 @@
-"""The pooled residual of the fusion output (engine/fusion.py, issue 12 item 4)."""
+"""The pooled residual of the fusion output (engine/model/fusion.py, issue 12 item 4)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine.fusion import FusionEncoder
-from engine.model_folder import load_model, save_model
+from engine.model.fusion import FusionEncoder
+from engine.model.model_folder import load_model, save_model
 from tests.tiny_models import make_tiny_model
 
 HT, HI, D = 12, 20, 16

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from engine.cli import main as cli_main
-from engine.evaluate import SCENARIOS, build_pool
-from engine.training.linear_baseline import LINEAR_ROW, linear_rows, load_linear_baseline
-from engine.robustness import LINEAR_LABEL
-from engine.train import TrainJob, train_model
-from engine.trainer import TrainConfig
+from engine.evaluation.evaluate import SCENARIOS, build_pool
+from engine.evaluation.evaluate import linear_rows
+from engine.training.linear_baseline import LINEAR_ROW, load_linear_baseline
+from engine.evaluation.robustness import LINEAR_LABEL
+from engine.training.job import TrainJob, train_model
+from engine.training.trainer import TrainConfig
 from tests.test_train import _mini_fashion
 from tests.tiny_models import tiny_config
 
@@ -43,7 +44,7 @@ def test_training_writes_a_baseline_that_beats_chance_on_its_pairs(trained):
 def test_linear_rows_share_projections_between_queries_and_items(trained, tiny_backbone_dir):
     catalog, root, _ = trained
     from engine.catalog import read_catalog
-    from engine.model_folder import load_model
+    from engine.model.model_folder import load_model
 
     model = load_model(root / "model")
     linear = load_linear_baseline(root / "model")

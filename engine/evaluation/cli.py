@@ -7,10 +7,10 @@ Example::
 
 Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
 the markdown tables. Baselines (issue 12 item 5): the raw pretrained backbone features with no
-tower (``engine.evaluate.raw_backbone_rows``), the trained CLIP-style linear two-tower stored in
+tower (``engine.evaluation.evaluate.raw_backbone_rows``), the trained CLIP-style linear two-tower stored in
 the model folder (``engine.training.linear_baseline``; left out when the folder has none) and the
 trained towers' own average of views (the ablation row "m = average of T and V").
-``--robust N`` adds the robustness tasks of ``engine.robustness`` (augmented photos, brand +
+``--robust N`` adds the robustness tasks of ``engine.evaluation.robustness`` (augmented photos, brand +
 type, attribute phrases, composed queries; against every catalogue product read).
 """
 from __future__ import annotations
@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluate import build_pool, evaluate_models, markdown_tables, own_photo_ranks, raw_backbone_rows
-    from engine.training.linear_baseline import linear_rows, load_linear_baseline
-    from engine.model_folder import load_model
-    from engine.train import TrainingDataError, load_products
+    from engine.evaluation.evaluate import (build_pool, evaluate_models, linear_rows, markdown_tables,
+                                            own_photo_ranks, raw_backbone_rows)
+    from engine.training.linear_baseline import load_linear_baseline
+    from engine.model.model_folder import load_model
+    from engine.training.job import TrainingDataError, load_products
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ V, m → fused view F), query tower for queries, item tower for candidates; the 
 replaced by the text-only view (``text``), the image-only view (``image``) or the normalised
 average of the two unit vectors (``average``: the trained average-of-views baseline, issue 12
 item 5c). Other baselines: ``raw_backbone_rows`` (no training) and
-``engine.training.linear_baseline.linear_rows`` (trained linear two-tower). Every embedding is computed
+``linear_rows`` (trained linear two-tower). Every embedding is computed
 from the backbone token cache.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from engine.catalog import Product
 from engine.evaluation.ranking_metrics import attribute_metrics, instance_metrics, rank_of_targets
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
-from engine.tokens.views import TokenBatch, encode_views, iter_chunks
+from engine.training.linear_baseline import LINEAR_ROW, linear_embeddings
+from engine.tokens.views import TokenBatch, encode_views, iter_chunks, mean_pooled
 
 SCENARIOS: tuple[str, ...] = ("t2t", "t2i", "t2m", "i2t", "i2i", "i2m", "m2t", "m2i", "m2m")
 FORM_VIEW = {"t": "T", "i": "V", "m": "F"}
@@ -223,16 +224,6 @@ def own_photo_ranks(model, pool: EvalPool, batch_size: int = 256) -> np.ndarray:
     return rank_of_targets(q["V"], c["F"], np.arange(len(pool.products)))
 
 
-def _pooled(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Masked mean of cached backbone tokens, L2-normalised: ``float32 (n, H)``."""
-    out = []
-    for chunk in iter_chunks(len(rows), batch_size):
-        tokens, mask, _ = table.gather(rows[chunk])
-        w = mask.float().unsqueeze(-1)
-        out.append(((tokens * w).sum(1) / w.sum(1).clamp_min(1.0)).numpy())
-    return _unit(np.concatenate(out)) if out else np.zeros((0, table.hidden_size), np.float32)
-
-
 RAW_ROWS = ("raw backbone: text-only (MiniLM mean-pooled)", "raw backbone: image-only (mean of tokens)",
             "raw backbones: concatenation [t; v]")
 
@@ -248,8 +239,8 @@ def raw_backbone_rows(pool: EvalPool) -> dict[str, dict[str, dict[str, float]]]:
     by the text half). Text and image features share no space: t2i and i2t have no row.
     Returns ``{label: {scenario: {metric: value}}}``, labels ``RAW_ROWS``.
     """
-    t, v = _pooled(pool.texts, pool.text_rows), _pooled(pool.images, pool.image_rows)
-    at, av = _pooled(pool.texts, pool.query_text_rows), v[pool.query_reps]
+    t, v = mean_pooled(pool.texts, pool.text_rows), mean_pooled(pool.images, pool.image_rows)
+    at, av = mean_pooled(pool.texts, pool.query_text_rows), v[pool.query_reps]
 
     def cat(a: np.ndarray | None, b: np.ndarray | None, n: int) -> np.ndarray:
         a = np.zeros((n, t.shape[1]), np.float32) if a is None else a
@@ -288,3 +279,15 @@ def markdown_tables(rows: dict[str, dict[str, dict[str, float]]]) -> str:
                 parts.append(f"| {label} | " + " | ".join(cells) + " |")
             parts.append("")
     return "\n".join(parts)
+
+
+def linear_rows(model, pool: "EvalPool") -> dict[str, dict[str, dict[str, float]]]:
+    """The nine scenarios of ``pool`` (``engine.evaluation.evaluate.EvalPool``) for the linear baseline
+    (``engine.training.linear_baseline.LinearTwoTower``):
+    ``{LINEAR_ROW: {scenario: {metric: value}}}``; queries and items share the projections, the
+    m form is unit(T + V), the attribute queries' m form is the phrase's T plus the photo's V."""
+    emb = linear_embeddings(model, pool.texts, pool.images, pool.text_rows, pool.image_rows)
+    attr_t = model.embed_text(mean_pooled(pool.texts, pool.query_text_rows))
+    attr_f = attr_t + emb["V"][pool.query_reps]
+    attr_f /= np.maximum(np.linalg.norm(attr_f, axis=1, keepdims=True), 1e-12)
+    return {LINEAR_ROW: score(Embeddings(emb, emb, {"T": attr_t, "F": attr_f}), pool, "fused")}

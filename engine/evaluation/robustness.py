@@ -29,7 +29,8 @@ import numpy as np
 
 from engine.training.augment import AugmentConfig
 from engine.training.augment_cache import augmented_key, cache_augmented_images
-from engine.evaluation.evaluate import EvalPool, _pooled, _unit, tower_views
+from engine.evaluation.evaluate import EvalPool, _unit, tower_views
+from engine.tokens.views import mean_pooled
 from engine.evaluation.ranking_metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
 from engine.training.shopper_queries import (
     attribute_phrases, brand_queries, composed_query, composed_targets, facet_key, product_facets,
@@ -135,7 +136,7 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
     item = tower_views(model.item_tower, catalogue.texts, catalogue.images, catalogue.text_rows,
                        catalogue.image_rows, batch_size)
     item_avg = _unit(item["T"] + item["V"])
-    raw_t, raw_v = _pooled(catalogue.texts, catalogue.text_rows), _pooled(catalogue.images, catalogue.image_rows)
+    raw_t, raw_v = mean_pooled(catalogue.texts, catalogue.text_rows), mean_pooled(catalogue.images, catalogue.image_rows)
     raw_m = np.concatenate([raw_t, raw_v], axis=1) / np.sqrt(2.0)
     lin = None if linear is None else linear.embed(raw_t, raw_v)
     out: dict = {"candidates": len(catalogue.products), "seed": EVAL_AUGMENT_SEED,
@@ -151,10 +152,10 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
     out["augmented_photo"] = {"queries": int(ok.sum()), "rows": {
         "trained (photo V -> item F)": instance_metrics(rank_of_targets(q_v, item["F"], targets)),
         "raw backbone: image features (mean of tokens)": instance_metrics(
-            rank_of_targets(_pooled(aug, rows[ok]), raw_v, targets))}}
+            rank_of_targets(mean_pooled(aug, rows[ok]), raw_v, targets))}}
     if lin is not None:
         out["augmented_photo"]["rows"][LINEAR_LABEL] = instance_metrics(
-            rank_of_targets(linear.embed_image(_pooled(aug, rows[ok])), lin["F"], targets))
+            rank_of_targets(linear.embed_image(mean_pooled(aug, rows[ok])), lin["F"], targets))
 
     sets = {"brand_type": text_query_set(photo_q, catalogue, "brand_type"),
             "attribute_phrase": text_query_set(photo_q, catalogue, "attribute_phrase"),
@@ -169,7 +170,7 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         text_rows = texts.rows(qs.texts)
         image_rows = np.where(qs.photos >= 0, catalogue.image_rows[np.maximum(qs.photos, 0)], -1)
         q = tower_views(model.query_tower, texts, catalogue.images, text_rows, image_rows, batch_size)
-        raw_q = _pooled(texts, text_rows)
+        raw_q = mean_pooled(texts, text_rows)
         if name == "composed":
             raw_q = np.concatenate([raw_q, raw_v[qs.photos]], axis=1) / np.sqrt(2.0)
             result = {"trained (fused)": set_metrics(q["F"], item["F"], qs),
@@ -179,7 +180,7 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
             result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
                       "raw MiniLM: mean-pooled titles, exact": set_metrics(raw_q, raw_t, qs)}
         if lin is not None:
-            lq = linear.embed_text(_pooled(texts, text_rows))
+            lq = linear.embed_text(mean_pooled(texts, text_rows))
             if name == "composed":
                 lq = _unit(lq + lin["V"][qs.photos])
             result[LINEAR_LABEL] = set_metrics(lq, lin["F"], qs)

@@ -38,7 +38,7 @@ class ModelConfig:
         dropout: dropout in the fusion encoder during training (our choice, 0.1).
         share_fusion: query and item towers share one fusion encoder (default False).
         pooled_residual: the fusion output adds a linear projection of the raw mean-pooled
-            backbone tokens per present modality (``engine.fusion``; our choice, default False).
+            backbone tokens per present modality (``engine.model.fusion``; our choice, default False).
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless

@@ -106,3 +106,17 @@ def iter_chunks(n: int, size: int) -> Iterator[np.ndarray]:
     """Consecutive index chunks ``int64 (≤size,)`` covering ``range(n)``."""
     for s in range(0, n, size):
         yield np.arange(s, min(s + size, n))
+
+
+def mean_pooled(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Masked mean of the cached backbone tokens of ``rows``, L2-normalised: ``float32 (n, H)``
+    (the raw-backbone features of the baselines; rows without tokens come out zero)."""
+    out = []
+    for chunk in iter_chunks(len(rows), batch_size):
+        tokens, mask, _ = table.gather(rows[chunk])
+        w = mask.float().unsqueeze(-1)
+        out.append(((tokens * w).sum(1) / w.sum(1).clamp_min(1.0)).numpy())
+    if not out:
+        return np.zeros((0, table.hidden_size), np.float32)
+    x = np.concatenate(out)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

@@ -20,7 +20,7 @@ from engine.training.trainer import TrainConfig
 
 # The CPU recipe measured in docs/results.md (our choice: a fusion encoder slimmed to one
 # layer of each kind so cache + training fit 30 minutes on 2 CPU cores, plus the pooled residual
-# that keeps the raw backbones' robustness in every view, engine/fusion.py).
+# that keeps the raw backbones' robustness in every view, engine/model/fusion.py).
 CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
 CPU_POOLED_RESIDUAL = True
 # The CPU training recipe (our choice, measured in docs/results.md): no dropout (a few hundred
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, default in CPU_MODEL.items():
         m.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     m.add_argument("--no-pooled-residual", action="store_true",
-                   help="no linear residual of the raw mean-pooled backbone tokens in the output (engine/fusion.py)")
+                   help="no linear residual of the raw mean-pooled backbone tokens in the output (engine/model/fusion.py)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         t.add_argument(f"--{name}-rate", type=float, default=CPU_RECIPE[key],
                        help=f"share of products with a {what} (default {CPU_RECIPE[key]})")
     t.add_argument("--augment-views", type=int, default=CPU_RECIPE["augment_views"],
-                   help="augmented views cached per query photo (engine/augment.py; 0: off; default %(default)s; "
+                   help="augmented views cached per query photo (engine/training/augment.py; 0: off; default %(default)s; "
                         "each view costs one image-backbone pass per training photo)")
     t.add_argument("--augment-fraction", type=float, default=CPU_RECIPE["augment_fraction"],
                    help="share of the training photos that get augmented views (default %(default)s)")

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, read_split
-from engine.model_folder import load_model, save_model
+from engine.model.model_folder import load_model, save_model
 from engine.training.linear_baseline import save_linear_baseline, train_linear_baseline
-from engine.augment_cache import augmented_key, cache_augmented_images
-from engine.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
-from engine.shopper_queries import facet_key, product_facets
-from engine.token_cache import TokenTable, cache_images, cache_texts
-from engine.towers import ModelConfig, build_model
-from engine.trainer import TrainConfig, Trainer, TrainingData
+from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
+from engine.training.shopper_queries import facet_key, product_facets
+from engine.tokens.cache import TokenTable, cache_images, cache_texts
+from engine.model.towers import ModelConfig, build_model
+from engine.training.trainer import TrainConfig, Trainer, TrainingData
 
 
 class TrainingDataError(ValueError):

@@ -2,11 +2,11 @@
 
 One linear projection per modality on the frozen backbones' mean-pooled, L2-normalised
 features (mean of the MiniLM tokens, mean of the EfficientNet tokens; the same pooling as
-``engine.evaluate.raw_backbone_rows``), shared by queries and items as in CLIP (Radford et
+``engine.evaluation.evaluate.raw_backbone_rows``), shared by queries and items as in CLIP (Radford et
 al. 2021). Views: T = unit(W_t t), V = unit(W_v v), and a sample with both modalities is
 the normalised average unit(T + V) (a linear two-tower has no fusion).
 
-Training: the towers' own pairs (``engine.trainer.TrainingData``, augmented query photos
+Training: the towers' own pairs (``engine.training.trainer.TrainingData``, augmented query photos
 swapped in with the same ``augment_p``), the same number of steps, batch size, learning rate,
 warm-up + cosine schedule and seed as the towers (``TrainConfig``); loss = the mean of three
 in-batch InfoNCE terms with the false-negative mask of the towers' training: (query T, item
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.evaluate import _pooled
-from engine.losses import info_nce
-from engine.token_cache import TokenTable
+from engine.training.losses import info_nce
+from engine.tokens.cache import TokenTable
+from engine.tokens.views import mean_pooled
 
 WEIGHTS = "linear_baseline.safetensors"
 META = "linear_baseline.json"
@@ -78,7 +78,7 @@ def _features(table: TokenTable, rows: np.ndarray) -> np.ndarray:
     ok = rows >= 0
     if ok.any():
         unique, inverse = np.unique(rows[ok], return_inverse=True)  # each cached row pooled once
-        out[ok] = _pooled(table, unique)[inverse]
+        out[ok] = mean_pooled(table, unique)[inverse]
     return out
 
 
@@ -162,17 +162,4 @@ LINEAR_ROW = "baseline: linear two-tower (CLIP-style, trained; m = average)"
 def linear_embeddings(model: LinearTwoTower, texts: TokenTable, images: TokenTable, text_rows: np.ndarray,
                       image_rows: np.ndarray) -> dict[str, np.ndarray]:
     """``{"T", "V", "F": float32 (n, d)}`` of cached samples with both modalities."""
-    return model.embed(_pooled(texts, text_rows), _pooled(images, image_rows))
-
-
-def linear_rows(model: LinearTwoTower, pool) -> dict[str, dict[str, dict[str, float]]]:
-    """The nine scenarios of ``pool`` (``engine.evaluate.EvalPool``) for the linear baseline:
-    ``{LINEAR_ROW: {scenario: {metric: value}}}``; queries and items share the projections, the
-    m form is unit(T + V), the attribute queries' m form is the phrase's T plus the photo's V."""
-    from engine.evaluate import Embeddings, score
-
-    emb = linear_embeddings(model, pool.texts, pool.images, pool.text_rows, pool.image_rows)
-    attr_t = model.embed_text(_pooled(pool.texts, pool.query_text_rows))
-    attr_f = attr_t + emb["V"][pool.query_reps]
-    attr_f /= np.maximum(np.linalg.norm(attr_f, axis=1, keepdims=True), 1e-12)
-    return {LINEAR_ROW: score(Embeddings(emb, emb, {"T": attr_t, "F": attr_f}), pool, "fused")}
+    return model.embed(mean_pooled(texts, text_rows), mean_pooled(images, image_rows))
