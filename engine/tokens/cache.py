@@ -225,33 +225,45 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     errors: dict[str, str] = {}
     lengths = np.zeros(len(keys), dtype=np.int32)
     tokens, todo = _reuse_image_rows(Path(cache_root), backbones, keys, files, tmp, lengths, errors)
-    with tqdm(total=len(keys), initial=len(keys) - len(todo), unit="item", desc="image tokens",
-              disable=not progress) as bar, ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
-        batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
-        pending = pool.submit(_load_batch, image, keys, batches[0], errors) if batches else None
-        for b in range(len(batches)):
-            idx, pixels = pending.result()
-            pending = pool.submit(_load_batch, image, keys, batches[b + 1], errors) if b + 1 < len(batches) else None
-            if pixels is not None:
-                out, mask = image.encode(pixels.contiguous(memory_format=torch.channels_last))
-                _check_prefix_mask(mask)
-                if tokens is None:
-                    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
-                                                       shape=(len(keys), out.shape[1], out.shape[2]))
-                tokens[idx] = out.cpu().numpy().astype(np.float16)
-                lengths[idx] = mask.sum(dim=1).cpu().numpy()
-            bar.update(len(batches[b]))
-    if tokens is None:  # no image could be used at all: an empty (N, 1, H) table
-        hidden = int(getattr(image, "hidden_size", 1))
-        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
-                                           shape=(len(keys), 1, hidden))
-    tokens.flush()
-    del tokens
+    load = lambda batch: _load_batch(image, keys, batch, errors)  # noqa: E731
+    write_image_tokens(image, load, todo, len(keys), tmp, lengths, tokens, batch_size=batch_size,
+                       desc="image tokens", unit="item", progress=progress)
+    del tokens  # the memmap of the copied rows, flushed by write_image_tokens
     np.save(tmp / "lengths.npy", lengths)
     elapsed = time.perf_counter() - start
     meta = {"format": CACHE_FORMAT, "kind": "image", "fingerprint": backbones.image_fingerprint, "keys": keys,
             "files": files, "errors": errors, "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
     return _finish(tmp, final, meta)
+
+
+def write_image_tokens(image, load, todo: list[int], n: int, tmp: Path, lengths: np.ndarray,
+                       tokens: np.ndarray | None, *, batch_size: int, desc: str, unit: str,
+                       progress: bool) -> None:
+    """Run the image backbone over rows ``todo`` of an ``n``-row cache being built in ``tmp`` and
+    write ``tmp/tokens.npy`` (``float16 (n, L, H)``, memmap; ``tokens`` when rows were already
+    copied in) and ``lengths``. ``load(batch) -> (ok rows, pixels (k, 3, S, S) | None)`` decodes
+    a batch; it runs in a helper thread one batch ahead, overlapping the backbone (our choice).
+    Rows that ``load`` leaves out keep length 0 (no tokens)."""
+    with tqdm(total=n, initial=n - len(todo), unit=unit, desc=desc, disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+        batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+        pending = pool.submit(load, batches[0]) if batches else None
+        for b, batch in enumerate(batches):
+            ok, pixels = pending.result()
+            pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
+            if pixels is not None:
+                out, mask = image.encode(pixels.contiguous(memory_format=torch.channels_last))
+                _check_prefix_mask(mask)
+                if tokens is None:
+                    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                                       shape=(n, out.shape[1], out.shape[2]))
+                tokens[ok] = out.cpu().numpy().astype(np.float16)
+                lengths[ok] = mask.sum(dim=1).cpu().numpy()
+            bar.update(len(batch))
+    if tokens is None:  # no image could be used at all: an empty (n, 1, H) table
+        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                           shape=(n, 1, int(getattr(image, "hidden_size", 1))))
+    tokens.flush()
 
 
 def _reuse_image_rows(root: Path, backbones, keys: list[str], stats: list, tmp: Path, lengths: np.ndarray,

@@ -12,19 +12,17 @@ cache in backbone time and disk (plus about 6 ms of augmentation per view on one
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from engine.training.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augment_photo, view_seed
 from engine.model.errors import InputError
 from engine.model.images import load_image
 from engine.tokens.cache import (
-    CACHE_FORMAT, TokenTable, _check_prefix_mask, _digest, _finish, _fresh_tmp, file_stat, _unique, open_table,
+    CACHE_FORMAT, TokenTable, _digest, _finish, _fresh_tmp, file_stat, _unique, open_table, write_image_tokens,
 )
 
 
@@ -76,29 +74,9 @@ def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Pa
     start = time.perf_counter()
     errors: dict[str, str] = {}
     lengths = np.zeros(len(keys), dtype=np.int32)
-    tokens = None
-    batches = [list(range(s, min(s + batch_size, len(keys)))) for s in range(0, len(keys), batch_size)]
     load = _ViewLoader(backbones.image, photos, views, seed, config, errors)
-    with tqdm(total=len(keys), unit="view", desc="augmented image tokens", disable=not progress) as bar, \
-            ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
-        pending = pool.submit(load, batches[0]) if batches else None
-        for b, batch in enumerate(batches):  # one batch loads ahead, overlapping the backbone
-            ok, pixels = pending.result()
-            pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-            if pixels is not None:
-                out, mask = backbones.image.encode(pixels.contiguous(memory_format=torch.channels_last))
-                _check_prefix_mask(mask)
-                if tokens is None:
-                    tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
-                                                       shape=(len(keys), out.shape[1], out.shape[2]))
-                tokens[ok] = out.cpu().numpy().astype(np.float16)
-                lengths[ok] = mask.sum(dim=1).cpu().numpy()
-            bar.update(len(batch))
-    if tokens is None:  # no photo could be used: an empty (N, 1, H) table
-        tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
-                                           shape=(len(keys), 1, int(getattr(backbones.image, "hidden_size", 1))))
-    tokens.flush()
-    del tokens
+    write_image_tokens(backbones.image, load, list(range(len(keys))), len(keys), tmp, lengths, None,
+                       batch_size=batch_size, desc="augmented image tokens", unit="view", progress=progress)
     np.save(tmp / "lengths.npy", lengths)
     elapsed = time.perf_counter() - start
     meta = {"format": CACHE_FORMAT, "kind": "image-aug", "fingerprint": backbones.image_fingerprint,
