@@ -64,10 +64,12 @@ class LinearTwoTower(nn.Module):
         return {k: v.numpy() for k, v in out.items()}
 
     def embed_text(self, text: np.ndarray) -> np.ndarray:
+        """Pooled text features ``float32 (n, Ht)`` → T view ``float32 (n, d)`` unit rows."""
         with torch.inference_mode():
             return F.normalize(self.text_proj(torch.from_numpy(text)), dim=-1).numpy()
 
     def embed_image(self, image: np.ndarray) -> np.ndarray:
+        """Pooled image features ``float32 (n, Hi)`` → V view ``float32 (n, d)`` unit rows."""
         with torch.inference_mode():
             return F.normalize(self.image_proj(torch.from_numpy(image)), dim=-1).numpy()
 
