@@ -101,7 +101,7 @@ def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_pa
     from engine.evaluation.robustness import EVAL_AUGMENT_SEED
     from server.client import SearchClient
 
-    target, rows = served
+    target, rows, _summary = served
     split = {r["id"]: r["split"] for r in csv.DictReader(open(fashion_dir / "split.csv"))}
     picks = [r for r in rows if split[r["id"]] == "train"][3::25]  # 10 products spread over the subset
     with SearchClient(target, timeout_s=60) as client:

@@ -26,8 +26,10 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("precision", precisions())
-def test_graph_gives_the_python_paths_vectors_for_any_batch_size_and_length(tiny_backbone_dir, precision):
-    model = make_tiny_model(tiny_backbone_dir, seed=3).cast_for_inference(precision)
+@pytest.mark.parametrize("pooled_residual", [False, True])
+def test_graph_gives_the_python_paths_vectors_for_any_batch_size_and_length(tiny_backbone_dir, precision,
+                                                                            pooled_residual):
+    model = make_tiny_model(tiny_backbone_dir, seed=3, pooled_residual=pooled_residual).cast_for_inference(precision)
     tower = model.query_tower
     expected = tower.encode(TEXTS, precision=precision, use_graphs=False)
     assert tower.use_graphs(precision) == {}
@@ -114,8 +116,10 @@ def test_pretokenized_texts_encode_like_their_strings(tiny_backbone_dir, photos)
 
 
 @pytest.mark.parametrize("precision", precisions())
-def test_image_and_text_image_graphs_give_the_python_paths_vectors(tiny_backbone_dir, photos, precision):
-    model = make_tiny_model(tiny_backbone_dir, seed=8).cast_for_inference(precision)
+@pytest.mark.parametrize("pooled_residual", [False, True])
+def test_image_and_text_image_graphs_give_the_python_paths_vectors(tiny_backbone_dir, photos, precision,
+                                                                   pooled_residual):
+    model = make_tiny_model(tiny_backbone_dir, seed=8, pooled_residual=pooled_residual).cast_for_inference(precision)
     tower = model.query_tower
     cases = {"image": ([None, None, None], photos), "text+image": (["black heels", "a", "red kurta"], photos)}
     expected = {kind: tower.encode(t, i, precision=precision, use_graphs=False) for kind, (t, i) in cases.items()}

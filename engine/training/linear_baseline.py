@@ -91,7 +91,6 @@ def train_linear_baseline(data, config, dim: int = 256) -> tuple[LinearTwoTower,
     if len(data) < 2:
         raise ValueError(f"the linear baseline needs at least 2 pairs, got {len(data)}")
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
     q_t, q_v = _features(data.texts, data.q_text), _features(data.images, data.q_image)
     i_t, i_v = _features(data.texts, data.item_text), _features(data.images, data.item_image)
     aug = None
@@ -100,7 +99,9 @@ def train_linear_baseline(data, config, dim: int = 256) -> tuple[LinearTwoTower,
         aug_rows = np.unique(aug[aug >= 0])
         aug_feat = _features(data.aug_images, aug_rows)
         aug_index = {int(r): k for k, r in enumerate(aug_rows)}
-    model = LinearTwoTower(data.texts.hidden_size, data.images.hidden_size, dim)
+    with torch.random.fork_rng(devices=[]):  # its own stream: the global generator is left alone
+        torch.default_generator.manual_seed(config.seed)
+        model = LinearTwoTower(data.texts.hidden_size, data.images.hidden_size, dim)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, int(round(config.warmup_fraction * config.steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
