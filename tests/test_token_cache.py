@@ -83,7 +83,7 @@ def test_missing_and_corrupt_images_are_reported_and_the_rest_cached(tiny_model,
 def test_a_larger_image_cache_reuses_the_rows_of_finished_ones(tiny_model, fashion_dir, tmp_path):
     """The whole-catalogue cache (eval --robust) copies the rows the split caches hold; a cache
     one of whose files changed since (other size / mtime) is not trusted, so that file is encoded
-    again; an error record carries over."""
+    again; a photo that failed before is tried again and recorded as an error."""
     _, images = _sample(fashion_dir, 12)
     bb = tiny_model.backbones
     changed = tmp_path / "changed.jpg"

@@ -181,6 +181,12 @@ def cache_texts(backbones, texts: Sequence[str], cache_root: str | Path, *, batc
     return _finish(tmp, final, meta)
 
 
+def start_image_cache(final: Path, n: int) -> tuple[Path, float, dict[str, str], np.ndarray]:
+    """A fresh build folder for the ``n``-row image cache ``final``: ``(tmp folder, start time
+    (perf_counter s), errors {key: reason}, lengths int32 (n,))``."""
+    return _fresh_tmp(final), time.perf_counter(), {}, np.zeros(n, dtype=np.int32)
+
+
 def _fresh_tmp(final: Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -220,11 +226,8 @@ def cache_images(backbones, paths: Sequence[str], cache_root: str | Path, *, bat
     final = Path(cache_root) / f"image-{key}"
     if (final / "meta.json").is_file():
         return open_table(final)
-    tmp = _fresh_tmp(final)
-    start = time.perf_counter()
-    errors: dict[str, str] = {}
-    lengths = np.zeros(len(keys), dtype=np.int32)
-    tokens, todo = _reuse_image_rows(Path(cache_root), backbones, keys, files, tmp, lengths, errors)
+    tmp, start, errors, lengths = start_image_cache(final, len(keys))
+    tokens, todo = _reuse_image_rows(Path(cache_root), backbones, keys, tmp, lengths)
     load = lambda batch: _load_batch(image, keys, batch, errors)  # noqa: E731
     write_image_tokens(image, load, todo, len(keys), tmp, lengths, tokens, batch_size=batch_size,
                        desc="image tokens", unit="item", progress=progress)
@@ -266,43 +269,28 @@ def write_image_tokens(image, load, todo: list[int], n: int, tmp: Path, lengths:
     tokens.flush()
 
 
-def _reuse_image_rows(root: Path, backbones, keys: list[str], stats: list, tmp: Path, lengths: np.ndarray,
-                      errors: dict[str, str]) -> tuple[np.ndarray | None, list[int]]:
-    """Copy the rows of ``keys`` that a finished image cache in ``root`` already holds (our choice:
-    the whole-catalogue cache of ``ecsearch eval --robust`` reuses the split caches). A folder
-    counts only when its name is the digest of ``source`` + its own keys' current file stats,
-    i.e. the same backbone, preprocessing and unchanged files. Fills ``lengths`` / ``errors``;
-    returns ``(tokens memmap or None, indices still to encode)``."""
-    where = {k: i for i, k in enumerate(keys)}
-    want = {i: st for i, st in enumerate(stats)}
-    tokens, done = None, set()
-    for folder in sorted(root.glob("image-*")):
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-        except (OSError, ValueError):
-            continue
-        theirs = meta.get("keys", [])
-        if meta.get("kind") != "image" or not any(k in where for k in theirs):
-            continue
-        their_stats = [file_stat(k) for k in theirs]
-        if folder.name != f"image-{image_cache_key(backbones, their_stats)}":
-            continue
-        table = open_table(folder)
-        pairs = [(where[k], r) for r, k in enumerate(theirs)
-                 if k in where and where[k] not in done and want[where[k]] == their_stats[r]]
-        if not pairs:
-            continue
-        if tokens is None:
+def _reuse_image_rows(root: Path, backbones, keys: list[str], tmp: Path,
+                      lengths: np.ndarray) -> tuple[np.ndarray | None, list[int]]:
+    """Copy the rows of ``keys`` that finished image caches under ``root`` already hold, found
+    by ``engine.tokens.lookup.TokenLookup`` (same backbone and preprocessing, file unchanged;
+    our choice: the whole-catalogue cache of ``ecsearch eval --robust`` reuses the split
+    caches). Fills ``lengths``; returns ``(tokens memmap or None, indices still to encode)``.
+    Images that failed in the other caches are not copied: they are tried again."""
+    from engine.tokens.lookup import TokenLookup  # lookup reads this module's folders
+
+    lookup = TokenLookup(backbones, root)
+    tokens, todo = None, []
+    for i, key in enumerate(keys):
+        found = lookup.image(key)
+        if found is not None and tokens is None:
             tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
-                                               shape=(len(keys),) + table.tokens.shape[1:])
-        if table.tokens.shape[1:] != tokens.shape[1:]:
+                                               shape=(len(keys),) + found[0].tokens.shape[1:])
+        if found is None or found[0].tokens.shape[1:] != tokens.shape[1:]:
+            todo.append(i)
             continue
-        for i, r in pairs:
-            tokens[i], lengths[i] = table.tokens[r], table.lengths[r]
-            if keys[i] in table.errors:
-                errors[keys[i]] = table.errors[keys[i]]
-            done.add(i)
-    return tokens, [i for i in range(len(keys)) if i not in done]
+        table, row = found
+        tokens[i], lengths[i] = table.tokens[row], table.lengths[row]
+    return tokens, todo
 
 
 def _load_batch(image, keys: list[str], batch: list[int], errors: dict[str, str]):

@@ -22,7 +22,8 @@ from engine.training.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augmen
 from engine.model.errors import InputError
 from engine.model.images import load_image
 from engine.tokens.cache import (
-    CACHE_FORMAT, TokenTable, _digest, _finish, _fresh_tmp, file_stat, _unique, open_table, write_image_tokens,
+    CACHE_FORMAT, TokenTable, _digest, _finish, file_stat, _unique, open_table, start_image_cache,
+    write_image_tokens,
 )
 
 
@@ -70,10 +71,7 @@ def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Pa
     final = Path(cache_root) / f"image-aug-{augmented_cache_key(backbones, photos, views, seed, config)}"
     if (final / "meta.json").is_file():
         return open_table(final)
-    tmp = _fresh_tmp(final)
-    start = time.perf_counter()
-    errors: dict[str, str] = {}
-    lengths = np.zeros(len(keys), dtype=np.int32)
+    tmp, start, errors, lengths = start_image_cache(final, len(keys))
     load = _ViewLoader(backbones.image, photos, views, seed, config, errors)
     write_image_tokens(backbones.image, load, list(range(len(keys))), len(keys), tmp, lengths, None,
                        batch_size=batch_size, desc="augmented image tokens", unit="view", progress=progress)
