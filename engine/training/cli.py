@@ -90,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of the training photos that get augmented views (default %(default)s)")
     t.add_argument("--augment-p", type=float, default=CPU_RECIPE["augment_p"],
                    help="probability that a query photo is swapped for one of its views (default %(default)s)")
+    t.add_argument("--image-residual-init", choices=("random", "whitening"), default="random",
+                   help="start of the image residual projection: random, or the learned whitening of the augmented "
+                        "views (engine/training/whitening.py; needs --augment-views >= 1) (default %(default)s)")
+    t.add_argument("--freeze-image-residual", action="store_true",
+                   help="with --image-residual-init whitening: keep that projection fixed during training")
     t.add_argument("--cmal-pair-weights", default=CPU_RECIPE["cmal_pair_weights"],
                    help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
                         "(default %(default)s; 1,1,1,1,1 is METHOD.md's plain mean)")
@@ -150,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
+            image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,

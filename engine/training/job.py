@@ -23,6 +23,7 @@ from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
 from engine.training.shopper_queries import facet_key, product_facets
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
+from engine.training.whitening import init_image_residual
 from engine.model.towers import ModelConfig, build_model
 from engine.training.trainer import TrainConfig, Trainer, TrainingData
 
@@ -54,6 +55,10 @@ class TrainJob:
     linear_baseline: after the towers, train the CLIP-style linear two-tower baseline on the
     same pairs and steps (``engine.training.linear_baseline``; seconds) into the model folder.
     linear_only: train only that baseline into ``out`` (an existing model folder is kept).
+    image_residual_init: ``"random"`` or ``"whitening"``: before training, fit the image residual of
+    both towers in closed form from the augmented views (``engine.training.whitening``; needs
+    ``augment_views > 0`` and a fresh model with a pooled residual). freeze_image_residual: keep
+    that projection fixed during training.
     """
 
     catalog: str
@@ -78,11 +83,17 @@ class TrainJob:
     composed_rate: float = 0.0
     augment_views: int = 0
     augment_fraction: float = 1.0
+    image_residual_init: str = "random"
+    freeze_image_residual: bool = False
     linear_baseline: bool = True
     linear_only: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.image_residual_init not in ("random", "whitening"):
+            raise ValueError(f"image_residual_init must be 'random' or 'whitening', got {self.image_residual_init!r}")
+        if self.image_residual_init == "whitening" and self.augment_views < 1:
+            raise ValueError("image_residual_init='whitening' needs augmented views (augment_views >= 1)")
         if not 0.0 < self.augment_fraction <= 1.0:
             raise ValueError(f"augment_fraction must lie in (0, 1], got {self.augment_fraction}")
 
@@ -242,6 +253,10 @@ def train_model(job: TrainJob) -> dict:
         return {"products": len(products), "pairs": len(data), "rejects": len(rejects), "cache_seconds": cache_seconds,
                 "linear_baseline": _train_linear(data, job, out, model.config.dim), "total_seconds": time.perf_counter() - t_start}
     _write_jsonl(out / "rejects.jsonl", rejects)
+    residual_init = None
+    if job.image_residual_init == "whitening" and not job.init_model:
+        residual_init = init_image_residual(model, images, augmented, _augmented_photos(augmented),
+                                            job.augment_views, freeze=job.freeze_image_residual)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
         trainer.load_checkpoint()
@@ -259,6 +274,7 @@ def train_model(job: TrainJob) -> dict:
             "folder": str(augmented.folder), "views": augmented.meta.get("views"),
             "build_seconds": augmented.meta.get("build_seconds"), "items": len(augmented.keys),
             "bytes": int((Path(augmented.folder) / "tokens.npy").stat().st_size)},
+        "image_residual_init": residual_init,
         "train": job.train.to_dict(), **{k: v for k, v in result.items() if k != "final"},
         "final_step": result["final"], "total_seconds": time.perf_counter() - t_start,
     }
@@ -268,6 +284,11 @@ def train_model(job: TrainJob) -> dict:
             summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
     (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
+
+
+def _augmented_photos(augmented: TokenTable) -> list[str]:
+    """The photo paths of an augmented cache, in key order (keys are ``augmented_key(path, v)``)."""
+    return sorted({k.rsplit("#aug", 1)[0] for k in augmented.keys})
 
 
 def _train_linear(data: TrainingData, job: TrainJob, out: Path, dim: int) -> dict:
