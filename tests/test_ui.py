@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
+import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -97,6 +101,25 @@ def test_a_server_that_is_down_gives_a_readable_error(subset):
         assert status == 200  # the page itself still loads
     finally:
         down.stop()
+
+
+def test_ecsearch_ui_command_serves_the_page_and_stops_on_sigterm(grpc_server, subset):
+    """``ecsearch ui`` as ``make demo`` starts it: prints its URL, serves, exits 0 on SIGTERM;
+    a missing catalogue is exit 2 with a one-line reason."""
+    cmd = [sys.executable, "-m", "engine.cli", "ui", "--target", grpc_server.target, "--port", "0"]
+    bad = subprocess.run(cmd + ["--catalog", str(subset.fashion_dir / "no-such-folder")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "catalogue not found" in bad.stderr
+    proc = subprocess.Popen(cmd + ["--catalog", str(subset.fashion_dir)], stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/", proc.stderr.readline()).group(1)
+        status, body = _get(url, "/")
+        assert status == 200 and b"search-form" in body
+        status, body = _post_search(url, text="black watch", top_k="3")
+        assert status == 200 and len(body["hits"]) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 def _wait_search(driver, done_before: int, timeout_s: float = 60.0) -> None:

@@ -9,6 +9,7 @@ catalogue's image folder (``--catalog``; without it the grid shows no photos). E
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 
@@ -65,5 +66,9 @@ def run(args: argparse.Namespace) -> int:
     url_host = f"[{host}]" if ":" in host else host
     print(f"ecsearch ui: http://{url_host}:{port}/ (gRPC server {args.target}, photos from "
           f"{images if images is not None else 'nowhere: no --catalog'})", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again under the
+    # handlers found at start: no-op handlers make that a clean exit 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
     ui_server(create_app(args.target, images, args.timeout_s), sock).run(sockets=[sock])
     return 0
