@@ -55,6 +55,31 @@ def _post_search(url: str, **fields: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+def _post_photo(url: str, photo: bytes, **fields: str) -> tuple[int, dict]:
+    """POST /api/search as the page does (multipart/form-data with the photo as a file)."""
+    boundary = "ecsearch-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+                 f'Content-Type: image/jpeg\r\n\r\n'.encode() + photo + f"\r\n--{boundary}--\r\n".encode())
+    request = urllib.request.Request(url + "/api/search", data=b"".join(parts), method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_photo_upload_finds_its_product_and_a_non_image_is_a_readable_400(page, subset):
+    product = subset.products[3]
+    status, body = _post_photo(page.url, Path(product.image).read_bytes(), top_k="3")
+    assert status == 200 and body["hits"][0]["product_id"] == product.product_id
+    assert body["timings_ms"]["decode"] > 0
+    status, body = _post_photo(page.url, b"this is not a photo", text="red")
+    assert status == 400 and "rejected the query" in body["error"] and "Traceback" not in body["error"]
+
+
 def test_catalogue_photos_are_served_and_nothing_outside_them(page, subset):
     product = subset.products[0]
     status, body = _get(page.url, f"/images/{Path(product.image).name}")
@@ -85,7 +110,8 @@ def test_bad_input_gets_a_readable_400(page):
     for fields, fragment in (({"text": "  "}, "Type a query"), ({"text": "shoes", "top_k": "0"}, "between 1 and"),
                              ({"text": "shoes", "top_k": "ten"}, "whole number"),
                              ({"text": "shoes", "filters": "[1]"}, "JSON object"),
-                             ({"text": "shoes", "filters": '{"noSuchField": ["x"]}'}, "rejected the query")):
+                             ({"text": "shoes", "filters": '{"noSuchField": ["x"]}'}, "rejected the query"),
+                             ({"text": "shoes", "image": "not-a-file.jpg"}, "uploaded file")):
         status, body = _post_search(page.url, **fields)
         assert status == 400 and fragment in body["error"], (fields, body)
 

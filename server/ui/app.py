@@ -22,6 +22,7 @@ import grpc
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -59,11 +60,16 @@ class SearchPage:
         except (HTTPException, MultiPartException) as exc:  # malformed body: the parser's message
             return _error(400, f"could not read the form: {getattr(exc, 'detail', None) or exc}")
         upload = form.get("image")
-        image = await upload.read(MAX_UPLOAD_BYTES + 1) if hasattr(upload, "read") else b""
+        if upload not in (None, "") and not isinstance(upload, UploadFile):
+            return _error(400, "image must be an uploaded file (multipart/form-data)")
+        image = await upload.read(MAX_UPLOAD_BYTES + 1) if isinstance(upload, UploadFile) else b""
         if len(image) > MAX_UPLOAD_BYTES:
             return _error(413, f"the photo is over {MAX_UPLOAD_BYTES // 2**20} MiB")
+        fields = {name: form.get(name) for name in ("text", "top_k", "filters")}
+        if any(isinstance(value, UploadFile) for value in fields.values()):
+            return _error(400, "text, top_k and filters must be plain form fields, not files")
         try:
-            query = parse_query(form.get("text"), image, form.get("top_k"), form.get("filters"))
+            query = parse_query(fields["text"], image, fields["top_k"], fields["filters"])
         except QueryError as exc:
             return _error(400, str(exc))
         try:
