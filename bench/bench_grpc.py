@@ -205,8 +205,8 @@ def main() -> None:
         args.json_out.write_text(json.dumps({"machine": describe_machine(), "results": results}, indent=2))
     if args.plot and results:
         from engine.charts import latency_percentile_chart
-        latency_percentile_chart(results, args.plot, f"gRPC Search latency, {describe_index(args.index_root)[:60]}",
-                                 note=describe_machine())
+        latency_percentile_chart(results, args.plot, "gRPC Search latency per query kind (client side)",
+                                 note=f"{describe_index(args.index_root)}; {describe_machine()}")
 
 
 def _report_targets(results: list[dict]) -> None:

@@ -12,6 +12,7 @@ Source: our choice (issue 17).
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,8 +27,8 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path, note: str | None) -> Path:
-    if note:
-        fig.text(0.01, 0.005, note, fontsize=7, color="#555555", ha="left", va="bottom")
+    if note:  # below the axes' labels; bbox_inches="tight" grows the canvas to hold it
+        fig.text(0.01, -0.02, textwrap.fill(note, 150), fontsize=7, color="#555555", ha="left", va="top")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -37,12 +38,13 @@ def _save(fig, path: str | Path, note: str | None) -> Path:
 
 def recall_latency_chart(rows: Sequence[Mapping[str, Any]], k: int, path: str | Path, title: str,
                          note: str | None = None) -> Path:
-    """Recall@k (y) against mean single-query latency in ms (x, log scale), one line per
-    refine setting, each point labelled with its nprobe.
+    """Recall@k (y) against median single-query latency in ms (x, log scale; the median, as a
+    shared host's stalls swing the mean), one line per refine setting, each point labelled
+    with its nprobe.
 
     Args:
         rows: ``bench_index.measure`` rows: ``nprobe_used``, ``refine``, ``k_factor``,
-            ``recall_at_{k}``, ``latency_ms_mean``.
+            ``recall_at_{k}``, ``latency_ms_p50``.
         note: small print under the chart (machine, data).
     Raises:
         ValueError: no rows, or a row without ``recall_at_{k}``.
@@ -55,12 +57,12 @@ def recall_latency_chart(rows: Sequence[Mapping[str, Any]], k: int, path: str | 
     for refine, k_factor in settings:
         line = sorted((r for r in rows if (bool(r["refine"]), r.get("k_factor")) == (refine, k_factor)),
                       key=lambda r: r["nprobe_used"])
-        x, y = [r["latency_ms_mean"] for r in line], [r[f"recall_at_{k}"] for r in line]
+        x, y = [r["latency_ms_p50"] for r in line], [r[f"recall_at_{k}"] for r in line]
         ax.plot(x, y, marker="o", label=f"refine (k x {k_factor})" if refine else "no refine")
         for r, xi, yi in zip(line, x, y):
             ax.annotate(f"nprobe {r['nprobe_used']}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("mean single-query latency (ms, log scale)")
+    ax.set_xlabel("median single-query latency (ms, log scale)")
     ax.set_ylabel(f"recall@{k} against exact search")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
