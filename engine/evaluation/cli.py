@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         from engine.charts import scenario_chart
         try:
             scenario_chart(result["rows"], args.plot_metric, args.plot,
-                           f"{args.plot_metric} per scenario, {len(pool.products)} {args.split} products")
+                           f"{args.plot_metric} per scenario, {len(pool.products)} {args.split} products",
+                           note=f"model {args.model} (fingerprint {model.fingerprint[:12]}), catalogue {args.catalog}")
         except ValueError as exc:
             print(f"ecsearch eval: error: --plot: {exc}", file=sys.stderr)
             return 2
