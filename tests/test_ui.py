@@ -136,6 +136,8 @@ def test_ecsearch_ui_command_serves_the_page_and_stops_on_sigterm(grpc_server, s
     bad = subprocess.run(cmd + ["--catalog", str(subset.fashion_dir / "no-such-folder")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "catalogue not found" in bad.stderr
+    bad = subprocess.run(cmd[:-2] + ["--port", "70000"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--port must be 0..65535" in bad.stderr
     proc = subprocess.Popen(cmd + ["--catalog", str(subset.fashion_dir)], stderr=subprocess.PIPE, text=True)
     try:
         url = re.search(r"(http://127\.0\.0\.1:\d+)/", proc.stderr.readline()).group(1)

@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from server.ui.app import create_app
     from server.ui.images import image_folder
 
+    if not 0 <= args.port <= 65535 or args.timeout_s <= 0:
+        print(f"ecsearch ui: error: --port must be 0..65535 and --timeout-s > 0 "
+              f"(got {args.port}, {args.timeout_s})", file=sys.stderr)
+        return 2
     try:
         images = image_folder(args.catalog)
         sock = bind_socket(args.host, args.port)
