@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--target", default=None, help="bench a running server instead of starting one")
     parser.add_argument("--server-args", default="", help="extra `ecsearch serve` options, e.g. '--max-wait-ms 1'")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="write a latency percentile chart (PNG) here")
     args = parser.parse_args()
 
     queries = make_queries(args.data, max(args.requests, 64))
@@ -202,6 +203,10 @@ def main() -> None:
     _report_targets(results)
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": describe_machine(), "results": results}, indent=2))
+    if args.plot and results:
+        from engine.charts import latency_percentile_chart
+        latency_percentile_chart(results, args.plot, "gRPC Search latency per query kind (client side)",
+                                 note=f"{describe_index(args.index_root)}; {describe_machine()}")
 
 
 def _report_targets(results: list[dict]) -> None:

@@ -157,6 +157,7 @@ def main() -> int:
     parser.add_argument("--latency-queries", type=int, default=300, help="single queries timed per setting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--plot", help="write the recall@k vs latency curve over nprobe as a PNG here")
     args = parser.parse_args()
     if args.dataset == "fashion" and not (args.index or args.model):
         parser.error("fashion needs --index ROOT_OR_VERSION or --model MODEL_DIR")
@@ -225,6 +226,10 @@ def main() -> int:
         Path(args.out).write_text(json.dumps({"machine": machine, "data": info, "build_s": round(build_s, 2),
                                               "build_stages_s": m["timings_s"], "index": m["index"],
                                               "size_bytes": size_bytes, "rows": rows}, indent=2))
+    if args.plot:
+        from engine.charts import recall_latency_chart
+        recall_latency_chart(rows, args.k, args.plot, f"{info['source']}: recall@{args.k} vs latency over nprobe",
+                             note=machine)
     return 0
 
 

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("indexer.cli", "encode a catalogue and publish a sharded IVF-PQ index version"),
     "serve": ("server.cli", "serve the current index version over gRPC"),
     "query": ("server.client_cli", "send a query to a running server and print the hits"),
+    "ui": ("server.ui.cli", "the search page in the browser, over a running gRPC server"),
 }
 
 

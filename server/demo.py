@@ -11,7 +11,10 @@ Steps (each reuses its output when it is still valid, so a second run takes minu
 3. start ``ecsearch serve`` on 127.0.0.1:50051 in the background (log ``var/server.log``,
    pid ``var/server.pid``) and wait for gRPC health SERVING;
 4. send real queries over gRPC (text, image, text+image, filtered) and print the hits;
-5. leave the server running and print how to query and stop it.
+5. start the search page (``ecsearch ui`` on 127.0.0.1:8080, ``DEMO_UI_PORT`` to change; log
+   ``var/ui.log``, pid ``var/ui.pid``) and wait until it answers;
+6. leave the server and the page running and print their addresses and how to stop them
+   (``make stop`` stops both).
 
 ``DEMO_LIMIT=N`` runs the same flow on the first N catalogue rows (its own folders under
 ``var/``). ``ECSEARCH_DATA`` overrides the catalogue folder. Orchestration only: every step
@@ -34,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 VAR = REPO / "var"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products"
 HOST, PORT = "127.0.0.1", 50051
+UI_PORT = int(os.environ.get("DEMO_UI_PORT", "8080"))
 STATE_FILE = "demo-state.json"
 
 
@@ -123,21 +127,23 @@ def ensure_index(data: Path, model: Path, root: Path, limit: int | None, model_f
     (root / STATE_FILE).write_text(json.dumps(state))
 
 
-def stop_server(quiet: bool = False) -> bool:
-    """SIGTERM the demo server named in ``var/server.pid`` and wait for it; True if one ran."""
-    pid_file = VAR / "server.pid"
+def stop_process(name: str, quiet: bool = False) -> bool:
+    """SIGTERM the demo process whose pid is in ``var/<name>.pid`` (``server`` or ``ui``) and
+    wait for it (SIGKILL after 15 s); True if one ran."""
+    label = {"server": "demo server", "ui": "search page"}[name]
+    pid_file = VAR / f"{name}.pid"
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         if not quiet:
-            print("no demo server is running (no var/server.pid)")
+            print(f"no {label} is running (no var/{name}.pid)")
         return False
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pid_file.unlink(missing_ok=True)
         if not quiet:
-            print(f"demo server (pid {pid}) was not running")
+            print(f"{label} (pid {pid}) was not running")
         return False
     for _ in range(150):
         try:
@@ -149,8 +155,13 @@ def stop_server(quiet: bool = False) -> bool:
         os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     if not quiet:
-        print(f"stopped the demo server (pid {pid})")
+        print(f"stopped the {label} (pid {pid})")
     return True
+
+
+def stop_server(quiet: bool = False) -> bool:
+    """SIGTERM the demo server named in ``var/server.pid`` and wait for it; True if one ran."""
+    return stop_process("server", quiet)
 
 
 def start_server(root: Path, model: Path, timeout_s: float = 180.0) -> int:
@@ -179,6 +190,35 @@ def start_server(root: Path, model: Path, timeout_s: float = 180.0) -> int:
                 pass
             time.sleep(0.3)
     raise SystemExit(f"the server did not report SERVING within {timeout_s:.0f} s; see {VAR / 'server.log'}")
+
+
+def start_ui(data: Path, timeout_s: float = 60.0) -> str:
+    """Start ``ecsearch ui`` detached beside the server (log ``var/ui.log``, pid ``var/ui.pid``),
+    photos from ``data``; wait until the page answers; return its URL."""
+    import urllib.request
+
+    stop_process("ui", quiet=True)
+    url = f"http://{HOST}:{UI_PORT}/"
+    log = open(VAR / "ui.log", "ab")
+    proc = subprocess.Popen(_ecsearch("ui", "--target", f"{HOST}:{PORT}", "--host", HOST, "--port", str(UI_PORT),
+                                      "--catalog", str(data)),
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    (VAR / "ui.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            (VAR / "ui.pid").unlink(missing_ok=True)
+            raise SystemExit(f"the search page exited with status {proc.returncode} (port {UI_PORT} taken? "
+                             f"set DEMO_UI_PORT); see {VAR / 'ui.log'}")
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=1.0) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"the search page did not answer within {timeout_s:.0f} s; see {VAR / 'ui.log'}")
 
 
 def _print_hits(title: str, response) -> None:
@@ -225,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="store_true", help="stop the demo server and exit")
     args = parser.parse_args(argv)
     if args.stop:
+        stop_process("ui")
         stop_server()
         return 0
     data = Path(os.environ.get("ECSEARCH_DATA", DEFAULT_DATA))
@@ -246,13 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {root} on {HOST}:{PORT} (pid {pid}, log var/server.log)")
     _banner("4/4 queries over gRPC")
     run_queries(data, limit)
-    print(f"\nmain job done in {time.perf_counter() - started:.0f} s. The server is still running:")
+    try:
+        url = start_ui(data)
+    except SystemExit as exc:  # the gRPC demo stands without the page: say why, go on
+        url = None
+        print(f"\nwarning: {exc}", file=sys.stderr)
+    print(f"\nmain job done in {time.perf_counter() - started:.0f} s. The server"
+          f"{' and the search page are' if url else ' is'} still running:")
+    if url:
+        print(f"  search page: {url}  (ecsearch ui; log var/ui.log)")
     print(f"  .venv/bin/ecsearch query --target {HOST}:{PORT} --text 'women black heels' --top-k 5")
     print(f"  .venv/bin/ecsearch query --target {HOST}:{PORT} --image {data}/images/{pick_photo(data, limit, 'Tshirts')[0]}.jpg")
     print(f"  buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{HOST}:{PORT}")
     print(f"  buf curl --protocol grpc --http2-prior-knowledge -d '{{\"text\": \"red dress\", \"top_k\": 3}}' "
           f"http://{HOST}:{PORT}/ecsearch.v1.SearchService/Search")
-    print("Stop it with: make stop")
+    print("Stop both with: make stop")
     return 0
 
 

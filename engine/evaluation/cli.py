@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default="var/cache", help="backbone token cache root")
     parser.add_argument("--out", default=None, help="JSON results file to write")
     parser.add_argument("--markdown", default=None, help="markdown tables file to write")
+    parser.add_argument("--plot", default=None, help="PNG bar chart of the scenarios against the baselines")
+    parser.add_argument("--plot-metric", default="recall@10", help="metric the --plot chart shows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attribute queries' representative photos")
     parser.add_argument("--no-ablation", action="store_true",
                         help="leave out the trained model's own text-only / image-only / average rows")
@@ -61,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from engine.model.model_folder import load_model
     from engine.training.job import TrainingDataError, load_products
 
+    from engine.evaluation.evaluate import ATTRIBUTE_METRICS, INSTANCE_METRICS
+
+    if args.plot and args.plot_metric not in INSTANCE_METRICS + ATTRIBUTE_METRICS:
+        print(f"ecsearch eval: error: --plot-metric {args.plot_metric!r} is not one of "
+              f"{', '.join(INSTANCE_METRICS + ATTRIBUTE_METRICS)}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -132,6 +140,15 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(header + "\n" + tables)
+    if args.plot:
+        from engine.charts import scenario_chart
+        try:
+            scenario_chart(result["rows"], args.plot_metric, args.plot,
+                           f"{args.plot_metric} per scenario, {len(pool.products)} {args.split} products",
+                           note=f"model {args.model} (fingerprint {model.fingerprint[:12]}), catalogue {args.catalog}")
+        except ValueError as exc:
+            print(f"ecsearch eval: error: --plot: {exc}", file=sys.stderr)
+            return 2
     print(header)
     print(tables)
     return 0
