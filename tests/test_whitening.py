@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from pathlib import Path
+
 from engine.training.whitening import learned_whitening
 
 
@@ -48,3 +50,43 @@ def test_whitening_centres_the_clean_features():
 def test_whitening_rejects_bad_input(views, dim, shrinkage, message):
     with pytest.raises(ValueError, match=message):
         learned_whitening(np.zeros((20, 8)), views, dim, shrinkage)
+
+
+def test_training_starts_the_image_residual_from_the_learned_whitening(fashion_dir, tiny_backbone_dir, tmp_path):
+    """A real (tiny) training job on catalogue photos: with the projection frozen, the saved towers
+    carry exactly the whitening of the cached clean and augmented tokens, in both towers."""
+    from engine.model.model_folder import load_model
+    from engine.tokens.cache import open_table
+    from engine.training.augment_cache import augmented_key
+    from engine.training.job import TrainJob, train_model
+    from engine.training.trainer import TrainConfig
+    from engine.training.whitening import pooled_means
+    from tests.test_train import _mini_fashion
+    from tests.tiny_models import tiny_config
+
+    catalog = _mini_fashion(fashion_dir, tmp_path / "fashion", n=60)
+    job = TrainJob(catalog=str(catalog), out=str(tmp_path / "model"), cache_dir=str(tmp_path / "cache"),
+                   progress=False, model=tiny_config(tiny_backbone_dir, dim=16, pooled_residual=True),
+                   augment_views=2, image_residual_init="whitening", freeze_image_residual=True,
+                   linear_baseline=False,
+                   train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
+    summary = train_model(job)
+    init = summary["image_residual_init"]
+    assert init["frozen"] and init["views"] == 2 and init["dim"] == 16 and init["photos"] >= 16
+    images = open_table(Path(summary["image_cache"]["folder"]))
+    aug = open_table(Path(summary["augmented_image_cache"]["folder"]))
+    photos = sorted({k.rsplit("#aug", 1)[0] for k in aug.keys})
+    clean = pooled_means(images, images.rows(photos))
+    views = np.stack([pooled_means(aug, aug.rows([augmented_key(p, v) for p in photos])) for v in range(2)])
+    weight, bias = learned_whitening(clean, views, 16)
+    model = load_model(job.out)
+    for tower in (model.query_tower, model.item_tower):
+        np.testing.assert_allclose(tower.fusion.image_residual.weight.detach().numpy(), weight, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(tower.fusion.image_residual.bias.detach().numpy(), bias, rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_needs_augmented_views():
+    from engine.training.job import TrainJob
+
+    with pytest.raises(ValueError, match="needs augmented views"):
+        TrainJob(catalog="c", out="o", image_residual_init="whitening", augment_views=0)

@@ -28,11 +28,20 @@ CPU_POOLED_RESIDUAL = True
 # 2x per step), photo-only / title-only query pairs, CMAL weighted towards the fused item
 # view ((Tq, Fi) 2, (Vq, Fi) 3, (Fq, Fi) 2, the two unimodal cross pairs 1), shopper-typed and
 # composed pairs (issue 12), one augmented view for a quarter of the training photos (the
-# cache budget), 384 steps (the fp32 AVX2 budget).
+# cache budget), the image residual started from the learned whitening of those views
+# (engine/training/whitening.py), 384 steps (the fp32 AVX2 budget).
 CPU_RECIPE = dict(steps=384, stage1_steps=72, photo_query_rate=0.5, title_query_rate=0.25,
                   cmal_pair_weights="1,1,2,3,2", brand_query_rate=0.25, partial_title_rate=0.15,
                   phrase_query_rate=0.25, composed_rate=0.25, augment_views=1, augment_fraction=0.25,
                   augment_p=0.8)
+
+
+def _residual_init(args: argparse.Namespace) -> str:
+    """``--image-residual-init auto`` resolved: whitening needs augmented views and the pooled residual."""
+    if args.image_residual_init != "auto":
+        return args.image_residual_init
+    usable = args.augment_views > 0 and CPU_POOLED_RESIDUAL and not args.no_pooled_residual and not args.init_model
+    return "whitening" if usable else "random"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,9 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of the training photos that get augmented views (default %(default)s)")
     t.add_argument("--augment-p", type=float, default=CPU_RECIPE["augment_p"],
                    help="probability that a query photo is swapped for one of its views (default %(default)s)")
-    t.add_argument("--image-residual-init", choices=("random", "whitening"), default="random",
+    t.add_argument("--image-residual-init", choices=("auto", "random", "whitening"), default="auto",
                    help="start of the image residual projection: random, or the learned whitening of the augmented "
-                        "views (engine/training/whitening.py; needs --augment-views >= 1) (default %(default)s)")
+                        "views (engine/training/whitening.py; needs --augment-views >= 1); auto (default): "
+                        "whitening when augmented views are cached and the model has a pooled residual, else random")
     t.add_argument("--freeze-image-residual", action="store_true",
                    help="with --image-residual-init whitening: keep that projection fixed during training")
     t.add_argument("--cmal-pair-weights", default=CPU_RECIPE["cmal_pair_weights"],
@@ -155,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
-            image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,
+            image_residual_init=_residual_init(args), freeze_image_residual=args.freeze_image_residual,
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
