@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from engine.retrieval.lexical import product_text, tokenize
-from server.client import SearchClient, build_search_request
+from server.client import RETRIEVAL_MODES, SearchClient, build_search_request
 from server.gen.ecsearch.v1 import search_pb2
 from tests.test_server_support import (build_version, copy_root, index_root, server_model,  # noqa: F401
                                        start_server, subset)
@@ -20,8 +20,7 @@ from tests.test_server_support import (build_version, copy_root, index_root, ser
 pytestmark = pytest.mark.isa  # the query tower runs: CI reruns it as on an AVX2-only CPU
 
 N_PRODUCTS = 2000
-MODES = {"dense": search_pb2.RETRIEVAL_DENSE, "lexical": search_pb2.RETRIEVAL_LEXICAL,
-         "hybrid": search_pb2.RETRIEVAL_HYBRID}
+MODES = RETRIEVAL_MODES
 
 
 @pytest.fixture(scope="module")
