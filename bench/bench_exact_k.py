@@ -5,9 +5,9 @@ Usage:
     python bench/bench_exact_k.py [INDEX_ROOT] [--items 11882] [--dim 256] [--queries 200] [--repeat 3]
 
 Without INDEX_ROOT a version is built in a temporary folder from synthetic clustered unit
-vectors with the fashion index's shape (11,882 items, d = 256, factory "auto" = IVF256,Flat
-below 9,984 x ... items, here IVF-PQ; 2 shards, nprobe 4, refine k_factor 50) and the first
-11,882 catalogue records, so the lists hold what the real ones hold on average. Queries are
+vectors with the fashion index's shape (11,882 items, d = 256, factory "auto" = IVF256,PQ32,
+2 shards, nprobe 4, refine k_factor 50) and the first 11,882 catalogue records (for the
+filter), so the lists hold what the real ones hold on average. Queries are
 item vectors plus noise. For each k (10, 100, 1000) and filter (none; one colour = a few
 hundred items, searched with the IVF id selector instead of the exact shortcut): mean hits
 returned and ms per query, first round alone vs widened, A/B interleaved ``--repeat`` times.
@@ -99,7 +99,7 @@ def main() -> None:
                     a, b = [], []
                     for _ in range(args.repeat):  # A/B interleaved
                         a.append(timed(lambda one: first_round(index, one, k, allowed), q))
-                        b.append(timed(lambda one: index.search_served(one, k, allowed=allowed).ids, q))
+                        b.append(timed(lambda one: index.search_ids(one, k, allowed=allowed)[1], q))
                     share = float(index.search_served(q, k, allowed=allowed).widened.mean())
                     matching = index.n_items if allowed is None else allowed.size
                     print(f"| {k} | {filt} | {matching} | {a[0][0]:.1f} | {min(t for _, t in a):.3f} "
