@@ -192,11 +192,11 @@ class IndexVersion:
 
     def _widened(self, q, k, nprobe, allowed, refine, k_factor) -> SearchServed:
         """``_search_once``, widened until each query has min(k, allowed items) hits (``indexer.widening``)."""
-        want = min(k, self._sharded.ntotal if allowed is None else allowed.size)
+        candidates = self._sharded.ntotal if allowed is None else allowed.size
         exact_first = allowed is not None and allowed.size <= self.exact_filter_max
         return widened_search(lambda rows, probe, exact: self._search_once(q[rows], k, probe, allowed, refine,
                                                                            k_factor, exact),
-                              q.shape[0], want, nprobe, self.nlist, exact_first)
+                              q.shape[0], min(k, candidates), nprobe, self.nlist, exact_first, candidates)
 
     def _search_predicate(self, q, k, nprobe, allowed_ids, refine, k_factor, predicate):
         """Over-fetch, keep results whose product id passes ``predicate``; fetch 4x more

@@ -265,8 +265,12 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
         mode = _MODES.get(request.retrieval)
         if mode is None:
             raise RequestError(bad, f"unknown retrieval mode {request.retrieval}")
-        if mode == LEXICAL and text is None:
-            raise RequestError(bad, "lexical retrieval needs text: an image-only query can use dense or hybrid")
+        if mode != DENSE and text is None:
+            raise RequestError(bad, f"{mode} retrieval needs text (BM25 ranks words): an image-only query uses "
+                                    "dense retrieval")
+        if mode == LEXICAL and image is not None:
+            raise RequestError(bad, "lexical retrieval uses text only: send no image, or use hybrid retrieval "
+                                    "(text to both sides, the image to the dense side)")
         if request.page_size < 0:
             raise RequestError(bad, f"page_size must be >= 0, got {request.page_size}")
         if request.page_token and request.page_size == 0:

@@ -169,8 +169,20 @@ def test_lexical_finds_a_brand_in_titles_and_hybrid_keeps_it(client, catalogue):
     assert above > 0 and _ids(hybrid)[:above] == _ids(lexical)[:above]
 
 
+def test_a_text_and_image_hybrid_query_sends_the_text_to_both_sides(client, catalogue):
+    product = catalogue[3]
+    request = _request(text="sweat proof t-shirt", mode="hybrid", image=product.image, top_k=25)
+    response = client.stub.Search(request, timeout=60)
+    assert len(response.hits) == 25 and response.timings.encode_ms > 0 and response.timings.decode_ms > 0
+    assert response.timings.lexical_ms > 0 and response.timings.fusion_ms > 0
+    lexical = client.stub.Search(_request(text="sweat proof t-shirt", mode="lexical", top_k=25), timeout=60)
+    assert set(_ids(lexical)[:3]) & set(_ids(response))  # the text's best lexical hits survive the fusion
+
+
 BAD = [
     ("lexical needs text", dict(text=None, mode="lexical"), "lexical retrieval needs text"),
+    ("hybrid needs text", dict(text=None, mode="hybrid"), "hybrid retrieval needs text"),
+    ("lexical with an image", dict(mode="lexical", image=True), "lexical retrieval uses text only"),
     ("negative page size", dict(page_size=-1), "page_size"),
     ("token without page size", dict(page_token="abc"), "page_token needs page_size"),
     ("malformed token", dict(page_size=5, page_token="not-a-token!"), "page_token is malformed"),
@@ -179,7 +191,7 @@ BAD = [
 
 @pytest.mark.parametrize("name,fields,detail", BAD, ids=[b[0] for b in BAD])
 def test_bad_retrieval_and_paging_requests_get_invalid_argument(client, catalogue, name, fields, detail):
-    if fields.get("text", "x") is None:
+    if fields.get("text", "x") is None or fields.get("image"):
         fields = {**fields, "image": catalogue[0].image}
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Search(_request(**{"text": "shirt", **fields}), timeout=60)

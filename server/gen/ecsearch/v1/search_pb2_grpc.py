@@ -58,7 +58,8 @@ class SearchServiceServicer:
         set. Errors: INVALID_ARGUMENT (no text and no image, blank text, undecodable image,
         image over the size limits, top_k outside [1, 1000], nprobe < 1, unknown or empty
         filter, page_size < 0, a page_token that is malformed or issued by another index
-        version or for another query, lexical retrieval without text, bad hybrid weights),
+        version or for another query, lexical or hybrid retrieval without text, lexical
+        retrieval with an image, bad hybrid weights),
         FAILED_PRECONDITION (lexical or hybrid retrieval on an index version built without a
         lexical index), DEADLINE_EXCEEDED, UNAVAILABLE (no index version loaded).
         """
