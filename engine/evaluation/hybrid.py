@@ -8,7 +8,10 @@ computed here over the evaluation's candidates, so ``ecsearch eval --robust N`` 
 - **lexical**: BM25 over the candidates' title + attribute values (``engine.retrieval.lexical``,
   the index the indexer writes into every index version);
 - **hybrid**: the dense and the lexical top ``HYBRID_CANDIDATES`` fused by reciprocal rank
-  fusion (k = 60, weights 1), as ``RETRIEVAL_HYBRID`` with default options does.
+  fusion (k = 60, weights 1), as ``RETRIEVAL_HYBRID`` with default options does; and with the
+  lexical ranking weighted 2 (``hybrid.lexical_weight = 2`` in a request);
+- **ceiling**: every relevant candidate first: Precision@10 below 1 where a query has fewer
+  than 10 relevant candidates, the most any ranking can reach.
 
 A query with fewer than k lexical hits is padded with non-relevant slots (precision counts
 them as misses). Source: our choice (protocol); RRF: Cormack et al., SIGIR 2009.
@@ -27,6 +30,8 @@ HYBRID_CANDIDATES = 100  # = server.retrieval.HYBRID_MIN_CANDIDATES (the server'
 DENSE_LABEL = "dense: trained (text T -> item F)"
 LEXICAL_LABEL = "lexical: BM25 (title + attribute values)"
 HYBRID_LABEL = "hybrid: RRF(dense, BM25), k = 60"
+HYBRID_LEXICAL2_LABEL = "hybrid: RRF, lexical weight 2"
+CEILING_LABEL = "ceiling: every relevant candidate first"
 
 
 def lexical_index(products: Sequence) -> LexicalIndex:
@@ -56,11 +61,13 @@ def retrieval_rows(texts: Sequence[str], queries: np.ndarray, candidates: np.nda
     depth = max(k, HYBRID_CANDIDATES)
     dense = top_k_indices(queries, candidates, depth)
     lexical_top = np.stack([_pad(lexical.search(text, depth)[1], depth) for text in texts])
-    hybrid = []
-    for row in range(len(texts)):
-        lex = lexical_top[row][lexical_top[row] >= 0]
-        fused, _ = reciprocal_rank_fusion([dense[row], lex], [1.0, 1.0])
-        hybrid.append(_pad(fused, k))
-    return {DENSE_LABEL: ranked_metrics(dense, relevant, keys, k),
-            LEXICAL_LABEL: ranked_metrics(lexical_top, relevant, keys, k),
-            HYBRID_LABEL: ranked_metrics(np.stack(hybrid), relevant, keys, k)}
+    fused = {HYBRID_LABEL: (1.0, 1.0), HYBRID_LEXICAL2_LABEL: (1.0, 2.0)}
+    rows = {DENSE_LABEL: ranked_metrics(dense, relevant, keys, k),
+            LEXICAL_LABEL: ranked_metrics(lexical_top, relevant, keys, k)}
+    for label, weights in fused.items():
+        hybrid = [_pad(reciprocal_rank_fusion([dense[row], lexical_top[row][lexical_top[row] >= 0]], weights)[0], k)
+                  for row in range(len(texts))]
+        rows[label] = ranked_metrics(np.stack(hybrid), relevant, keys, k)
+    ideal = np.stack([_pad(np.flatnonzero(relevant[key]), k) for key in keys])
+    rows[CEILING_LABEL] = ranked_metrics(ideal, relevant, keys, k)
+    return rows
