@@ -17,6 +17,10 @@ refine index an fp16 ``IndexScalarQuantizer`` holding the exact vectors), which 
 GIL: a single query takes 0.04 ms instead of 0.16 ms with a Python merge + numpy refine
 (fashion index, 2 shards, nprobe 4, k_factor 10, one thread), with the same hits.
 
+Exact k: a query whose probed lists held fewer than ``min(k, matching items)`` candidates is
+searched again with more lists, then exactly (``indexer.widening``); ``search_served`` says
+how each query was served. Lexical: ``search_lexical`` (BM25, ``indexer.lexical``).
+
 Filtering: ``allowed`` (internal ids, e.g. from ``ids_with``) is applied inside the IVF
 scan with an ``IDSelectorBatch``; when it is small (``<= exact_filter_max`` ids) the search
 is instead exact over just those items (a scan of the fp16 vectors with the same selector:
@@ -37,13 +41,15 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Seque
 import faiss
 import numpy as np
 
+from engine.retrieval.lexical import LexicalIndex
 from indexer.errors import IndexIntegrityError, IndexVersionError, SearchArgumentError
+from indexer.lexical import LexicalUnavailableError, open_lexical
 from indexer.manifest import MANIFEST, read_manifest, verify_files
 from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
+from indexer.search_checks import MAX_SEARCH_K, check_k, check_nprobe, check_queries
+from indexer.widening import SearchServed, widened_search
 
-# the library's limit on k (the gRPC server's own, lower one: server.service.MAX_REQUEST_TOP_K)
-MAX_SEARCH_K = 10_000
 # allowed sets up to this size are searched exactly over their own vectors (our choice:
 # ~20k x 256 fp16 dot products take a few ms, and exact never misses a filtered item).
 EXACT_FILTER_MAX = 20_000
@@ -67,7 +73,7 @@ class IndexVersion:
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], shards: list[faiss.Index],
-                 vectors: np.ndarray, metadata: MetadataReader):
+                 vectors: np.ndarray, metadata: MetadataReader, lexical: LexicalIndex | None = None):
         self.path = path
         self.manifest = manifest
         try:
@@ -85,6 +91,7 @@ class IndexVersion:
         self._vectors = vectors
         self._sharded, self._exact, self._refined = _search_pipeline(shards, vectors, self.dim)
         self._metadata = metadata
+        self.lexical = lexical  # BM25 index (None: a version built without one)
         self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
         self._lock = threading.Lock()
         self._closed = False  # no new call starts
@@ -138,12 +145,31 @@ class IndexVersion:
                    k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """As ``search`` but returns internal ids: ``(scores float32 (n, k), ids int64 (n, k))``, ``-1`` padding."""
         with self._in_use():
-            return self._search_ids(queries, k, nprobe, id_filter, allowed, refine, k_factor)
+            served = self._search_ids(queries, k, nprobe, id_filter, allowed, refine, k_factor)
+            return served.scores, served.ids
 
-    def _search_ids(self, queries, k, nprobe, id_filter, allowed, refine, k_factor) -> tuple[np.ndarray, np.ndarray]:
-        q = self._check_queries(queries)
-        k = self._check_k(k)
-        nprobe = self._check_nprobe(nprobe)
+    def search_served(self, queries: np.ndarray, k: int, nprobe: int | None = None, *,
+                      allowed: np.ndarray | Collection[int] | None = None) -> SearchServed:
+        """As ``search`` (same hits), plus how each query was served (``indexer.widening.SearchServed``)."""
+        with self._in_use():
+            served = self._search_ids(queries, k, nprobe, None, allowed, None, None)
+            served.product_ids = self._metadata.product_ids(served.ids)
+            return served
+
+    def search_lexical(self, text: str, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 top ``k`` of ``text`` among ``allowed`` internal ids (None: all): ``(scores float32 (m,),
+        ids int64 (m,))``, m <= k, products sharing a word with the text only (``LexicalIndex.search``).
+        Raises LexicalUnavailableError when the version has no lexical index."""
+        with self._in_use():
+            if self.lexical is None:
+                raise LexicalUnavailableError(f"index version {self.version} has no lexical index (built before "
+                                              "it existed): rebuild it for lexical or hybrid retrieval")
+            return self.lexical.search(text, check_k(k), allowed)
+
+    def _search_ids(self, queries, k, nprobe, id_filter, allowed, refine, k_factor) -> SearchServed:
+        q = check_queries(queries, self.dim)
+        k = check_k(k)
+        nprobe = check_nprobe(nprobe, self.nprobe_default, self.nlist)
         refine = self.refine_default if refine is None else bool(refine)
         k_factor = self.k_factor_default if k_factor is None else int(k_factor)
         if k_factor < 1:
@@ -159,8 +185,18 @@ class IndexVersion:
         allowed_ids = None if allowed is None else self._as_id_array(allowed)
 
         if predicate is None:
-            return self._search_once(q, k, nprobe, allowed_ids, refine, k_factor)
-        return self._search_predicate(q, k, nprobe, allowed_ids, refine, k_factor, predicate)
+            return self._widened(q, k, nprobe, allowed_ids, refine, k_factor)
+        scores, ids = self._search_predicate(q, k, nprobe, allowed_ids, refine, k_factor, predicate)
+        no = np.zeros(q.shape[0], bool)
+        return SearchServed(scores, ids, np.full(q.shape[0], nprobe, np.int32), no, no)
+
+    def _widened(self, q, k, nprobe, allowed, refine, k_factor) -> SearchServed:
+        """``_search_once``, widened until each query has min(k, allowed items) hits (``indexer.widening``)."""
+        candidates = self._sharded.ntotal if allowed is None else allowed.size
+        exact_first = allowed is not None and allowed.size <= self.exact_filter_max
+        return widened_search(lambda rows, probe, exact: self._search_once(q[rows], k, probe, allowed, refine,
+                                                                           k_factor, exact),
+                              q.shape[0], min(k, candidates), nprobe, self.nlist, exact_first, candidates)
 
     def _search_predicate(self, q, k, nprobe, allowed_ids, refine, k_factor, predicate):
         """Over-fetch, keep results whose product id passes ``predicate``; fetch 4x more
@@ -169,7 +205,8 @@ class IndexVersion:
         todo = np.arange(q.shape[0])
         fetch = min(max(4 * k, 64), MAX_SEARCH_K * 4)
         while todo.size:
-            scores, iids = self._search_once(q[todo], fetch, nprobe, allowed_ids, refine, k_factor)
+            served = self._widened(q[todo], fetch, nprobe, allowed_ids, refine, k_factor)
+            scores, iids = served.scores, served.ids
             names = self._metadata.product_ids(iids)
             still = []
             for row, qi in enumerate(todo):
@@ -184,11 +221,11 @@ class IndexVersion:
         return out_s, out_i
 
     def _search_once(self, q: np.ndarray, k: int, nprobe: int, allowed: np.ndarray | None,
-                     refine: bool, k_factor: int) -> tuple[np.ndarray, np.ndarray]:
+                     refine: bool, k_factor: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if self._sharded.ntotal == 0 or (allowed is not None and allowed.size == 0):
             return _empty(q.shape[0], k)
         selector = None if allowed is None else faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed))
-        if selector is not None and allowed.size <= self.exact_filter_max:
+        if exact or (selector is not None and allowed.size <= self.exact_filter_max):
             # exact over the allowed items: the fp16 vectors, scanned with the selector
             scores, ids = self._exact.search(q, k, params=faiss.SearchParameters(sel=selector))
             scores[ids < 0] = -np.inf
@@ -216,6 +253,11 @@ class IndexVersion:
         with self._in_use():
             iids = self._metadata.internal_ids(pids)
             return self._metadata.records(int(i) for i in iids)
+
+    def product_ids(self, internal_ids: np.ndarray) -> list[str | None]:
+        """Product ids of ``int64 (m,)`` internal ids (None for -1 / unknown)."""
+        with self._in_use():
+            return self._metadata.product_ids(np.asarray(internal_ids, dtype=np.int64).reshape(1, -1))[0]
 
     def internal_ids(self, product_ids: Iterable[str]) -> np.ndarray:
         """``int64 (n,)`` internal ids of product ids, ``-1`` for unknown ones."""
@@ -251,35 +293,6 @@ class IndexVersion:
                 raise SearchArgumentError(f"internal ids must be in [0, {self._vectors.shape[0]})")
             return np.asarray(self._vectors[ids], dtype=np.float32)
 
-    # ------------------------------------------------------------------ checks
-
-    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.asarray(queries)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise SearchArgumentError(f"queries must have shape (n, {self.dim}), got {np.asarray(queries).shape}")
-        if q.shape[0] == 0:
-            raise SearchArgumentError("queries is empty (n = 0)")
-        if not np.issubdtype(q.dtype, np.floating):
-            raise SearchArgumentError(f"queries must be floating point, got {q.dtype}")
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        if not np.isfinite(q).all():
-            raise SearchArgumentError("queries contain NaN or infinite values")
-        return q
-
-    def _check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SEARCH_K:
-            raise SearchArgumentError(f"k (top_k) must be an integer in [1, {MAX_SEARCH_K}], got {k!r}")
-        return int(k)
-
-    def _check_nprobe(self, nprobe: int | None) -> int:
-        if nprobe is None:
-            return self.nprobe_default
-        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
-            raise SearchArgumentError(f"nprobe must be an integer >= 1, got {nprobe!r}")
-        return int(min(nprobe, self.nlist))
-
     def _as_id_array(self, allowed: np.ndarray | Collection[int]) -> np.ndarray:
         ids = np.unique(np.fromiter((int(i) for i in allowed), dtype=np.int64)
                         if not isinstance(allowed, np.ndarray) else allowed.astype(np.int64, copy=False))
@@ -307,6 +320,7 @@ class IndexVersion:
         self._sharded = self._exact = self._refined = None  # _sharded points into the shards below
         self._shards = []
         self._vectors = np.empty((0, self.dim), np.float16)
+        self.lexical = None
         self._metadata.close()
 
     def __enter__(self) -> "IndexVersion":
@@ -373,9 +387,10 @@ def open_index(path: str | Path, *, verify: bool = True) -> IndexVersion:
     if vectors.dtype != np.float16 or vectors.shape != (manifest["counts"]["indexed"], manifest["dim"]):
         raise IndexIntegrityError(f"{vectors_file}: {vectors.dtype} {vectors.shape}, manifest says float16 "
                                   f"({manifest['counts']['indexed']}, {manifest['dim']})")
+    lexical = open_lexical(version_dir, manifest)
     metadata = MetadataReader(version_dir / manifest["metadata"]["file"])
     try:
-        return IndexVersion(version_dir, manifest, shards, vectors, metadata)
+        return IndexVersion(version_dir, manifest, shards, vectors, metadata, lexical)
     except BaseException:
         metadata.close()
         raise

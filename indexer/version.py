@@ -2,8 +2,8 @@
 
 Given float32 (n, d) unit vectors and n records, writes into a (staging) folder:
 ``shard_XXX.faiss`` (IVF-PQ, one per shard), ``vectors.f16.npy`` (exact fp16 vectors, row =
-internal id), ``metadata.lmdb``, ``rejects.jsonl``, ``flags.jsonl`` and ``manifest.json``
-(with checksums, timings, the chosen parameters and measured recall@10 vs exact search).
+internal id), ``metadata.lmdb``, ``lexical/`` (BM25, ``indexer.lexical``), ``rejects.jsonl``,
+``flags.jsonl`` and ``manifest.json`` (with checksums, timings, the chosen parameters and measured recall@10 vs exact search).
 Steps 3-5 of the indexer; publication is ``indexer.publish``. Source: our choice.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from engine.catalog import Reject, write_rejects
 from indexer.build import ShardBuild, plan_index, train_index, write_exact_vectors, write_shards, _gpu_count
 from indexer.errors import BuildError
+from indexer.lexical import write_lexical
 from indexer.manifest import describe_file, write_manifest
 from indexer.metadata import SCHEMA as METADATA_SCHEMA, write_metadata
 from indexer.recall import exact_search, recall_at_k
@@ -110,8 +111,12 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     t0 = time.perf_counter()
     map_size = _write_records(out_dir, records, shard_of_row, rejects)
     timings["metadata"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lexical, lexical_files = write_lexical(out_dir, records)  # BM25 over titles + attribute values
+    timings["lexical"] = time.perf_counter() - t0
 
-    manifest = _manifest(out_dir, version, (n, dim), plan, options, shard_builds, map_size, counts, extra_manifest)
+    manifest = _manifest(out_dir, version, (n, dim), plan, options, shard_builds, map_size, counts,
+                         {**(extra_manifest or {}), "lexical": lexical}, lexical_files)
     write_manifest(out_dir, manifest)
 
     t0 = time.perf_counter()
@@ -157,10 +162,12 @@ def _write_records(out_dir: Path, records: Sequence[dict[str, Any]], shard_of_ro
 
 def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options: VersionOptions,
               shard_builds: list[ShardBuild], map_size: int, counts: dict[str, int],
-              extra_manifest: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest of the files written so far (recall and timings are added later)."""
+              extra_manifest: dict[str, Any] | None, extra_files: Sequence[str] = ()) -> dict[str, Any]:
+    """The manifest of the files written so far (recall and timings are added later);
+    ``extra_files`` (e.g. the lexical index's) are listed and checksummed with the others."""
     n, dim = shape
-    data_files = [b.file for b in shard_builds] + [VECTORS_FILE, METADATA_FILE, REJECTS_FILE, FLAGS_FILE]
+    data_files = [b.file for b in shard_builds] + [VECTORS_FILE, METADATA_FILE, REJECTS_FILE, FLAGS_FILE,
+                                                   *extra_files]
     return {
         "version": version,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -18,13 +18,16 @@ import grpc
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 
 FilterSpec = Mapping[str, str | Sequence[str]]
+RETRIEVAL_MODES = {"dense": search_pb2.RETRIEVAL_DENSE, "lexical": search_pb2.RETRIEVAL_LEXICAL,
+                   "hybrid": search_pb2.RETRIEVAL_HYBRID}
 
 
 def build_search_request(text: str | None = None, image: bytes | str | Path | None = None,
                          top_k: int | None = None, filters: FilterSpec | None = None,
-                         nprobe: int | None = None) -> search_pb2.SearchRequest:
+                         nprobe: int | None = None, retrieval: str | None = None) -> search_pb2.SearchRequest:
     """A ``SearchRequest``; ``image`` is encoded bytes or a file path; a filter value is one
-    value (equality) or a sequence of values (any-of)."""
+    value (equality) or a sequence of values (any-of); ``retrieval`` "dense", "lexical" or
+    "hybrid" (None: the server default, dense). Raises ValueError for another retrieval."""
     if isinstance(image, (str, Path)):
         image = Path(image).read_bytes()
     request = search_pb2.SearchRequest(text=text or "", image=image or b"")
@@ -32,6 +35,10 @@ def build_search_request(text: str | None = None, image: bytes | str | Path | No
         request.top_k = top_k
     if nprobe is not None:
         request.nprobe = nprobe
+    if retrieval is not None:
+        if retrieval not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {retrieval!r}")
+        request.retrieval = RETRIEVAL_MODES[retrieval]
     for field, values in (filters or {}).items():
         values = [values] if isinstance(values, str) else list(values)
         request.filters.add(field=field, values=values)
@@ -65,13 +72,14 @@ class SearchClient:
 
     def search(self, text: str | None = None, image: bytes | str | Path | None = None,
                top_k: int | None = None, filters: FilterSpec | None = None,
-               nprobe: int | None = None, timeout_s: float | None = None) -> search_pb2.SearchResponse:
+               nprobe: int | None = None, timeout_s: float | None = None, retrieval: str | None = None
+               ) -> search_pb2.SearchResponse:
         """Run one query; returns the ``SearchResponse`` (hits, index_version, timings).
 
         Raises:
             grpc.RpcError: INVALID_ARGUMENT, DEADLINE_EXCEEDED, UNAVAILABLE, ...
         """
-        request = build_search_request(text, image, top_k, filters, nprobe)
+        request = build_search_request(text, image, top_k, filters, nprobe, retrieval)
         return self.stub.Search(request, timeout=timeout_s or self.timeout_s)
 
     def get_products(self, product_ids: Sequence[str], timeout_s: float | None = None

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
                         help="metadata filter; repeat a field for any-of")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per shard")
+    parser.add_argument("--retrieval", choices=["dense", "lexical", "hybrid"], default=None,
+                        help="dense (server default), lexical (BM25, needs --text) or hybrid (RRF of both)")
     parser.add_argument("--product-id", action="append", default=[], metavar="ID",
                         help="look products up by id (GetProducts) instead of searching; repeatable")
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 response = client.get_products(args.product_id)
             else:
                 response = client.search(text=args.text, image=args.image, top_k=args.top_k,
-                                         filters=filters, nprobe=args.nprobe)
+                                         filters=filters, nprobe=args.nprobe, retrieval=args.retrieval)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

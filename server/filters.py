@@ -93,6 +93,9 @@ class SearchableIndex(Protocol):
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, *,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, list[list[str | None]]]: ...
 
+    def search_served(self, queries: np.ndarray, k: int, nprobe: int | None = None, *,
+                      allowed: np.ndarray | None = None) -> Any: ...
+
     def get_products(self, ids: Sequence[str]) -> list[dict | None]: ...
 
 
@@ -107,14 +110,30 @@ class FoundHit:
 
 
 @dataclass(frozen=True)
+class DenseServed:
+    """How one query's dense search was served (``indexer.widening.SearchServed``, one row)."""
+
+    nprobe: int
+    exact: bool
+    widened: bool
+
+
+@dataclass(frozen=True)
 class FilteredSearchResult:
     """Hits in rank order, time in ms spent searching and reading metadata, and how many
-    products the filters allowed (None without filters)."""
+    products the filters allowed (None without filters). With paging, ``hits`` is one page
+    of a ranked list of ``total_hits``. ``lexical_ms`` / ``fusion_ms``: the BM25 and fusion
+    stages (lexical and hybrid retrieval); ``dense``: how the dense search was served (None
+    when none ran)."""
 
     hits: list[FoundHit]
     search_ms: float
     metadata_ms: float
     allowed_count: int | None
+    total_hits: int = -1
+    lexical_ms: float = 0.0
+    fusion_ms: float = 0.0
+    dense: DenseServed | None = None
 
 
 class VersionCache:
@@ -195,24 +214,35 @@ def search_filtered(index: SearchableIndex, query: np.ndarray, top_k: int,
 
     Returns:
         ``FilteredSearchResult``; fewer than ``top_k`` hits only when fewer products pass
-        the filters (or the probed lists hold fewer). A product whose metadata record is
-        missing is left out.
+        the filters (the search widens when the probed lists hold fewer). A product whose
+        metadata record is missing is left out.
     """
     queries = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     t0 = time.perf_counter()
-    if not filters:
-        allowed = None
-    elif cache is not None:
-        allowed = cache.allowed_ids(filters)
-    else:
-        allowed = index.ids_with({f.field: sorted(f.values) for f in filters})
+    allowed = allowed_ids(index, filters, cache)
     t1 = time.perf_counter()
-    scores, ids = index.search(queries, top_k, nprobe=nprobe, allowed=allowed)
+    served = index.search_served(queries, top_k, nprobe=nprobe, allowed=allowed)
     t2 = time.perf_counter()
-    hits = found_hits(index, ids[0], scores[0], cache)
+    hits = found_hits(index, served.product_ids[0], served.scores[0], cache)
     t3 = time.perf_counter()
     return FilteredSearchResult(hits, search_ms=(t2 - t1) * 1e3, metadata_ms=((t1 - t0) + (t3 - t2)) * 1e3,
-                                allowed_count=None if allowed is None else int(len(allowed)))
+                                allowed_count=None if allowed is None else int(len(allowed)),
+                                total_hits=len(hits), dense=dense_served(served))
+
+
+def allowed_ids(index: SearchableIndex, filters: Sequence[MetadataFilter],
+                cache: VersionCache | None = None) -> np.ndarray | None:
+    """Sorted int64 internal ids passing ``filters`` (from ``cache`` when given); None without filters."""
+    if not filters:
+        return None
+    if cache is not None:
+        return cache.allowed_ids(filters)
+    return index.ids_with({f.field: sorted(f.values) for f in filters})
+
+
+def dense_served(served: Any, row: int = 0) -> DenseServed:
+    """Row ``row`` of an ``indexer.widening.SearchServed`` as a ``DenseServed``."""
+    return DenseServed(int(served.nprobe[row]), bool(served.exact[row]), bool(served.widened[row]))
 
 
 def found_hits(index: SearchableIndex, product_ids: Sequence[str | None], scores: Sequence[float],

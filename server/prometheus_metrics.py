@@ -6,7 +6,8 @@ process, e.g. in tests) and are always recorded; ``start_http(port)`` exposes th
 
 - ``ecsearch_requests_total{method, code}``: finished RPCs by gRPC status code name.
 - ``ecsearch_stage_latency_seconds{stage}``: per-stage latency histogram; stages
-  ``decode``, ``queue``, ``encode``, ``search``, ``metadata``, ``total``.
+  ``decode``, ``queue``, ``encode``, ``search``, ``metadata``, ``lexical``, ``fusion``,
+  ``total`` (a stage a request did not run is not observed).
 - ``ecsearch_encode_batch_size``: samples per query tower call.
 - ``ecsearch_index_version_info{version}``: 1 for the version being served.
 Source: our choice, following clip-retrieval's per-stage histograms.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-STAGES = ("decode", "queue", "encode", "search", "metadata", "total")
+STAGES = ("decode", "queue", "encode", "search", "metadata", "lexical", "fusion", "total")
 # Latency buckets in seconds: 0.5 ms to 5 s.
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

@@ -5,8 +5,8 @@ every request of the batch and hands the hits back with the vectors (``server.ba
 Requests without metadata filters that search the same index version with the same top_k
 and nprobe share one faiss call (``IndexVersion.search`` over all their vectors: faiss
 searches each row on its own, so every request gets the hits it would get alone).
-Filtered requests are searched one by one (``server.filters.search_filtered``), since each
-has its own allowed set. A request's failure fails that request alone.
+Filtered, paged, lexical and hybrid requests are searched one by one
+(``server.retrieval.run_job``), since each has its own allowed set, window or text. A request's failure fails that request alone.
 
 Measured on the fashion index (2 shards, nprobe 4, one thread): 5 unfiltered queries take
 0.13 ms in one faiss call; searched alone, each takes ~0.18 ms (0.04 ms in faiss, the rest
@@ -15,24 +15,14 @@ Python around it). Source: our choice.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from server.filters import FilteredSearchResult, MetadataFilter, found_hits, search_filtered
+from server.filters import FilteredSearchResult, dense_served, found_hits
+from server.retrieval import SearchJob, run_job
 
-
-@dataclass(frozen=True)
-class SearchJob:
-    """What one request searches: an open index version (``IndexVersion``) and its
-    ``VersionCache`` (or None), top_k, metadata filters, and nprobe (None: the index default)."""
-
-    index: Any
-    cache: Any
-    top_k: int
-    filters: Sequence[MetadataFilter] = ()
-    nprobe: int | None = None
+__all__ = ["SearchJob", "search_batch"]
 
 
 def search_batch(jobs: Sequence[SearchJob], vectors: np.ndarray) -> list[FilteredSearchResult | Exception]:
@@ -50,7 +40,7 @@ def search_batch(jobs: Sequence[SearchJob], vectors: np.ndarray) -> list[Filtere
     results: list[FilteredSearchResult | Exception | None] = [None] * len(jobs)
     groups: dict[tuple[int, int, int | None], list[int]] = {}
     for row, job in enumerate(jobs):
-        if job.filters:
+        if not job.plain:
             results[row] = _one(job, vectors[row])
         else:
             groups.setdefault((id(job.index), job.top_k, job.nprobe), []).append(row)
@@ -68,7 +58,7 @@ def search_batch(jobs: Sequence[SearchJob], vectors: np.ndarray) -> list[Filtere
 
 def _one(job: SearchJob, vector: np.ndarray) -> FilteredSearchResult | Exception:
     try:
-        return search_filtered(job.index, vector, job.top_k, job.filters, nprobe=job.nprobe, cache=job.cache)
+        return run_job(job, vector)
     except Exception as exc:
         return exc
 
@@ -78,12 +68,13 @@ def _shared(jobs: Sequence[SearchJob], vectors: np.ndarray, rows: list[int],
     """Unfiltered jobs on one index version with one top_k and nprobe: one search call."""
     first = jobs[rows[0]]
     t0 = time.perf_counter()
-    scores, pids = first.index.search(np.ascontiguousarray(vectors[rows], dtype=np.float32), first.top_k,
-                                      nprobe=first.nprobe)
+    served = first.index.search_served(np.ascontiguousarray(vectors[rows], dtype=np.float32), first.top_k,
+                                       nprobe=first.nprobe)
     search_ms = (time.perf_counter() - t0) * 1e3
     for n, row in enumerate(rows):
         job = jobs[row]
         t1 = time.perf_counter()
-        hits = found_hits(job.index, pids[n], scores[n], job.cache)
+        hits = found_hits(job.index, served.product_ids[n], served.scores[n], job.cache)
         results[row] = FilteredSearchResult(hits, search_ms=search_ms,
-                                            metadata_ms=(time.perf_counter() - t1) * 1e3, allowed_count=None)
+                                            metadata_ms=(time.perf_counter() - t1) * 1e3, allowed_count=None,
+                                            total_hits=len(hits), dense=dense_served(served, n))

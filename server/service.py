@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Executor, Future
@@ -31,13 +32,15 @@ import grpc
 from engine.model.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
                            InputError)
 from indexer.errors import SearchArgumentError
+from indexer.lexical import LexicalUnavailableError
 from indexer.search import MAX_SEARCH_K
 from server.batching import BatchDeadlineError, BatcherClosedError, MicroBatcher
 from server.filters import FilterError, FoundHit, flatten_record, parse_filters
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, NoIndexError, ServedVersion
 from server.prometheus_metrics import ServerMetrics
-from server.search_stage import SearchJob
+from server.paging import PageTokenError, decode_page_token, encode_page_token, query_fingerprint
+from server.retrieval import DENSE, HYBRID, LEXICAL, HybridConfig, SearchJob, run_job
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ MAX_REQUEST_TOP_K = 1000
 DEFAULT_TOP_K = 10
 MAX_PRODUCT_IDS = 1000
 MAX_NPROBE = 65536
+_MODES = {search_pb2.RETRIEVAL_UNSPECIFIED: DENSE, search_pb2.RETRIEVAL_DENSE: DENSE,
+          search_pb2.RETRIEVAL_LEXICAL: LEXICAL, search_pb2.RETRIEVAL_HYBRID: HYBRID}
+_WIRE_MODES = {DENSE: search_pb2.RETRIEVAL_DENSE, LEXICAL: search_pb2.RETRIEVAL_LEXICAL,
+               HYBRID: search_pb2.RETRIEVAL_HYBRID}
+_FUSIONS = {search_pb2.FUSION_UNSPECIFIED: "rrf", search_pb2.FUSION_RRF: "rrf",
+            search_pb2.FUSION_WEIGHTED: "weighted"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,9 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, InputError):
         what = next((w for t, w in _INPUT_ERROR_WHAT.items() if isinstance(exc, t)), "invalid input")
         return grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc.reason}"
-    if isinstance(exc, (FilterError, SearchArgumentError)):
+    if isinstance(exc, LexicalUnavailableError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, (FilterError, SearchArgumentError, PageTokenError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NoIndexError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
@@ -189,39 +200,95 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
     async def _search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext,
                       started: float) -> search_pb2.SearchResponse:
         text, image_bytes, top_k, nprobe = self._validate(request)
+        mode, hybrid, page_size = self._validate_retrieval(request, text, image_bytes)
+        if page_size and not request.HasField("top_k"):
+            top_k = self._limits.max_top_k  # paging walks the whole list, up to the limit
+        fingerprint = query_fingerprint(request) if page_size else ""
         deadline_s = _deadline(context)
         lease = _Lease(self._holder.acquire())
         try:
             served = lease.served
             filters = parse_filters(((f.field, list(f.values)) for f in request.filters),
                                     served.metadata_fields)
-            decode_ms = 0.0
-            image = None
-            if image_bytes is not None:
-                t0 = time.perf_counter()
-                image = await asyncio.wrap_future(self._decode_executor.submit(self._decode_image, image_bytes))
-                decode_ms = (time.perf_counter() - t0) * 1e3
-            _check_deadline(deadline_s)
-            # Tokenized here, per request, so the tower thread (the server's one serial
-            # stage) only pads the batch: 0.85 -> ~0.1 ms per batch at concurrency 8.
-            tokens = None if text is None else self._pretokenize(text)
-            job = SearchJob(served.index, served.cache, top_k, filters, nprobe)
-            encoded = await self._batcher.encode(tokens, image, deadline_s, payload=job, track=lease.track)
-            result = encoded.result  # the batcher's post-encode search stage searched (server.search_stage)
+            offset = decode_page_token(request.page_token, served.version, fingerprint, top_k) \
+                if request.page_token else 0
+            job = SearchJob(served.index, served.cache, top_k, tuple(filters), nprobe, mode, text, hybrid,
+                            offset, page_size or None)
+            result, encoded, decode_ms = await self._retrieve(job, image_bytes, deadline_s, lease)
             _check_deadline(deadline_s)
         finally:
             lease.release()
-        response = search_pb2.SearchResponse(index_version=served.version,
-                                             encode_batch_size=encoded.batch_size)
-        for rank, hit in enumerate(result.hits, start=1):
+        response = search_pb2.SearchResponse(index_version=served.version, retrieval=_WIRE_MODES[mode],
+                                             encode_batch_size=0 if encoded is None else encoded.batch_size)
+        for rank, hit in enumerate(result.hits, start=offset + 1):
             _add_hit(response, hit, rank)
-        total_ms = (time.perf_counter() - started) * 1e3
-        timings = dict(decode_ms=decode_ms, queue_ms=encoded.queue_ms, encode_ms=encoded.encode_ms,
-                       search_ms=result.search_ms, metadata_ms=result.metadata_ms, total_ms=total_ms)
+        if page_size and offset + page_size < result.total_hits:
+            response.next_page_token = encode_page_token(served.version, fingerprint, offset + page_size)
+        if result.dense is not None:
+            response.dense_serving.CopyFrom(search_pb2.DenseServing(
+                nprobe=result.dense.nprobe, exact=result.dense.exact, widened=result.dense.widened))
+        timings = dict(decode_ms=decode_ms, queue_ms=0.0 if encoded is None else encoded.queue_ms,
+                       encode_ms=0.0 if encoded is None else encoded.encode_ms, search_ms=result.search_ms,
+                       metadata_ms=result.metadata_ms, lexical_ms=result.lexical_ms, fusion_ms=result.fusion_ms,
+                       total_ms=(time.perf_counter() - started) * 1e3)
         response.timings.CopyFrom(search_pb2.StageTimings(**timings))
-        self._metrics.observe_stages_ms(**{k[:-3]: v for k, v in timings.items()
-                                           if k != "decode_ms" or image_bytes is not None})
+        skip = {"decode_ms": image_bytes is None or mode == LEXICAL, "queue_ms": encoded is None,
+                "encode_ms": encoded is None, "search_ms": mode == LEXICAL, "lexical_ms": mode == DENSE,
+                "fusion_ms": mode != HYBRID}
+        self._metrics.observe_stages_ms(**{k[:-3]: v for k, v in timings.items() if not skip.get(k)})
         return response
+
+    async def _retrieve(self, job: SearchJob, image_bytes: bytes | None, deadline_s: float | None,
+                        lease: _Lease) -> tuple[Any, Any, float]:
+        """``(FilteredSearchResult, the batcher's EncodeResult or None, decode_ms)`` of ``job``:
+        lexical jobs straight in the search pool, the others through decode, the micro-batched
+        query tower and the batcher's post-encode search stage (``server.search_stage``)."""
+        if job.retrieval == LEXICAL:
+            return await lease.run(self._search_executor, run_job, job, None), None, 0.0
+        decode_ms = 0.0
+        image = None
+        if image_bytes is not None:
+            t0 = time.perf_counter()
+            image = await asyncio.wrap_future(self._decode_executor.submit(self._decode_image, image_bytes))
+            decode_ms = (time.perf_counter() - t0) * 1e3
+        _check_deadline(deadline_s)
+        # Tokenized here, per request, so the tower thread (the server's one serial
+        # stage) only pads the batch: 0.85 -> ~0.1 ms per batch at concurrency 8.
+        tokens = None if job.text is None else self._pretokenize(job.text)
+        encoded = await self._batcher.encode(tokens, image, deadline_s, payload=job, track=lease.track)
+        return encoded.result, encoded, decode_ms
+
+    def _validate_retrieval(self, request: search_pb2.SearchRequest, text: str | None,
+                            image: bytes | None) -> tuple[str, HybridConfig, int]:
+        """``(mode, hybrid options, page_size)``; raises RequestError (INVALID_ARGUMENT) on bad values."""
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        mode = _MODES.get(request.retrieval)
+        if mode is None:
+            raise RequestError(bad, f"unknown retrieval mode {request.retrieval}")
+        if mode != DENSE and text is None:
+            raise RequestError(bad, f"{mode} retrieval needs text (BM25 ranks words): an image-only query uses "
+                                    "dense retrieval")
+        if mode == LEXICAL and image is not None:
+            raise RequestError(bad, "lexical retrieval uses text only: send no image, or use hybrid retrieval "
+                                    "(text to both sides, the image to the dense side)")
+        if request.page_size < 0:
+            raise RequestError(bad, f"page_size must be >= 0, got {request.page_size}")
+        if request.page_token and request.page_size == 0:
+            raise RequestError(bad, "page_token needs page_size > 0")
+        options = request.hybrid
+        fusion = _FUSIONS.get(options.fusion)
+        dense_w = options.dense_weight if options.HasField("dense_weight") else 1.0
+        lexical_w = options.lexical_weight if options.HasField("lexical_weight") else 1.0
+        rrf_k = options.rrf_k if options.HasField("rrf_k") else HybridConfig.rrf_k
+        if fusion is None:
+            raise RequestError(bad, f"unknown hybrid fusion {options.fusion}")
+        if not all(math.isfinite(w) and w >= 0 for w in (dense_w, lexical_w)) or dense_w + lexical_w == 0:
+            raise RequestError(bad, f"hybrid weights must be finite, >= 0 and not both 0, got dense {dense_w}, "
+                                    f"lexical {lexical_w}")
+        if rrf_k < 1:
+            raise RequestError(bad, f"hybrid rrf_k must be >= 1, got {rrf_k}")
+        hybrid = HybridConfig(fusion, dense_w, lexical_w, rrf_k)
+        return mode, hybrid, request.page_size
 
     def _validate(self, request: search_pb2.SearchRequest) -> tuple[str | None, bytes | None, int, int | None]:
         bad = grpc.StatusCode.INVALID_ARGUMENT

@@ -17,6 +17,7 @@ FORBIDDEN = {
     "engine/tokens": ("engine.training", "engine.evaluation", "indexer", "server"),
     "engine/training": ("engine.evaluation", "indexer", "server"),
     "engine/evaluation": ("indexer", "server"),
+    "engine/retrieval": ("engine.training", "engine.evaluation", "engine.tokens", "indexer", "server"),
     "indexer": ("engine.training", "engine.evaluation", "server"),
     "server": ("engine.training", "engine.evaluation", "engine.catalog", "engine.tokens"),
 }

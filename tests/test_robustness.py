@@ -9,6 +9,7 @@ import pytest
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
 from engine.evaluation.evaluate import build_pool
+from engine.evaluation.hybrid import CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, LEXICAL_LABEL, lexical_index, retrieval_rows
 from engine.evaluation.robustness import composed_query_set, evaluate_robustness, set_metrics, text_query_set
 from engine.training.shopper_queries import facet_key, product_facets
 from tests.tiny_models import make_tiny_model
@@ -71,4 +72,24 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     report = json.loads(out.read_text())["robustness"]
     assert report["augmented_photo"]["queries"] <= 15 and report["candidates"] > report["augmented_photo"]["queries"]
     assert "raw MiniLM: mean-pooled titles, exact" in report["brand_type"]["rows"]
+    assert {LEXICAL_LABEL, HYBRID_LABEL} <= set(report["brand_type"]["rows"]) & set(report["attribute_phrase"]["rows"])
     assert "**augmented_photo**" in md.read_text()
+
+
+def test_dense_lexical_and_hybrid_rows(catalogue):
+    _, pool = catalogue
+    qs = text_query_set(pool.products[:60], pool, "brand_type")
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((len(qs.texts), 8)).astype(np.float32)
+    items = rng.standard_normal((len(pool.products), 8)).astype(np.float32)
+    rows = retrieval_rows(qs.texts, queries, items, lexical_index(pool.products), qs.relevant, qs.keys)
+    assert rows[DENSE_LABEL] == pytest.approx(set_metrics(queries, items, qs))  # same ranking, same metric
+    # brand + type queries name words of the relevant titles: BM25 beats random vectors, and fusing
+    # the random ranking in cannot make it worse than random
+    assert rows[LEXICAL_LABEL]["precision@10"] > rows[DENSE_LABEL]["precision@10"]
+    assert rows[HYBRID_LABEL]["precision@10"] >= rows[DENSE_LABEL]["precision@10"]
+    counts = qs.relevant.sum(axis=1)[qs.keys]
+    ceiling = rows[CEILING_LABEL]  # every relevant candidate first
+    assert ceiling["precision@10"] == pytest.approx(np.mean(np.minimum(counts, 10) / 10))
+    assert ceiling["ndcg@10"] == pytest.approx(1.0)
+    assert all(r["precision@10"] <= ceiling["precision@10"] + 1e-9 for r in rows.values())

@@ -14,7 +14,8 @@ pooling: mean of MiniLM tokens, mean of the image tokens, concatenation / √2 f
 2. **Brand + type** ("puma sports shoes") and **attribute phrase** ("black heels for women"):
    one query per distinct key among the query products (``engine.training.shopper_queries``);
    relevant = every candidate with the same brand and type / gender, colour and type.
-   Query tower text-only view T. Precision@10, nDCG@10.
+   Query tower text-only view T. Precision@10, nDCG@10. Also lexical (BM25) and hybrid (RRF of
+   T and BM25) retrieval of the same queries (``engine.evaluation.hybrid``, issue 14).
 3. **Composed** (M-BEER trigger → recall): a query product's clean photo + a modifier ("in
    red", "for women", ...; drawn with ``EVAL_AUGMENT_SEED``) → every candidate of the same type
    with the modified facet. Query tower fused view F (and the average of T and V).
@@ -30,6 +31,7 @@ import numpy as np
 from engine.training.augment import AugmentConfig
 from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.evaluation.evaluate import EvalPool, _unit, tower_views
+from engine.evaluation.hybrid import lexical_index, retrieval_rows
 from engine.tokens.views import mean_pooled
 from engine.evaluation.ranking_metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
 from engine.training.shopper_queries import (
@@ -164,6 +166,7 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
     if not all_texts:
         return out
     texts = cache_texts(backbones, all_texts, cache_dir, progress=progress)
+    bm25 = lexical_index(catalogue.products)
     for name, qs in sets.items():
         if not qs.texts:
             continue
@@ -179,6 +182,8 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         else:
             result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
                       "raw MiniLM: mean-pooled titles, exact": set_metrics(raw_q, raw_t, qs)}
+            retrieval = retrieval_rows(qs.texts, q["T"], item["F"], bm25, qs.relevant, qs.keys)
+            result.update({label: m for label, m in retrieval.items() if not label.startswith("dense")})
         if lin is not None:
             lq = linear.embed_text(mean_pooled(texts, text_rows))
             if name == "composed":

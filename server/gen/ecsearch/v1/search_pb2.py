@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#server/gen/ecsearch/v1/search.proto\x12\x0b\x65\x63search.v1\"\x98\x01\n\rSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12,\n\x07\x66ilters\x18\x04 \x03(\x0b\x32\x1b.ecsearch.v1.MetadataFilter\x12\x13\n\x06nprobe\x18\x05 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_top_kB\t\n\x07_nprobe\"/\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\x8e\x01\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.ecsearch.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.ecsearch.v1.StageTimings\x12\x19\n\x11\x65ncode_batch_size\x18\x04 \x01(\x05\"\x99\x01\n\x03Hit\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x30\n\x08metadata\x18\x04 \x03(\x0b\x32\x1e.ecsearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x11\n\tsearch_ms\x18\x04 \x01(\x01\x12\x13\n\x0bmetadata_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\")\n\x12GetProductsRequest\x12\x13\n\x0bproduct_ids\x18\x01 \x03(\t\"q\n\x13GetProductsResponse\x12&\n\x08products\x18\x01 \x03(\x0b\x32\x14.ecsearch.v1.Product\x12\x1b\n\x13missing_product_ids\x18\x02 \x03(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\x84\x01\n\x07Product\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x34\n\x08metadata\x18\x02 \x03(\x0b\x32\".ecsearch.v1.Product.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa4\x01\n\rSearchService\x12\x41\n\x06Search\x12\x1a.ecsearch.v1.SearchRequest\x1a\x1b.ecsearch.v1.SearchResponse\x12P\n\x0bGetProducts\x12\x1f.ecsearch.v1.GetProductsRequest\x1a .ecsearch.v1.GetProductsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#server/gen/ecsearch/v1/search.proto\x12\x0b\x65\x63search.v1\"\x96\x02\n\rSearchRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12,\n\x07\x66ilters\x18\x04 \x03(\x0b\x32\x1b.ecsearch.v1.MetadataFilter\x12\x13\n\x06nprobe\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12)\n\tretrieval\x18\x08 \x01(\x0e\x32\x16.ecsearch.v1.Retrieval\x12*\n\x06hybrid\x18\t \x01(\x0b\x32\x1a.ecsearch.v1.HybridOptionsB\x08\n\x06_top_kB\t\n\x07_nprobe\"\xae\x01\n\rHybridOptions\x12#\n\x06\x66usion\x18\x01 \x01(\x0e\x32\x13.ecsearch.v1.Fusion\x12\x19\n\x0c\x64\x65nse_weight\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0elexical_weight\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05rrf_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x42\x0f\n\r_dense_weightB\x11\n\x0f_lexical_weightB\x08\n\x06_rrf_k\"/\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\x84\x02\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.ecsearch.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.ecsearch.v1.StageTimings\x12\x19\n\x11\x65ncode_batch_size\x18\x04 \x01(\x05\x12\x17\n\x0fnext_page_token\x18\x05 \x01(\t\x12\x30\n\rdense_serving\x18\x06 \x01(\x0b\x32\x19.ecsearch.v1.DenseServing\x12)\n\tretrieval\x18\x07 \x01(\x0e\x32\x16.ecsearch.v1.Retrieval\">\n\x0c\x44\x65nseServing\x12\x0e\n\x06nprobe\x18\x01 \x01(\x05\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\x12\x0f\n\x07widened\x18\x03 \x01(\x08\"\x99\x01\n\x03Hit\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x30\n\x08metadata\x18\x04 \x03(\x0b\x32\x1e.ecsearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\x12\x11\n\tsearch_ms\x18\x04 \x01(\x01\x12\x13\n\x0bmetadata_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nlexical_ms\x18\x07 \x01(\x01\x12\x11\n\tfusion_ms\x18\x08 \x01(\x01\")\n\x12GetProductsRequest\x12\x13\n\x0bproduct_ids\x18\x01 \x03(\t\"q\n\x13GetProductsResponse\x12&\n\x08products\x18\x01 \x03(\x0b\x32\x14.ecsearch.v1.Product\x12\x1b\n\x13missing_product_ids\x18\x02 \x03(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\"\x84\x01\n\x07Product\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x34\n\x08metadata\x18\x02 \x03(\x0b\x32\".ecsearch.v1.Product.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*h\n\tRetrieval\x12\x19\n\x15RETRIEVAL_UNSPECIFIED\x10\x00\x12\x13\n\x0fRETRIEVAL_DENSE\x10\x01\x12\x15\n\x11RETRIEVAL_LEXICAL\x10\x02\x12\x14\n\x10RETRIEVAL_HYBRID\x10\x03*E\n\x06\x46usion\x12\x16\n\x12\x46USION_UNSPECIFIED\x10\x00\x12\x0e\n\nFUSION_RRF\x10\x01\x12\x13\n\x0f\x46USION_WEIGHTED\x10\x02\x32\xa4\x01\n\rSearchService\x12\x41\n\x06Search\x12\x1a.ecsearch.v1.SearchRequest\x1a\x1b.ecsearch.v1.SearchResponse\x12P\n\x0bGetProducts\x12\x1f.ecsearch.v1.GetProductsRequest\x1a .ecsearch.v1.GetProductsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_PRODUCT_METADATAENTRY']._loaded_options = None
   _globals['_PRODUCT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_RETRIEVAL']._serialized_start=1505
+  _globals['_RETRIEVAL']._serialized_end=1609
+  _globals['_FUSION']._serialized_start=1611
+  _globals['_FUSION']._serialized_end=1680
   _globals['_SEARCHREQUEST']._serialized_start=53
-  _globals['_SEARCHREQUEST']._serialized_end=205
-  _globals['_METADATAFILTER']._serialized_start=207
-  _globals['_METADATAFILTER']._serialized_end=254
-  _globals['_SEARCHRESPONSE']._serialized_start=257
-  _globals['_SEARCHRESPONSE']._serialized_end=399
-  _globals['_HIT']._serialized_start=402
-  _globals['_HIT']._serialized_end=555
-  _globals['_HIT_METADATAENTRY']._serialized_start=508
-  _globals['_HIT_METADATAENTRY']._serialized_end=555
-  _globals['_STAGETIMINGS']._serialized_start=558
-  _globals['_STAGETIMINGS']._serialized_end=686
-  _globals['_GETPRODUCTSREQUEST']._serialized_start=688
-  _globals['_GETPRODUCTSREQUEST']._serialized_end=729
-  _globals['_GETPRODUCTSRESPONSE']._serialized_start=731
-  _globals['_GETPRODUCTSRESPONSE']._serialized_end=844
-  _globals['_PRODUCT']._serialized_start=847
-  _globals['_PRODUCT']._serialized_end=979
-  _globals['_PRODUCT_METADATAENTRY']._serialized_start=508
-  _globals['_PRODUCT_METADATAENTRY']._serialized_end=555
-  _globals['_SEARCHSERVICE']._serialized_start=982
-  _globals['_SEARCHSERVICE']._serialized_end=1146
+  _globals['_SEARCHREQUEST']._serialized_end=331
+  _globals['_HYBRIDOPTIONS']._serialized_start=334
+  _globals['_HYBRIDOPTIONS']._serialized_end=508
+  _globals['_METADATAFILTER']._serialized_start=510
+  _globals['_METADATAFILTER']._serialized_end=557
+  _globals['_SEARCHRESPONSE']._serialized_start=560
+  _globals['_SEARCHRESPONSE']._serialized_end=820
+  _globals['_DENSESERVING']._serialized_start=822
+  _globals['_DENSESERVING']._serialized_end=884
+  _globals['_HIT']._serialized_start=887
+  _globals['_HIT']._serialized_end=1040
+  _globals['_HIT_METADATAENTRY']._serialized_start=993
+  _globals['_HIT_METADATAENTRY']._serialized_end=1040
+  _globals['_STAGETIMINGS']._serialized_start=1043
+  _globals['_STAGETIMINGS']._serialized_end=1210
+  _globals['_GETPRODUCTSREQUEST']._serialized_start=1212
+  _globals['_GETPRODUCTSREQUEST']._serialized_end=1253
+  _globals['_GETPRODUCTSRESPONSE']._serialized_start=1255
+  _globals['_GETPRODUCTSRESPONSE']._serialized_end=1368
+  _globals['_PRODUCT']._serialized_start=1371
+  _globals['_PRODUCT']._serialized_end=1503
+  _globals['_PRODUCT_METADATAENTRY']._serialized_start=993
+  _globals['_PRODUCT_METADATAENTRY']._serialized_end=1040
+  _globals['_SEARCHSERVICE']._serialized_start=1683
+  _globals['_SEARCHSERVICE']._serialized_end=1847
 # @@protoc_insertion_point(module_scope)

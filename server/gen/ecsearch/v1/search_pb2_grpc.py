@@ -53,9 +53,15 @@ class SearchServiceServicer:
 
     def Search(self, request, context):
         """Search encodes the query with the query tower, searches the index version and returns
-        the top_k products. Errors: INVALID_ARGUMENT (no text and no image, blank text,
-        undecodable image, image over the size limits, top_k outside [1, 1000], nprobe < 1,
-        unknown or empty filter), DEADLINE_EXCEEDED, UNAVAILABLE (no index version loaded).
+        the top_k products: always min(top_k, number of matching products) of them (the dense
+        search widens when its probed lists hold too few), one page of them when page_size is
+        set. Errors: INVALID_ARGUMENT (no text and no image, blank text, undecodable image,
+        image over the size limits, top_k outside [1, 1000], nprobe < 1, unknown or empty
+        filter, page_size < 0, a page_token that is malformed or issued by another index
+        version or for another query, lexical or hybrid retrieval without text, lexical
+        retrieval with an image, bad hybrid weights),
+        FAILED_PRECONDITION (lexical or hybrid retrieval on an index version built without a
+        lexical index), DEADLINE_EXCEEDED, UNAVAILABLE (no index version loaded).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

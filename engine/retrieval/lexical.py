@@ -1,0 +1,107 @@
+"""BM25 over product text (title + attribute values), on the bm25s engine.
+
+One document per product: its title followed by its catalogue attribute values in key order
+(``product_text``: "Puma Men Black Sports Shoes Men Footwear Shoes Sports Shoes Black ...").
+Tokens: bm25s's tokenizer (lower-cased words of 2+ word characters, English stopwords
+removed, no stemming). Scores: BM25 as Lucene computes it, k1 = 1.5, b = 0.75 (bm25s's
+defaults; Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond",
+2009, eq. 3.15 with Lucene's idf). A product that shares no token with the query scores 0
+and is not a lexical hit. The index is written into the index version by
+``indexer.lexical`` and read back memory-mapped. Source: bm25s (Lù, 2024,
+arXiv:2407.03618); document text and tokenizer options our choice.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import bm25s
+import numpy as np
+
+K1 = 1.5
+B = 0.75
+STOPWORDS = "en"
+
+
+def product_text(title: str | None, attributes: Mapping[str, object] | None) -> str:
+    """The lexical document of a product: its title, then its attribute values (keys sorted;
+    empty and ``"NA"`` values left out), space-separated."""
+    values = [str(attributes[key]) for key in sorted(attributes or {})
+              if attributes[key] not in (None, "", "NA")]
+    return " ".join([title or "", *values]).strip()
+
+
+def tokenize(texts: Sequence[str]) -> list[list[str]]:
+    """Token lists of ``texts`` (module docstring); an empty list for a text with no token."""
+    if not texts:
+        return []
+    return bm25s.tokenize(list(texts), lower=True, stopwords=STOPWORDS, return_ids=False,
+                          show_progress=False)
+
+
+class LexicalIndex:
+    """A BM25 index over ``n_docs`` documents; document i = internal id i. Thread-safe for
+    searching (read-only arrays). Build with ``build``, write with ``save``, read with ``load``."""
+
+    def __init__(self, bm25: "bm25s.BM25"):
+        self._bm25 = bm25
+        self.n_docs = int(bm25.scores["num_docs"])
+
+    @classmethod
+    def build(cls, texts: Sequence[str]) -> "LexicalIndex":
+        """Index ``texts`` (document i = ``texts[i]``). Raises ValueError when no text has a token."""
+        tokens = tokenize(texts)
+        if not any(tokens):
+            raise ValueError(f"no document of {len(texts)} has a token to index")
+        bm25 = bm25s.BM25(k1=K1, b=B)
+        bm25.index(tokens, show_progress=False)
+        if int(bm25.scores["num_docs"]) != len(texts):
+            raise ValueError(f"bm25s indexed {bm25.scores['num_docs']} documents of {len(texts)}")
+        return cls(bm25)
+
+    def save(self, folder: Path) -> list[str]:
+        """Write the index files into ``folder`` (created); returns their names, sorted."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self._bm25.save(str(folder), show_progress=False)
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+    @classmethod
+    def load(cls, folder: Path, *, mmap: bool = True) -> "LexicalIndex":
+        """Read an index written by ``save`` (arrays memory-mapped when ``mmap``).
+        Raises OSError / ValueError from bm25s on missing or unreadable files."""
+        return cls(bm25s.BM25.load(str(folder), mmap=mmap, show_progress=False))
+
+    def scores(self, text: str) -> np.ndarray:
+        """``float32 (n_docs,)`` BM25 scores of every document for ``text`` (0: no shared token)."""
+        tokens = tokenize([text])[0]
+        if not tokens:
+            return np.zeros(self.n_docs, dtype=np.float32)
+        ids = self._bm25.get_tokens_ids(tokens)
+        if not ids:
+            return np.zeros(self.n_docs, dtype=np.float32)
+        return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
+
+    def search(self, text: str, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` lexical hits of ``text`` among ``allowed`` (int64 internal ids; None:
+        all documents). Returns ``(scores float32 (m,), ids int64 (m,))``, m <= k: documents
+        with a score > 0 only, best first, ties by ascending id (deterministic)."""
+        scores = self.scores(text)
+        if allowed is not None:
+            ids = np.asarray(allowed, dtype=np.int64)
+            ids = ids[(ids >= 0) & (ids < self.n_docs)]
+            candidates = ids[scores[ids] > 0]
+        else:
+            candidates = np.flatnonzero(scores > 0).astype(np.int64)
+        return top_k_by_score(candidates, scores[candidates], k)
+
+
+def top_k_by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of ``ids`` by ``scores`` (descending; ties by ascending id):
+    ``(scores float32 (m,), ids int64 (m,))``, m = min(k, len(ids))."""
+    if ids.size > k:
+        keep = np.argpartition(-scores, k - 1)[:k]
+        cut = scores[keep].min()  # keep every tie of the k-th score, then order and cut
+        keep = np.flatnonzero(scores >= cut)
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order].astype(np.float32), ids[order].astype(np.int64)

@@ -1,0 +1,114 @@
+"""Dense, lexical and hybrid retrieval of one request, with metadata filters, exact k and a
+page window; runs in the server's search thread pool.
+
+- **dense**: the query vector's nearest items (``IndexVersion.search_served``: widened until
+  it holds ``min(depth, allowed)`` hits).
+- **lexical**: BM25 over titles and attribute values (``IndexVersion.search_lexical``);
+  hits are the allowed products sharing a word with the text.
+- **hybrid**: the dense and the lexical top ``max(depth, HYBRID_MIN_CANDIDATES)`` fused
+  (``engine.retrieval.fusion``: reciprocal rank fusion, or weighted min-max scores), cut to
+  ``depth``. The dense side alone holds ``min(depth, allowed)`` items, so exact k holds.
+
+The whole ranked list (``depth`` = the request's top_k) is computed for every page and only
+the page's window is read from the metadata store, so the pages of one query on one index
+version concatenate to the single-request list. Source: our choice.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.retrieval.fusion import RRF_K, reciprocal_rank_fusion, weighted_score_fusion
+from server.filters import FilteredSearchResult, allowed_ids, dense_served, found_hits
+
+DENSE, LEXICAL, HYBRID = "dense", "lexical", "hybrid"
+# each side of a hybrid search contributes at least this many candidates (our choice: RRF
+# needs some depth to reward items both rankings place well; 100 keeps the dense side
+# within the probed lists of the fashion index at nprobe 4)
+HYBRID_MIN_CANDIDATES = 100
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Fusion of RETRIEVAL_HYBRID: ``fusion`` "rrf" or "weighted", the two weights (>= 0,
+    not both 0) and the RRF constant (>= 1)."""
+
+    fusion: str = "rrf"
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
+    rrf_k: int = RRF_K
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What one request searches: an open index version (``IndexVersion``) and its
+    ``VersionCache`` (or None), the ranking depth ``top_k``, metadata filters, nprobe (None:
+    the index default), the retrieval mode, the query text (lexical and hybrid), the fusion
+    options, and the page window: hits ``offset`` to ``offset + count`` (count None: all)."""
+
+    index: Any
+    cache: Any
+    top_k: int
+    filters: tuple = ()
+    nprobe: int | None = None
+    retrieval: str = DENSE
+    text: str | None = None
+    hybrid: HybridConfig = HybridConfig()
+    offset: int = 0
+    count: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Dense, unfiltered, whole list: may share one faiss call with others."""
+        return self.retrieval == DENSE and not self.filters and self.offset == 0 and self.count is None
+
+
+def run_job(job: SearchJob, vector: np.ndarray | None) -> FilteredSearchResult:
+    """Search ``job`` with its query vector (``float32 (d,)``; None for lexical retrieval).
+
+    Returns the page's hits and the stage times. Raises the index's errors (e.g.
+    ``indexer.errors.SearchArgumentError``, ``indexer.lexical.LexicalUnavailableError``).
+    """
+    t0 = time.perf_counter()
+    allowed = allowed_ids(job.index, job.filters, job.cache)
+    metadata_ms = (time.perf_counter() - t0) * 1e3
+    depth = job.top_k
+    side = depth if job.retrieval != HYBRID else max(depth, HYBRID_MIN_CANDIDATES)
+    search_ms = lexical_ms = fusion_ms = 0.0
+    dense = None
+    lists = []
+    if job.retrieval in (DENSE, HYBRID):
+        t1 = time.perf_counter()
+        served = job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed)
+        search_ms = (time.perf_counter() - t1) * 1e3
+        dense = dense_served(served)
+        keep = served.ids[0] >= 0
+        lists.append((served.ids[0][keep], served.scores[0][keep]))
+    if job.retrieval in (LEXICAL, HYBRID):
+        t1 = time.perf_counter()
+        scores, ids = job.index.search_lexical(job.text, side, allowed)
+        lexical_ms = (time.perf_counter() - t1) * 1e3
+        lists.append((ids, scores))
+    t1 = time.perf_counter()
+    ids, scores = _fuse(lists, job.hybrid) if job.retrieval == HYBRID else lists[0]
+    ids, scores = ids[:depth], scores[:depth]
+    fusion_ms = (time.perf_counter() - t1) * 1e3 if job.retrieval == HYBRID else 0.0
+    t1 = time.perf_counter()
+    end = len(ids) if job.count is None else job.offset + job.count
+    window = ids[job.offset:end]
+    hits = found_hits(job.index, job.index.product_ids(window), scores[job.offset:end], job.cache)
+    metadata_ms += (time.perf_counter() - t1) * 1e3
+    return FilteredSearchResult(hits, search_ms=search_ms, metadata_ms=metadata_ms,
+                                allowed_count=None if allowed is None else int(len(allowed)),
+                                total_hits=int(len(ids)), lexical_ms=lexical_ms, fusion_ms=fusion_ms, dense=dense)
+
+
+def _fuse(lists: list[tuple[np.ndarray, np.ndarray]], config: HybridConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, scores) of the fused ranking of ``lists`` = [dense, lexical] (each best first)."""
+    weights = (config.dense_weight, config.lexical_weight)
+    if config.fusion == "weighted":
+        return weighted_score_fusion(lists, weights)
+    return reciprocal_rank_fusion([ids for ids, _ in lists], weights, config.rrf_k)
