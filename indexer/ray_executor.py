@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -149,11 +150,13 @@ class RayExecutor:
         """read -> decode (tasks) -> encode (actor pool); yields ``(chunk start, BatchOutcome)``."""
         data = self.ray.data
         ds = data.from_items(rows, override_num_blocks=min(len(rows), 200))
-        ds = ds.map_batches(_decode_rows, batch_size=1, fn_kwargs={"preprocess": preprocess}, num_cpus=1,
-                            max_retries=RETRIES)
-        ds = ds.map_batches(_Encoder, batch_size=1, concurrency=self.actors, num_cpus=1, num_gpus=self.actor_gpus,
-                            fn_constructor_args=(self.model_dir, self.device, options, self.actor_threads),
-                            max_restarts=RETRIES, max_task_retries=RETRIES)
+        with warnings.catch_warnings():  # retry limits have no named parameter yet (Ray 2.60 warns)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(_decode_rows, batch_size=1, fn_kwargs={"preprocess": preprocess}, num_cpus=1,
+                                max_retries=RETRIES)
+            ds = ds.map_batches(_Encoder, batch_size=1, concurrency=self.actors, num_cpus=1,
+                                num_gpus=self.actor_gpus, max_restarts=RETRIES, max_task_retries=RETRIES,
+                                fn_constructor_args=(self.model_dir, self.device, options, self.actor_threads))
         for row in ds.iter_rows():
             yield int(row["chunk"]), pickle.loads(row["payload"])
 
