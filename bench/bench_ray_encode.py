@@ -45,7 +45,7 @@ def main() -> int:
     from engine.cpu_features import bf16_is_fast
     from engine.model.model_folder import load_model
     from indexer.encode import EncodeOptions, encode_products
-    from indexer.ray_executor import RayExecutor, ray_runtime_env
+    from indexer.ray_executor import RayExecutor, start_ray
 
     machine = describe_machine()
     print(machine, flush=True)
@@ -54,7 +54,7 @@ def main() -> int:
     products = read_catalog(args.data, None, args.items).products
     model = load_model(args.model, device="cpu")
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
+    start_ray(num_cpus=os.cpu_count())
     executor = RayExecutor(args.model, "cpu")
     print(f"ray.init {time.perf_counter() - t0:.1f} s; {executor.describe()}; {len(products)} products, "
           f"precision {precision}", flush=True)

@@ -35,6 +35,11 @@ from indexer.encode import EncodeOptions, decode_batch, encode_batch, finish_chu
 from indexer.errors import BuildError
 
 RETRIES = 3
+# CPU shares: an encoder actor 0.75, a decode task 0.25, so that one actor per CPU still leaves
+# room for the (light) decode tasks beside them (our choice; the local executor oversubscribes
+# the same way: DataLoader workers beside the encoding process).
+ACTOR_CPUS = 0.75
+DECODE_CPUS = 0.25
 # Fault injection for tests: the first encoder actor call to find this file absent creates it
 # and kills its own worker process (os._exit), so the retry path runs on a real dead worker.
 KILL_ONCE_ENV = "ECSEARCH_RAY_KILL_ONCE"
@@ -56,6 +61,20 @@ def ray_runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Runtime env for ``ray.init``: workers import this checkout of ecsearch (PYTHONPATH)."""
     path = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": {"PYTHONPATH": path, **(extra_env or {})}}
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, extra_env: dict[str, str] | None = None):
+    """``ray.init`` for the indexer: workers import this checkout (``ray_runtime_env``) and, on a
+    Ray instance this call starts, run at the driver's priority: Ray starts its workers with
+    niceness 15 by default (``RAY_worker_niceness``), which on a machine shared with other jobs
+    halves the encoder actors' speed or worse (measured here: actors at nice 19 beside nice-5
+    jobs). A running cluster keeps its own setting (``RAY_worker_niceness=0 ray start ...``).
+    Returns the ``ray`` module. Raises BuildError without Ray."""
+    ray = require_ray()
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(address=address, num_cpus=num_cpus, runtime_env=ray_runtime_env(extra_env), include_dashboard=False,
+             log_to_driver=False)
+    return ray
 
 
 def _decode_rows(batch: dict[str, np.ndarray], preprocess: Callable) -> dict[str, np.ndarray]:
@@ -100,19 +119,18 @@ def _call(fn: Callable, *args) -> Any:
 
 class RayExecutor:
     """Runs the encode stage and the version's parts on Ray (``ray.init(address)`` unless Ray
-    is already initialised). actors: encoder actors (default: cluster CPUs // 2, at least 1,
-    leaving CPUs to the decode tasks; GPUs when ``actor_gpus`` > 0); actor_threads: torch
-    threads per actor (default: CPUs per actor + 1). Raises BuildError without Ray."""
+    is already initialised). actors: encoder actors (default: one per cluster CPU, or one per
+    GPU when ``actor_gpus`` > 0); actor_threads: torch threads per actor (default: cluster
+    CPUs // actors). Raises BuildError without Ray."""
 
     def __init__(self, model_dir: Path, device: str, address: str | None = None, actors: int | None = None,
                  actor_gpus: float = 0.0, actor_threads: int | None = None):
         self.ray = require_ray()
         if not self.ray.is_initialized():
-            self.ray.init(address=address, runtime_env=ray_runtime_env(), include_dashboard=False,
-                          log_to_driver=False)
+            start_ray(address)
         cpus = int(self.ray.cluster_resources().get("CPU", 1))
         gpus = int(self.ray.cluster_resources().get("GPU", 0))
-        self.actors = actors or (max(1, gpus) if actor_gpus > 0 else max(1, cpus // 2))
+        self.actors = actors or (max(1, gpus) if actor_gpus > 0 else max(1, cpus))
         self.actor_gpus = actor_gpus
         self.actor_threads = actor_threads or max(1, cpus // self.actors)
         self.model_dir, self.device = str(Path(model_dir).resolve()), device
@@ -152,10 +170,11 @@ class RayExecutor:
         ds = data.from_items(rows, override_num_blocks=min(len(rows), 200))
         with warnings.catch_warnings():  # retry limits have no named parameter yet (Ray 2.60 warns)
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ds.map_batches(_decode_rows, batch_size=1, fn_kwargs={"preprocess": preprocess}, num_cpus=1,
+            ds = ds.map_batches(_decode_rows, batch_size=1, fn_kwargs={"preprocess": preprocess}, num_cpus=DECODE_CPUS,
                                 max_retries=RETRIES)
-            ds = ds.map_batches(_Encoder, batch_size=1, concurrency=self.actors, num_cpus=1,
+            ds = ds.map_batches(_Encoder, batch_size=1, concurrency=self.actors, num_cpus=ACTOR_CPUS,
                                 num_gpus=self.actor_gpus, max_restarts=RETRIES, max_task_retries=RETRIES,
+                                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.actor_threads)}},
                                 fn_constructor_args=(self.model_dir, self.device, options, self.actor_threads))
         for row in ds.iter_rows():
             yield int(row["chunk"]), pickle.loads(row["payload"])

@@ -27,13 +27,10 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    import ray
-
-    from indexer.ray_executor import KILL_ONCE_ENV, ray_runtime_env
+    from indexer.ray_executor import KILL_ONCE_ENV, start_ray
 
     marker = tmp_path_factory.mktemp("ray-kill") / "killed-once"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env=ray_runtime_env({KILL_ONCE_ENV: str(marker)}))
+    ray = start_ray(num_cpus=2, extra_env={KILL_ONCE_ENV: str(marker)})
     yield marker
     ray.shutdown()
 
