@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="local DataLoader workers (the CLI default)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--actors", type=int, default=None, help="encoder actors (default: RayExecutor's)")
     args = parser.parse_args()
 
     import ray
@@ -55,7 +56,7 @@ def main() -> int:
     model = load_model(args.model, device="cpu")
     t0 = time.perf_counter()
     start_ray(num_cpus=os.cpu_count())
-    executor = RayExecutor(args.model, "cpu")
+    executor = RayExecutor(args.model, "cpu", actors=args.actors)
     print(f"ray.init {time.perf_counter() - t0:.1f} s; {executor.describe()}; {len(products)} products, "
           f"precision {precision}", flush=True)
     rates: dict[str, list[float]] = {"local": [], "ray": []}
