@@ -153,8 +153,10 @@ def storage_folders(args, work: Path, built: dict, side: dict) -> dict[str, Path
     return folders
 
 
-def measure_storage(folder: Path, work: Path, nprobes: list[int], batch: int, latency_queries: int) -> dict:
-    """In this (fresh) process: open the version and measure RSS, recall@10 and latency."""
+def measure_storage(folder: Path, work: Path, nprobes: list[int], batch: int, latency_queries: int,
+                    k_factor: int | None = None) -> dict:
+    """In this (fresh) process: open the version and measure RSS, recall@10 and latency
+    (refine re-scores ``k_factor`` x 10 candidates; None = the manifest's default)."""
     from indexer.recall import recall_at_k
     from indexer.search import open_index
 
@@ -164,21 +166,21 @@ def measure_storage(folder: Path, work: Path, nprobes: list[int], batch: int, la
     index = open_index(folder, verify=False)
     out = {"open_s": round(time.perf_counter() - t0, 2), "rss_before": before, "rss_open": rss_bytes(), "rows": []}
     for nprobe in nprobes:
-        _, found = index.search_ids(queries, 10, nprobe=nprobe)
+        _, found = index.search_ids(queries, 10, nprobe=nprobe, k_factor=k_factor)
         for q in queries[:20]:
-            index.search_ids(q[None, :], 10, nprobe=nprobe)
+            index.search_ids(q[None, :], 10, nprobe=nprobe, k_factor=k_factor)
         lat = []
         for q in queries[:latency_queries]:
             t1 = time.perf_counter()
-            index.search(q[None, :], 10, nprobe=nprobe)
+            index.search(q[None, :], 10, nprobe=nprobe, k_factor=k_factor)
             lat.append((time.perf_counter() - t1) * 1000)
         t1 = time.perf_counter()
         n_batches = 0
         for start in range(0, queries.shape[0], batch):
-            index.search(queries[start:start + batch], 10, nprobe=nprobe)
+            index.search(queries[start:start + batch], 10, nprobe=nprobe, k_factor=k_factor)
             n_batches += 1
         batch_ms = (time.perf_counter() - t1) * 1000 / n_batches
-        out["rows"].append({"nprobe": nprobe, "recall_at_10": round(recall_at_k(found, truth, 10), 4),
+        out["rows"].append({"nprobe": nprobe, "k_factor": k_factor or index.k_factor_default, "recall_at_10": round(recall_at_k(found, truth, 10), 4),
                             "single_ms_p50": round(float(np.percentile(lat, 50)), 3),
                             "single_ms_p95": round(float(np.percentile(lat, 95)), 3),
                             "batch_size": batch, "batch_ms": round(batch_ms, 2)})
@@ -219,7 +221,8 @@ def main(argv: list[str]) -> int:
 
     args = _parse(argv)
     if args.measure:
-        print(json.dumps(measure_storage(args.measure, args.work, args.nprobe, args.batch, args.latency_queries)))
+        print(json.dumps(measure_storage(args.measure, args.work, args.nprobe, args.batch, args.latency_queries,
+                                         args.k_factor)))
         return 0
 
     def log(message: str) -> None:
