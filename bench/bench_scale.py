@@ -89,7 +89,8 @@ def stream_build(args, work: Path, log) -> dict:
         t0 = time.perf_counter()
         truth = _merge_top(truth, exact_search(vectors[start:start + block.shape[0]], queries, 10, ids=ids), 10)
         timings["truth"] += time.perf_counter() - t0
-        log(f"  {start + block.shape[0]} / {args.n} added ({timings['add']:.0f} s add); rss {rss_bytes()['VmRSS'] >> 20} MiB")
+        log(f"  {start + block.shape[0]} / {args.n} added ({timings['add']:.0f} s add); "
+            f"rss {rss_bytes()['VmRSS'] >> 20} MiB")
     vectors.flush()
     del vectors
     builds = []
@@ -136,7 +137,8 @@ def storage_folders(args, work: Path, built: dict, side: dict) -> dict[str, Path
         folder = work / storage
         folder.mkdir(exist_ok=True)
         names = [b.file for b in built["builds"]] + ["vectors.f16.npy", "metadata.lmdb", "rejects.jsonl",
-                                                     "flags.jsonl"] + ([REFINE_FILES[storage]] if storage in REFINE_FILES else [])
+                                                     "flags.jsonl"]
+        names += [REFINE_FILES[storage]] if storage in REFINE_FILES else []
         for name in names:
             if not (folder / name).exists():
                 os.link(shared / name, folder / name)
@@ -180,7 +182,8 @@ def measure_storage(folder: Path, work: Path, nprobes: list[int], batch: int, la
             index.search(queries[start:start + batch], 10, nprobe=nprobe, k_factor=k_factor)
             n_batches += 1
         batch_ms = (time.perf_counter() - t1) * 1000 / n_batches
-        out["rows"].append({"nprobe": nprobe, "k_factor": k_factor or index.k_factor_default, "recall_at_10": round(recall_at_k(found, truth, 10), 4),
+        out["rows"].append({"nprobe": nprobe, "k_factor": k_factor or index.k_factor_default,
+                            "recall_at_10": round(recall_at_k(found, truth, 10), 4),
                             "single_ms_p50": round(float(np.percentile(lat, 50)), 3),
                             "single_ms_p95": round(float(np.percentile(lat, 95)), 3),
                             "batch_size": batch, "batch_ms": round(batch_ms, 2)})

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="--executor ray: cluster address (e.g. ray://head:10001 or auto; default: a local Ray)")
     parser.add_argument("--ray-actors", type=int, default=None,
-                        help="--executor ray: encoder actors, one model each (default: cluster CPUs // 2)")
+                        help="--executor ray: encoder actors, one model each (default: one per cluster CPU)")
     parser.add_argument("--ray-actor-gpus", type=float, default=0.0, help="--executor ray: GPUs per encoder actor")
     parser.add_argument("--batch-size", type=int, default=32, help="items per item-tower call")
     parser.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk")
