@@ -4,7 +4,10 @@ published as an immutable index version under ``ROOT/versions/<version>`` with `
 Modules, one job each:
 
 - ``shards``: stable product-id -> shard assignment.
-- ``encode``: resumable, chunked item-tower encoding (DataLoader image decoding).
+- ``encode``: resumable, chunked item-tower encoding; its stages (plan, decode, encode,
+  finish a chunk) are functions both executors call. ``chunk_files``: the resumable chunk files.
+- ``ray_executor``: the same stages on Ray (Ray Data encode, parallel Ray tasks); optional.
+- ``refine``: where the refine vectors live (fp16 in RAM, fp16 memory-mapped, SQ8, none).
 - ``build``: IVF-PQ training on a sample, shard indexes, exact fp16 vectors, ANN recall.
 - ``metadata``: LMDB records (internal id <-> product id, product records, facets).
 - ``manifest``: manifest.json, file checksums and their verification.

@@ -159,27 +159,33 @@ class ShardBuild:
     add_s: float
 
 
+def build_shard(trained: faiss.Index, vectors: np.ndarray, rows: np.ndarray, name: str, out_dir: Path,
+                batch_size: int = 65536) -> ShardBuild:
+    """The add stage of one shard (both executors; a Ray task in ``indexer.ray_executor``):
+    rows ``rows`` (int64) of ``vectors`` (float32 (n, d)) added with faiss ids = row numbers
+    to a clone of ``trained``, written to ``out_dir/name``. Returns its ShardBuild."""
+    t0 = time.perf_counter()
+    index = faiss.clone_index(trained)
+    for start in range(0, rows.size, batch_size):
+        part = rows[start:start + batch_size]
+        index.add_with_ids(np.ascontiguousarray(vectors[part], dtype=np.float32), part)
+    faiss.write_index(index, str(out_dir / name))
+    return ShardBuild(name, int(rows.size), time.perf_counter() - t0)
+
+
+def shard_rows(shard_of_row: np.ndarray, n_shards: int) -> list[tuple[str, np.ndarray]]:
+    """``[(shard_{s:03d}.faiss, rows int64)]`` for every shard, empty ones included (so the
+    shard count is always ``n_shards``)."""
+    return [(f"shard_{s:03d}.faiss", np.flatnonzero(shard_of_row == s).astype(np.int64)) for s in range(n_shards)]
+
+
 def write_shards(trained: faiss.Index, vectors: np.ndarray, shard_of_row: np.ndarray, n_shards: int,
                  out_dir: Path, batch_size: int = 65536) -> list[ShardBuild]:
-    """Add ``vectors`` (float32 (n, d)) to ``n_shards`` clones of ``trained`` and write them.
-
-    Row ``i`` is added with faiss id ``i`` to shard ``shard_of_row[i]`` (int32 (n,)).
-    Files: ``out_dir/shard_{s:03d}.faiss``. Returns one ShardBuild per shard (empty shards
-    are written too, so the shard count is always ``n_shards``).
-    """
-    builds = []
-    for s in range(n_shards):
-        t0 = time.perf_counter()
-        index = faiss.clone_index(trained)
-        rows = np.flatnonzero(shard_of_row == s).astype(np.int64)
-        for start in range(0, rows.size, batch_size):
-            part = rows[start:start + batch_size]
-            index.add_with_ids(np.ascontiguousarray(vectors[part], dtype=np.float32), part)
-        name = f"shard_{s:03d}.faiss"
-        faiss.write_index(index, str(out_dir / name))
-        builds.append(ShardBuild(name, int(rows.size), time.perf_counter() - t0))
-        del index
-    return builds
+    """Add ``vectors`` (float32 (n, d)) to ``n_shards`` clones of ``trained`` and write them,
+    one after the other in this process (``build_shard``). Row ``i`` goes with faiss id ``i``
+    to shard ``shard_of_row[i]`` (int32 (n,)). Returns one ShardBuild per shard."""
+    return [build_shard(trained, vectors, rows, name, out_dir, batch_size)
+            for name, rows in shard_rows(shard_of_row, n_shards)]
 
 
 def write_exact_vectors(vectors: np.ndarray, path: Path, chunk_rows: int = 65536) -> None:

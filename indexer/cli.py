@@ -31,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default nprobe in the manifest (default: smallest reaching recall@10 >= 0.95)")
     parser.add_argument("--k-factor", type=int, default=50, help="refine re-scores top k*K candidates (default 50)")
     parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
+    parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "sq8", "none"), default="fp16_ram",
+                        help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, SQ8 in RAM, or none "
+                             "(indexer/refine.py; default fp16_ram)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: this process (default); ray: Ray Data encode + Ray tasks (pip install "
+                             "'ecsearch[ray]')")
+    parser.add_argument("--ray-address", default=None,
+                        help="--executor ray: cluster address (e.g. ray://head:10001 or auto; default: a local Ray)")
+    parser.add_argument("--ray-actors", type=int, default=None,
+                        help="--executor ray: encoder actors, one model each (default: one per cluster CPU)")
+    parser.add_argument("--ray-actor-gpus", type=float, default=0.0, help="--executor ray: GPUs per encoder actor")
     parser.add_argument("--batch-size", type=int, default=32, help="items per item-tower call")
     parser.add_argument("--chunk-size", type=int, default=1024, help="items per resumable chunk")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
@@ -60,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
         print("ecsearch index: --shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1",
               file=sys.stderr)
         return 2
+    if args.executor == "ray":
+        from indexer.ray_executor import require_ray
+
+        try:
+            require_ray()
+        except BuildError as exc:
+            print(f"ecsearch index: {exc}", file=sys.stderr)
+            return 2
     if args.token_cache is not None and not args.token_cache.is_dir():
         print(f"ecsearch index: --token-cache {args.token_cache}: not a folder", file=sys.stderr)
         return 2
@@ -73,12 +92,14 @@ def run(args: argparse.Namespace) -> int:
             image_root=args.image_root)
     config = IndexJobConfig(
         catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=mapping, limit=args.limit,
-        keep_versions=args.keep_versions, device=args.device,
+        keep_versions=args.keep_versions, device=args.device, executor=args.executor, ray_address=args.ray_address,
+        ray_actors=args.ray_actors, ray_actor_gpus=args.ray_actor_gpus,
         encode=EncodeOptions(view=args.view, batch_size=args.batch_size, chunk_size=args.chunk_size,
                              workers=args.workers, precision=args.precision,
                              token_cache=str(args.token_cache) if args.token_cache else None),
         version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
                                k_factor=args.k_factor, refine=not args.no_refine,
+                               refine_storage=args.refine_storage,
                                recall_queries=args.recall_queries))
     try:
         result = run_index_job(config)

@@ -15,8 +15,6 @@ left for the view (e.g. no title and a corrupt image). Source: our choice.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from tqdm import tqdm
 from engine.catalog import FLAG_IMAGE_MISSING, Product
 from engine.model.errors import InputError
 from engine.model.images import load_image
+from indexer.chunk_files import load_chunk as _load_chunk, save_chunk as _save_chunk
 
 FLAG_IMAGE_UNREADABLE = "image_unreadable"
 FLAG_TEXT_ONLY = "text_only"
@@ -90,23 +89,33 @@ class _BatchImages(Dataset):
         return len(self.batches)
 
     def __getitem__(self, b: int):
-        tensors, errors = [], []
-        for pos in self.batches[b]:
-            source = self.images[pos]
-            if source is None:
-                tensors.append(None)
-                errors.append(None)
-                continue
-            try:
-                tensors.append(self.preprocess(load_image(source, index=pos)))
-                errors.append(None)
-            except InputError as exc:
-                tensors.append(None)
-                errors.append(exc.reason)
-            except Exception as exc:  # any other decoder failure: flag, never lose the product
-                tensors.append(None)
-                errors.append(f"{type(exc).__name__}: {exc}")
+        tensors, errors = decode_batch(self.batches[b], self.images, self.preprocess)
         return b, self.batches[b], tensors, errors
+
+
+def decode_batch(positions: Sequence[int], images: Sequence[str | None], preprocess: Callable
+                 ) -> tuple[list, list[str | None]]:
+    """The decode stage of one batch (both executors): ``images[pos]`` of each position decoded
+    (``engine.model.images.load_image``) and preprocessed. Returns ``(tensors, errors)``, one
+    entry per position: a tensor and None, or None and the reason it could not be decoded
+    (None, None when the product has no image). Never raises for a bad image."""
+    tensors, errors = [], []
+    for pos in positions:
+        source = images[pos]
+        if source is None:
+            tensors.append(None)
+            errors.append(None)
+            continue
+        try:
+            tensors.append(preprocess(load_image(source, index=pos)))
+            errors.append(None)
+        except InputError as exc:
+            tensors.append(None)
+            errors.append(exc.reason)
+        except Exception as exc:  # any other decoder failure: flag, never lose the product
+            tensors.append(None)
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return tensors, errors
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -115,36 +124,6 @@ def _worker_init(_worker_id: int) -> None:
 
 def _identity(x):
     return x
-
-
-def _chunk_paths(work: Path, start: int) -> tuple[Path, Path]:
-    return work / f"chunk_{start:09d}.npy", work / f"chunk_{start:09d}.json"
-
-
-def _load_chunk(work: Path, start: int, count: int, dim: int) -> tuple[np.ndarray, dict] | None:
-    """A chunk written by an earlier run, or None when absent / incomplete / unreadable."""
-    npy, meta = _chunk_paths(work, start)
-    if not (npy.is_file() and meta.is_file()):
-        return None
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        vecs = np.load(npy)
-    except (OSError, ValueError):
-        return None
-    if info.get("start") != start or info.get("count") != count or vecs.shape != (count, dim):
-        return None
-    return vecs, info
-
-
-def _save_chunk(work: Path, start: int, vecs: np.ndarray, info: dict) -> None:
-    npy, meta = _chunk_paths(work, start)
-    for path, write in ((meta, lambda f: f.write(json.dumps(info).encode())), (npy, lambda f: np.save(f, vecs))):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
 
 def _usable(product: Product, view: str) -> tuple[str | None, str | None, str | None]:
@@ -159,18 +138,20 @@ def _usable(product: Product, view: str) -> tuple[str | None, str | None, str | 
 
 
 def encode_products(model, products: Sequence[Product], work: Path, options: EncodeOptions,
-                    log: Callable[[str], None] = print) -> EncodeResult:
+                    log: Callable[[str], None] = print, encode_chunks: Callable | None = None) -> EncodeResult:
     """Encode ``products`` with ``model.item_tower`` into ``work`` (created), resuming chunks.
 
-    Returns EncodeResult (vectors float32 (n_indexed, d)). Raises ValueError for an unknown view.
+    encode_chunks: the executor of the chunks still to encode, ``f(model, products, inputs,
+    todo [(start, count)], options, log) -> iterator of (start, vectors, info)`` (default:
+    ``encode_chunks_local``, this process; ``indexer.ray_executor`` runs them on Ray). Each
+    chunk is saved to ``work`` as it arrives. Returns EncodeResult (vectors float32
+    (n_indexed, d)). Raises ValueError for an unknown view.
     """
     if options.view not in ("fused", "text", "image"):
         raise ValueError(f"unknown view {options.view!r}; expected fused, text or image")
     work.mkdir(parents=True, exist_ok=True)
     dim = int(model.dim)
     n = len(products)
-    texts: list[str | None] = [None] * n
-    images: list[str | None] = [None] * n
     result = EncodeResult(np.empty((0, dim), np.float32), [])
     chunk_vecs: dict[int, np.ndarray] = {}
     todo_chunks = []
@@ -186,22 +167,12 @@ def encode_products(model, products: Sequence[Product], work: Path, options: Enc
         result.resumed_items += count
     if result.resumed_items:
         log(f"encode: resuming, {result.resumed_items} of {n} products already encoded in {work}")
-
-    for pos, p in enumerate(products):
-        texts[pos], images[pos], _ = _usable(p, options.view)
-    preprocess = model.backbones.image.preprocess
-    reuse = _open_reuse(model, options, log) if todo_chunks else None
-    bar = tqdm(total=n, initial=result.resumed_items, unit="item", desc="encode", file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0)
-    try:
-        for start, count in todo_chunks:
-            vecs, info = _encode_chunk(model, products, texts, images, start, count, options, preprocess, bar,
-                                       reuse)
-            _save_chunk(work, start, vecs, info)
-            chunk_vecs[start] = vecs
-            _merge_chunk_info(result, info)
-    finally:
-        bar.close()
+    inputs = product_inputs(products, options.view)
+    for start, vecs, info in (encode_chunks or encode_chunks_local)(model, products, inputs, todo_chunks, options,
+                                                                    log):
+        _save_chunk(work, start, vecs, info)
+        chunk_vecs[start] = vecs
+        _merge_chunk_info(result, info)
 
     keep = np.ones(n, dtype=bool)
     keep[list(result.rejects)] = False
@@ -210,6 +181,40 @@ def encode_products(model, products: Sequence[Product], work: Path, options: Enc
     result.vectors = np.ascontiguousarray(all_vecs[keep], dtype=np.float32)
     result.indexed = np.flatnonzero(keep).tolist()
     return result
+
+
+def product_inputs(products: Sequence[Product], view: str) -> tuple[list[str | None], list[str | None]]:
+    """``(texts, images)``: per product, the title and image source the ``view`` uses (None = absent)."""
+    texts: list[str | None] = [None] * len(products)
+    images: list[str | None] = [None] * len(products)
+    for pos, p in enumerate(products):
+        texts[pos], images[pos], _ = _usable(p, view)
+    return texts, images
+
+
+def encode_chunks_local(model, products, inputs, todo_chunks, options: EncodeOptions, log):
+    """The local executor of the encode stage: chunk by chunk in this process, DataLoader
+    workers decoding images. Yields ``(start, float32 (count, d), chunk info)``."""
+    texts, images = inputs
+    preprocess = model.backbones.image.preprocess
+    reuse = _open_reuse(model, options, log) if todo_chunks else None
+    done = sum(1 for _ in products) - sum(count for _, count in todo_chunks)
+    bar = tqdm(total=len(products), initial=done, unit="item", desc="encode", file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        for start, count in todo_chunks:
+            plan = plan_chunk(products, texts, images, start, count, options, reuse)
+            bar.update(count - sum(len(b) for b in plan.batches))
+            loader = DataLoader(_BatchImages(plan.batches, images, preprocess), batch_size=None, shuffle=False,
+                                num_workers=options.workers, collate_fn=_identity, worker_init_fn=_worker_init,
+                                prefetch_factor=2 if options.workers else None,
+                                persistent_workers=False) if plan.batches else []
+            for _b, batch, tensors, errors in loader:
+                plan.merge(encode_batch(model, batch, [texts[pos] for pos in batch], tensors, errors, options))
+                bar.update(len(batch))
+            yield (start, *finish_chunk(plan, texts, images, options.view, int(model.dim)))
+    finally:
+        bar.close()
 
 
 def _merge_chunk_info(result: EncodeResult, info: dict) -> None:
@@ -235,57 +240,100 @@ def _open_reuse(model, options: EncodeOptions, log: Callable[[str], None]):
     return reuse
 
 
-def _encode_chunk(model, products, texts, images, start, count, options, preprocess, bar, reuse=None):
-    """Encode products ``[start, start+count)``, those whose tokens ``reuse`` finds from the
-    token cache; returns (float32 (count, d) with zero rows for rejects, chunk info dict)."""
-    dim = int(model.dim)
+@dataclass
+class ChunkPlan:
+    """One chunk ``[start, start+count)`` being encoded: ``batches`` (positions, length-sorted,
+    those the token cache did not answer), the outcome so far (rejects, flags, detail per
+    position), ``vectors`` found so far ``{position: float32 (d,)}`` and the token-cache part
+    (``cached`` positions, ``cached_seconds``)."""
+
+    start: int
+    count: int
+    batches: list[list[int]]
+    rejects: dict[int, str]
+    flags: dict[int, list[str]]
+    detail: dict[int, dict[str, str]]
+    vectors: dict[int, np.ndarray]
+    cached: set[int] = field(default_factory=set)
+    cached_seconds: float = 0.0
+
+    def merge(self, outcome: "BatchOutcome") -> None:
+        """Add one encoded batch's outcome (``encode_batch``)."""
+        self.vectors.update(outcome.vectors)
+        self.rejects.update(outcome.rejects)
+        for pos, new in outcome.flags.items():
+            self.flags.setdefault(pos, []).extend(new)
+        for pos, new in outcome.detail.items():
+            self.detail.setdefault(pos, {}).update(new)
+
+
+@dataclass
+class BatchOutcome:
+    """What encoding one batch produced: ``vectors {position: float32 (d,)}`` and the rejects,
+    flags and flag details it added."""
+
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    rejects: dict[int, str] = field(default_factory=dict)
+    flags: dict[int, list[str]] = field(default_factory=dict)
+    detail: dict[int, dict[str, str]] = field(default_factory=dict)
+
+
+def plan_chunk(products, texts, images, start: int, count: int, options: EncodeOptions, reuse=None) -> ChunkPlan:
+    """The plan stage of one chunk (both executors): reject products with nothing usable,
+    encode those whose tokens ``reuse`` finds in the token cache, sort the others by (has
+    image, title length) and cut them into batches of ``options.batch_size`` (length-sorted
+    batching, after sentence-transformers)."""
     positions = list(range(start, start + count))
-    rejects: dict[int, str] = {}
-    flags: dict[int, list[str]] = {pos: list(products[pos].flags) for pos in positions if products[pos].flags}
-    detail: dict[int, dict[str, str]] = {pos: dict(products[pos].flag_detail) for pos in positions
-                                         if products[pos].flag_detail}
-    for pos in positions:
-        if texts[pos] is None and images[pos] is None:
-            rejects[pos] = _usable(products[pos], options.view)[2]
+    rejects = {pos: _usable(products[pos], options.view)[2] for pos in positions
+               if texts[pos] is None and images[pos] is None}
+    flags = {pos: list(products[pos].flags) for pos in positions if products[pos].flags}
+    detail = {pos: dict(products[pos].flag_detail) for pos in positions if products[pos].flag_detail}
     live = [pos for pos in positions if pos not in rejects]
-    # length-sorted batches: image presence first, then title length (our choice)
     live.sort(key=lambda pos: (images[pos] is not None, len(texts[pos] or "")))
-    vecs = np.zeros((count, dim), dtype=np.float32)
     t_cached = time.perf_counter()
     cached = reuse.encode(live, texts, images, options.batch_size) if reuse is not None else {}
     t_cached = time.perf_counter() - t_cached
-    for pos, vec in cached.items():
-        vecs[pos - start] = vec
-    bar.update(len(cached))
     live = [pos for pos in live if pos not in cached]
     batches = [live[i:i + options.batch_size] for i in range(0, len(live), options.batch_size)]
-    loader = DataLoader(_BatchImages(batches, images, preprocess), batch_size=None, shuffle=False,
-                        num_workers=options.workers, collate_fn=_identity, worker_init_fn=_worker_init,
-                        prefetch_factor=2 if options.workers else None, persistent_workers=False) if batches else []
-    bar.update(count - len(live) - len(cached))
-    for _b, batch, tensors, errors in loader:
-        batch_texts = [texts[pos] for pos in batch]
-        batch_images = list(tensors)
-        for j, pos in enumerate(batch):
-            if errors[j] is not None:
-                flags.setdefault(pos, []).append(FLAG_IMAGE_UNREADABLE)
-                detail.setdefault(pos, {})[FLAG_IMAGE_UNREADABLE] = errors[j]
-        keep = [j for j, pos in enumerate(batch) if batch_texts[j] is not None or batch_images[j] is not None]
-        for j, pos in enumerate(batch):
-            if j not in keep:
-                lack = "no usable title and the image" if options.view == "fused" else "the image (view image)"
-                rejects[pos] = f"{lack} cannot be used ({errors[j]})"
-        out = _encode_robust(model, [batch_texts[j] for j in keep], [batch_images[j] for j in keep],
-                             [batch[j] for j in keep], options, rejects, flags, detail)
-        for j, pos in zip(keep, [batch[j] for j in keep]):
-            if pos not in rejects:
-                vecs[pos - start] = out[pos]
-        bar.update(len(batch))
-    sources = _finish_flags(positions, texts, images, options.view, rejects, flags, set(cached))
-    info = {"start": start, "count": count, "view": options.view,
-            "rejects": {str(k): v for k, v in rejects.items()},
-            "flags": {str(k): v for k, v in flags.items()},
-            "detail": {str(k): v for k, v in detail.items()}, "sources": sources, "cached_seconds": t_cached}
+    return ChunkPlan(start, count, batches, rejects, flags, detail, dict(cached), set(cached), t_cached)
+
+
+def encode_batch(model, batch: list[int], texts: list[str | None], tensors: list, errors: list[str | None],
+                 options: EncodeOptions) -> BatchOutcome:
+    """The encode stage of one decoded batch (both executors): ``texts`` / ``tensors`` /
+    ``errors`` per position of ``batch`` (``decode_batch``). An undecodable image is flagged
+    ``image_unreadable``; a product left with nothing usable is rejected. Returns its
+    BatchOutcome (vectors float32 (d,) per encoded position)."""
+    out = BatchOutcome()
+    for j, pos in enumerate(batch):
+        if errors[j] is not None:
+            out.flags.setdefault(pos, []).append(FLAG_IMAGE_UNREADABLE)
+            out.detail.setdefault(pos, {})[FLAG_IMAGE_UNREADABLE] = errors[j]
+    keep = [j for j in range(len(batch)) if texts[j] is not None or tensors[j] is not None]
+    for j, pos in enumerate(batch):
+        if j not in keep:
+            lack = "no usable title and the image" if options.view == "fused" else "the image (view image)"
+            out.rejects[pos] = f"{lack} cannot be used ({errors[j]})"
+    vecs = _encode_robust(model, [texts[j] for j in keep], [tensors[j] for j in keep], [batch[j] for j in keep],
+                          options, out.rejects, out.flags, out.detail)
+    out.vectors = {pos: vec for pos, vec in vecs.items() if pos not in out.rejects}
+    return out
+
+
+def finish_chunk(plan: ChunkPlan, texts, images, view: str, dim: int) -> tuple[np.ndarray, dict]:
+    """The end of one chunk (both executors): ``(float32 (count, d) with zero rows for
+    rejects, chunk info dict)`` as ``_save_chunk`` writes them."""
+    vecs = np.zeros((plan.count, dim), dtype=np.float32)
+    for pos, vec in plan.vectors.items():
+        if pos not in plan.rejects:
+            vecs[pos - plan.start] = vec
+    positions = range(plan.start, plan.start + plan.count)
+    sources = _finish_flags(positions, texts, images, view, plan.rejects, plan.flags, plan.cached)
+    info = {"start": plan.start, "count": plan.count, "view": view,
+            "rejects": {str(k): v for k, v in plan.rejects.items()},
+            "flags": {str(k): v for k, v in plan.flags.items()},
+            "detail": {str(k): v for k, v in plan.detail.items()}, "sources": sources,
+            "cached_seconds": plan.cached_seconds}
     return vecs, info
 
 

@@ -38,6 +38,9 @@ class IndexJobConfig:
     index_root: ROOT; mapping: field mapping (None = detect); limit: read at most N rows;
     keep_versions: versions kept under ROOT/versions (K, CURRENT always kept);
     device: torch device for the item tower ("cpu", "cuda", None = cuda when available).
+    executor: "local" (this process) or "ray" (``indexer.ray_executor``; ray_address: the
+    cluster, None = start a local one; ray_actors / ray_actor_gpus: encoder actors and the
+    GPUs each one takes).
     """
 
     catalog: Path
@@ -49,6 +52,10 @@ class IndexJobConfig:
     device: str | None = None
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     version: VersionOptions = field(default_factory=VersionOptions)
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
+    ray_actor_gpus: float = 0.0
 
 
 @dataclass
@@ -133,6 +140,32 @@ def _manifest_extra(config: IndexJobConfig, model, device: str, catalog, catalog
     }
 
 
+def _read_stage(config: IndexJobConfig, timings: dict[str, float], log: Callable[[str], None]):
+    """Read the catalogue; returns (catalogue, sha256 of its file). Raises BuildError when no
+    product is usable."""
+    log("stage: read")
+    t0 = time.perf_counter()
+    catalog = read_catalog(config.catalog, config.mapping, config.limit)
+    timings["read"] = time.perf_counter() - t0
+    log(f"read: {catalog.read_count} rows, {len(catalog.products)} products, {len(catalog.rejects)} rejected "
+        f"({catalog.layout}: {catalog.source})")
+    if not catalog.products:
+        raise BuildError(f"{config.catalog}: no usable product among {catalog.read_count} rows read")
+    return catalog, sha256_file(Path(catalog.source))
+
+
+def _executor(config: IndexJobConfig, device: str):
+    """None for the local executor, a ``RayExecutor`` for "ray". Raises BuildError for an
+    unknown executor, or "ray" without Ray installed."""
+    if config.executor == "local":
+        return None
+    if config.executor != "ray":
+        raise BuildError(f"unknown executor {config.executor!r}; expected local or ray")
+    from indexer.ray_executor import RayExecutor
+
+    return RayExecutor(config.model_dir, device, config.ray_address, config.ray_actors, config.ray_actor_gpus)
+
+
 def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage) -> IndexJobResult:
     """Build and publish one index version. Raises CatalogError, ModelFolderError, BuildError."""
     import torch
@@ -143,21 +176,13 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
     t_job = time.perf_counter()
     timings: dict[str, float] = {}
     with build_lock(root):
-        log("stage: read")
-        t0 = time.perf_counter()
-        catalog = read_catalog(config.catalog, config.mapping, config.limit)
-        timings["read"] = time.perf_counter() - t0
-        log(f"read: {catalog.read_count} rows, {len(catalog.products)} products, {len(catalog.rejects)} rejected "
-            f"({catalog.layout}: {catalog.source})")
-        if not catalog.products:
-            raise BuildError(f"{config.catalog}: no usable product among {catalog.read_count} rows read")
-        catalog_fp = sha256_file(Path(catalog.source))
-
+        catalog, catalog_fp = _read_stage(config, timings, log)
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         log(f"stage: load model ({config.model_dir}, {device})")
         model = load_model(config.model_dir, device=device)
         config = _with_precision(config, device)
         log(f"encode precision: {config.encode.precision}")
+        executor = _executor(config, device)
         key = _job_key(catalog_fp, model.fingerprint, config)
         work = tmp_dir(root) / f"build-{key}"
         removed = cleanup_stale(root, keep={work.name})
@@ -166,7 +191,8 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
 
         log("stage: encode")
         t0 = time.perf_counter()
-        encoded = encode_products(model, catalog.products, work / "chunks", config.encode, log=log)
+        encoded = encode_products(model, catalog.products, work / "chunks", config.encode, log=log,
+                                  encode_chunks=executor.encode_chunks if executor else None)
         timings["encode"] = time.perf_counter() - t0
         if config.encode.token_cache is not None:
             timings["encode_from_cache"] = encoded.cached_seconds  # part of "encode"
@@ -182,8 +208,10 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         if staged.exists():
             shutil.rmtree(staged)
         extra = _manifest_extra(config, model, device, catalog, catalog_fp, key, encoded)
+        extra["build"]["executor"] = executor.describe() if executor else {"executor": "local"}
         written = write_version(staged, version, encoded.vectors, records, config.version, rejects=rejects,
-                                counts=counts, extra_manifest=extra, timings_s=timings, log=log)
+                                counts=counts, extra_manifest=extra, timings_s=timings, log=log,
+                                run_all=executor.run_all if executor else None)
 
         log("stage: publish")
         previous = read_current(root)

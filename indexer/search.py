@@ -47,6 +47,7 @@ from indexer.lexical import LexicalUnavailableError, open_lexical
 from indexer.manifest import MANIFEST, read_manifest, verify_files
 from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
+from indexer.refine import exact_subset_search, open_refine
 from indexer.search_checks import MAX_SEARCH_K, check_k, check_nprobe, check_queries
 from indexer.widening import SearchServed, widened_search
 
@@ -89,7 +90,9 @@ class IndexVersion:
             raise IndexIntegrityError(f"{path / MANIFEST}: bad value in the manifest ({exc!r})") from exc
         self._shards = shards
         self._vectors = vectors
-        self._sharded, self._exact, self._refined = _search_pipeline(shards, vectors, self.dim)
+        self.refine_storage: str = manifest.get("refine", {}).get("storage", "fp16_ram")
+        self._sharded, self._exact, self._refined = _search_pipeline(shards, open_refine(path, manifest, vectors),
+                                                                     self.dim, self.refine_storage)
         self._metadata = metadata
         self.lexical = lexical  # BM25 index (None: a version built without one)
         self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
@@ -226,6 +229,9 @@ class IndexVersion:
             return _empty(q.shape[0], k)
         selector = None if allowed is None else faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed))
         if exact or (selector is not None and allowed.size <= self.exact_filter_max):
+            if self._exact is None:  # the refine index is not exact (sq8 / none): scan the fp16 memmap
+                rows = np.arange(self.n_items, dtype=np.int64) if allowed is None else allowed
+                return exact_subset_search(self._vectors, q, k, rows)
             # exact over the allowed items: the fp16 vectors, scanned with the selector
             scores, ids = self._exact.search(q, k, params=faiss.SearchParameters(sel=selector))
             scores[ids < 0] = -np.inf
@@ -233,7 +239,7 @@ class IndexVersion:
         base = faiss.SearchParametersIVF(nprobe=nprobe)
         if selector is not None:
             base.sel = selector  # the selector stays alive (local) until the search ends
-        if refine:
+        if refine and self._refined is not None:  # refine storage "none": PQ scores only
             k_factor = max(1, min(k_factor, MAX_SEARCH_K * 4 // k))  # at most 40,000 candidates
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=base)
             scores, ids = self._refined.search(q, k, params=params)
@@ -338,22 +344,20 @@ def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
 
 
-def _search_pipeline(shards: list[faiss.Index], vectors: np.ndarray, dim: int, chunk_rows: int = 65536
-                     ) -> tuple[faiss.IndexShards, faiss.IndexScalarQuantizer, faiss.IndexRefine]:
+def _search_pipeline(shards: list[faiss.Index], refine_index: faiss.Index | None, dim: int, storage: str
+                     ) -> tuple[faiss.IndexShards, faiss.Index | None, faiss.IndexRefine | None]:
     """The shards as one faiss index (``IndexShards``: each shard searched in turn in the
     calling thread, results merged by score; ids are the shards' own, global internal ids),
-    the exact vectors as an fp16 ``IndexScalarQuantizer`` (row = internal id; fp16 → fp32 →
-    fp16 is lossless, so it holds the stored values exactly), and the shards refined by it.
-    The pipeline does not own the shards: keep them alive while it is used.
-    Memory: n x d x 2 bytes for the refine codes. Source: our choice (faiss's own
-    ``IndexRefine``, as its ``IndexRefineFlat`` but with fp16 codes)."""
+    the index of exact vectors for filtered search (the refine index when it holds the fp16
+    vectors, else None), and the shards refined by ``refine_index`` (``indexer.refine``; None
+    for storage "none"). The pipeline does not own the shards: keep them alive while it is
+    used. Source: our choice (faiss's own ``IndexRefine``, as its ``IndexRefineFlat`` but
+    with fp16 or SQ8 codes)."""
     sharded = faiss.IndexShards(dim, False, False)  # threaded=False, successive_ids=False
     for shard in shards:
         sharded.add_shard(shard)
-    exact = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    for start in range(0, vectors.shape[0], chunk_rows):
-        exact.add(np.ascontiguousarray(vectors[start:start + chunk_rows], dtype=np.float32))
-    refined = faiss.IndexRefine(sharded, exact)
+    refined = None if refine_index is None else faiss.IndexRefine(sharded, refine_index)
+    exact = refine_index if storage in ("fp16_ram", "fp16_mmap") else None
     return sharded, exact, refined
 
 

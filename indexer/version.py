@@ -8,6 +8,7 @@ Steps 3-5 of the indexer; publication is ``indexer.publish``. Source: our choice
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ import faiss
 import numpy as np
 
 from engine.catalog import Reject, write_rejects
-from indexer.build import ShardBuild, plan_index, train_index, write_exact_vectors, write_shards, _gpu_count
+from indexer.build import ShardBuild, build_shard, plan_index, shard_rows, train_index, write_exact_vectors, _gpu_count
 from indexer.errors import BuildError
 from indexer.lexical import write_lexical
 from indexer.manifest import describe_file, write_manifest
 from indexer.metadata import SCHEMA as METADATA_SCHEMA, write_metadata
 from indexer.recall import exact_search, recall_at_k
+from indexer.refine import check_storage, manifest_entry, write_refine
 from indexer.search import open_index
 from indexer.shards import assign_shards
 
@@ -47,6 +49,8 @@ class VersionOptions:
         1M synthetic clustered vectors, IVF2048,PQ32, nprobe 4: recall@10 0.78 with 10, 0.91
         with 20, 0.993 with 50 at 0.22 ms per single query; bench/bench_index.py).
     refine: refine by default at search time.
+    refine_storage: where the refine vectors live: "fp16_ram", "fp16_mmap", "sq8" or "none"
+        (``indexer.refine``; "none" turns the refine default off).
     recall_queries: item vectors used as queries to measure recall@10 vs exact search.
     target_recall: recall@10 aimed at when choosing nprobe.
     self_queries: items searched with their own vector (self-retrieval at rank 1).
@@ -58,6 +62,7 @@ class VersionOptions:
     nprobe: int | None = None
     k_factor: int = 50
     refine: bool = True
+    refine_storage: str = "fp16_ram"
     recall_queries: int = 1000
     target_recall: float = 0.95
     self_queries: int = 20_000
@@ -75,15 +80,21 @@ class VersionResult:
 def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Sequence[dict[str, Any]],
                   options: VersionOptions, *, rejects: Sequence[Reject] = (), counts: dict[str, int] | None = None,
                   extra_manifest: dict[str, Any] | None = None, timings_s: dict[str, float] | None = None,
-                  log: Callable[[str], None] = print) -> VersionResult:
+                  log: Callable[[str], None] = print, run_all: Callable[[list[Callable[[], Any]]], list] | None = None
+                  ) -> VersionResult:
     """Write a complete index version into ``out_dir`` (created; must be empty or absent).
 
     vectors: float32 (n, d), rows L2-normalised; row i belongs to ``records[i]`` (a dict
     with at least ``product_id``; the shard number is added). rejects: catalogue / encode
     rejects written to ``rejects.jsonl``. counts: ``read``/``indexed``/``rejected``/... for
     the manifest (``indexed`` must equal n; ``indexed + rejected == read`` is checked).
-    Raises BuildError on a count mismatch or an empty input.
+    run_all: runs the independent parts (one add per shard, the fp16 vectors, the refine
+    file, the LMDB metadata) given as picklable zero-argument callables and returns their
+    results in order (default ``run_in_process``: one after the other; ``indexer.ray_executor``
+    runs them as parallel Ray tasks).
+    Raises BuildError on a count mismatch, an empty input or an unknown refine storage.
     """
+    check_storage(options.refine_storage)
     t_all = time.perf_counter()
     timings = dict(timings_s or {})
     n, dim = vectors.shape
@@ -98,25 +109,19 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     trained = train_index(vectors, plan, seed=options.seed)
     timings["train"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     pids = [str(r["product_id"]) for r in records]
     shard_of_row = assign_shards(pids, options.n_shards)
-    shard_builds: list[ShardBuild] = write_shards(trained, vectors, shard_of_row, options.n_shards, out_dir)
-    timings["add"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    write_exact_vectors(vectors, out_dir / VECTORS_FILE)
-    timings["vectors"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    map_size = _write_records(out_dir, records, shard_of_row, rejects)
-    timings["metadata"] = time.perf_counter() - t0
+    shard_builds, refine_file, map_size = _write_parts(out_dir, trained, vectors, records, shard_of_row, rejects,
+                                                       options, run_all, timings)
     t0 = time.perf_counter()
     lexical, lexical_files = write_lexical(out_dir, records)  # BM25 over titles + attribute values
     timings["lexical"] = time.perf_counter() - t0
 
     manifest = _manifest(out_dir, version, (n, dim), plan, options, shard_builds, map_size, counts,
                          {**(extra_manifest or {}), "lexical": lexical}, lexical_files)
+    manifest["refine"].update(manifest_entry(options.refine_storage, refine_file, dim))
+    if refine_file:
+        manifest["files"][refine_file] = describe_file(out_dir / refine_file)
     write_manifest(out_dir, manifest)
 
     t0 = time.perf_counter()
@@ -132,6 +137,38 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
         f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
         f"over {quality['self_items']} items")
     return VersionResult(manifest, timings)
+
+
+def run_in_process(tasks: list[Callable[[], Any]]) -> list:
+    """The local executor of ``write_version``'s parts: each task in turn, in this process."""
+    return [task() for task in tasks]
+
+
+def _timed(fn: Callable, *args) -> tuple[Any, float]:
+    """``(fn(*args), seconds)``; module-level so that a ``functools.partial`` of it pickles."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
+def _write_parts(out_dir: Path, trained, vectors: np.ndarray, records, shard_of_row: np.ndarray, rejects,
+                 options: VersionOptions, run_all, timings: dict[str, float]
+                 ) -> tuple[list[ShardBuild], str | None, int]:
+    """The independent parts of a version, through ``run_all``: one ``build_shard`` per shard,
+    the fp16 vectors, the refine file and the metadata. Adds their seconds to ``timings``
+    ("add" = sum over shards, "parts_wall" = wall time of them all). Returns (the ShardBuilds,
+    the refine file name or None, the LMDB map size in bytes)."""
+    t0 = time.perf_counter()
+    shards = shard_rows(shard_of_row, options.n_shards)
+    tasks = [functools.partial(_timed, build_shard, trained, vectors, rows, name, out_dir) for name, rows in shards]
+    tasks += [functools.partial(_timed, write_exact_vectors, vectors, out_dir / VECTORS_FILE),
+              functools.partial(_timed, write_refine, vectors, out_dir, options.refine_storage, options.seed),
+              functools.partial(_timed, _write_records, out_dir, records, shard_of_row, rejects)]
+    results = (run_all or run_in_process)(tasks)
+    builds = [r[0] for r in results[:len(shards)]]
+    (_, timings["vectors"]), (refine_file, timings["refine"]), (map_size, timings["metadata"]) = results[len(shards):]
+    timings["add"] = sum(b.add_s for b in builds)
+    timings["parts_wall"] = time.perf_counter() - t0
+    return builds, refine_file, map_size
 
 
 def _checked_counts(n: int, n_records: int, n_rejects: int, counts: dict[str, int] | None) -> dict[str, int]:
@@ -180,7 +217,7 @@ def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options
             "nprobe_default": min(options.nprobe or 1, plan.nlist), "notes": plan.notes,
             "faiss_version": faiss.__version__, "trained_on": "gpu" if _gpu_count() > 0 else "cpu",
         },
-        "refine": {"default": options.refine, "k_factor": options.k_factor},
+        "refine": {"default": options.refine and options.refine_storage != "none", "k_factor": options.k_factor},
         "shard_assignment": "blake2b-64(product_id utf-8), big-endian, mod n_shards",
         "shards": [{"file": b.file, "items": b.items, **describe_file(out_dir / b.file)} for b in shard_builds],
         "vectors": {"file": VECTORS_FILE, "dtype": "float16", "shape": [n, dim]},

@@ -1,0 +1,95 @@
+"""Refine storages (indexer.refine): fp16 in RAM, fp16 memory-mapped, SQ8, none. Real faiss and
+LMDB versions of clustered vectors; every storage is recorded in the manifest and searched."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.errors import BuildError
+from indexer.recall import exact_search, recall_at_k
+from indexer.refine import REFINE_FILES, REFINE_STORAGES
+from indexer.search import open_index
+from indexer.version import VersionOptions, write_version
+
+N, D = 3000, 32
+
+
+def _vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, D))
+    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, D))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    """One version per refine storage over the same vectors, with the queries."""
+    vectors = _vectors(N, 0)
+    records = [{"product_id": f"sku-{i}", "attributes": {"colour": "Red" if i % 50 == 0 else "Blue"}}
+               for i in range(N)]
+    out = {}
+    for storage in REFINE_STORAGES:
+        folder = tmp_path_factory.mktemp(f"refine-{storage}")
+        write_version(folder, f"v-{storage}", vectors, records,
+                      VersionOptions(n_shards=2, factory="IVF16,PQ8", nprobe=4, k_factor=20, refine_storage=storage),
+                      log=lambda _m: None)
+        out[storage] = folder
+    return out, vectors, _vectors(200, 1)
+
+
+def test_each_storage_is_recorded_in_the_manifest_with_its_file(versions):
+    folders, _, _ = versions
+    for storage, folder in folders.items():
+        with open_index(folder) as index:  # verify=True: the refine file's checksum is in the manifest
+            refine = index.manifest["refine"]
+            assert refine["storage"] == storage == index.refine_storage
+            assert refine["file"] == REFINE_FILES.get(storage)
+            assert (refine["file"] is None) or (folder / refine["file"]).is_file()
+            assert refine["default"] is (storage != "none")
+            assert refine["ram_bytes_per_item"] == {"fp16_ram": 2 * D, "fp16_mmap": 0, "sq8": D, "none": 0}[storage]
+
+
+def test_mmap_refine_gives_the_ram_results_and_none_gives_the_pq_results(versions):
+    folders, _, queries = versions
+    with open_index(folders["fp16_ram"]) as ram, open_index(folders["fp16_mmap"]) as mapped, \
+            open_index(folders["none"]) as plain:
+        s_ram, i_ram = ram.search_ids(queries, 10)
+        s_map, i_map = mapped.search_ids(queries, 10)
+        np.testing.assert_array_equal(i_ram, i_map)
+        np.testing.assert_array_equal(s_ram, s_map)
+        _, i_pq = ram.search_ids(queries, 10, refine=False)
+        _, i_none = plain.search_ids(queries, 10, refine=True)  # no refine index: the request is PQ only
+        np.testing.assert_array_equal(i_pq, i_none)
+
+
+def test_recall_order_of_the_storages(versions):
+    folders, vectors, queries = versions
+    _, truth = exact_search(vectors.astype(np.float16), queries, 10)
+    recall = {}
+    for storage, folder in folders.items():
+        with open_index(folder) as index:
+            recall[storage] = recall_at_k(index.search_ids(queries, 10)[1], truth, 10)
+            assert index.manifest["recall"]["recall_at_10"] > 0
+    assert recall["fp16_ram"] == recall["fp16_mmap"] >= recall["sq8"] - 0.02
+    assert recall["sq8"] > recall["none"] + 0.05, recall
+
+
+def test_filtered_search_stays_exact_for_every_storage(versions):
+    folders, vectors, queries = versions
+    red = np.arange(0, N, 50, dtype=np.int64)
+    scores_truth = queries @ vectors[red].astype(np.float16).astype(np.float32).T
+    truth = red[np.argsort(-scores_truth, axis=1, kind="stable")[:, :5]]
+    for storage, folder in folders.items():
+        with open_index(folder) as index:
+            allowed = index.ids_with({"colour": "Red"})
+            np.testing.assert_array_equal(allowed, red)
+            scores, ids = index.search_ids(queries, 5, allowed=allowed)
+            assert recall_at_k(ids, truth, 5) == 1.0, storage
+            np.testing.assert_allclose(scores, np.sort(scores_truth, axis=1)[:, ::-1][:, :5], atol=1e-5)
+
+
+def test_unknown_storage_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(BuildError, match="refine storage 'ssd'"):
+        write_version(tmp_path / "v", "v", _vectors(100, 2), [{"product_id": str(i)} for i in range(100)],
+                      VersionOptions(refine_storage="ssd"), log=lambda _m: None)
+    assert not (tmp_path / "v").exists()
