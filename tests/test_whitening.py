@@ -67,12 +67,13 @@ def test_training_starts_the_image_residual_from_the_learned_whitening(fashion_d
     catalog = _mini_fashion(fashion_dir, tmp_path / "fashion", n=60)
     job = TrainJob(catalog=str(catalog), out=str(tmp_path / "model"), cache_dir=str(tmp_path / "cache"),
                    progress=False, model=tiny_config(tiny_backbone_dir, dim=16, pooled_residual=True),
-                   augment_views=2, image_residual_init="whitening", freeze_image_residual=True,
+                   augment_views=2, image_residual_init="whitening", freeze_image_residual=True, image_residual_gain=2.0,
                    linear_baseline=False,
                    train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
     summary = train_model(job)
     init = summary["image_residual_init"]
     assert init["frozen"] and init["views"] == 2 and init["dim"] == 16 and init["photos"] >= 16
+    assert init["gain"] == 2.0
     images = open_table(Path(summary["image_cache"]["folder"]))
     aug = open_table(Path(summary["augmented_image_cache"]["folder"]))
     photos = sorted({k.rsplit("#aug", 1)[0] for k in aug.keys})
@@ -83,6 +84,7 @@ def test_training_starts_the_image_residual_from_the_learned_whitening(fashion_d
     for tower in (model.query_tower, model.item_tower):
         np.testing.assert_allclose(tower.fusion.image_residual.weight.detach().numpy(), weight, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(tower.fusion.image_residual.bias.detach().numpy(), bias, rtol=1e-4, atol=1e-5)
+        assert abs(float(tower.fusion.residual_gain[1]) - 2.0) < 0.05  # the gain trains: 2 steps move it little
 
 
 def test_whitening_needs_augmented_views():

@@ -105,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whitening when augmented views are cached and the model has a pooled residual, else random")
     t.add_argument("--freeze-image-residual", action="store_true",
                    help="with --image-residual-init whitening: keep that projection fixed during training")
+    t.add_argument("--image-residual-gain", type=float, default=1.0,
+                   help="with the whitening: starting value of the image residual's learned gain (default %(default)s)")
     t.add_argument("--cmal-pair-weights", default=CPU_RECIPE["cmal_pair_weights"],
                    help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
                         "(default %(default)s; 1,1,1,1,1 is METHOD.md's plain mean)")
@@ -166,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
             image_residual_init=_residual_init(args), freeze_image_residual=args.freeze_image_residual,
+            image_residual_gain=args.image_residual_gain,
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,

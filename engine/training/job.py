@@ -58,7 +58,8 @@ class TrainJob:
     image_residual_init: ``"random"`` or ``"whitening"``: before training, fit the image residual of
     both towers in closed form from the augmented views (``engine.training.whitening``; needs
     ``augment_views > 0`` and a fresh model with a pooled residual). freeze_image_residual: keep
-    that projection fixed during training.
+    that projection fixed during training. image_residual_gain: with the whitening, the starting
+    value of the image residual's learned gain.
     """
 
     catalog: str
@@ -85,6 +86,7 @@ class TrainJob:
     augment_fraction: float = 1.0
     image_residual_init: str = "random"
     freeze_image_residual: bool = False
+    image_residual_gain: float = 1.0
     linear_baseline: bool = True
     linear_only: bool = False
     progress: bool = True
@@ -256,7 +258,8 @@ def train_model(job: TrainJob) -> dict:
     residual_init = None
     if job.image_residual_init == "whitening" and not job.init_model:
         residual_init = init_image_residual(model, images, augmented, _augmented_photos(augmented),
-                                            job.augment_views, freeze=job.freeze_image_residual)
+                                            job.augment_views, freeze=job.freeze_image_residual,
+                                            gain=job.image_residual_gain)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
         trainer.load_checkpoint()

@@ -85,13 +85,14 @@ def learned_whitening(clean: np.ndarray, views: np.ndarray, dim: int,
 
 
 def init_image_residual(model, images: TokenTable, augmented: TokenTable, photos: list[str], views: int, *,
-                        shrinkage: float = DEFAULT_SHRINKAGE, freeze: bool = False) -> dict:
+                        shrinkage: float = DEFAULT_SHRINKAGE, freeze: bool = False, gain: float = 1.0) -> dict:
     """Set the image residual of both towers of ``model`` to the learned whitening of ``photos``.
 
     ``images`` holds the clean tokens (keyed by path), ``augmented`` the views (keyed by
     ``augmented_key(path, v)``, ``v < views``); photos lacking a clean or an augmented row are
     skipped. ``freeze``: the projection is not trained afterwards (``requires_grad`` off).
-    Returns ``{"photos": n, "views": v, "dim": d, "shrinkage": s, "frozen": bool}``.
+    ``gain``: the starting value of the image residual's learned gain (our choice; 1.0 as built).
+    Returns ``{"photos": n, "views": v, "dim": d, "shrinkage": s, "frozen": bool, "gain": g}``.
     Raises ValueError when the model has no pooled residual or too few usable photos.
     """
     from engine.training.augment_cache import augmented_key
@@ -112,5 +113,6 @@ def init_image_residual(model, images: TokenTable, augmented: TokenTable, photos
             f.image_residual.weight.copy_(torch.from_numpy(weight))
             f.image_residual.bias.copy_(torch.from_numpy(bias))
             f.image_residual.requires_grad_(not freeze)
+            f.residual_gain[1] = gain
     return {"photos": int(ok.sum()), "views": int(views), "dim": int(dim), "shrinkage": float(shrinkage),
-            "frozen": bool(freeze)}
+            "frozen": bool(freeze), "gain": float(gain)}
