@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from engine.catalog import Reject, write_rejects
-from indexer.build import ShardBuild, plan_index, train_index, write_exact_vectors, write_shards, _gpu_count
+from indexer.build import IndexPlan, ShardBuild, plan_index, train_index, write_exact_vectors, write_shards, _gpu_count
 from indexer.errors import BuildError
 from indexer.manifest import describe_file, write_manifest
 from indexer.metadata import SCHEMA as METADATA_SCHEMA, write_metadata
@@ -74,13 +74,16 @@ class VersionResult:
 def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Sequence[dict[str, Any]],
                   options: VersionOptions, *, rejects: Sequence[Reject] = (), counts: dict[str, int] | None = None,
                   extra_manifest: dict[str, Any] | None = None, timings_s: dict[str, float] | None = None,
-                  log: Callable[[str], None] = print) -> VersionResult:
+                  log: Callable[[str], None] = print,
+                  trained: tuple[IndexPlan, faiss.Index] | None = None) -> VersionResult:
     """Write a complete index version into ``out_dir`` (created; must be empty or absent).
 
     vectors: float32 (n, d), rows L2-normalised; row i belongs to ``records[i]`` (a dict
     with at least ``product_id``; the shard number is added). rejects: catalogue / encode
     rejects written to ``rejects.jsonl``. counts: ``read``/``indexed``/``rejected``/... for
     the manifest (``indexed`` must equal n; ``indexed + rejected == read`` is checked).
+    trained: ``(plan, trained empty index)`` to reuse instead of training (e.g. another
+    version's quantizer and codebooks: ``indexer.quantizer.load_trained``); None: train.
     Raises BuildError on a count mismatch or an empty input.
     """
     t_all = time.perf_counter()
@@ -89,12 +92,12 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     counts = _checked_counts(n, len(records), len(rejects), counts)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    plan = plan_index(options.factory, n, dim)
+    plan = plan_index(options.factory, n, dim) if trained is None else trained[0]
     for note in plan.notes:
         log(f"index: {note}")
     log(f"index: factory {plan.factory}, train on {plan.train_size} of {n} vectors, {options.n_shards} shard(s)")
     t0 = time.perf_counter()
-    trained = train_index(vectors, plan, seed=options.seed)
+    trained = train_index(vectors, plan, seed=options.seed) if trained is None else trained[1]
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -1,0 +1,159 @@
+"""Write an incremental index version from its base: copied rows + newly encoded rows.
+
+Row layout of the new version (our choice): the base's rows in base order, without deleted
+products, an upserted product taking its base row's place; products new to the base
+appended in change order. ``RowPlan.base_row[i]`` is the base internal id row ``i`` is copied
+from (-1: a newly encoded vector, ``new_vectors[new_of_row[i]]``).
+
+What is written, and how it equals a full build with the same quantizer:
+
+- ``vectors.f16.npy``: copied fp16 rows (bit for bit) and the new float32 vectors cast to fp16,
+  as ``indexer.build.write_exact_vectors`` casts them;
+- shards: an empty clone of each base shard (same trained quantizer and PQ codebooks, no
+  k-means); each inverted list gets the base list's entries of kept rows (their PQ codes
+  copied, ids renumbered) and the new vectors' entries (encoded by faiss with the same
+  quantizer), sorted by id: the order in which a full build adds them;
+- ``metadata.lmdb``, ``rejects.jsonl``, ``flags.jsonl`` and the manifest with the writers of
+  ``indexer.version``; recall is measured at the base's nprobe.
+Source: faiss inverted lists (``InvertedLists.add_entries``); our choice.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import faiss
+import numpy as np
+
+from engine.catalog import Reject
+from indexer.build import IndexPlan, ShardBuild
+from indexer.errors import BuildError
+from indexer.manifest import write_manifest
+from indexer.quantizer import empty_clone
+from indexer.shards import assign_shards
+from indexer.version import VECTORS_FILE, VersionOptions, _manifest, _write_records, measure_quality
+
+
+@dataclass
+class RowPlan:
+    """base_row: int64 (n,), the base internal id each new row copies, -1 for a new vector;
+    new_of_row: int64 (n,), the row of ``new_vectors`` for new rows, -1 for copied ones."""
+
+    base_row: np.ndarray
+    new_of_row: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.base_row.size)
+
+
+def _invlist(invlists, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int64 (m,), codes uint8 (m, code_size))`` of one inverted list (copies)."""
+    size = invlists.list_size(list_no)
+    code_size = invlists.code_size
+    if size == 0:
+        return np.empty(0, np.int64), np.empty((0, code_size), np.uint8)
+    ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy()
+    codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * code_size).copy().reshape(size, code_size)
+    return ids.astype(np.int64, copy=False), codes
+
+
+def merge_shard(base_shard: faiss.Index, old_to_new: np.ndarray, new_vectors: np.ndarray,
+                new_ids: np.ndarray) -> faiss.Index:
+    """A shard over the same trained quantizer as ``base_shard``: its entries whose base id
+    maps to a new id (``old_to_new`` int64 (n_base,), -1 = dropped), with the PQ codes
+    copied, plus ``new_vectors`` (float32 (m, d)) added with ids ``new_ids`` (int64 (m,)).
+    Each list is sorted by id. Returns the new CPU index."""
+    out = empty_clone(base_shard)
+    fresh = empty_clone(base_shard)
+    if new_ids.size:
+        fresh.add_with_ids(np.ascontiguousarray(new_vectors, dtype=np.float32), new_ids)
+    base_lists = faiss.extract_index_ivf(base_shard).invlists
+    fresh_lists = faiss.extract_index_ivf(fresh).invlists
+    ivf = faiss.extract_index_ivf(out)
+    total = 0
+    for list_no in range(ivf.nlist):
+        old_ids, old_codes = _invlist(base_lists, list_no)
+        renumbered = old_to_new[old_ids] if old_ids.size else old_ids
+        keep = renumbered >= 0
+        add_ids, add_codes = _invlist(fresh_lists, list_no)
+        ids = np.concatenate([renumbered[keep], add_ids])
+        if ids.size == 0:
+            continue
+        codes = np.concatenate([old_codes[keep], add_codes])
+        order = np.argsort(ids, kind="stable")
+        ids, codes = np.ascontiguousarray(ids[order]), np.ascontiguousarray(codes[order])
+        ivf.invlists.add_entries(list_no, ids.size, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        total += int(ids.size)
+    ivf.ntotal = total
+    out.ntotal = total
+    return out
+
+
+def write_vectors(base_vectors: np.ndarray, rows: RowPlan, new_vectors: np.ndarray, path: Path,
+                  chunk_rows: int = 65536) -> None:
+    """``vectors.f16.npy`` of the new version: fp16 rows copied from ``base_vectors`` (memmap,
+    (n_base, d)) and ``new_vectors`` (float32) cast to fp16, chunk by chunk."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows.n, base_vectors.shape[1]))
+    for start in range(0, rows.n, chunk_rows):
+        base_row = rows.base_row[start:start + chunk_rows]
+        new_row = rows.new_of_row[start:start + chunk_rows]
+        block = np.empty((base_row.size, base_vectors.shape[1]), np.float16)
+        copied = base_row >= 0
+        block[copied] = base_vectors[base_row[copied]]
+        block[~copied] = new_vectors[new_row[~copied]].astype(np.float16)
+        out[start:start + base_row.size] = block
+    out.flush()
+    del out
+
+
+def write_incremental_version(out_dir: Path, version: str, base, rows: RowPlan, new_vectors: np.ndarray,
+                              records: Sequence[dict[str, Any]], rejects: Sequence[Reject], plan: IndexPlan,
+                              options: VersionOptions, counts: dict[str, int], extra: dict[str, Any],
+                              log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, float]]:
+    """Write the version into ``out_dir`` (created) from the opened ``base`` (``IndexVersion``).
+
+    records: the n final records (row i = ``records[i]``); new_vectors: float32 (m, d), rows
+    L2-normalised; options: the base's shard count, nprobe and refine settings.
+    Returns ``(manifest, timings_s)``. Raises BuildError when rows and records disagree.
+    """
+    if rows.n != len(records) or rows.n == 0:
+        raise BuildError(f"incremental version: {rows.n} rows but {len(records)} records (an empty index "
+                         "cannot be built incrementally)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {"train": 0.0}
+    t0 = time.perf_counter()
+    shard_of_row = assign_shards([str(r["product_id"]) for r in records], options.n_shards)
+    old_to_new = np.full(base.n_items, -1, np.int64)
+    copied = np.flatnonzero(rows.base_row >= 0)
+    old_to_new[rows.base_row[copied]] = copied
+    fresh_rows = np.flatnonzero(rows.base_row < 0)
+    builds = []
+    for s, base_shard in enumerate(base._shards):
+        t_shard = time.perf_counter()
+        mine = fresh_rows[shard_of_row[fresh_rows] == s]
+        shard = merge_shard(base_shard, old_to_new, new_vectors[rows.new_of_row[mine]], mine.astype(np.int64))
+        name = f"shard_{s:03d}.faiss"
+        faiss.write_index(shard, str(out_dir / name))
+        builds.append(ShardBuild(name, int(shard.ntotal), time.perf_counter() - t_shard))
+    timings["add"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    write_vectors(base._vectors, rows, new_vectors, out_dir / VECTORS_FILE)
+    timings["vectors"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    map_size = _write_records(out_dir, records, shard_of_row, rejects)
+    timings["metadata"] = time.perf_counter() - t0
+    manifest = _manifest(out_dir, version, (rows.n, base.dim), plan, options, builds, map_size, counts, extra)
+    manifest["index"]["trained_on"] = base.manifest["index"].get("trained_on")
+    write_manifest(out_dir, manifest)
+    t0 = time.perf_counter()
+    quality = measure_quality(out_dir, options)
+    timings["recall"] = time.perf_counter() - t0
+    manifest["index"]["nprobe_default"] = quality.pop("nprobe_chosen")
+    manifest["recall"] = quality
+    write_manifest(out_dir, manifest)
+    log(f"index: recall@10 {quality['recall_at_10']:.4f} at the base's nprobe {manifest['index']['nprobe_default']} "
+        f"({quality['queries']} item queries); self at rank 1 {quality['self_at_rank_1']:.4f}")
+    return manifest, timings
