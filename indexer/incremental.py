@@ -183,7 +183,13 @@ def _drift(base: IndexVersion, changed: int, threshold: float) -> dict[str, Any]
             "drift_threshold": threshold, "retrain_advised": drift > threshold}
 
 
-def _assemble(base: IndexVersion, changes: ChangeSet, encoded, log) -> tuple[RowPlan, np.ndarray, list, list, dict]:
+def base_product_ids(base: IndexVersion) -> list[str]:
+    """Product id of every internal id of ``base``, in internal id order."""
+    return base._metadata.product_ids(np.arange(base.n_items)[None, :])[0]
+
+
+def _assemble(base: IndexVersion, base_pids: list[str], changes: ChangeSet, encoded,
+              log) -> tuple[RowPlan, np.ndarray, list, list, dict]:
     """Rows, new vectors, final records, all rejects and the change counts."""
     from engine.catalog import Reject
 
@@ -201,7 +207,6 @@ def _assemble(base: IndexVersion, changes: ChangeSet, encoded, log) -> tuple[Row
             indexed[p.product_id] = j
             new_records.append(product_record(p, encoded.flags.get(pos, []), encoded.flag_detail.get(pos, {})))
         new_vectors = encoded.vectors
-    base_pids = base._metadata.product_ids(np.arange(base.n_items)[None, :])[0]
     rows = _row_plan(base_pids, changes, indexed)
     records = _records(base, rows, new_records, changes)
     added = len(set(indexed) - set(base_pids))
@@ -213,19 +218,36 @@ def _assemble(base: IndexVersion, changes: ChangeSet, encoded, log) -> tuple[Row
     return rows, new_vectors, records, rejects, counts
 
 
-def _manifest_extra(config: IncrementalJobConfig, base: IndexVersion, changes: ChangeSet, counts: dict,
-                    options: EncodeOptions, key: str) -> dict[str, Any]:
+def _manifest_extra(config: IncrementalJobConfig, base: IndexVersion, changes: ChangeSet, options: EncodeOptions,
+                    key: str) -> dict[str, Any]:
+    """What the manifest records about the model, the catalogue and the build (the base's model)."""
     extra = {k: base.manifest[k] for k in ("model", "catalog") if k in base.manifest}
     if config.catalog is not None:
         extra["catalog"] = {**extra.get("catalog", {}), "path": str(Path(config.catalog).resolve()),
                             "file": changes.source, "fingerprint": f"sha256:{sha256_file(Path(changes.source))}"}
-    extra["quantizer"] = reuse_record(base.manifest)
-    extra["incremental"] = {"base_version": base.version, "changes": changes.source,
-                            "mode": "changes" if config.changes is not None else "catalog_diff", **counts,
-                            **_drift(base, counts["upserted"] + counts["deleted"], config.drift_threshold)}
     extra["build"] = {"job_key": key, "batch_size": options.batch_size, "workers": options.workers,
                       "token_cache": options.token_cache}
     return extra
+
+
+def write_changed_version(base: IndexVersion, base_pids: list[str], changes: ChangeSet, encoded, staged: Path,
+                          version: str, options: VersionOptions, extra: dict[str, Any], mode: str,
+                          drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+                          log: Callable[[str], None] = log_stage) -> tuple[dict[str, Any], dict[str, float]]:
+    """Write the version ``changes`` make of ``base`` into ``staged``: upserts' vectors from
+    ``encoded`` (an ``indexer.encode.EncodeResult`` over ``changes.upserts``, or None when
+    there are none), everything else copied. ``mode``: "changes" or "catalog_diff".
+    base_pids: ``base_product_ids(base)``.
+    Returns ``(manifest, timings_s)``; the manifest records ``incremental`` and ``quantizer``."""
+    rows, new_vectors, records, rejects, counts = _assemble(base, base_pids, changes, encoded, log)
+    extra = {**extra, "quantizer": reuse_record(base.manifest)}
+    extra["incremental"] = {"base_version": base.version, "changes": changes.source, "mode": mode, **counts,
+                            **_drift(base, counts["upserted"] + counts["deleted"], drift_threshold)}
+    full = {"read": rows.n + len(rejects), "indexed": rows.n, "rejected": len(rejects),
+            **flag_counts(records), **{k: v for k, v in counts.items() if k != "rejected"}}
+    log("stage: index (base quantizer reused)")
+    return write_incremental_version(staged, version, base, rows, new_vectors, records, rejects,
+                                     plan_of(base.manifest), options, full, extra, log)
 
 
 def _version_options(base: IndexVersion, config: IncrementalJobConfig) -> VersionOptions:
@@ -237,7 +259,7 @@ def _version_options(base: IndexVersion, config: IncrementalJobConfig) -> Versio
 def _build(config: IncrementalJobConfig, base: IndexVersion, root: Path, log) -> tuple[dict, Path, Path, str]:
     """Changes -> encode -> staged version under ``ROOT/tmp``; returns (manifest, staged, work, version)."""
     t0 = time.perf_counter()
-    base_pids = base._metadata.product_ids(np.arange(base.n_items)[None, :])[0]
+    base_pids = base_product_ids(base)
     changes = _changes(config, base, base_pids)
     timings = {"changes": time.perf_counter() - t0}
     recorded = base.manifest.get("model") or {}
@@ -251,17 +273,13 @@ def _build(config: IncrementalJobConfig, base: IndexVersion, root: Path, log) ->
     t0 = time.perf_counter()
     encoded = _encode_upserts(config, base, changes, options, work, log)
     timings["encode"] = time.perf_counter() - t0
-    rows, new_vectors, records, rejects, counts = _assemble(base, changes, encoded, log)
     version = new_version_id()
     staged = work / "stage"
     shutil.rmtree(staged, ignore_errors=True)
-    extra = _manifest_extra(config, base, changes, counts, options, key)
-    full = {"read": rows.n + len(rejects), "indexed": rows.n, "rejected": len(rejects),
-            **flag_counts(records), **{k: v for k, v in counts.items() if k != "rejected"}}
-    log("stage: index (base quantizer reused)")
-    manifest, stage_timings = write_incremental_version(
-        staged, version, base, rows, new_vectors, records, rejects, plan_of(base.manifest),
-        _version_options(base, config), full, extra, log)
+    mode = "changes" if config.changes is not None else "catalog_diff"
+    manifest, stage_timings = write_changed_version(
+        base, base_pids, changes, encoded, staged, version, _version_options(base, config),
+        _manifest_extra(config, base, changes, options, key), mode, config.drift_threshold, log)
     manifest["timings_s"] = {k: round(v, 3) for k, v in {**timings, **stage_timings}.items()}
     write_manifest(staged, manifest)
     return manifest, staged, work, version
