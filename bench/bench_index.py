@@ -4,6 +4,7 @@ Usage:
     python bench/bench_index.py synthetic [--n 1000000] [--dim 256] [--shards 1] [--factory auto]
     python bench/bench_index.py fashion --index ROOT_OR_VERSION      # vectors of a built version
     python bench/bench_index.py fashion --model MODEL_DIR            # encode the catalogue first
+    python bench/bench_index.py incremental synthetic|fashion ...    # bench/bench_incremental.py
 
 Both build an index version with the indexer's own code (``indexer.version.write_version``:
 IVF-PQ training, shards, exact fp16 vectors, LMDB metadata, manifest + checksums), open it with
@@ -137,6 +138,9 @@ def self_retrieval(version_dir: Path, batch: int = 2048) -> dict:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["incremental"]:  # incremental version vs full build (bench/bench_incremental.py)
+        from bench.bench_incremental import main as incremental
+        return incremental(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=("synthetic", "fashion"))
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic: number of vectors")

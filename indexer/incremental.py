@@ -35,7 +35,7 @@ from indexer.encode import EncodeOptions, encode_products
 from indexer.errors import BuildError
 from indexer.manifest import write_manifest
 from indexer.incremental_write import RowPlan, write_incremental_version
-from indexer.pipeline import IndexJobResult, flag_counts, log_stage, product_record
+from indexer.pipeline import IndexJobResult, log_stage, product_record
 from indexer.publish import (VERSIONS, build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
                              read_current, tmp_dir)
 from indexer.quantizer import plan_of, reuse_record, trained_items
@@ -127,19 +127,29 @@ def _row_plan(base_pids: list[str], changes: ChangeSet, indexed_upserts: dict[st
     return RowPlan(np.asarray(base_row, np.int64), np.asarray(new_of_row, np.int64))
 
 
-def _records(base: IndexVersion, rows: RowPlan, new_records: list[dict], changes: ChangeSet) -> list[dict]:
-    """Final records: base records of copied rows (with diff updates applied), new ones."""
-    copied = base._metadata.records(int(i) for i in rows.base_row[rows.base_row >= 0])
+def _records(base: IndexVersion, base_pids: list[str], rows: RowPlan, new_records: list[dict],
+             changes: ChangeSet) -> tuple[list[dict | None], list[str]]:
+    """Per row: the record (new, or a base record with a diff update applied) or None (the
+    base's, copied as bytes), and the product id."""
     updates = {p.product_id: p for p in changes.updates}
-    out, it = [], iter(copied)
-    for j in rows.new_of_row:
-        record = dict(next(it)) if j < 0 else new_records[j]
-        update = updates.get(record["product_id"]) if j < 0 else None
-        if update is not None:
-            record.update(title=update.title, image=update.image, attributes=update.attributes,
-                          extra=update.extra, row=update.row)
+    out: list[dict | None] = []
+    pids: list[str] = []
+    for old, j in zip(rows.base_row.tolist(), rows.new_of_row.tolist()):
+        if j >= 0:
+            out.append(new_records[j])
+            pids.append(str(new_records[j]["product_id"]))
+            continue
+        pid = base_pids[old]
+        pids.append(pid)
+        update = updates.get(pid)
+        if update is None:
+            out.append(None)
+            continue
+        record = dict(base._metadata.records([old])[0])
+        record.update(title=update.title, image=update.image, attributes=update.attributes, extra=update.extra,
+                      row=update.row)
         out.append(record)
-    return out
+    return out, pids
 
 
 def _encode_upserts(config, base: IndexVersion, changes: ChangeSet, options: EncodeOptions, work: Path, log):
@@ -189,8 +199,8 @@ def base_product_ids(base: IndexVersion) -> list[str]:
 
 
 def _assemble(base: IndexVersion, base_pids: list[str], changes: ChangeSet, encoded,
-              log) -> tuple[RowPlan, np.ndarray, list, list, dict]:
-    """Rows, new vectors, final records, all rejects and the change counts."""
+              log) -> tuple[RowPlan, np.ndarray, list, list, list, dict]:
+    """Rows, new vectors, final records (None: copied), product ids, all rejects and the change counts."""
     from engine.catalog import Reject
 
     rejects = list(changes.rejects)
@@ -208,14 +218,14 @@ def _assemble(base: IndexVersion, base_pids: list[str], changes: ChangeSet, enco
             new_records.append(product_record(p, encoded.flags.get(pos, []), encoded.flag_detail.get(pos, {})))
         new_vectors = encoded.vectors
     rows = _row_plan(base_pids, changes, indexed)
-    records = _records(base, rows, new_records, changes)
+    records, pids = _records(base, base_pids, rows, new_records, changes)
     added = len(set(indexed) - set(base_pids))
     counts = {"kept": int((rows.base_row >= 0).sum()), "upserted": len(indexed), "added": added,
               "replaced": len(indexed) - added, "updated": len(changes.updates), "deleted": len(changes.deletes),
               "rejected": len(rejects), "changes_read": changes.read_count}
     log(f"changes: {counts['kept']} kept, {counts['upserted']} upserted ({added} new), {counts['updated']} "
         f"metadata updates, {counts['deleted']} deleted, {counts['rejected']} rejected ({changes.source})")
-    return rows, new_vectors, records, rejects, counts
+    return rows, new_vectors, records, pids, rejects, counts
 
 
 def _manifest_extra(config: IncrementalJobConfig, base: IndexVersion, changes: ChangeSet, options: EncodeOptions,
@@ -239,14 +249,14 @@ def write_changed_version(base: IndexVersion, base_pids: list[str], changes: Cha
     there are none), everything else copied. ``mode``: "changes" or "catalog_diff".
     base_pids: ``base_product_ids(base)``.
     Returns ``(manifest, timings_s)``; the manifest records ``incremental`` and ``quantizer``."""
-    rows, new_vectors, records, rejects, counts = _assemble(base, base_pids, changes, encoded, log)
+    rows, new_vectors, records, pids, rejects, counts = _assemble(base, base_pids, changes, encoded, log)
     extra = {**extra, "quantizer": reuse_record(base.manifest)}
     extra["incremental"] = {"base_version": base.version, "changes": changes.source, "mode": mode, **counts,
                             **_drift(base, counts["upserted"] + counts["deleted"], drift_threshold)}
     full = {"read": rows.n + len(rejects), "indexed": rows.n, "rejected": len(rejects),
-            **flag_counts(records), **{k: v for k, v in counts.items() if k != "rejected"}}
+            **{k: v for k, v in counts.items() if k != "rejected"}}
     log("stage: index (base quantizer reused)")
-    return write_incremental_version(staged, version, base, rows, new_vectors, records, rejects,
+    return write_incremental_version(staged, version, base, rows, new_vectors, records, pids, rejects,
                                      plan_of(base.manifest), options, full, extra, log)
 
 

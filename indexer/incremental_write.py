@@ -13,12 +13,14 @@ What is written, and how it equals a full build with the same quantizer:
   k-means); each inverted list gets the base list's entries of kept rows (their PQ codes
   copied, ids renumbered) and the new vectors' entries (encoded by faiss with the same
   quantizer), sorted by id: the order in which a full build adds them;
-- ``metadata.lmdb``, ``rejects.jsonl``, ``flags.jsonl`` and the manifest with the writers of
-  ``indexer.version``; recall is measured at the base's nprobe.
+- ``metadata.lmdb``: unchanged records copied as bytes (``indexer.metadata_copy``);
+  ``rejects.jsonl``; ``flags.jsonl`` (the base's entries of copied rows + the new ones); the
+  manifest with ``indexer.version``'s writer; recall is measured at the base's nprobe.
 Source: faiss inverted lists (``InvertedLists.add_entries``); our choice.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +29,16 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 
-from engine.catalog import Reject
+from engine.catalog import Reject, write_rejects
 from indexer.build import IndexPlan, ShardBuild
 from indexer.errors import BuildError
 from indexer.manifest import write_manifest
 from indexer.quantizer import empty_clone
 from indexer.shards import assign_shards
-from indexer.version import VECTORS_FILE, VersionOptions, _manifest, _write_records, measure_quality
+from indexer.metadata_copy import copy_metadata
+from indexer.pipeline import flag_counts
+from indexer.version import (FLAGS_FILE, METADATA_FILE, REJECTS_FILE, VECTORS_FILE, VersionOptions, _manifest,
+                             measure_quality)
 
 
 @dataclass
@@ -109,41 +114,63 @@ def write_vectors(base_vectors: np.ndarray, rows: RowPlan, new_vectors: np.ndarr
     del out
 
 
+def _flags(base, rows: RowPlan, records: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """``flags.jsonl`` entries of the new version: the base's for copied rows, the records' own."""
+    entries = []
+    base_file = base.path / base.manifest.get("flags_file", FLAGS_FILE)
+    flagged = []
+    if base_file.is_file():
+        with open(base_file, encoding="utf-8") as fh:
+            flagged = [json.loads(line) for line in fh if line.strip()]
+    if flagged:
+        as_bytes = np.fromiter((r is None for r in records), dtype=bool, count=len(records))
+        old_to_new = np.full(base.n_items, -1, np.int64)
+        old_to_new[rows.base_row[as_bytes]] = np.flatnonzero(as_bytes)
+        new_rows = old_to_new[base.internal_ids([f["product_id"] for f in flagged])]
+        entries += [(int(i), f) for i, f in zip(new_rows, flagged) if i >= 0]
+    entries += [(i, {"product_id": r["product_id"], "row": r.get("row"), "flags": r.get("flags"),
+                     "detail": r.get("flag_detail")})
+                for i, r in enumerate(records) if r is not None and r.get("flags")]
+    return [f for _, f in sorted(entries, key=lambda e: e[0])]
+
+
+def _write_side_files(out_dir: Path, flagged: list[dict[str, Any]], rejects: Sequence[Reject]) -> dict[str, int]:
+    """``rejects.jsonl`` and ``flags.jsonl``; returns the flag counts for the manifest."""
+    write_rejects(rejects, out_dir / REJECTS_FILE)
+    with open(out_dir / FLAGS_FILE, "w", encoding="utf-8") as fh:
+        for f in flagged:
+            fh.write(json.dumps(f, ensure_ascii=False) + "\n")
+    return flag_counts(flagged)
+
+
 def write_incremental_version(out_dir: Path, version: str, base, rows: RowPlan, new_vectors: np.ndarray,
-                              records: Sequence[dict[str, Any]], rejects: Sequence[Reject], plan: IndexPlan,
-                              options: VersionOptions, counts: dict[str, int], extra: dict[str, Any],
+                              records: Sequence[dict[str, Any] | None], product_ids: Sequence[str],
+                              rejects: Sequence[Reject], plan: IndexPlan, options: VersionOptions,
+                              counts: dict[str, int], extra: dict[str, Any],
                               log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, float]]:
     """Write the version into ``out_dir`` (created) from the opened ``base`` (``IndexVersion``).
 
-    records: the n final records (row i = ``records[i]``); new_vectors: float32 (m, d), rows
-    L2-normalised; options: the base's shard count, nprobe and refine settings.
+    records: per row, the record (a dict: new or changed) or None (the base's, copied as bytes);
+    product_ids: per row; new_vectors: float32 (m, d), rows L2-normalised; options: the base's
+    shard count, nprobe and refine settings; counts: manifest counts (flag counts are added).
     Returns ``(manifest, timings_s)``. Raises BuildError when rows and records disagree.
     """
-    if rows.n != len(records) or rows.n == 0:
+    if rows.n != len(records) or rows.n != len(product_ids) or rows.n == 0:
         raise BuildError(f"incremental version: {rows.n} rows but {len(records)} records (an empty index "
                          "cannot be built incrementally)")
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {"train": 0.0}
     t0 = time.perf_counter()
-    shard_of_row = assign_shards([str(r["product_id"]) for r in records], options.n_shards)
-    old_to_new = np.full(base.n_items, -1, np.int64)
-    copied = np.flatnonzero(rows.base_row >= 0)
-    old_to_new[rows.base_row[copied]] = copied
-    fresh_rows = np.flatnonzero(rows.base_row < 0)
-    builds = []
-    for s, base_shard in enumerate(base._shards):
-        t_shard = time.perf_counter()
-        mine = fresh_rows[shard_of_row[fresh_rows] == s]
-        shard = merge_shard(base_shard, old_to_new, new_vectors[rows.new_of_row[mine]], mine.astype(np.int64))
-        name = f"shard_{s:03d}.faiss"
-        faiss.write_index(shard, str(out_dir / name))
-        builds.append(ShardBuild(name, int(shard.ntotal), time.perf_counter() - t_shard))
+    shard_of_row = assign_shards(product_ids, options.n_shards)
+    builds = _write_shards(out_dir, base, rows, new_vectors, shard_of_row)
     timings["add"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     write_vectors(base._vectors, rows, new_vectors, out_dir / VECTORS_FILE)
     timings["vectors"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    map_size = _write_records(out_dir, records, shard_of_row, rejects)
+    map_size = copy_metadata(out_dir / METADATA_FILE, base._metadata, base.n_items, rows.base_row, records,
+                             product_ids, shard_of_row)
+    counts = {**counts, **_write_side_files(out_dir, _flags(base, rows, records), rejects)}
     timings["metadata"] = time.perf_counter() - t0
     manifest = _manifest(out_dir, version, (rows.n, base.dim), plan, options, builds, map_size, counts, extra)
     manifest["index"]["trained_on"] = base.manifest["index"].get("trained_on")
@@ -157,3 +184,21 @@ def write_incremental_version(out_dir: Path, version: str, base, rows: RowPlan, 
     log(f"index: recall@10 {quality['recall_at_10']:.4f} at the base's nprobe {manifest['index']['nprobe_default']} "
         f"({quality['queries']} item queries); self at rank 1 {quality['self_at_rank_1']:.4f}")
     return manifest, timings
+
+
+def _write_shards(out_dir: Path, base, rows: RowPlan, new_vectors: np.ndarray,
+                  shard_of_row: np.ndarray) -> list[ShardBuild]:
+    """One merged shard per base shard (``merge_shard``), written as ``shard_XXX.faiss``."""
+    old_to_new = np.full(base.n_items, -1, np.int64)
+    copied = np.flatnonzero(rows.base_row >= 0)
+    old_to_new[rows.base_row[copied]] = copied
+    fresh_rows = np.flatnonzero(rows.base_row < 0)
+    builds = []
+    for s, base_shard in enumerate(base._shards):
+        t_shard = time.perf_counter()
+        mine = fresh_rows[shard_of_row[fresh_rows] == s]
+        shard = merge_shard(base_shard, old_to_new, new_vectors[rows.new_of_row[mine]], mine.astype(np.int64))
+        name = f"shard_{s:03d}.faiss"
+        faiss.write_index(shard, str(out_dir / name))
+        builds.append(ShardBuild(name, int(shard.ntotal), time.perf_counter() - t_shard))
+    return builds

@@ -103,9 +103,9 @@ def product_record(product, flags: list[str], flag_detail: dict[str, str]) -> di
 
 def flag_counts(records: list[dict[str, Any]]) -> dict[str, int]:
     """How many records carry each encoder flag (manifest counts)."""
-    return {"text_only": sum(FLAG_TEXT_ONLY in r["flags"] for r in records),
-            "image_only": sum(FLAG_IMAGE_ONLY in r["flags"] for r in records),
-            "image_unreadable": sum(FLAG_IMAGE_UNREADABLE in r["flags"] for r in records)}
+    return {name: sum(flag in (r.get("flags") or ()) for r in records)
+            for name, flag in (("text_only", FLAG_TEXT_ONLY), ("image_only", FLAG_IMAGE_ONLY),
+                               ("image_unreadable", FLAG_IMAGE_UNREADABLE))}
 
 
 def _records_and_counts(catalog, encoded) -> tuple[list[dict[str, Any]], list[Reject], dict[str, int]]:

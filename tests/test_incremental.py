@@ -28,11 +28,15 @@ ENCODE = EncodeOptions(batch_size=1, chunk_size=32, workers=0, precision="fp32")
 VERSION = VersionOptions(n_shards=2, factory="IVF,PQ8", recall_queries=50)
 
 
-def _fashion_folder(fashion_dir: Path, dest: Path, rows: list[str], photos: dict[str, Path]) -> Path:
-    """A fashion-layout catalogue of ``rows`` (styles.csv lines); photo of id = ``photos`` or the real one."""
+def _fashion_folder(fashion_dir: Path, dest: Path, rows: list[str], photos: dict[str, Path],
+                    without_photo: str) -> Path:
+    """A fashion-layout catalogue of ``rows`` (styles.csv lines); photo of id = ``photos`` or the
+    real one; ``without_photo`` has none (indexed text-only, flagged)."""
     (dest / "images").mkdir(parents=True)
     for row in rows:
         pid = row.split(",", 1)[0]
+        if pid == without_photo:
+            continue
         shutil.copy(photos.get(pid, fashion_dir / "images" / f"{pid}.jpg"), dest / "images" / f"{pid}.jpg")
     (dest / "styles.csv").write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return dest
@@ -49,17 +53,19 @@ class Scenario:
         self.ids = [r.split(",", 1)[0] for r in base_rows]
         self.retitled, self.rephotographed = self.ids[5], self.ids[9]
         self.deleted = [self.ids[20], self.ids[30]]
+        self.text_only = self.ids[40]
         self.new_id = new_row.split(",", 1)[0]
         self.photo = tmp / "changes" / "new-photo.jpg"
         self.photo.parent.mkdir(parents=True)
         shutil.copy(fashion_dir / "images" / f"{photo_row.split(',', 1)[0]}.jpg", self.photo)
-        self.base = _fashion_folder(fashion_dir, tmp / "base", base_rows, {})
+        self.base = _fashion_folder(fashion_dir, tmp / "base", base_rows, {}, self.text_only)
         shutil.copy(fashion_dir / "images" / f"{self.new_id}.jpg", self.base / "images")  # the new arrival's photo
         fields = HEADER.split(",")
         retitled = base_rows[5].rsplit(",", 1)[0] + ",Renamed Product With A New Title"
         final_rows = [retitled if r == base_rows[5] else r for r in base_rows
                       if r.split(",", 1)[0] not in self.deleted] + [new_row]
-        self.final = _fashion_folder(fashion_dir, tmp / "final", final_rows, {self.rephotographed: self.photo})
+        self.final = _fashion_folder(fashion_dir, tmp / "final", final_rows, {self.rephotographed: self.photo},
+                                     self.text_only)
         as_row = lambda line: dict(zip(fields, line.split(",")))  # noqa: E731
         changes = [{"op": "upsert", "row": as_row(retitled)},
                    {"op": "delete", "product_id": self.deleted[0]},
@@ -115,7 +121,8 @@ def test_incremental_version_equals_a_full_build_with_the_same_quantizer(built, 
         assert set(pids) == (set(scenario.ids) - set(scenario.deleted)) | {scenario.new_id}
         assert np.array_equal(np.load(incremental.path / "vectors.f16.npy"), np.load(full.path / "vectors.f16.npy"))
         for changed in (scenario.retitled, scenario.rephotographed):  # re-encoded: not the base's vector
-            assert not np.array_equal(inc.vectors(inc.internal_ids([changed])), old.vectors(old.internal_ids([changed])))
+            got, was = inc.vectors(inc.internal_ids([changed])), old.vectors(old.internal_ids([changed]))
+            assert not np.array_equal(got, was)
         kept = [p for p in pids if p not in (scenario.retitled, scenario.rephotographed, scenario.new_id)]
         assert np.array_equal(inc.vectors(inc.internal_ids(kept)), old.vectors(old.internal_ids(kept)))
         for shard in incremental.manifest["shards"]:
@@ -132,6 +139,11 @@ def test_incremental_version_equals_a_full_build_with_the_same_quantizer(built, 
                 assert np.array_equal(got[0], want[0]) and got[1] == want[1]
         assert inc.get_products([scenario.retitled])[0]["title"] == "Renamed Product With A New Title"
         assert inc.get_products([scenario.rephotographed])[0]["image"] == str(scenario.photo.resolve())
+        assert inc.get_products([scenario.text_only]) == old.get_products([scenario.text_only])  # copied as is
+    flags = [[(f["product_id"], f["flags"]) for f in map(json.loads, (v.path / "flags.jsonl").read_text().splitlines())]
+             for v in (incremental, full)]
+    assert flags[0] == flags[1] == [(scenario.text_only, ["image_missing", "text_only"])]
+    assert incremental.manifest["counts"]["text_only"] == full.manifest["counts"]["text_only"] == 1
 
 
 def test_the_quantizer_is_reused_not_retrained(built):
@@ -176,7 +188,7 @@ def test_catalogue_diff_finds_the_changes_and_builds_the_same_version(built, sce
     inc = result.manifest["incremental"]
     assert inc["mode"] == "catalog_diff" and inc["base_version"] == base.version
     assert (inc["upserted"], inc["added"], inc["deleted"], inc["rejected"]) == (3, 1, 2, 0)
-    assert inc["updated"] == N_BASE - 2 - 2  # every other photo moved to the new folder: records updated
+    assert inc["updated"] == N_BASE - 2 - 2 - 1  # every other photo moved to the new folder: records updated
     assert inc["retrain_advised"] is True and any(ln.startswith("warning: drift") for ln in lines)
     assert np.array_equal(np.load(result.path / "vectors.f16.npy"), np.load(full.path / "vectors.f16.npy"))
     with open_index(result.path) as got, open_index(full.path) as want:
