@@ -42,7 +42,7 @@ def synthetic(args) -> dict:
     from indexer.changes import ChangeSet
     from indexer.encode import EncodeResult
     from indexer.incremental import base_product_ids, write_changed_version
-    from indexer.search import open_index
+    from indexer.base_version import BaseVersion
     from indexer.version import VersionOptions, write_version
 
     n_changed = max(4, int(round(args.n * args.changed)))
@@ -57,22 +57,28 @@ def synthetic(args) -> dict:
                         source="synthetic")
     encoded = EncodeResult(fresh, list(range(len(upserts))))
     with tempfile.TemporaryDirectory(prefix="bench-incremental-", dir=args.tmp) as tmp:
-        t0 = time.perf_counter()
-        full = write_version(Path(tmp) / "full", "full", vectors, records, VersionOptions(seed=args.seed))
-        full_s = time.perf_counter() - t0
-        print(f"full build: {full_s:.1f} s, stages {full.manifest['timings_s']}", flush=True)
+        full_dir = Path(args.keep_full) if args.keep_full else Path(tmp) / "full"
+        if (full_dir / "bench-full.json").is_file():  # a kept full build of the same data
+            full_s, full_stages = json.loads((full_dir / "bench-full.json").read_text())
+            print(f"full build: {full_s:.1f} s (measured earlier, kept in {full_dir})", flush=True)
+        else:
+            t0 = time.perf_counter()
+            full = write_version(full_dir, "full", vectors, records, VersionOptions(seed=args.seed))
+            full_s, full_stages = time.perf_counter() - t0, full.manifest["timings_s"]
+            (full_dir / "bench-full.json").write_text(json.dumps([full_s, full_stages]))
+            print(f"full build: {full_s:.1f} s, stages {full_stages}", flush=True)
         del vectors
         t0 = time.perf_counter()
-        with open_index(Path(tmp) / "full") as base:
+        with BaseVersion(full_dir) as base:
             options = VersionOptions(n_shards=1, factory=base.manifest["index"]["factory"], nprobe=base.nprobe_default,
-                                     k_factor=base.k_factor_default, recall_queries=200, self_queries=2000)
+                                     k_factor=base.k_factor_default)
             manifest, timings = write_changed_version(base, base_product_ids(base), changes, encoded,
                                                       Path(tmp) / "incremental", "incremental", options, {},
                                                       "changes", log=lambda m: print(m, flush=True))
         incremental_s = time.perf_counter() - t0
     print(f"incremental: {incremental_s:.1f} s, stages {timings}", flush=True)
     return {"n": args.n, "dim": args.dim, "changed": n_changed, "replaced": replaced, "added": added,
-            "deleted": deleted, "full_s": round(full_s, 2), "full_stages_s": full.manifest["timings_s"],
+            "deleted": deleted, "full_s": round(full_s, 2), "full_stages_s": full_stages,
             "incremental_s": round(incremental_s, 2),
             "incremental_stages_s": {k: round(v, 3) for k, v in timings.items()},
             "ratio": round(incremental_s / full_s, 4), "recall": manifest["recall"]}
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-root", help="fashion: ROOT holding a full build (CURRENT)")
     parser.add_argument("--full-s", type=float, default=None, help="fashion: the full build's wall time, if known")
     parser.add_argument("--tmp", default=None, help="synthetic: folder for the temporary versions")
+    parser.add_argument("--keep-full", default=None,
+                        help="synthetic: keep the full build in this folder and reuse it when rerun (same --n/--seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)

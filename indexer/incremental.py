@@ -39,7 +39,7 @@ from indexer.pipeline import IndexJobResult, log_stage, product_record
 from indexer.publish import (VERSIONS, build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
                              read_current, tmp_dir)
 from indexer.quantizer import plan_of, reuse_record, trained_items
-from indexer.search import IndexVersion, open_index
+from indexer.base_version import BaseVersion as IndexVersion
 from indexer.version import VersionOptions
 
 # Drift past which a full rebuild (retraining the quantizer) is advised: our choice (a fifth
@@ -57,7 +57,8 @@ class IncrementalJobConfig:
     mapping: field mapping of the catalogue rows (None: the base's); encode: batch size,
     workers, token cache (view and precision are the base's); drift_threshold: share of
     items changed since the quantizer's training past which the job warns;
-    recall_queries / self_queries: the recall check's sample (smaller than a full build's).
+    (recall: the base's, same quantizer and nprobe, plus a check that upserts are found:
+    ``indexer.incremental_write.check_upserts``).
     """
 
     index_root: Path
@@ -70,8 +71,6 @@ class IncrementalJobConfig:
     device: str | None = None
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
-    recall_queries: int = 200
-    self_queries: int = 2000
 
 
 def resolve_base(root: Path, name: str) -> Path:
@@ -194,8 +193,10 @@ def _drift(base: IndexVersion, changed: int, threshold: float) -> dict[str, Any]
 
 
 def base_product_ids(base: IndexVersion) -> list[str]:
-    """Product id of every internal id of ``base``, in internal id order."""
-    return base._metadata.product_ids(np.arange(base.n_items)[None, :])[0]
+    """Product id of every internal id of ``base``, in internal id order (one LMDB cursor pass)."""
+    meta = base._metadata
+    with meta._env.begin() as txn:
+        return [bytes(v).decode("utf-8") for v in txn.cursor(db=meta._dbs[b"iid2pid"]).iternext(keys=False)]
 
 
 def _assemble(base: IndexVersion, base_pids: list[str], changes: ChangeSet, encoded,
@@ -262,8 +263,7 @@ def write_changed_version(base: IndexVersion, base_pids: list[str], changes: Cha
 
 def _version_options(base: IndexVersion, config: IncrementalJobConfig) -> VersionOptions:
     return VersionOptions(n_shards=len(base.manifest["shards"]), factory=base.manifest["index"]["factory"],
-                          nprobe=base.nprobe_default, k_factor=base.k_factor_default, refine=base.refine_default,
-                          recall_queries=config.recall_queries, self_queries=config.self_queries)
+                          nprobe=base.nprobe_default, k_factor=base.k_factor_default, refine=base.refine_default)
 
 
 def _build(config: IncrementalJobConfig, base: IndexVersion, root: Path, log) -> tuple[dict, Path, Path, str]:
@@ -302,7 +302,7 @@ def run_incremental_job(config: IncrementalJobConfig, log: Callable[[str], None]
     with build_lock(root):
         base_dir = resolve_base(root, config.base_version)
         log(f"stage: open base version {base_dir.name}")
-        with open_index(base_dir) as base:
+        with IndexVersion(base_dir) as base:
             manifest, staged, work, version = _build(config, base, root, log)
         drift = manifest["incremental"]
         if drift["retrain_advised"]:

@@ -48,22 +48,24 @@ def copy_metadata(path: Path, base: MetadataReader, n_base: int, base_row: np.nd
 
     Row i (internal id i) is ``records[i]`` (a dict: encoded with ``shard_of_row[i]``) or, when
     None, the base record of internal id ``base_row[i]`` (int64 (n,)) copied as bytes; the
-    base holds ``n_base`` records.
-    product_ids: the n product ids. Returns the ``map_size`` in bytes used.
-    Raises ValueError on a duplicate product id or a row with neither a record nor a base row.
+    base holds ``n_base`` records. product_ids: the n product ids.
+    Returns the ``map_size`` in bytes used. Raises ValueError on a duplicate product id or a
+    row with neither a record nor a base row.
     """
-    n = len(records)
-    old_to_new = np.full(n_base, -1, np.int64)
-    copied = np.asarray([r is None for r in records], dtype=bool)
+    copied = np.fromiter((r is None for r in records), dtype=bool, count=len(records))
     if (base_row[copied] < 0).any():
         raise ValueError("a row has neither a record nor a base row to copy")
+    old_to_new = np.full(n_base, -1, np.int64)
     old_to_new[base_row[copied]] = np.flatnonzero(copied)
-    with base._env.begin(buffers=False) as txn:
-        db = base._dbs[b"records"]
-        blobs = [txn.get(iid_key(int(base_row[i])), db=db) if r is None else _encoded(r, shard_of_row[i])
-                 for i, r in enumerate(records)]
+    with base._env.begin() as txn:  # every base record, in internal id order (one cursor pass)
+        base_blobs = list(txn.cursor(db=base._dbs[b"records"]).iternext(keys=False, values=True))
+    blobs = [base_blobs[old] if r is None else _encoded(r, shard)
+             for old, r, shard in zip(base_row.tolist(), records, shard_of_row.tolist())]
+    del base_blobs
     facets = _facets(base, old_to_new, records)
-    payload = sum(len(b) for b in blobs) + sum(2 * len(p.encode()) + 48 for p in product_ids)
+    keys = [iid_key(i) for i in range(len(records))]
+    pids = [p.encode("utf-8") for p in product_ids]
+    payload = sum(map(len, blobs)) + sum(2 * len(p) + 48 for p in pids)
     payload += sum(len(k) + 8 * len(v) + 32 for k, v in facets.items())
     map_size = (2 * payload + (16 << 20) + 4095) // 4096 * 4096
     env = lmdb.open(str(path), subdir=False, map_size=map_size, max_dbs=len(_DBS), lock=True, sync=True)
@@ -71,12 +73,11 @@ def copy_metadata(path: Path, base: MetadataReader, n_base: int, base_row: np.nd
         dbs = {name: env.open_db(name) for name in _DBS}
         with env.begin(write=True) as txn:
             txn.put(b"schema", SCHEMA.encode(), db=dbs[b"info"])
-            for iid in range(n):
-                key, pid = iid_key(iid), product_ids[iid].encode("utf-8")
-                if not txn.put(pid, key, db=dbs[b"pid2iid"], overwrite=False):
-                    raise ValueError(f"duplicate product id {product_ids[iid]!r} in metadata")
-                txn.put(key, blobs[iid], db=dbs[b"records"], append=True)
-                txn.put(key, pid, db=dbs[b"iid2pid"], append=True)
+            _, added = txn.cursor(db=dbs[b"pid2iid"]).putmulti(sorted(zip(pids, keys)), overwrite=False)
+            if added != len(pids):
+                raise ValueError(f"{len(pids) - added} duplicate product id(s) in metadata")
+            txn.cursor(db=dbs[b"records"]).putmulti(zip(keys, blobs), append=True)
+            txn.cursor(db=dbs[b"iid2pid"]).putmulti(zip(keys, pids), append=True)
             for key, ids in sorted(facets.items()):
                 txn.put(key, ids.astype("<i8").tobytes(), db=dbs[b"facets"])
         env.sync(True)

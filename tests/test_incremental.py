@@ -25,7 +25,7 @@ N_BASE = 120
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,usage,productDisplayName"
 # batch size 1 and fp32: an item's vector does not depend on which products share its batch
 ENCODE = EncodeOptions(batch_size=1, chunk_size=32, workers=0, precision="fp32")
-VERSION = VersionOptions(n_shards=2, factory="IVF,PQ8", recall_queries=50)
+VERSION = VersionOptions(n_shards=2, factory="IVF,PQ8")  # full builds
 
 
 def _fashion_folder(fashion_dir: Path, dest: Path, rows: list[str], photos: dict[str, Path],
@@ -91,7 +91,7 @@ def built(scenario, tiny_model_dir, tmp_path_factory):
     base = run_index_job(IndexJobConfig(catalog=scenario.base, model_dir=tiny_model_dir, index_root=root,
                                         keep_versions=20, device="cpu", encode=ENCODE, version=VERSION), log=quiet)
     incremental = run_incremental_job(IncrementalJobConfig(index_root=root, keep_versions=20, changes=scenario.changes,
-                                                           device="cpu", encode=ENCODE, recall_queries=50), log=quiet)
+                                                           device="cpu", encode=ENCODE), log=quiet)
     full = run_index_job(IndexJobConfig(catalog=scenario.final, model_dir=tiny_model_dir,
                                         index_root=tmp_path_factory.mktemp("full-root"), device="cpu", encode=ENCODE,
                                         version=VERSION, reuse_quantizer=base.path), log=quiet)
@@ -163,7 +163,7 @@ def test_the_quantizer_is_reused_not_retrained(built):
 
 
 def test_manifest_counts_drift_and_rejects(built, scenario):
-    _, base, incremental, _ = built
+    _, base, incremental, full = built
     m = incremental.manifest
     counts = m["counts"]
     assert counts["kept"] == N_BASE - 2 - 2 and counts["upserted"] == 3 and counts["added"] == 1
@@ -174,6 +174,15 @@ def test_manifest_counts_drift_and_rejects(built, scenario):
     assert inc["base_version"] == base.version and inc["mode"] == "changes"
     assert inc["changed_since_training"] == 5 and inc["drift"] == pytest.approx(5 / N_BASE, abs=1e-6)
     assert inc["retrain_advised"] is False
+    recall = m["recall"]  # the base's (same quantizer and nprobe) + the upserts found by their own vectors
+    assert recall["inherited_from"] == base.version
+    assert recall["recall_at_10"] == base.manifest["recall"]["recall_at_10"]
+    with open_index(full.path) as ref:  # the same check on the full build gives the same share
+        ids = ref.internal_ids([scenario.retitled, scenario.rephotographed, scenario.new_id])
+        q = ref.vectors(ids)
+        top_s, top_i = ref.search_ids(q, 1, nprobe=m["index"]["nprobe_default"])
+        found = (top_i[:, 0] == ids) | (top_s[:, 0] >= np.einsum("nd,nd->n", q, q) - 1e-4)
+    assert recall["upserted_checked"] == 3 and recall["upserted_self_at_rank_1_or_tie"] == round(found.mean(), 4)
     rejects = [json.loads(ln) for ln in (incremental.path / "rejects.jsonl").read_text().splitlines()]
     assert [(r["row"], r["product_id"]) for r in rejects] == [(4, "no-such-product")]
     assert "does not hold" in rejects[0]["reason"]
@@ -184,7 +193,7 @@ def test_catalogue_diff_finds_the_changes_and_builds_the_same_version(built, sce
     lines = []
     result = run_incremental_job(IncrementalJobConfig(index_root=root, keep_versions=20, base_version=base.version,
                                                       catalog=scenario.final, device="cpu", encode=ENCODE,
-                                                      recall_queries=50, drift_threshold=0.04), log=lines.append)
+                                                      drift_threshold=0.04), log=lines.append)
     inc = result.manifest["incremental"]
     assert inc["mode"] == "catalog_diff" and inc["base_version"] == base.version
     assert (inc["upserted"], inc["added"], inc["deleted"], inc["rejected"]) == (3, 1, 2, 0)
@@ -201,8 +210,8 @@ def test_catalogue_diff_finds_the_changes_and_builds_the_same_version(built, sce
 def test_an_unchanged_catalogue_diffs_to_no_change(built, scenario, tmp_path):
     root, base, _, _ = built
     result = run_incremental_job(IncrementalJobConfig(index_root=root, keep_versions=20, base_version=base.version,
-                                                      catalog=scenario.base, device="cpu", encode=ENCODE,
-                                                      recall_queries=20), log=lambda _m: None)
+                                                      catalog=scenario.base, device="cpu", encode=ENCODE),
+                                 log=lambda _m: None)
     counts = result.manifest["counts"]
     assert (counts["kept"], counts["upserted"], counts["updated"], counts["deleted"]) == (N_BASE, 0, 0, 0)
     assert np.array_equal(np.load(result.path / "vectors.f16.npy"), np.load(base.path / "vectors.f16.npy"))
@@ -223,7 +232,7 @@ def test_bad_changes_are_rejected_with_their_reason(built, scenario, tmp_path):
     ]) + "\n", encoding="utf-8")
     result = run_incremental_job(IncrementalJobConfig(index_root=root, keep_versions=20, base_version=base.version,
                                                       changes=changes,
-                                                      device="cpu", encode=ENCODE, recall_queries=20),
+                                                      device="cpu", encode=ENCODE),
                                  log=lambda _m: None)
     rejects = [json.loads(ln) for ln in (result.path / "rejects.jsonl").read_text().splitlines()]
     reasons = {r["row"]: r["reason"] for r in rejects}
