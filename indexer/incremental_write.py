@@ -163,7 +163,7 @@ def write_incremental_version(out_dir: Path, version: str, base, rows: RowPlan, 
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {"train": 0.0}
     t0 = time.perf_counter()
-    shard_of_row = assign_shards(product_ids, options.n_shards)
+    shard_of_row = _shard_of_rows(base, rows, product_ids, options.n_shards)
     builds, shards = _write_shards(out_dir, base, rows, new_vectors, shard_of_row)
     timings["add"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -217,6 +217,24 @@ def check_upserts(out_dir: Path, shards: list[faiss.Index], base, new_rows: np.n
         found = (top_i == rows) | (top_s >= np.einsum("nd,nd->n", q, q) - 1e-4)
     share = round(float(found.mean()), 4) if found.size else None
     return {**recall, "upserted_checked": int(rows.size), "upserted_self_at_rank_1_or_tie": share}
+
+
+def _shard_of_rows(base, rows: RowPlan, product_ids: Sequence[str], n_shards: int) -> np.ndarray:
+    """``int32 (n,)`` shard of each row: a copied row stays in its base shard (read off the base
+    shards' id lists), a new row is hashed (``indexer.shards.assign_shards``)."""
+    out = np.zeros(rows.n, np.int32)
+    if n_shards == 1:
+        return out
+    shard_of_base = np.zeros(base.n_items, np.int32)
+    for s, shard in enumerate(base._shards):
+        invlists = faiss.extract_index_ivf(shard).invlists
+        for list_no in range(invlists.nlist):
+            shard_of_base[_invlist(invlists, list_no)[0]] = s
+    copied = rows.base_row >= 0
+    out[copied] = shard_of_base[rows.base_row[copied]]
+    fresh = np.flatnonzero(~copied)
+    out[fresh] = assign_shards([product_ids[i] for i in fresh], n_shards)
+    return out
 
 
 def _write_shards(out_dir: Path, base, rows: RowPlan, new_vectors: np.ndarray,
