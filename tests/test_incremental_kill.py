@@ -78,19 +78,20 @@ def test_a_killed_incremental_build_leaves_the_live_version(fashion_dir, tiny_mo
                          log=lambda _m: None)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    live = {base.version}
     killed = []
     for marker, bound_s in KILL_POINTS:
         delay_s = rng.uniform(0.0, bound_s)
+        live, before = read_current(root), set(list_versions(root))
         proc, lines = _start(_cli(root, scenario.changes), env)
         if _kill_after(proc, lines, marker, delay_s):
             killed.append(f"{marker} + {delay_s * 1000:.0f} ms")
         else:  # it finished first: its version is live now (published atomically)
             assert proc.returncode == 0, "".join(lines)[-2000:]
-            live.add(read_current(root))
-        # a kill between the version's rename and CURRENT's switch leaves a complete, unused version
-        live |= {v for v in list_versions(root)} if any(ln.startswith("published") for ln in lines) else set()
-        _check_live(root, live)
+        # CURRENT names the old version or the complete one this build published (a kill after
+        # the switch); a kill between the version's rename and the switch leaves it unused
+        new = set(list_versions(root)) - before
+        assert len(new) <= 1
+        _check_live(root, {live} | new)
     assert killed, "every build ended before its kill"
     print("killed at", killed)
     rerun = subprocess.run(_cli(root, scenario.changes), env=env, capture_output=True, text=True, timeout=300)
