@@ -41,7 +41,7 @@ bench: $(STAMP)
 
 # Regenerate the gRPC stubs in server/gen from proto/ (committed; tests/test_proto.py checks they are fresh).
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iserver/gen=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/ecsearch/v1/search.proto
+	$(PY) -m grpc_tools.protoc -Iserver/gen=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/ecsearch/v1/search.proto proto/ecsearch/v1/admin.proto
 
 # Lint the contract with buf (npm package @bufbuild/buf).
 buf-lint:

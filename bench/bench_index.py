@@ -5,6 +5,7 @@ Usage:
     python bench/bench_index.py fashion --index ROOT_OR_VERSION      # vectors of a built version
     python bench/bench_index.py fashion --model MODEL_DIR            # encode the catalogue first
     python bench/bench_index.py scale [--n 1000000] [--work DIR]    # streamed 1M / 10M, per refine storage
+    python bench/bench_index.py incremental synthetic|fashion ...    # bench/bench_incremental.py
 
 Both build an index version with the indexer's own code (``indexer.version.write_version``:
 IVF-PQ training, shards, exact fp16 vectors, LMDB metadata, manifest + checksums), open it with
@@ -142,6 +143,9 @@ def main() -> int:
         from bench.bench_scale import main as scale_main
 
         return scale_main(sys.argv[2:])
+    if sys.argv[1:2] == ["incremental"]:  # incremental version vs full build (bench/bench_incremental.py)
+        from bench.bench_incremental import main as incremental
+        return incremental(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=("synthetic", "fashion"))
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic: number of vectors")

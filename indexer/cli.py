@@ -16,9 +16,22 @@ from indexer.version import VersionOptions
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``ecsearch index`` options to ``parser``."""
-    parser.add_argument("--catalog", required=True, type=Path,
-                        help="fashion folder (styles.csv + images/), JSONL or CSV catalogue")
-    parser.add_argument("--model", required=True, type=Path, help="model folder (engine.model.model_folder)")
+    parser.add_argument("--catalog", type=Path,
+                        help="fashion folder (styles.csv + images/), JSONL or CSV catalogue; with --base-version: "
+                             "the new catalogue, diffed against the base version")
+    parser.add_argument("--model", type=Path,
+                        help="model folder (engine.model.model_folder); with --base-version: default the base's")
+    parser.add_argument("--base-version", default=None,
+                        help="incremental build on this version (a name or CURRENT): only changed products are "
+                             "encoded, the base's quantizer and codebooks are reused")
+    parser.add_argument("--changes", type=Path, default=None,
+                        help="with --base-version: JSONL of changes ({'op': 'upsert', 'row': {...}} / "
+                             "{'op': 'delete', 'product_id': ...}; see indexer/changes.py)")
+    parser.add_argument("--drift-threshold", type=float, default=0.2,
+                        help="with --base-version: warn past this share of products changed since the quantizer "
+                             "was trained (default 0.2)")
+    parser.add_argument("--reuse-quantizer", type=Path, default=None,
+                        help="full build: reuse this version's (folder or ROOT) trained quantizer and codebooks")
     parser.add_argument("--index-root", required=True, type=Path, help="ROOT holding versions/ and CURRENT")
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
     parser.add_argument("--factory", default="auto",
@@ -60,58 +73,100 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the build; prints the manifest summary as JSON on stdout. Returns the exit status."""
-    from engine.catalog import CatalogError, FieldMapping
-    from engine.model.errors import ModelFolderError
-    from indexer.errors import BuildError
-    from indexer.pipeline import IndexJobConfig, run_index_job
-
+def _check(args: argparse.Namespace) -> str | None:
+    """The reason the options are unusable, or None."""
     if args.shards < 1 or args.keep_versions < 1 or args.k_factor < 1 or args.batch_size < 1 or args.chunk_size < 1:
-        print("ecsearch index: --shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1",
-              file=sys.stderr)
-        return 2
+        return "--shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1"
+    if args.token_cache is not None and not args.token_cache.is_dir():
+        return f"--token-cache {args.token_cache}: not a folder"
+    if args.base_version is None:
+        if args.changes is not None:
+            return "--changes needs --base-version"
+        if args.catalog is None or args.model is None:
+            return "--catalog and --model are required (or --base-version with --changes / --catalog)"
+    elif (args.changes is None) == (args.catalog is None):
+        return "--base-version needs exactly one of --changes or --catalog"
+    elif args.reuse_quantizer is not None:
+        return "--reuse-quantizer is for full builds; an incremental build always reuses its base's"
+    if not 0 < args.drift_threshold:
+        return f"--drift-threshold must be > 0, got {args.drift_threshold}"
     if args.executor == "ray":
+        if args.base_version is not None:
+            return "--executor ray builds full versions; an incremental build runs locally"
+        from indexer.errors import BuildError
         from indexer.ray_executor import require_ray
 
         try:
             require_ray()
         except BuildError as exc:
-            print(f"ecsearch index: {exc}", file=sys.stderr)
-            return 2
-    if args.token_cache is not None and not args.token_cache.is_dir():
-        print(f"ecsearch index: --token-cache {args.token_cache}: not a folder", file=sys.stderr)
-        return 2
-    mapping = None
-    if any(v is not None for v in (args.id_field, args.title_field, args.image_field, args.attribute_fields,
-                                   args.image_root)):
-        mapping = FieldMapping(
-            id=args.id_field, title=args.title_field, image=args.image_field,
-            attributes=[a.strip() for a in args.attribute_fields.split(",") if a.strip()]
-            if args.attribute_fields else None,
-            image_root=args.image_root)
-    config = IndexJobConfig(
-        catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=mapping, limit=args.limit,
-        keep_versions=args.keep_versions, device=args.device, executor=args.executor, ray_address=args.ray_address,
-        ray_actors=args.ray_actors, ray_actor_gpus=args.ray_actor_gpus,
-        encode=EncodeOptions(view=args.view, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                             workers=args.workers, precision=args.precision,
-                             token_cache=str(args.token_cache) if args.token_cache else None),
+            return str(exc)
+    return None
+
+
+def _mapping(args: argparse.Namespace):
+    from engine.catalog import FieldMapping
+
+    if all(v is None for v in (args.id_field, args.title_field, args.image_field, args.attribute_fields,
+                               args.image_root)):
+        return None
+    return FieldMapping(
+        id=args.id_field, title=args.title_field, image=args.image_field,
+        attributes=[a.strip() for a in args.attribute_fields.split(",") if a.strip()]
+        if args.attribute_fields else None,
+        image_root=args.image_root)
+
+
+def _encode_options(args: argparse.Namespace) -> EncodeOptions:
+    return EncodeOptions(view=args.view, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                         workers=args.workers, precision=args.precision,
+                         token_cache=str(args.token_cache) if args.token_cache else None)
+
+
+def _job(args: argparse.Namespace):
+    """The job to run: a full build or an incremental one (``indexer.incremental``)."""
+    if args.base_version is not None:
+        from indexer.incremental import IncrementalJobConfig, run_incremental_job
+
+        return lambda: run_incremental_job(IncrementalJobConfig(
+            index_root=args.index_root, base_version=args.base_version, changes=args.changes, catalog=args.catalog,
+            model_dir=args.model, mapping=_mapping(args), keep_versions=args.keep_versions, device=args.device,
+            encode=_encode_options(args), drift_threshold=args.drift_threshold))
+    from indexer.pipeline import IndexJobConfig, run_index_job
+
+    return lambda: run_index_job(IndexJobConfig(
+        catalog=args.catalog, model_dir=args.model, index_root=args.index_root, mapping=_mapping(args),
+        limit=args.limit, keep_versions=args.keep_versions, device=args.device, encode=_encode_options(args),
+        executor=args.executor, ray_address=args.ray_address, ray_actors=args.ray_actors,
+        ray_actor_gpus=args.ray_actor_gpus,
         version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
                                k_factor=args.k_factor, refine=not args.no_refine,
-                               refine_storage=args.refine_storage,
-                               recall_queries=args.recall_queries))
+                               refine_storage=args.refine_storage, recall_queries=args.recall_queries),
+        reuse_quantizer=args.reuse_quantizer))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the build; prints the manifest summary as JSON on stdout. Returns the exit status."""
+    from engine.catalog import CatalogError
+    from engine.model.errors import ModelFolderError
+    from indexer.errors import BuildError, IndexVersionError
+
+    problem = _check(args)
+    if problem is not None:
+        print(f"ecsearch index: {problem}", file=sys.stderr)
+        return 2
     try:
-        result = run_index_job(config)
+        result = _job(args)()
     except BuildError as exc:
         print(f"ecsearch index: {exc}", file=sys.stderr)
         return 3 if "another index build is running" in str(exc) else 2
-    except (CatalogError, ModelFolderError) as exc:
+    except (CatalogError, ModelFolderError, IndexVersionError) as exc:
         print(f"ecsearch index: {exc}", file=sys.stderr)
         return 2
     m = result.manifest
     summary = {"version": result.version, "path": str(result.path), "previous": result.previous,
                "counts": m["counts"], "index": {k: m["index"][k] for k in ("factory", "nlist", "nprobe_default")},
-               "recall": m["recall"], "timings_s": m["timings_s"], "sources": m["build"]["sources"]}
+               "recall": m["recall"], "timings_s": m["timings_s"], "sources": (m.get("build") or {}).get("sources")}
+    if "incremental" in m:
+        summary["incremental"] = m["incremental"]
     print(json.dumps(summary, indent=2))
     return 0

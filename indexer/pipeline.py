@@ -24,9 +24,11 @@ from typing import Any, Callable
 from engine.catalog import FieldMapping, Reject, read_catalog
 from engine.model.file_hashing import sha256_file
 from indexer.encode import FLAG_IMAGE_ONLY, FLAG_IMAGE_UNREADABLE, FLAG_TEXT_ONLY, EncodeOptions, encode_products
+from indexer.changes import image_checksum
 from indexer.errors import BuildError
 from indexer.publish import (build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
                              read_current, tmp_dir)
+from indexer.quantizer import load_trained, reuse_record
 from indexer.version import VersionOptions, write_version
 
 
@@ -40,7 +42,8 @@ class IndexJobConfig:
     device: torch device for the item tower ("cpu", "cuda", None = cuda when available).
     executor: "local" (this process) or "ray" (``indexer.ray_executor``; ray_address: the
     cluster, None = start a local one; ray_actors / ray_actor_gpus: encoder actors and the
-    GPUs each one takes).
+    GPUs each one takes); reuse_quantizer: an index version (folder, or ROOT for its CURRENT)
+    whose trained IVF quantizer and PQ codebooks are reused instead of training (``indexer.quantizer``).
     """
 
     catalog: Path
@@ -56,6 +59,7 @@ class IndexJobConfig:
     ray_address: str | None = None
     ray_actors: int | None = None
     ray_actor_gpus: float = 0.0
+    reuse_quantizer: Path | None = None  # a version (folder or ROOT) whose trained quantizer is reused
 
 
 @dataclass
@@ -95,6 +99,21 @@ def _with_precision(config: IndexJobConfig, device: str) -> IndexJobConfig:
     return dataclasses.replace(config, encode=dataclasses.replace(config.encode, precision=precision))
 
 
+def product_record(product, flags: list[str], flag_detail: dict[str, str]) -> dict[str, Any]:
+    """The metadata record of an encoded ``Product`` (``indexer.metadata``), with the sha256 of
+    its local photo (``image_sha256``, None without one) for catalogue diffs."""
+    return {"product_id": product.product_id, "title": product.title, "image": product.image,
+            "image_sha256": image_checksum(product.image), "attributes": product.attributes,
+            "extra": product.extra, "row": product.row, "flags": flags, "flag_detail": flag_detail}
+
+
+def flag_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many records carry each encoder flag (manifest counts)."""
+    return {name: sum(flag in (r.get("flags") or ()) for r in records)
+            for name, flag in (("text_only", FLAG_TEXT_ONLY), ("image_only", FLAG_IMAGE_ONLY),
+                               ("image_unreadable", FLAG_IMAGE_UNREADABLE))}
+
+
 def _records_and_counts(catalog, encoded) -> tuple[list[dict[str, Any]], list[Reject], dict[str, int]]:
     """Metadata records of the encoded products, all rejects (catalogue + encoder) and the
     manifest counts. Raises BuildError when a product was neither indexed nor rejected."""
@@ -106,15 +125,11 @@ def _records_and_counts(catalog, encoded) -> tuple[list[dict[str, Any]], list[Re
     for pos in encoded.indexed:
         p = catalog.products[pos]
         flags = encoded.flags.get(pos, [])
-        records.append({"product_id": p.product_id, "title": p.title, "image": p.image,
-                        "attributes": p.attributes, "extra": p.extra, "row": p.row,
-                        "flags": flags, "flag_detail": encoded.flag_detail.get(pos, {})})
+        records.append(product_record(p, flags, encoded.flag_detail.get(pos, {})))
     counts = {
         "read": catalog.read_count,
         "indexed": len(records),
-        "text_only": sum(FLAG_TEXT_ONLY in r["flags"] for r in records),
-        "image_only": sum(FLAG_IMAGE_ONLY in r["flags"] for r in records),
-        "image_unreadable": sum(FLAG_IMAGE_UNREADABLE in r["flags"] for r in records),
+        **flag_counts(records),
         "rejected": len(rejects),
         "rejected_by_catalog": len(catalog.rejects),
         "rejected_by_encoder": len(encoded.rejects),
@@ -133,7 +148,8 @@ def _manifest_extra(config: IndexJobConfig, model, device: str, catalog, catalog
                   "view": config.encode.view, "dim": int(model.dim), "device": device,
                   "precision": config.encode.precision},
         "catalog": {"path": str(Path(config.catalog).resolve()), "layout": catalog.layout,
-                    "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit},
+                    "file": catalog.source, "fingerprint": f"sha256:{catalog_fp}", "limit": config.limit,
+                    "mapping": dataclasses.asdict(config.mapping) if config.mapping else None},
         "build": {"job_key": key, "resumed_items": encoded.resumed_items,
                   "batch_size": config.encode.batch_size, "workers": config.encode.workers,
                   "token_cache": config.encode.token_cache, "sources": encoded.sources},
@@ -166,12 +182,20 @@ def _executor(config: IndexJobConfig, device: str):
     return RayExecutor(config.model_dir, device, config.ray_address, config.ray_actors, config.ray_actor_gpus)
 
 
+def _reused_quantizer(config: IndexJobConfig, extra: dict[str, Any]):
+    """``(plan, trained empty index)`` of ``config.reuse_quantizer`` (recorded in ``extra``), or None."""
+    if config.reuse_quantizer is None:
+        return None
+    plan, empty, source = load_trained(config.reuse_quantizer)
+    extra["quantizer"] = reuse_record(source)
+    return plan, empty
+
+
 def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage) -> IndexJobResult:
     """Build and publish one index version. Raises CatalogError, ModelFolderError, BuildError."""
     import torch
 
     from engine.model.model_folder import load_model
-
     root = Path(config.index_root)
     t_job = time.perf_counter()
     timings: dict[str, float] = {}
@@ -211,7 +235,8 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         extra["build"]["executor"] = executor.describe() if executor else {"executor": "local"}
         written = write_version(staged, version, encoded.vectors, records, config.version, rejects=rejects,
                                 counts=counts, extra_manifest=extra, timings_s=timings, log=log,
-                                run_all=executor.run_all if executor else None)
+                                run_all=executor.run_all if executor else None,
+                                trained=_reused_quantizer(config, extra))
 
         log("stage: publish")
         previous = read_current(root)

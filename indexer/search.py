@@ -96,6 +96,7 @@ class IndexVersion:
         self._metadata = metadata
         self.lexical = lexical  # BM25 index (None: a version built without one)
         self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
+        self.hidden: frozenset[str] = frozenset()  # product ids no search returns (live deletes, server.tombstones)
         self._lock = threading.Lock()
         self._closed = False  # no new call starts
         self._running = 0  # calls in progress
@@ -186,6 +187,8 @@ class IndexVersion:
             by_pid = self._metadata.internal_ids(id_filter)
             allowed = self._intersect(allowed, by_pid[by_pid >= 0])
         allowed_ids = None if allowed is None else self._as_id_array(allowed)
+        if self.hidden:  # live deletes go through the predicate path: exact k still honoured
+            predicate = _not_hidden(self.hidden, predicate)
 
         if predicate is None:
             return self._widened(q, k, nprobe, allowed_ids, refine, k_factor)
@@ -337,6 +340,12 @@ class IndexVersion:
 
     def __repr__(self) -> str:
         return f"IndexVersion({self.version!r}, items={self.n_items}, dim={self.dim}, shards={len(self._shards)})"
+
+
+def _not_hidden(hidden: frozenset[str], predicate: Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """A predicate on product ids: not in ``hidden`` and, when given, passing ``predicate``."""
+    return (lambda pid: pid not in hidden) if predicate is None else \
+        (lambda pid: pid not in hidden and predicate(pid))
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

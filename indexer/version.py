@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from engine.catalog import Reject, write_rejects
-from indexer.build import ShardBuild, build_shard, plan_index, shard_rows, train_index, write_exact_vectors, _gpu_count
+from indexer.build import IndexPlan, ShardBuild, build_shard, plan_index, shard_rows, train_index, write_exact_vectors, _gpu_count
 from indexer.errors import BuildError
 from indexer.lexical import write_lexical
 from indexer.manifest import describe_file, write_manifest
@@ -80,8 +80,8 @@ class VersionResult:
 def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Sequence[dict[str, Any]],
                   options: VersionOptions, *, rejects: Sequence[Reject] = (), counts: dict[str, int] | None = None,
                   extra_manifest: dict[str, Any] | None = None, timings_s: dict[str, float] | None = None,
-                  log: Callable[[str], None] = print, run_all: Callable[[list[Callable[[], Any]]], list] | None = None
-                  ) -> VersionResult:
+                  log: Callable[[str], None] = print, run_all: Callable[[list[Callable[[], Any]]], list] | None = None,
+                  trained: tuple[IndexPlan, faiss.Index] | None = None) -> VersionResult:
     """Write a complete index version into ``out_dir`` (created; must be empty or absent).
 
     vectors: float32 (n, d), rows L2-normalised; row i belongs to ``records[i]`` (a dict
@@ -92,6 +92,8 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     file, the LMDB metadata) given as picklable zero-argument callables and returns their
     results in order (default ``run_in_process``: one after the other; ``indexer.ray_executor``
     runs them as parallel Ray tasks).
+    trained: ``(plan, trained empty index)`` to reuse instead of training (e.g. another
+    version's quantizer and codebooks: ``indexer.quantizer.load_trained``); None: train.
     Raises BuildError on a count mismatch, an empty input or an unknown refine storage.
     """
     check_storage(options.refine_storage)
@@ -101,12 +103,12 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     counts = _checked_counts(n, len(records), len(rejects), counts)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    plan = plan_index(options.factory, n, dim)
+    plan = plan_index(options.factory, n, dim) if trained is None else trained[0]
     for note in plan.notes:
         log(f"index: {note}")
     log(f"index: factory {plan.factory}, train on {plan.train_size} of {n} vectors, {options.n_shards} shard(s)")
     t0 = time.perf_counter()
-    trained = train_index(vectors, plan, seed=options.seed)
+    trained = train_index(vectors, plan, seed=options.seed) if trained is None else trained[1]
     timings["train"] = time.perf_counter() - t0
 
     pids = [str(r["product_id"]) for r in records]

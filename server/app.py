@@ -35,12 +35,14 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.cpu_features import CpuFeatureError
 from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS
+from server.admin import admin_problem, read_token, start_admin_server
 from server.batching import BatchConfig, MicroBatcher
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
 from server.prometheus_metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
+from server.tombstones import TombstoneError, TombstoneStore
 from server.tower_backend import BackendError, TowerPlan, plan_tower, prepare_query_tower
 from server.version_loader import open_served_version
 
@@ -83,6 +85,9 @@ class ServerConfig:
     tls_key: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    admin_port: int | None = None          # None: no admin API (live deletes, server.admin)
+    admin_host: str = "127.0.0.1"          # non-loopback only with TLS + admin_token_file
+    admin_token_file: Path | None = None   # file holding the admin bearer token
     plan: TowerPlan = field(init=False)    # resolved precision x backend (server.tower_backend)
 
     def __post_init__(self) -> None:
@@ -99,6 +104,8 @@ class ServerConfig:
                   (self.poll_interval_s > 0, f"poll interval must be > 0 s, got {self.poll_interval_s}"),
                   (self.grace_s >= 0, f"grace must be >= 0 s, got {self.grace_s}"),
                   ((self.tls_cert is None) == (self.tls_key is None), "give both --tls-cert and --tls-key, or neither")]
+        admin = admin_problem(self.admin_host, self.admin_port, self.tls_cert is not None, self.admin_token_file)
+        checks.append((admin is None, admin))
         for ok, message in checks:
             if not ok:
                 raise StartupError(message)
@@ -116,6 +123,12 @@ class SearchServer:
         self.precision = config.plan.precision
         self.metrics = ServerMetrics()
         self.holder = IndexHolder()
+        try:
+            self.tombstones = TombstoneStore(Path(config.index_root))  # live deletes, kept across restarts
+        except TombstoneError as exc:
+            raise StartupError(str(exc)) from exc
+        self.admin_port: int | None = None
+        self._admin: grpc.aio.Server | None = None
         self.model: Any = None
         self.port: int | None = None
         self.fatal: BaseException | None = None
@@ -155,6 +168,7 @@ class SearchServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{_host_for_address(self.config.host)}:{self.config.port}"
+        creds = None
         if self.config.tls_cert is not None:
             try:
                 creds = grpc.ssl_server_credentials(
@@ -172,10 +186,22 @@ class SearchServer:
                  self.config.precision, self.config.backend, "" if self.config.graphs else " --no-graphs")
         self._batcher.start()
         await self._server.start()
+        await self._start_admin(creds)
         log.info("gRPC on %s:%d (%s); waiting for %s/CURRENT", _host_for_address(self.config.host), self.port,
                  "TLS" if self.config.tls_cert else "plaintext", self.config.index_root)
         self._loader = asyncio.get_running_loop().create_task(self._load_first(), name="first-load")
         return self.port
+
+    async def _start_admin(self, creds: grpc.ServerCredentials | None) -> None:
+        """The admin API (live deletes) on its own port, when configured (``server.admin``)."""
+        if self.config.admin_port is None:
+            return
+        try:
+            token = read_token(self.config.admin_token_file)
+            self._admin, self.admin_port = await start_admin_server(
+                self.holder, self.tombstones, self.config.admin_host, self.config.admin_port, token, creds)
+        except (ValueError, RuntimeError) as exc:
+            raise StartupError(str(exc)) from exc
 
     async def _load_first(self) -> None:
         try:
@@ -210,8 +236,13 @@ class SearchServer:
             threads = self.config.torch_threads or default_torch_threads()
             log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads))
             self.model = model
-            return served
-        served, _ = open_served_version(root, model=self.model)
+        else:
+            served, _ = open_served_version(root, model=self.model)
+        try:
+            self.tombstones.apply(served.index)  # live deletes still in force hide in this version too
+        except TombstoneError:
+            served.index.close()
+            raise
         return served
 
     def _on_swap(self, served: ServedVersion) -> None:
@@ -252,6 +283,8 @@ class SearchServer:
         if self._loader is not None:
             self._loader.cancel()
         await self._watcher.stop()
+        if self._admin is not None:
+            await self._admin.stop(grace_s)
         if self._server is not None:
             await self._server.stop(grace_s)
         await self._batcher.close()

@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="bind address of the metrics endpoint")
+    parser.add_argument("--admin-port", type=int, default=None,
+                        help="serve the admin API (live deletes: ecsearch.v1.AdminService) on this port "
+                             "(default: off)")
+    parser.add_argument("--admin-host", default="127.0.0.1",
+                        help="admin bind address (default loopback; any other needs TLS and --admin-token-file)")
+    parser.add_argument("--admin-token-file", type=Path, default=None,
+                        help="file holding the admin token; calls must send 'authorization: Bearer TOKEN'")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -78,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             search_workers=args.search_workers, decode_workers=args.decode_workers,
             poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
             tls_cert=args.tls_cert, tls_key=args.tls_key,
-            metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            admin_port=args.admin_port, admin_host=args.admin_host, admin_token_file=args.admin_token_file)
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,15 +6,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROTO = "proto/ecsearch/v1/search.proto"
-STUBS = ("search_pb2.py", "search_pb2.pyi", "search_pb2_grpc.py")
+PROTOS = ("proto/ecsearch/v1/search.proto", "proto/ecsearch/v1/admin.proto")
+STUBS = ("search_pb2.py", "search_pb2.pyi", "search_pb2_grpc.py", "admin_pb2.py", "admin_pb2.pyi", "admin_pb2_grpc.py")
 
 
 def generate_stubs(out: Path) -> Path:
     """Run the `make proto` command with its outputs redirected to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "grpc_tools.protoc", "-Iserver/gen=proto",
-           f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", PROTO]
+           f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *PROTOS]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return out / "server" / "gen" / "ecsearch" / "v1"
 
