@@ -41,7 +41,7 @@ from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
 from server.prometheus_metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
-from server.tower_backend import BackendError, TowerPlan, plan_tower, prepare_query_tower
+from server.tower_backend import BackendError, TowerPlan, onnx_cache_for, plan_tower, prepare_query_tower
 from server.version_loader import open_served_version
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
     precision: str = "auto"                # query tower: fp32 | bf16 | auto (server.tower_backend: per CPU ISA)
+    onnx_cache: str = "auto"               # folder of exported ONNX graphs | auto | none (server.tower_backend)
     faiss_threads: int = 1
     search_workers: int = 2
     decode_workers: int = 2
@@ -208,7 +209,8 @@ class SearchServer:
             # fp32 weights: ONNX Runtime graphs are exported from them, then the tower is cast
             served, model = open_served_version(root, model_dir=self.config.model_dir, precision="fp32")
             threads = self.config.torch_threads or default_torch_threads()
-            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads))
+            cache = onnx_cache_for(model, self.config.onnx_cache)
+            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads, cache))
             self.model = model
             return served
         served, _ = open_served_version(root, model=self.model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,31 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
     return TowerPlan(precision, backends, isa)
 
 
-def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
+def onnx_cache_for(model, folder: str | Path | None = "auto"):
+    """The ``engine.model.onnx_cache.OnnxCache`` the server keeps ``model``'s ONNX graphs in.
+
+    ``folder``: "auto" → ``<model folder>/../cache/onnx`` (e.g. ``var/cache/onnx`` for the
+    demo's ``var/model``); None or "none" → no cache (export at every start). Also None for
+    a model that was not loaded from a folder (no fingerprint to key the cache on).
+    """
+    from engine.model.onnx_cache import OnnxCache
+    from engine.model.tower_onnx import OPSET
+
+    if folder is None or str(folder) == "none" or not getattr(model, "fingerprint", None):
+        return None
+    if str(folder) == "auto":
+        if getattr(model, "folder", None) is None:
+            return None
+        folder = Path(model.folder).resolve().parent / "cache" / "onnx"
+    return OnnxCache(folder, model.fingerprint, OPSET)
+
+
+def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None) -> str:
     """Build ``plan``'s graphs on ``model.query_tower`` and store its weights for
     ``plan.precision`` (``cast_for_inference``): ONNX Runtime graphs are exported first, from
-    the fp32 weights. A kind its backend refuses falls back (int8 → fp32 ONNX Runtime →
-    TorchScript → Python), each step with a warning. ``model`` must hold fp32 weights.
+    the fp32 weights, or taken from ``onnx_cache`` (``onnx_cache_for``). A kind its backend
+    refuses falls back (int8 → fp32 ONNX Runtime → TorchScript → Python), each step with a
+    warning. ``model`` must hold fp32 weights.
 
     Returns:
         One line for the start-up log: what each kind of batch runs through, e.g. ``"text:
@@ -108,7 +129,8 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
         backend = plan.backends[kind]
         chain = _ONNX_CHAINS.get(backend, ())
         for position, step in enumerate(chain):
-            reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads).get(kind)
+            reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads,
+                                      onnx_cache=onnx_cache).get(kind)
             if reason is None:
                 built[kind] = tower.graphs[kind]
                 break

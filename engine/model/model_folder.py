@@ -92,6 +92,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check_bac
                                f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=False)
     model.fingerprint = fingerprint_folder(folder)
+    model.folder = folder
     model.extra = meta.get("extra", {})
     return model.to(device).eval()
 

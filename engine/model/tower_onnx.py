@@ -21,8 +21,10 @@ export's, and refused (``GraphError``) when it disagrees. Source: our choice.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.tower_graphs import _CHECK_BATCHES, _TRACE_TEXTS, KINDS, MIN_COSINE, GraphError, _Path, _probe_pixels
+
+log = logging.getLogger(__name__)
 
 MIN_COSINE_INT8 = 0.995  # an int8 text graph further from the fp32 Python path is refused
 OPSET = 17
@@ -186,11 +190,65 @@ class OnnxPath:
         return torch.from_numpy(self._session.run(["vectors"], feed)[0])
 
 
-def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False) -> OnnxPath:
+def _export_variant(tower, kind: str, folder: Path, int8: bool) -> Path:
+    """Export ``kind``'s fp32 path into ``folder`` (quantized when ``int8``); the file written."""
+    model_file = export_path(tower, kind, folder / "path.onnx")
+    if not int8:
+        return model_file
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = folder / "path-int8.onnx"
+    try:
+        quantize_dynamic(str(model_file), str(quantized), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    except Exception as exc:
+        raise GraphError(f"cannot quantize the {kind} path: {exc}") from exc
+    return quantized
+
+
+def _session(model_file: Path, kind: str, threads: int):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_file), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GraphError(f"onnxruntime cannot load the {kind} path: {exc}") from exc
+
+
+def _cached_session(cache, key: str, kind: str, threads: int):
+    """The session of cache entry ``key``, or None (no entry; an unloadable one is discarded)."""
+    hit = cache.lookup(key)
+    if hit is None:
+        return None
+    try:
+        session = _session(hit[0], kind, threads)
+    except GraphError as exc:
+        cache.discard(key, str(exc))
+        return None
+    log.info("ONNX cache: reusing the %s path from %s", kind, hit[0])
+    return session
+
+
+def _exported_session(tower, kind: str, threads: int, int8: bool, cache, key: str | None):
+    """Export (and cache, when ``cache``) ``kind``'s path; its session."""
+    with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
+        start = time.perf_counter()
+        model_file = _export_variant(tower, kind, Path(folder), int8)
+        stored = cache.store(key, model_file, {"kind": kind, "int8": int8}) if cache is not None else None
+        log.info("ONNX export: the %s path (%s) in %.1f s%s", kind, "int8" if int8 else "fp32",
+                 time.perf_counter() - start, f", cached as {stored[0]}" if stored else "")
+        return _session(stored[0] if stored else model_file, kind, threads)
+
+
+def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None) -> OnnxPath:
     """Export ``tower``'s fp32 path of ``kind``, load it into ONNX Runtime, check it.
 
-    ``int8`` (text only): quantize the linear weights (``quantize_dynamic``, int8). The file
-    lives in a temporary folder only while ORT loads it.
+    ``int8`` (text only): quantize the linear weights (``quantize_dynamic``, int8).
+    ``cache``: an ``engine.model.onnx_cache.OnnxCache``; the graph is taken from it when an
+    intact entry exists (logged "ONNX cache: reusing ..."), else exported (logged "ONNX
+    export: ...") and stored there. None: exported into a temporary folder, not kept. A
+    cached graph is checked like a fresh one; one that fails the check is discarded and
+    exported again.
 
     Raises:
         GraphError: onnxruntime missing, export fails, int8 asked for a kind with an image,
@@ -198,29 +256,21 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False) -> OnnxPat
             < 0.995 int8) on probe batches of other sizes and lengths than the export's.
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise GraphError(f"onnxruntime is not installed: {exc}") from exc
     if int8 and kind != "text":
         raise GraphError(f"int8 is only offered for the text path, not {kind}")
-    with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
-        model_file = export_path(tower, kind, Path(folder) / "path.onnx")
-        if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantized = Path(folder) / "path-int8.onnx"
-            try:
-                quantize_dynamic(str(model_file), str(quantized), weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=["MatMul", "Gemm"])
-            except Exception as exc:
-                raise GraphError(f"cannot quantize the {kind} path: {exc}") from exc
-            model_file = quantized
+    key = cache.key(tower.name, kind, "int8-dynamic" if int8 else "fp32") if cache is not None else None
+    session = _cached_session(cache, key, kind, threads) if cache is not None else None
+    if session is not None:
+        path = OnnxPath(session, kind, tower.backbones, int8)
         try:
-            session = ort.InferenceSession(str(model_file), session_options(threads),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise GraphError(f"onnxruntime cannot load the {kind} path: {exc}") from exc
-    path = OnnxPath(session, kind, tower.backbones, int8)
+            _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
+            return path
+        except GraphError as exc:
+            cache.discard(key, str(exc))
+    path = OnnxPath(_exported_session(tower, kind, threads, int8, cache, key), kind, tower.backbones, int8)
     _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
     return path
 

@@ -92,7 +92,7 @@ class Tower(nn.Module):
         self.graphs: dict = {}  # kind -> engine.model.tower_graphs.TracedPath, set by use_graphs()
 
     def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
-                   threads: int | None = None) -> dict[str, str]:
+                   threads: int | None = None, onnx_cache=None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
         "text+image": all with both; None: all three) at ``precision`` through compiled graphs
         instead of Python: ``backend="torchscript"`` traced TorchScript graphs
@@ -101,7 +101,8 @@ class Tower(nn.Module):
         (``engine.model.tower_onnx``). Same vectors (cosine ≥ 0.999; int8 ≥ 0.995), less overhead,
         GIL released. Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must
         not change afterwards (the graphs hold frozen copies). ``threads``: ONNX Runtime
-        intra-op threads (default: ``torch.get_num_threads()``).
+        intra-op threads (default: ``torch.get_num_threads()``). ``onnx_cache``: an
+        ``engine.model.onnx_cache.OnnxCache`` the ONNX graphs are reused from / stored in.
 
         Returns:
             ``{kind: reason}`` for the kinds that could not be built or whose graph disagreed
@@ -126,7 +127,8 @@ class Tower(nn.Module):
                     from engine.model.tower_onnx import onnx_path
 
                     self.graphs[kind] = onnx_path(self, kind, threads or torch.get_num_threads(),
-                                                  int8=backend == "onnxruntime-int8" and kind == "text")
+                                                  int8=backend == "onnxruntime-int8" and kind == "text",
+                                                  cache=onnx_cache)
             except GraphError as exc:
                 refused[kind] = str(exc)
         return refused
@@ -293,6 +295,7 @@ class TwoTowerModel(nn.Module):
         backbones: the shared ``Backbones`` (text and image).
         query_tower, item_tower: ``Tower``s.
         fingerprint: set by ``engine.model.model_folder`` (sha256 of config + weights), else None.
+        folder: the model folder it was loaded from (``engine.model.model_folder``), else None.
     """
 
     def __init__(self, config: ModelConfig, backbones: Backbones):
@@ -311,6 +314,7 @@ class TwoTowerModel(nn.Module):
         self.item_tower = Tower(item_fusion, backbones, "item")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.fingerprint: str | None = None
+        self.folder = None
 
     @property
     def dim(self) -> int:
