@@ -207,6 +207,7 @@ def _export_variant(tower, kind: str, folder: Path, int8: bool) -> Path:
 
 
 def _session(model_file: Path, kind: str, threads: int):
+    """An ORT session of ``model_file`` (read into memory: the file may go afterwards)."""
     import onnxruntime as ort
 
     try:
@@ -215,29 +216,39 @@ def _session(model_file: Path, kind: str, threads: int):
         raise GraphError(f"onnxruntime cannot load the {kind} path: {exc}") from exc
 
 
-def _cached_session(cache, key: str, kind: str, threads: int):
-    """The session of cache entry ``key``, or None (no entry; an unloadable one is discarded)."""
+def _cached_path(tower, kind: str, threads: int, int8: bool, cache, key: str) -> OnnxPath | None:
+    """The path of cache entry ``key``, or None (no entry; an unloadable one is discarded).
+    Checked against the Python path again unless the entry was checked on this ISA level."""
+    from engine.cpu_features import cpu_isa
+
     hit = cache.lookup(key)
     if hit is None:
         return None
     try:
-        session = _session(hit[0], kind, threads)
+        path = OnnxPath(_session(hit[0], kind, threads), kind, tower.backbones, int8)
+        if hit[1].get("checked_isa") != cpu_isa():
+            _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
     except GraphError as exc:
         cache.discard(key, str(exc))
         return None
-    log.info("ONNX cache: reusing the %s path from %s", kind, hit[0])
-    return session
+    log.info("ONNX cache: reusing the %s path from %s (checked on isa=%s)", kind, hit[0], hit[1].get("checked_isa"))
+    return path
 
 
-def _exported_session(tower, kind: str, threads: int, int8: bool, cache, key: str | None):
-    """Export (and cache, when ``cache``) ``kind``'s path; its session."""
+def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str | None) -> OnnxPath:
+    """Export ``kind``'s path, load and check it; then store it in ``cache`` (when given)."""
+    from engine.cpu_features import cpu_isa
+
     with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
         start = time.perf_counter()
         model_file = _export_variant(tower, kind, Path(folder), int8)
-        stored = cache.store(key, model_file, {"kind": kind, "int8": int8}) if cache is not None else None
-        log.info("ONNX export: the %s path (%s) in %.1f s%s", kind, "int8" if int8 else "fp32",
-                 time.perf_counter() - start, f", cached as {stored[0]}" if stored else "")
-        return _session(stored[0] if stored else model_file, kind, threads)
+        path = OnnxPath(_session(model_file, kind, threads), kind, tower.backbones, int8)
+        cosine = _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
+        record = {"kind": kind, "int8": int8, "checked_isa": cpu_isa(), "probe_min_cosine": cosine}
+        stored = cache.store(key, model_file, record) if cache is not None else None
+    log.info("ONNX export: the %s path (%s) in %.1f s%s", kind, "int8" if int8 else "fp32",
+             time.perf_counter() - start, f", cached as {stored[0]}" if stored else "")
+    return path
 
 
 def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None) -> OnnxPath:
@@ -245,10 +256,10 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
 
     ``int8`` (text only): quantize the linear weights (``quantize_dynamic``, int8).
     ``cache``: an ``engine.model.onnx_cache.OnnxCache``; the graph is taken from it when an
-    intact entry exists (logged "ONNX cache: reusing ..."), else exported (logged "ONNX
-    export: ...") and stored there. None: exported into a temporary folder, not kept. A
-    cached graph is checked like a fresh one; one that fails the check is discarded and
-    exported again.
+    intact entry exists (logged "ONNX cache: reusing ..."), else exported, checked (logged
+    "ONNX export: ...") and stored there with the check's result and ISA level. None:
+    exported into a temporary folder, not kept. A cached graph checked on another ISA level
+    is checked again; one that fails is discarded and exported again.
 
     Raises:
         GraphError: onnxruntime missing, export fails, int8 asked for a kind with an image,
@@ -262,20 +273,14 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
     if int8 and kind != "text":
         raise GraphError(f"int8 is only offered for the text path, not {kind}")
     key = cache.key(tower.name, kind, "int8-dynamic" if int8 else "fp32") if cache is not None else None
-    session = _cached_session(cache, key, kind, threads) if cache is not None else None
-    if session is not None:
-        path = OnnxPath(session, kind, tower.backbones, int8)
-        try:
-            _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
-            return path
-        except GraphError as exc:
-            cache.discard(key, str(exc))
-    path = OnnxPath(_exported_session(tower, kind, threads, int8, cache, key), kind, tower.backbones, int8)
-    _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
-    return path
+    path = _cached_path(tower, kind, threads, int8, cache, key) if cache is not None else None
+    return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key)
 
 
-def _check(tower, path: OnnxPath, min_cosine: float) -> None:
+def _check(tower, path: OnnxPath, min_cosine: float) -> float:
+    """Min cosine of ``path``'s vectors to the Python fp32 path's over the probe batches.
+    Raises GraphError below ``min_cosine`` or when the session fails."""
+    lowest = 1.0
     with_text, with_image = path.kind != "image", path.kind != "text"
     for n, rows in enumerate(_CHECK_BATCHES + ((0, 1, 2, 3, 4),)):
         texts = [_TRACE_TEXTS[i] for i in rows] if with_text else None
@@ -289,3 +294,5 @@ def _check(tower, path: OnnxPath, min_cosine: float) -> None:
         if not cosine >= min_cosine:
             raise GraphError(f"ONNX {path.kind} path ({path.backend}) disagrees with the Python path "
                              f"(cosine {cosine:.5f} < {min_cosine} on {len(rows)} probe samples)")
+        lowest = min(lowest, cosine)
+    return lowest

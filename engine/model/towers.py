@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.model.backbones import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, Backbones, build_backbones
-from engine.model.backbones.hf import TextTokens
+from engine.model.backbones.text_tokens import TextTokens
 from engine.model.errors import BlankTextError, EmptySampleError, InputError
 from engine.model.fusion import FusionEncoder
 from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
