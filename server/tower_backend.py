@@ -5,13 +5,16 @@
 | CPU ISA (after ``ECSEARCH_CPU_ISA``) | text-only batches | image-only, text+image batches |
 |---|---|---|
 | ``avx512_bf16``, ``amx`` | bf16 TorchScript (oneDNN-packed bf16 linears) | fp32 ONNX Runtime |
-| ``avx2``, ``avx512``, ``default`` | fp32 ONNX Runtime | fp32 ONNX Runtime |
+| ``avx2``, ``avx512``, ``default`` | int8 ONNX Runtime if it passes its gate, else fp32 | fp32 ONNX Runtime |
 
 (TorchScript where onnxruntime is not installed.) The figures behind the table are in
 docs/serving.md: bf16 TorchScript is the fastest text path where the CPU has native bf16;
 ONNX Runtime's fp32 kernels beat TorchScript for the convolutional image backbone even
-there, and for everything without native bf16. A kind of batch whose graph cannot be built,
-or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
+there, and for everything without native bf16. Without native bf16, ``--precision auto``
+also tries the smoothed int8 text path (``engine.model.tower_int8``), kept only where its
+min cosine to fp32 over 600 real catalogue queries is ≥ 0.995 (measured when exported,
+recorded in the ONNX cache); an explicit ``--precision fp32`` stays fp32. A kind of batch
+whose graph cannot be built, or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
 Python) with a warning; the plan is logged at start-up, what was built once the model is
 loaded. Our choice.
 """
@@ -49,7 +52,8 @@ class TowerPlan:
         """E.g. ``"text: torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``."""
         groups: dict[str, list[str]] = {}
         for kind, backend in self.backends.items():
-            name = f"{backend} fp32" if backend.startswith("onnxruntime") else f"{backend} {self.precision}"
+            name = {"onnxruntime": "onnxruntime fp32", "onnxruntime-int8": "onnxruntime int8 if its gate passes, "
+                    "else fp32"}.get(backend, f"{backend} {self.precision}")
             groups.setdefault(name, []).append(kind)
         return "; ".join(f"{', '.join(kinds)}: {name}" for name, kinds in groups.items()) + f" (isa={self.isa})"
 
@@ -73,7 +77,7 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
         raise BackendError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if backend not in BACKEND_CHOICES:
         raise BackendError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
-    isa = cpu_isa()
+    isa, auto = cpu_isa(), precision == "auto"
     if precision == "auto":  # an explicit ONNX Runtime backend runs fp32 on any CPU
         precision = "bf16" if bf16_is_fast("cpu") and not backend.startswith("onnxruntime") else "fp32"
     if backend.startswith("onnxruntime") and precision != "fp32":
@@ -86,6 +90,8 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
     else:
         fp32_graphs = "onnxruntime" if onnxruntime_available() else "torchscript"
         backends = dict.fromkeys(KINDS, fp32_graphs)
+        if auto and precision == "fp32" and fp32_graphs == "onnxruntime":  # int8 text, if it passes its gate
+            backends["text"] = "onnxruntime-int8"
         if precision == "bf16":  # bf16 TorchScript wins for text; fp32 ONNX Runtime for images
             backends["text"] = "torchscript"
     return TowerPlan(precision, backends, isa)
@@ -122,6 +128,7 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None) -
         torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``.
     """
     from engine.model.tower_graphs import KINDS
+    from engine.model.tower_int8 import training_catalog
 
     tower = model.query_tower
     built: dict = {}
@@ -130,7 +137,7 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None) -
         chain = _ONNX_CHAINS.get(backend, ())
         for position, step in enumerate(chain):
             reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads,
-                                      onnx_cache=onnx_cache).get(kind)
+                                      onnx_cache=onnx_cache, int8_catalog=training_catalog(model)).get(kind)
             if reason is None:
                 built[kind] = tower.graphs[kind]
                 break

@@ -74,9 +74,10 @@ class OnnxCache:
     def _files(self, key: str) -> tuple[Path, Path]:
         return self.folder / f"{key}.onnx", self.folder / f"{key}.json"
 
-    def lookup(self, key: str) -> tuple[Path, dict] | None:
-        """``(graph file, record)`` of a complete, intact entry; None when there is none.
-        A torn or corrupted entry is deleted (with a warning) and reported as none."""
+    def lookup(self, key: str) -> tuple[Path | None, dict] | None:
+        """``(graph file, record)`` of a complete, intact entry; ``(None, record)`` for a
+        stored refusal (``store_refusal``); None when there is none. A torn or corrupted
+        entry is deleted (with a warning) and reported as none."""
         graph, record_file = self._files(key)
         if not self.folder.is_dir():
             return None
@@ -86,6 +87,8 @@ class OnnxCache:
             return None
         except (OSError, ValueError) as exc:
             return self._discard(key, f"unreadable record ({exc})")
+        if isinstance(record, dict) and record.get("refused"):
+            return None, record
         try:
             digest = sha256_file(graph)
         except OSError as exc:
@@ -107,6 +110,17 @@ class OnnxCache:
                 path.unlink(missing_ok=True)
             except OSError as exc:  # the export still runs; storing it will say what is wrong
                 log.warning("ONNX cache: cannot delete %s (%s)", path, exc)
+
+    def store_refusal(self, key: str, reason: str, record: dict) -> None:
+        """Record that entry ``key`` was built and refused (``reason``; ``record``: the
+        figures), so later starts skip the work. A warning when the folder cannot be written."""
+        full = {**record, "refused": reason, "model_fingerprint": self.model_fingerprint, **_versions()}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._files(key)[0].unlink(missing_ok=True)
+            _atomic_write(self._files(key)[1], lambda tmp: tmp.write_text(json.dumps(full, indent=1, sort_keys=True)))
+        except OSError as exc:
+            log.warning("ONNX cache: cannot write %s (%s)", self.folder, exc)
 
     def store(self, key: str, graph: Path, record: dict | None = None) -> tuple[Path, dict] | None:
         """Copy the exported ``graph`` into the cache as entry ``key`` with ``record`` (JSON
