@@ -81,7 +81,10 @@ def main() -> None:
         if backend == "python":
             continue
         start = time.perf_counter()
-        refused = tower.use_graphs(args.precision, backend=backend, threads=args.threads)
+        from engine.model.tower_int8 import training_catalog
+
+        refused = tower.use_graphs(args.precision, backend=backend, threads=args.threads,  # int8: gated on the
+                                   int8_catalog=training_catalog(model) or args.data)  # training catalogue
         graphs[backend] = dict(tower.graphs)
         cosine = float(np.sum(reference * tower.encode(texts, precision=args.precision), axis=1).min())
         notes[backend] = (f"built in {time.perf_counter() - start:.1f} s, text cosine to python {cosine:.5f}"
