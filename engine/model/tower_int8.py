@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Sequence
@@ -139,12 +140,15 @@ def quantize_text_graph(source: Path, target: Path, isa: str) -> None:
 
     fp32 = [n.name for n in onnx.load(str(source)).graph.node
             if any(part in n.name for part in FP32_NODES) and "/attention/output/" not in n.name]
+    logging.disable(logging.WARNING)  # the quantizer logs one root INFO/WARNING line per tensor
     try:
         quantize_dynamic(str(source), str(target), per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
                          weight_type=QuantType.QUInt8 if uint8_weights(isa) else QuantType.QInt8,
                          nodes_to_exclude=fp32)
     except Exception as exc:
         raise GraphError(f"cannot quantize the text path: {exc}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def gate(tower, path, queries: Sequence[str]) -> dict:
