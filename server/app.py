@@ -41,7 +41,8 @@ from server.index_holder import IndexHolder, IndexWatcher, ServedVersion
 from server.prometheus_metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
-from server.tower_backend import BackendError, TowerPlan, onnx_cache_for, plan_tower, prepare_query_tower
+from server.tower_backend import (BackendError, TowerPlan, index_queries, onnx_cache_for, plan_tower,
+                                  prepare_query_tower)
 from server.version_loader import open_served_version
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ class SearchServer:
             served, model = open_served_version(root, model_dir=self.config.model_dir, precision="fp32")
             threads = self.config.torch_threads or default_torch_threads()
             cache = onnx_cache_for(model, self.config.onnx_cache)
-            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads, cache))
+            queries = index_queries(served.index) if "onnxruntime-int8" in self.config.plan.backends.values() else None
+            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads, cache, queries))
             self.model = model
             return served
         served, _ = open_served_version(root, model=self.model)

@@ -12,7 +12,7 @@ docs/serving.md: bf16 TorchScript is the fastest text path where the CPU has nat
 ONNX Runtime's fp32 kernels beat TorchScript for the convolutional image backbone even
 there, and for everything without native bf16. Without native bf16, ``--precision auto``
 also tries the smoothed int8 text path (``engine.model.tower_int8``), kept only where its
-min cosine to fp32 over 600 real catalogue queries is ≥ 0.995 (measured when exported,
+min cosine to fp32 over up to 720 real queries from the served index's products is ≥ 0.995 (measured when exported,
 recorded in the ONNX cache); an explicit ``--precision fp32`` stays fp32. A kind of batch
 whose graph cannot be built, or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
 Python) with a warning; the plan is logged at start-up, what was built once the model is
@@ -116,10 +116,28 @@ def onnx_cache_for(model, folder: str | Path | None = "auto"):
     return OnnxCache(folder, model.fingerprint, OPSET)
 
 
-def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None) -> str:
+def index_queries(index, count: int = 900, seed: int = 0) -> list[str]:
+    """Real query strings from the products of ``index`` (an ``indexer.search.IndexVersion``):
+    up to ``count`` titles, brand + type and attribute phrases of up to ``count`` products
+    drawn with ``seed`` (``engine.model.tower_int8.product_queries``); they calibrate and
+    gate the int8 text path. Empty when the index has no titled products."""
+    import random
+
+    from engine.model.tower_graphs import GraphError
+    from engine.model.tower_int8 import product_queries
+
+    drawn = random.Random(seed).sample(range(index.n_items), min(index.n_items, count))
+    try:
+        return product_queries(index.records(sorted(drawn)), count, seed)
+    except GraphError:
+        return []
+
+
+def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None, int8_queries=None) -> str:
     """Build ``plan``'s graphs on ``model.query_tower`` and store its weights for
     ``plan.precision`` (``cast_for_inference``): ONNX Runtime graphs are exported first, from
-    the fp32 weights, or taken from ``onnx_cache`` (``onnx_cache_for``). A kind its backend
+    the fp32 weights, or taken from ``onnx_cache`` (``onnx_cache_for``); ``int8_queries``
+    (``index_queries``) calibrate and gate an int8 text path. A kind its backend
     refuses falls back (int8 → fp32 ONNX Runtime → TorchScript → Python), each step with a
     warning. ``model`` must hold fp32 weights.
 
@@ -128,7 +146,6 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None) -
         torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``.
     """
     from engine.model.tower_graphs import KINDS
-    from engine.model.tower_int8 import training_catalog
 
     tower = model.query_tower
     built: dict = {}
@@ -137,7 +154,7 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None) -
         chain = _ONNX_CHAINS.get(backend, ())
         for position, step in enumerate(chain):
             reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads,
-                                      onnx_cache=onnx_cache, int8_catalog=training_catalog(model)).get(kind)
+                                      onnx_cache=onnx_cache, int8_queries=int8_queries).get(kind)
             if reason is None:
                 built[kind] = tower.graphs[kind]
                 break

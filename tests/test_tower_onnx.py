@@ -52,11 +52,11 @@ def test_onnx_paths_give_the_python_paths_vectors_for_every_kind_and_batch_size(
                                tower.encode(mixed_texts, mixed_images, use_graphs=False), atol=1e-6)
 
 
-def test_int8_text_path_is_refused_without_a_catalogue_to_gate_it_on(tiny_backbone_dir):
-    model = make_tiny_model(tiny_backbone_dir, seed=12)  # built, not loaded: no training catalogue
+def test_int8_text_path_is_refused_without_real_queries_to_gate_it_on(tiny_backbone_dir):
+    model = make_tiny_model(tiny_backbone_dir, seed=12)
     tower = model.query_tower
     refused = tower.use_graphs("fp32", kinds=("text",), backend="onnxruntime-int8")
-    assert "no training catalogue" in refused["text"] and "text" not in tower.graphs
+    assert "none were given" in refused["text"] and "text" not in tower.graphs
     line = prepare_query_tower(model, plan_tower("fp32", "onnxruntime-int8"), threads=1)  # refused int8 -> ORT fp32
     assert tower.graphs["text"].backend == "onnxruntime fp32" and tower.graphs["image"].backend == "onnxruntime fp32"
     assert "text, image, text+image: onnxruntime fp32" in line

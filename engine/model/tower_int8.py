@@ -16,11 +16,12 @@ than the rest and one per-tensor scale then leaves the others a handful of level
    output ones in fp32 (600 real queries, trained limit-300 model). Weights are uint8
    (U8U8 kernels) below AVX-512-VNNI: AVX2's U8S8 kernel sums pairs of products in
    saturating int16, measured min cosine 0.974 (0.984 with 7-bit weights).
-3. **Gate**: the int8 path's vectors are compared with the Python fp32 path's on
-   ``GATE_QUERIES`` real queries (titles, brand + type, attribute phrases) drawn from the
-   catalogue the model was trained on, other ones than the calibration queries; it is kept
-   only when the minimum cosine is ≥ ``MIN_COSINE_INT8``. The queries and the result go
-   into the ONNX cache record (``engine.model.onnx_cache``).
+3. **Gate**: the int8 path's vectors are compared with the Python fp32 path's on real
+   queries (titles, brand + type, attribute phrases) drawn from the served index's
+   products: 4 in 5 of ``QUERIES`` (720; fewer for a small index, at least
+   ``MIN_GATE_QUERIES``), other strings than the calibration ones. It is kept only when the
+   minimum cosine is ≥ ``MIN_COSINE_INT8``. The queries and the result go into the ONNX
+   cache record (``engine.model.onnx_cache``).
 
 Source: SmoothQuant (Xiao et al., ICML 2023) for 1; ORT dynamic quantization for 2; our choice
 for 3 and the constants.
@@ -42,43 +43,37 @@ from torch import nn
 from engine.model.tower_graphs import GraphError
 
 ALPHA = 0.75           # migration strength; 0.75 measured best on AVX2 (0.85 on VNNI is within 0.001)
-CALIBRATION_QUERIES = 300
-GATE_QUERIES = 600
+QUERIES = 900          # real queries drawn: every 5th calibrates the smoothing, the others gate
+MIN_GATE_QUERIES = 200  # fewer (a tiny index) and int8 is refused: too few to trust the minimum
 MIN_COSINE_INT8 = 0.995
 
 
-def catalog_queries(catalog: str | Path, count: int, seed: int) -> list[str]:
-    """``count`` real query strings from a catalogue: a third product titles, a third brand
-    (first word of the title) + article type, a third attribute phrases (the product's
-    facet values, e.g. "Black Casual Heels Women"); products drawn with ``seed``.
+def split_queries(queries: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(calibration, gate)``: every 5th query calibrates, the rest (other strings) gate."""
+    return ([q for n, q in enumerate(queries) if n % 5 == 4], [q for n, q in enumerate(queries) if n % 5 != 4])
+
+
+def product_queries(products: Sequence[dict], count: int, seed: int) -> list[str]:
+    """Up to ``count`` real query strings from catalogue product records (``{"title": str,
+    "attributes": {str: str}}``, e.g. ``indexer.search.IndexVersion.records``): each
+    product's title, its brand (first word of the title) + article type, and an attribute
+    phrase (its facet values, e.g. "Women Footwear Heels Black"), distinct, shuffled with ``seed``.
 
     Raises:
-        GraphError: the catalogue cannot be read or gives no queries.
+        GraphError: no product has a title.
     """
-    from engine.catalog import read_catalog
-
-    try:
-        products = [p for p in read_catalog(catalog).products if p.title]
-    except Exception as exc:  # any unreadable catalogue: int8 is refused, fp32 serves
-        raise GraphError(f"cannot read the catalogue {catalog} for int8 gate queries: {exc}") from exc
-    random.Random(seed).shuffle(products)
-    third, queries = max(1, count // 3), []
-    for n, product in enumerate(products[:count]):
-        attrs = product.attributes
-        if n < third:
-            queries.append(product.title)
-        elif n < 2 * third:
-            queries.append(" ".join(filter(None, (product.title.split()[0], attrs.get("articleType")))))
-        else:
-            queries.append(" ".join(list(attrs.values())[:5]) or product.title)
+    queries = []
+    for product in products:
+        title, attrs = (product or {}).get("title"), (product or {}).get("attributes") or {}
+        if not title or not title.strip():
+            continue
+        queries += [title, " ".join(filter(None, (title.split()[0], attrs.get("articleType")))),
+                    " ".join(list(attrs.values())[:5]) or title]
+    queries = list(dict.fromkeys(queries))  # distinct strings: many products share a brand + type
     if not queries:
-        raise GraphError(f"the catalogue {catalog} gives no titled products for int8 gate queries")
-    return queries
-
-
-def training_catalog(model) -> str | None:
-    """The catalogue folder ``model`` was trained on (model folder ``extra.training.catalog``)."""
-    return ((getattr(model, "extra", None) or {}).get("training") or {}).get("catalog")
+        raise GraphError("no titled products to draw int8 gate queries from")
+    random.Random(seed).shuffle(queries)
+    return queries[:count]
 
 
 class _SmoothedLinear(nn.Module):

@@ -9,7 +9,7 @@ docs/serving.md. ``session.run`` releases the GIL, as the TorchScript graphs do.
 
 ``int8=True`` builds the smoothed int8 text path of ``engine.model.tower_int8`` (ORT dynamic
 quantization after SmoothQuant-style smoothing). It is refused unless its vectors keep
-cosine ≥ 0.995 to the Python fp32 path on 600 real catalogue queries and on the probe texts.
+cosine ≥ 0.995 to the Python fp32 path on real catalogue queries and on the probe texts.
 Exported graphs (and int8 refusals) are kept in an ``engine.model.onnx_cache.OnnxCache``.
 
 Export needs ``nn.MultiheadAttention`` written out (its traced reshapes bake the example's
@@ -191,24 +191,26 @@ class OnnxPath:
         return torch.from_numpy(self._session.run(["vectors"], feed)[0])
 
 
-def _export_int8(tower, folder: Path, catalog: str | None, threads: int) -> tuple[Path, "OnnxPath", dict]:
+def _export_int8(tower, folder: Path, queries, threads: int) -> tuple[Path, "OnnxPath", dict]:
     """Smooth, export, quantize and gate the text path (``engine.model.tower_int8``).
     Returns the file, its path and the record (gate result + the gate queries); raises
     GraphError, with the gate's figures, when it does not pass."""
     from engine.cpu_features import cpu_isa
     from engine.model import tower_int8
 
-    if not catalog:
-        raise GraphError("int8 needs real queries to gate it on, and the model records no training catalogue")
-    queries = tower_int8.catalog_queries(catalog, tower_int8.GATE_QUERIES + tower_int8.CALIBRATION_QUERIES, seed=0)
-    gate_queries = [q for n, q in enumerate(queries) if n % 3 != 2]
-    smoothed = tower_int8.smoothed_text_model(tower.backbones.text, [q for n, q in enumerate(queries) if n % 3 == 2])
+    if not queries:
+        raise GraphError("int8 needs real queries to gate it on, and none were given (no served index products)")
+    calibration, gate_queries = tower_int8.split_queries(queries)
+    if len(gate_queries) < tower_int8.MIN_GATE_QUERIES:
+        raise GraphError(f"int8 needs at least {tower_int8.MIN_GATE_QUERIES} real queries to gate it on, "
+                         f"the index gives {len(gate_queries)}")
+    smoothed = tower_int8.smoothed_text_model(tower.backbones.text, calibration)
     model_file = export_path(tower, "text", folder / "path.onnx", text_model=smoothed)
     quantized = folder / "path-int8.onnx"
     tower_int8.quantize_text_graph(model_file, quantized, cpu_isa())
     path = OnnxPath(_session(quantized, "text", threads), "text", tower.backbones, True)
     result = tower_int8.gate(tower, path, gate_queries)
-    record = {"kind": "text", "int8": True, "gate": result, "gate_queries": gate_queries, "catalog": str(catalog), "alpha": tower_int8.ALPHA,
+    record = {"kind": "text", "int8": True, "gate": result, "gate_queries": gate_queries, "alpha": tower_int8.ALPHA,
               "uint8_weights": tower_int8.uint8_weights(cpu_isa())}
     if not result["passed"]:
         raise _Int8Refused(f"int8 text path refused: min cosine {result['min_cosine']:.5f} < {tower_int8.MIN_COSINE_INT8} "
@@ -258,7 +260,7 @@ def _cached_path(tower, kind: str, threads: int, int8: bool, cache, key: str) ->
 
 
 def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str | None,
-                   catalog: str | None) -> OnnxPath:
+                   queries) -> OnnxPath:
     """Export ``kind``'s path, load and check it; then store it in ``cache`` (when given)."""
     from engine.cpu_features import cpu_isa
 
@@ -266,7 +268,7 @@ def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str |
         start = time.perf_counter()
         try:
             if int8:
-                model_file, path, record = _export_int8(tower, Path(folder), catalog, threads)
+                model_file, path, record = _export_int8(tower, Path(folder), queries, threads)
             else:
                 model_file = export_path(tower, kind, Path(folder) / "path.onnx")
                 path, record = OnnxPath(_session(model_file, kind, threads), kind, tower.backbones, False), {}
@@ -282,12 +284,12 @@ def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str |
     return path
 
 
-def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None, catalog=None) -> OnnxPath:
+def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None, queries=None) -> OnnxPath:
     """Export ``tower``'s fp32 path of ``kind``, load it into ONNX Runtime, check it.
 
     ``int8`` (text only): smoothed dynamic int8, kept only when its min cosine to fp32 over
-    real queries from ``catalog`` (the training catalogue) is ≥ 0.995
-    (``engine.model.tower_int8``).
+    real ``queries`` (``tower_int8.product_queries``; 4 in 5 gate it, 1 in 5 calibrate the
+    smoothing) is ≥ 0.995 (``engine.model.tower_int8``).
     ``cache``: an ``engine.model.onnx_cache.OnnxCache``; the graph is taken from it when an
     intact entry exists (logged "ONNX cache: reusing ..."), else exported, checked (logged
     "ONNX export: ...") and stored there with the check's result and ISA level (an int8
@@ -296,7 +298,7 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
 
     Raises:
         GraphError: onnxruntime missing, export fails, int8 asked for a kind with an image,
-            int8 without a catalogue or below its gate, or the session's vectors differ from
+            int8 without queries or below its gate, or the session's vectors differ from
             ``tower.encode``'s (cosine < 0.999 fp32, < 0.995 int8) on probe batches of
             other sizes and lengths than the export's.
     """
@@ -308,7 +310,7 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
         raise GraphError(f"int8 is only offered for the text path, not {kind}")
     key = cache.key(tower.name, kind, _variant(int8)) if cache is not None else None
     path = _cached_path(tower, kind, threads, int8, cache, key) if cache is not None else None
-    return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key, catalog)
+    return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key, queries)
 
 
 def _variant(int8: bool) -> str:
@@ -319,7 +321,7 @@ def _variant(int8: bool) -> str:
     if not int8:
         return "fp32"
     weights = "u8u8" if tower_int8.uint8_weights(cpu_isa()) else "u8s8"
-    return f"int8-smooth{tower_int8.ALPHA}-{weights}-ffnfp32-{cpu_isa()}-gate{tower_int8.GATE_QUERIES}"
+    return f"int8-smooth{tower_int8.ALPHA}-{weights}-ffnfp32-{cpu_isa()}-gate{tower_int8.QUERIES}"
 
 
 def _check(tower, path: OnnxPath, min_cosine: float) -> float:

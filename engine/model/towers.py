@@ -92,7 +92,7 @@ class Tower(nn.Module):
         self.graphs: dict = {}  # kind -> engine.model.tower_graphs.TracedPath, set by use_graphs()
 
     def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
-                   threads: int | None = None, onnx_cache=None, int8_catalog=None) -> dict[str, str]:
+                   threads: int | None = None, onnx_cache=None, int8_queries=None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
         "text+image": all with both; None: all three) at ``precision`` through compiled graphs
         instead of Python: ``backend="torchscript"`` traced TorchScript graphs
@@ -103,8 +103,8 @@ class Tower(nn.Module):
         not change afterwards (the graphs hold frozen copies). ``threads``: ONNX Runtime
         intra-op threads (default: ``torch.get_num_threads()``). ``onnx_cache``: an
         ``engine.model.onnx_cache.OnnxCache`` the ONNX graphs are reused from / stored in.
-        ``int8_catalog``: the catalogue whose real queries gate the int8 text path
-        (``engine.model.tower_int8``; without one int8 is refused).
+        ``int8_queries``: real query strings that calibrate and gate the int8 text path
+        (``engine.model.tower_int8.product_queries``; without them int8 is refused).
 
         Returns:
             ``{kind: reason}`` for the kinds that could not be built or whose graph disagreed
@@ -130,7 +130,7 @@ class Tower(nn.Module):
 
                     self.graphs[kind] = onnx_path(self, kind, threads or torch.get_num_threads(),
                                                   int8=backend == "onnxruntime-int8" and kind == "text",
-                                                  cache=onnx_cache, catalog=int8_catalog)
+                                                  cache=onnx_cache, queries=int8_queries)
             except GraphError as exc:
                 refused[kind] = str(exc)
         return refused
