@@ -39,6 +39,15 @@ def _queries(data: Path) -> tuple[list[str], Path]:
     return texts[:8], photo
 
 
+def _gate_queries(data: Path) -> list[str]:
+    """Real queries from the catalogue that calibrate and gate the int8 text path (as the server's)."""
+    from engine.catalog import read_catalog
+    from engine.model.tower_int8 import product_queries
+
+    products = read_catalog(data).products
+    return product_queries([{"title": p.title, "attributes": p.attributes} for p in products[::13]], 900, seed=0)
+
+
 def _time_ms(fn, repeats: int) -> list[float]:
     fn()
     fn()
@@ -81,7 +90,8 @@ def main() -> None:
         if backend == "python":
             continue
         start = time.perf_counter()
-        refused = tower.use_graphs(args.precision, backend=backend, threads=args.threads)
+        refused = tower.use_graphs(args.precision, backend=backend, threads=args.threads,
+                                   int8_queries=_gate_queries(args.data) if backend.endswith("int8") else None)
         graphs[backend] = dict(tower.graphs)
         cosine = float(np.sum(reference * tower.encode(texts, precision=args.precision), axis=1).min())
         notes[backend] = (f"built in {time.perf_counter() - start:.1f} s, text cosine to python {cosine:.5f}"

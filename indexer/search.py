@@ -268,6 +268,11 @@ class IndexVersion:
         with self._in_use():
             return self._metadata.product_ids(np.asarray(internal_ids, dtype=np.int64).reshape(1, -1))[0]
 
+    def records(self, internal_ids: Iterable[int]) -> list[dict | None]:
+        """Metadata records (as ``get_products``) by internal id, 0 .. ``n_items`` - 1."""
+        with self._in_use():
+            return self._metadata.records(int(i) for i in internal_ids)
+
     def internal_ids(self, product_ids: Iterable[str]) -> np.ndarray:
         """``int64 (n,)`` internal ids of product ids, ``-1`` for unknown ones."""
         with self._in_use():

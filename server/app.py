@@ -43,7 +43,8 @@ from server.prometheus_metrics import ServerMetrics
 from server.search_stage import search_batch
 from server.service import SearchService
 from server.tombstones import TombstoneError, TombstoneStore
-from server.tower_backend import BackendError, TowerPlan, plan_tower, prepare_query_tower
+from server.tower_backend import (BackendError, TowerPlan, index_queries, onnx_cache_for, plan_tower,
+                                  prepare_query_tower)
 from server.version_loader import open_served_version
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int | None = None       # None: cores - 1 (at least 1), one core left for I/O
     precision: str = "auto"                # query tower: fp32 | bf16 | auto (server.tower_backend: per CPU ISA)
+    onnx_cache: str = "auto"               # folder of exported ONNX graphs | auto | none (server.tower_backend)
     faiss_threads: int = 1
     search_workers: int = 2
     decode_workers: int = 2
@@ -234,7 +236,9 @@ class SearchServer:
             # fp32 weights: ONNX Runtime graphs are exported from them, then the tower is cast
             served, model = open_served_version(root, model_dir=self.config.model_dir, precision="fp32")
             threads = self.config.torch_threads or default_torch_threads()
-            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads))
+            cache = onnx_cache_for(model, self.config.onnx_cache)
+            queries = index_queries(served.index) if "onnxruntime-int8" in self.config.plan.backends.values() else None
+            log.info("query tower backend: %s", prepare_query_tower(model, self.config.plan, threads, cache, queries))
             self.model = model
         else:
             served, _ = open_served_version(root, model=self.model)

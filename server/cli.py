@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                         help="query tower precision; auto: bf16 where the CPU runs it natively, else fp32 "
                              "(default auto; the choice is logged at start-up)")
+    parser.add_argument("--onnx-cache", default="auto", metavar="DIR",
+                        help="folder that keeps the exported ONNX query tower graphs across starts; auto: "
+                             "MODEL/../cache/onnx; none: export at every start (default auto)")
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
     parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             graphs=args.graphs, backend=args.backend,
             max_receive_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_image_pixels=args.max_image_pixels,
-            torch_threads=args.torch_threads, precision=args.precision, faiss_threads=args.faiss_threads,
+            torch_threads=args.torch_threads, precision=args.precision, onnx_cache=args.onnx_cache,
+            faiss_threads=args.faiss_threads,
             search_workers=args.search_workers, decode_workers=args.decode_workers,
             poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
             tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -17,7 +17,7 @@ Steps (each reuses its output when it is still valid, so a second run takes minu
    (``make stop`` stops both).
 
 ``DEMO_LIMIT=N`` runs the same flow on the first N catalogue rows (its own folders under
-``var/``). ``ECSEARCH_DATA`` overrides the catalogue folder. Orchestration only: every step
+``var/``). ``ECSEARCH_DATA`` overrides the catalogue folder, ``ECSEARCH_DEMO_PORT`` the port. Orchestration only: every step
 runs the ``ecsearch`` CLI in a subprocess. Source: our choice (issue 6).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VAR = REPO / "var"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "fashion-products"
-HOST, PORT = "127.0.0.1", 50051
+HOST, PORT = "127.0.0.1", int(os.environ.get("ECSEARCH_DEMO_PORT", "50051"))  # override: another demo runs
 UI_PORT = int(os.environ.get("DEMO_UI_PORT", "8080"))
 STATE_FILE = "demo-state.json"
 
@@ -73,13 +73,12 @@ def _run(cmd: list[str]) -> None:
 def ensure_model(data: Path, folder: Path, limit: int | None, catalog_key: str) -> str:
     """Train unless ``folder`` holds a loadable model trained on this catalogue; returns its fingerprint."""
     from engine.model.errors import ModelFolderError
-    from engine.model.model_folder import fingerprint_folder, load_model
+    from engine.model.model_folder import check_model_folder, fingerprint_folder
 
     state = _load_state(folder)
     if state.get("catalog_key") == catalog_key:
         try:
-            load_model(folder)  # checks files, format and backbone fingerprints
-            fingerprint = fingerprint_folder(folder)
+            fingerprint = check_model_folder(folder)  # files, format, backbone fingerprints; builds no model
             if fingerprint == state.get("model_fingerprint"):
                 print(f"model: reusing {folder} (fingerprint {fingerprint[:12]})")
                 return fingerprint

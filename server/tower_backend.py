@@ -5,13 +5,16 @@
 | CPU ISA (after ``ECSEARCH_CPU_ISA``) | text-only batches | image-only, text+image batches |
 |---|---|---|
 | ``avx512_bf16``, ``amx`` | bf16 TorchScript (oneDNN-packed bf16 linears) | fp32 ONNX Runtime |
-| ``avx2``, ``avx512``, ``default`` | fp32 ONNX Runtime | fp32 ONNX Runtime |
+| ``avx2``, ``avx512``, ``default`` | int8 ONNX Runtime if it passes its gate, else fp32 | fp32 ONNX Runtime |
 
 (TorchScript where onnxruntime is not installed.) The figures behind the table are in
 docs/serving.md: bf16 TorchScript is the fastest text path where the CPU has native bf16;
 ONNX Runtime's fp32 kernels beat TorchScript for the convolutional image backbone even
-there, and for everything without native bf16. A kind of batch whose graph cannot be built,
-or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
+there, and for everything without native bf16. Without native bf16, ``--precision auto``
+also tries the smoothed int8 text path (``engine.model.tower_int8``), kept only where its
+min cosine to fp32 over up to 720 real queries from the served index's products is ≥ 0.995 (measured when exported,
+recorded in the ONNX cache); an explicit ``--precision fp32`` stays fp32. A kind of batch
+whose graph cannot be built, or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
 Python) with a warning; the plan is logged at start-up, what was built once the model is
 loaded. Our choice.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,8 @@ class TowerPlan:
         """E.g. ``"text: torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``."""
         groups: dict[str, list[str]] = {}
         for kind, backend in self.backends.items():
-            name = f"{backend} fp32" if backend.startswith("onnxruntime") else f"{backend} {self.precision}"
+            name = {"onnxruntime": "onnxruntime fp32", "onnxruntime-int8": "onnxruntime int8 if its gate passes, "
+                    "else fp32"}.get(backend, f"{backend} {self.precision}")
             groups.setdefault(name, []).append(kind)
         return "; ".join(f"{', '.join(kinds)}: {name}" for name, kinds in groups.items()) + f" (isa={self.isa})"
 
@@ -72,7 +77,7 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
         raise BackendError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if backend not in BACKEND_CHOICES:
         raise BackendError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
-    isa = cpu_isa()
+    isa, auto = cpu_isa(), precision == "auto"
     if precision == "auto":  # an explicit ONNX Runtime backend runs fp32 on any CPU
         precision = "bf16" if bf16_is_fast("cpu") and not backend.startswith("onnxruntime") else "fp32"
     if backend.startswith("onnxruntime") and precision != "fp32":
@@ -85,16 +90,56 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
     else:
         fp32_graphs = "onnxruntime" if onnxruntime_available() else "torchscript"
         backends = dict.fromkeys(KINDS, fp32_graphs)
+        if auto and precision == "fp32" and fp32_graphs == "onnxruntime":  # int8 text, if it passes its gate
+            backends["text"] = "onnxruntime-int8"
         if precision == "bf16":  # bf16 TorchScript wins for text; fp32 ONNX Runtime for images
             backends["text"] = "torchscript"
     return TowerPlan(precision, backends, isa)
 
 
-def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
+def onnx_cache_for(model, folder: str | Path | None = "auto"):
+    """The ``engine.model.onnx_cache.OnnxCache`` the server keeps ``model``'s ONNX graphs in.
+
+    ``folder``: "auto" → ``<model folder>/../cache/onnx`` (e.g. ``var/cache/onnx`` for the
+    demo's ``var/model``); None or "none" → no cache (export at every start). Also None for
+    a model that was not loaded from a folder (no fingerprint to key the cache on).
+    """
+    from engine.model.onnx_cache import OnnxCache
+    from engine.model.tower_onnx import OPSET
+
+    if folder is None or str(folder) == "none" or not getattr(model, "fingerprint", None):
+        return None
+    if str(folder) == "auto":
+        if getattr(model, "folder", None) is None:
+            return None
+        folder = Path(model.folder).resolve().parent / "cache" / "onnx"
+    return OnnxCache(folder, model.fingerprint, OPSET)
+
+
+def index_queries(index, count: int = 900, seed: int = 0) -> list[str]:
+    """Real query strings from the products of ``index`` (an ``indexer.search.IndexVersion``):
+    up to ``count`` titles, brand + type and attribute phrases of up to ``count`` products
+    drawn with ``seed`` (``engine.model.tower_int8.product_queries``); they calibrate and
+    gate the int8 text path. Empty when the index has no titled products."""
+    import random
+
+    from engine.model.tower_graphs import GraphError
+    from engine.model.tower_int8 import product_queries
+
+    drawn = random.Random(seed).sample(range(index.n_items), min(index.n_items, count))
+    try:
+        return product_queries(index.records(sorted(drawn)), count, seed)
+    except GraphError:
+        return []
+
+
+def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None, int8_queries=None) -> str:
     """Build ``plan``'s graphs on ``model.query_tower`` and store its weights for
     ``plan.precision`` (``cast_for_inference``): ONNX Runtime graphs are exported first, from
-    the fp32 weights. A kind its backend refuses falls back (int8 → fp32 ONNX Runtime →
-    TorchScript → Python), each step with a warning. ``model`` must hold fp32 weights.
+    the fp32 weights, or taken from ``onnx_cache`` (``onnx_cache_for``); ``int8_queries``
+    (``index_queries``) calibrate and gate an int8 text path. A kind its backend
+    refuses falls back (int8 → fp32 ONNX Runtime → TorchScript → Python), each step with a
+    warning. ``model`` must hold fp32 weights.
 
     Returns:
         One line for the start-up log: what each kind of batch runs through, e.g. ``"text:
@@ -108,7 +153,8 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int) -> str:
         backend = plan.backends[kind]
         chain = _ONNX_CHAINS.get(backend, ())
         for position, step in enumerate(chain):
-            reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads).get(kind)
+            reason = tower.use_graphs("fp32", kinds=(kind,), backend=step, threads=threads,
+                                      onnx_cache=onnx_cache, int8_queries=int8_queries).get(kind)
             if reason is None:
                 built[kind] = tower.graphs[kind]
                 break

@@ -58,7 +58,7 @@ def served(tmp_path_factory, fashion_dir):
     try:
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300  # a first start on AVX2 also builds and gates int8 text
             while True:
                 assert server.poll() is None, f"server exited: {server.stderr.read()[-2000:]}"
                 try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.model.errors import ModelFolderError
-from engine.model.model_folder import fingerprint_folder, load_model, save_model
+from engine.model.model_folder import check_model_folder, fingerprint_folder, load_model, save_model
 from tests.tiny_models import make_tiny_model
 
 
@@ -65,6 +65,10 @@ def test_changed_backbone_is_refused(tiny_backbone_dir, tmp_path):
     bert = make_tiny_bert(tmp_path / "bert", seed=0)
     config = tiny_config(tiny_backbone_dir, text_backbone={"type": "hf", "path": str(bert)})
     save_model(build_model(config), tmp_path / "m")
+    assert check_model_folder(tmp_path / "m") == load_model(tmp_path / "m").fingerprint
     make_tiny_bert(bert, seed=5)  # different weights at the same path
-    with pytest.raises(ModelFolderError, match="text backbone changed"):
-        load_model(tmp_path / "m")
+    for check in (load_model, check_model_folder):  # the quick check (no model built) refuses it too
+        with pytest.raises(ModelFolderError, match="text backbone changed"):
+            check(tmp_path / "m")
+    with pytest.raises(ModelFolderError, match="has no config.json"):
+        check_model_folder(tmp_path / "nothing-here")

@@ -56,29 +56,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check_bac
             the config, or (``check_backbones``) a backbone whose content changed since saving.
     """
     folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ModelFolderError(f"model folder {folder} has no {path.name}")
-    try:
-        meta = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"cannot read {config_path}: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ModelFolderError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFolderError(f"{config_path}: bad model config: {exc}") from exc
+    meta, config = _read_config(folder)
     model = build_model(config, seed=None)
     if check_backbones:
-        stored = meta.get("backbone_fingerprints", {})
-        actual = {"text": model.backbones.text_fingerprint, "image": model.backbones.image_fingerprint}
-        for side in ("text", "image"):
-            if stored.get(side) != actual[side]:
-                raise ModelFolderError(
-                    f"the {side} backbone changed since {folder} was saved "
-                    f"(stored {stored.get(side)}, found {actual[side]})")
+        _check_backbones(folder, meta, {"text": model.backbones.text_fingerprint,
+                                        "image": model.backbones.image_fingerprint})
+    weights_path = folder / WEIGHTS_FILE
     try:
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
@@ -92,8 +75,52 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check_bac
                                f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=False)
     model.fingerprint = fingerprint_folder(folder)
+    model.folder = folder
     model.extra = meta.get("extra", {})
     return model.to(device).eval()
+
+
+def check_model_folder(folder: str | Path) -> str:
+    """What ``load_model`` checks before reading the weights (files present, format, config,
+    backbones unchanged since saving), without building the model; returns the folder's
+    fingerprint. Fast (no backbone is loaded): for "is this folder still usable" checks.
+
+    Raises:
+        ModelFolderError: as ``load_model``, except weights that do not match the config.
+    """
+    from engine.model.backbones.registry import spec_fingerprint
+
+    folder = Path(folder)
+    meta, config = _read_config(folder)
+    _check_backbones(folder, meta, {"text": spec_fingerprint(config.text_backbone),
+                                    "image": spec_fingerprint(config.image_backbone)})
+    return fingerprint_folder(folder)
+
+
+def _read_config(folder: Path) -> tuple[dict, ModelConfig]:
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelFolderError(f"model folder {folder} has no {path.name}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"cannot read {config_path}: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise ModelFolderError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        return meta, ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{config_path}: bad model config: {exc}") from exc
+
+
+def _check_backbones(folder: Path, meta: dict, actual: dict) -> None:
+    stored = meta.get("backbone_fingerprints", {})
+    for side in ("text", "image"):
+        if stored.get(side) != actual[side]:
+            raise ModelFolderError(
+                f"the {side} backbone changed since {folder} was saved "
+                f"(stored {stored.get(side)}, found {actual[side]})")
 
 
 def fingerprint_folder(folder: str | Path) -> str:

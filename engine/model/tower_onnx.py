@@ -7,10 +7,10 @@ precision, and ORT's fp32 kernels (MLAS) and graph fusions run a short query's f
 small ops with less overhead than TorchScript's interpreter: measured figures are in
 docs/serving.md. ``session.run`` releases the GIL, as the TorchScript graphs do.
 
-``int8=True`` quantizes the text path's linear weights to int8 (ORT dynamic quantization:
-int8 weights, activations quantized per call; Jacob et al. 2018 / ORT ``quantize_dynamic``).
-It is refused unless its vectors keep cosine ≥ 0.995 to the Python fp32 path on the probe
-texts; ``docs/serving.md`` has the check on real queries.
+``int8=True`` builds the smoothed int8 text path of ``engine.model.tower_int8`` (ORT dynamic
+quantization after SmoothQuant-style smoothing). It is refused unless its vectors keep
+cosine ≥ 0.995 to the Python fp32 path on real catalogue queries and on the probe texts.
+Exported graphs (and int8 refusals) are kept in an ``engine.model.onnx_cache.OnnxCache``.
 
 Export needs ``nn.MultiheadAttention`` written out (its traced reshapes bake the example's
 batch and length into the graph), so the exported copy of the fusion encoder uses
@@ -21,8 +21,10 @@ export's, and refused (``GraphError``) when it disagrees. Source: our choice.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -33,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.tower_graphs import _CHECK_BATCHES, _TRACE_TEXTS, KINDS, MIN_COSINE, GraphError, _Path, _probe_pixels
+from engine.model.tower_int8 import MIN_COSINE_INT8
 
-MIN_COSINE_INT8 = 0.995  # an int8 text graph further from the fp32 Python path is refused
+log = logging.getLogger(__name__)
+
 OPSET = 17
 
 
@@ -96,8 +100,9 @@ def _input_names(kind: str) -> list[str]:
             "text+image": ["input_ids", "attention_mask", "pixels"]}[kind]
 
 
-def export_path(tower, kind: str, path: str | Path) -> Path:
-    """Export ``tower``'s fp32 path for batches of ``kind`` to the ONNX file ``path``.
+def export_path(tower, kind: str, path: str | Path, text_model: nn.Module | None = None) -> Path:
+    """Export ``tower``'s fp32 path for batches of ``kind`` to the ONNX file ``path``
+    (``text_model``: in place of the text backbone's model, e.g. a smoothed copy).
 
     Inputs: ``input_ids int64 (B, L)`` and ``attention_mask int64 (B, L)`` for kinds with
     text, ``pixels float32 (B, 3, S, S)`` for kinds with an image; output ``vectors float32
@@ -125,7 +130,7 @@ def export_path(tower, kind: str, path: str | Path) -> Path:
             "pixels": {0: "batch"}, "vectors": {0: "batch"}}
     names = _input_names(kind)
     try:
-        text_model = _exportable(text.model) if with_text else None
+        text_model = _exportable(text_model if text_model is not None else text.model) if with_text else None
         if text_model is not None and getattr(text_model, "pooler", None) is not None:
             text_model.pooler = None  # unused (METHOD.md §1.1 takes tokens)
         image_backbone = _exportable(backbones.image) if with_image else None
@@ -186,46 +191,143 @@ class OnnxPath:
         return torch.from_numpy(self._session.run(["vectors"], feed)[0])
 
 
-def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False) -> OnnxPath:
+def _export_int8(tower, folder: Path, queries, threads: int) -> tuple[Path, "OnnxPath", dict]:
+    """Smooth, export, quantize and gate the text path (``engine.model.tower_int8``).
+    Returns the file, its path and the record (gate result + the gate queries); raises
+    GraphError, with the gate's figures, when it does not pass."""
+    from engine.cpu_features import cpu_isa
+    from engine.model import tower_int8
+
+    if not queries:
+        raise GraphError("int8 needs real queries to gate it on, and none were given (no served index products)")
+    calibration, gate_queries = tower_int8.split_queries(queries)
+    if len(gate_queries) < tower_int8.MIN_GATE_QUERIES:
+        raise GraphError(f"int8 needs at least {tower_int8.MIN_GATE_QUERIES} real queries to gate it on, "
+                         f"the index gives {len(gate_queries)}")
+    smoothed = tower_int8.smoothed_text_model(tower.backbones.text, calibration)
+    model_file = export_path(tower, "text", folder / "path.onnx", text_model=smoothed)
+    quantized = folder / "path-int8.onnx"
+    tower_int8.quantize_text_graph(model_file, quantized, cpu_isa())
+    path = OnnxPath(_session(quantized, "text", threads), "text", tower.backbones, True)
+    result = tower_int8.gate(tower, path, gate_queries)
+    record = {"kind": "text", "int8": True, "gate": result, "gate_queries": gate_queries, "alpha": tower_int8.ALPHA,
+              "uint8_weights": tower_int8.uint8_weights(cpu_isa())}
+    if not result["passed"]:
+        raise _Int8Refused(f"int8 text path refused: min cosine {result['min_cosine']:.5f} < {tower_int8.MIN_COSINE_INT8} "
+                           f"to fp32 over {result['queries']} real queries", record)
+    return quantized, path, record
+
+
+class _Int8Refused(GraphError):
+    """The int8 gate failed; ``record`` (its figures) is cached so later starts skip it."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
+def _session(model_file: Path, kind: str, threads: int):
+    """An ORT session of ``model_file`` (read into memory: the file may go afterwards)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_file), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise GraphError(f"onnxruntime cannot load the {kind} path: {exc}") from exc
+
+
+def _cached_path(tower, kind: str, threads: int, int8: bool, cache, key: str) -> OnnxPath | None:
+    """The path of cache entry ``key``, or None (no entry; an unloadable one is discarded).
+    Checked against the Python path again unless the entry was checked on this ISA level.
+    Raises GraphError for a cached int8 refusal."""
+    from engine.cpu_features import cpu_isa
+
+    hit = cache.lookup(key)
+    if hit is None:
+        return None
+    if hit[0] is None:
+        raise GraphError(f"{hit[1]['refused']} (measured at an earlier start, cached in {cache.folder})")
+    try:
+        path = OnnxPath(_session(hit[0], kind, threads), kind, tower.backbones, int8)
+        if hit[1].get("checked_isa") != cpu_isa():
+            _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
+    except GraphError as exc:
+        cache.discard(key, str(exc))
+        return None
+    log.info("ONNX cache: reusing the %s path (%s) from %s (checked on isa=%s)", kind, path.backend, hit[0],
+             hit[1].get("checked_isa"))
+    return path
+
+
+def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str | None,
+                   queries) -> OnnxPath:
+    """Export ``kind``'s path, load and check it; then store it in ``cache`` (when given)."""
+    from engine.cpu_features import cpu_isa
+
+    with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
+        start = time.perf_counter()
+        try:
+            if int8:
+                model_file, path, record = _export_int8(tower, Path(folder), queries, threads)
+            else:
+                model_file = export_path(tower, kind, Path(folder) / "path.onnx")
+                path, record = OnnxPath(_session(model_file, kind, threads), kind, tower.backbones, False), {}
+            cosine = _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
+        except _Int8Refused as exc:
+            if cache is not None:
+                cache.store_refusal(key, str(exc), {**exc.record, "checked_isa": cpu_isa()})
+            raise
+        record.update({"kind": kind, "int8": int8, "checked_isa": cpu_isa(), "probe_min_cosine": cosine})
+        stored = cache.store(key, model_file, record) if cache is not None else None
+    log.info("ONNX export: the %s path (%s) in %.1f s%s", kind, path.backend, time.perf_counter() - start,
+             f", cached as {stored[0]}" if stored else "")
+    return path
+
+
+def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None, queries=None) -> OnnxPath:
     """Export ``tower``'s fp32 path of ``kind``, load it into ONNX Runtime, check it.
 
-    ``int8`` (text only): quantize the linear weights (``quantize_dynamic``, int8). The file
-    lives in a temporary folder only while ORT loads it.
+    ``int8`` (text only): smoothed dynamic int8, kept only when its min cosine to fp32 over
+    real ``queries`` (``tower_int8.product_queries``; 4 in 5 gate it, 1 in 5 calibrate the
+    smoothing) is ≥ 0.995 (``engine.model.tower_int8``).
+    ``cache``: an ``engine.model.onnx_cache.OnnxCache``; the graph is taken from it when an
+    intact entry exists (logged "ONNX cache: reusing ..."), else exported, checked (logged
+    "ONNX export: ...") and stored there with the check's result and ISA level (an int8
+    refusal is stored too). None: exported into a temporary folder, not kept. A cached
+    graph checked on another ISA level is checked again; one that fails is exported again.
 
     Raises:
         GraphError: onnxruntime missing, export fails, int8 asked for a kind with an image,
-            or the session's vectors differ from ``tower.encode``'s (cosine < 0.999 fp32,
-            < 0.995 int8) on probe batches of other sizes and lengths than the export's.
+            int8 without queries or below its gate, or the session's vectors differ from
+            ``tower.encode``'s (cosine < 0.999 fp32, < 0.995 int8) on probe batches of
+            other sizes and lengths than the export's.
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise GraphError(f"onnxruntime is not installed: {exc}") from exc
     if int8 and kind != "text":
         raise GraphError(f"int8 is only offered for the text path, not {kind}")
-    with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
-        model_file = export_path(tower, kind, Path(folder) / "path.onnx")
-        if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantized = Path(folder) / "path-int8.onnx"
-            try:
-                quantize_dynamic(str(model_file), str(quantized), weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=["MatMul", "Gemm"])
-            except Exception as exc:
-                raise GraphError(f"cannot quantize the {kind} path: {exc}") from exc
-            model_file = quantized
-        try:
-            session = ort.InferenceSession(str(model_file), session_options(threads),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise GraphError(f"onnxruntime cannot load the {kind} path: {exc}") from exc
-    path = OnnxPath(session, kind, tower.backbones, int8)
-    _check(tower, path, MIN_COSINE_INT8 if int8 else MIN_COSINE)
-    return path
+    key = cache.key(tower.name, kind, _variant(int8)) if cache is not None else None
+    path = _cached_path(tower, kind, threads, int8, cache, key) if cache is not None else None
+    return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key, queries)
 
 
-def _check(tower, path: OnnxPath, min_cosine: float) -> None:
+def _variant(int8: bool) -> str:
+    """The cache variant: int8 graphs (and their gate) depend on the recipe and the ISA's kernels."""
+    from engine.cpu_features import cpu_isa
+    from engine.model import tower_int8
+
+    if not int8:
+        return "fp32"
+    weights = "u8u8" if tower_int8.uint8_weights(cpu_isa()) else "u8s8"
+    return f"int8-smooth{tower_int8.ALPHA}-{weights}-ffnfp32-{cpu_isa()}-gate{tower_int8.QUERIES}"
+
+
+def _check(tower, path: OnnxPath, min_cosine: float) -> float:
+    """Min cosine of ``path``'s vectors to the Python fp32 path's over the probe batches.
+    Raises GraphError below ``min_cosine`` or when the session fails."""
+    lowest = 1.0
     with_text, with_image = path.kind != "image", path.kind != "text"
     for n, rows in enumerate(_CHECK_BATCHES + ((0, 1, 2, 3, 4),)):
         texts = [_TRACE_TEXTS[i] for i in rows] if with_text else None
@@ -239,3 +341,5 @@ def _check(tower, path: OnnxPath, min_cosine: float) -> None:
         if not cosine >= min_cosine:
             raise GraphError(f"ONNX {path.kind} path ({path.backend}) disagrees with the Python path "
                              f"(cosine {cosine:.5f} < {min_cosine} on {len(rows)} probe samples)")
+        lowest = min(lowest, cosine)
+    return lowest

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.model.backbones import DEFAULT_IMAGE_BACKBONE, DEFAULT_TEXT_BACKBONE, Backbones, build_backbones
-from engine.model.backbones.hf import TextTokens
+from engine.model.backbones.text_tokens import TextTokens
 from engine.model.errors import BlankTextError, EmptySampleError, InputError
 from engine.model.fusion import FusionEncoder
 from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
@@ -92,7 +92,7 @@ class Tower(nn.Module):
         self.graphs: dict = {}  # kind -> engine.model.tower_graphs.TracedPath, set by use_graphs()
 
     def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
-                   threads: int | None = None) -> dict[str, str]:
+                   threads: int | None = None, onnx_cache=None, int8_queries=None) -> dict[str, str]:
         """Encode batches of these kinds ("text": all text-only, "image": all image-only,
         "text+image": all with both; None: all three) at ``precision`` through compiled graphs
         instead of Python: ``backend="torchscript"`` traced TorchScript graphs
@@ -101,7 +101,10 @@ class Tower(nn.Module):
         (``engine.model.tower_onnx``). Same vectors (cosine ≥ 0.999; int8 ≥ 0.995), less overhead,
         GIL released. Call after ``TwoTowerModel.cast_for_inference(precision)``; weights must
         not change afterwards (the graphs hold frozen copies). ``threads``: ONNX Runtime
-        intra-op threads (default: ``torch.get_num_threads()``).
+        intra-op threads (default: ``torch.get_num_threads()``). ``onnx_cache``: an
+        ``engine.model.onnx_cache.OnnxCache`` the ONNX graphs are reused from / stored in.
+        ``int8_queries``: real query strings that calibrate and gate the int8 text path
+        (``engine.model.tower_int8.product_queries``; without them int8 is refused).
 
         Returns:
             ``{kind: reason}`` for the kinds that could not be built or whose graph disagreed
@@ -126,7 +129,8 @@ class Tower(nn.Module):
                     from engine.model.tower_onnx import onnx_path
 
                     self.graphs[kind] = onnx_path(self, kind, threads or torch.get_num_threads(),
-                                                  int8=backend == "onnxruntime-int8" and kind == "text")
+                                                  int8=backend == "onnxruntime-int8" and kind == "text",
+                                                  cache=onnx_cache, queries=int8_queries)
             except GraphError as exc:
                 refused[kind] = str(exc)
         return refused
@@ -293,6 +297,7 @@ class TwoTowerModel(nn.Module):
         backbones: the shared ``Backbones`` (text and image).
         query_tower, item_tower: ``Tower``s.
         fingerprint: set by ``engine.model.model_folder`` (sha256 of config + weights), else None.
+        folder: the model folder it was loaded from (``engine.model.model_folder``), else None.
     """
 
     def __init__(self, config: ModelConfig, backbones: Backbones):
@@ -311,6 +316,7 @@ class TwoTowerModel(nn.Module):
         self.item_tower = Tower(item_fusion, backbones, "item")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.fingerprint: str | None = None
+        self.folder = None
 
     @property
     def dim(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from engine.model.backbones.text_tokens import TextTokens  # noqa: F401 (re-exported)
 from engine.model.images import ImagePreprocessor
 
 MAX_TEXT_TOKENS = 64  # METHOD.md §1.1: Lt <= 64
@@ -43,15 +43,6 @@ def _load_cached(folder: str, attn_implementation: str | None) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-@dataclass(frozen=True)
-class TextTokens:
-    """A text tokenized ahead of its batch (``HFTextBackbone.pretokenize``): token ids and
-    token type ids, special tokens included, truncated, not padded."""
-
-    ids: tuple[int, ...]
-    type_ids: tuple[int, ...]
 
 
 class HFTextBackbone(nn.Module):

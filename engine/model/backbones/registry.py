@@ -50,6 +50,15 @@ def _spec_path(spec: dict) -> Path:
     return resolve_path(spec.get("path") or spec.get("weights"))
 
 
+def spec_fingerprint(spec: dict) -> str:
+    """``"<type>:<sha256 of the backbone's files>"`` of a backbone spec, without building it.
+
+    Raises:
+        ModelFolderError: the backbone path or package is missing.
+    """
+    return f"{spec['type']}:{fingerprint_path(_spec_path(spec))}"
+
+
 @dataclass
 class Backbones:
     """The frozen text and image backbones shared by both towers.
@@ -68,11 +77,11 @@ class Backbones:
 
     @property
     def text_fingerprint(self) -> str:
-        return f"{self.text_spec['type']}:{fingerprint_path(_spec_path(self.text_spec))}"
+        return spec_fingerprint(self.text_spec)
 
     @property
     def image_fingerprint(self) -> str:
-        return f"{self.image_spec['type']}:{fingerprint_path(_spec_path(self.image_spec))}"
+        return spec_fingerprint(self.image_spec)
 
     def to(self, device) -> "Backbones":
         self.text.to(device)
