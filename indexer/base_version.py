@@ -22,7 +22,7 @@ class BaseVersion:
     """An index version opened read-only for an incremental build.
 
     Attributes: ``path``, ``manifest``, ``version``, ``dim``, ``n_items``, ``nprobe_default``,
-    ``k_factor_default``, ``refine_default``, ``_shards`` (faiss indexes), ``_vectors`` (fp16
+    ``k_factor_default``, ``refine_default``, ``refine_storage``, ``_shards`` (faiss indexes), ``_vectors`` (fp16
     memmap (n, d)), ``_metadata`` (``MetadataReader``). Raises IndexVersionError /
     IndexIntegrityError on open."""
 
@@ -34,6 +34,7 @@ class BaseVersion:
         self.version, self.dim, self.n_items = str(m["version"]), int(m["dim"]), int(m["counts"]["indexed"])
         self.nprobe_default = int(m["index"]["nprobe_default"])
         self.k_factor_default, self.refine_default = int(m["refine"]["k_factor"]), bool(m["refine"]["default"])
+        self.refine_storage = str(m["refine"].get("storage", "fp16_ram"))  # older versions: fp16 in RAM
         self._shards = []
         for entry in m["shards"]:
             try:

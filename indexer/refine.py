@@ -127,3 +127,20 @@ def exact_subset_search(vectors: np.ndarray, queries: np.ndarray, k: int, allowe
     scores[:, :take] = np.take_along_axis(sims, top, axis=1)
     ids[:, :take] = allowed[top]
     return scores, ids
+
+
+def search_pipeline(shards: list[faiss.Index], refine_index: faiss.Index | None, dim: int, storage: str
+                     ) -> tuple[faiss.IndexShards, faiss.Index | None, faiss.IndexRefine | None]:
+    """The shards as one faiss index (``IndexShards``: each shard searched in turn in the
+    calling thread, results merged by score; ids are the shards' own, global internal ids),
+    the index of exact vectors for filtered search (the refine index when it holds the fp16
+    vectors, else None), and the shards refined by ``refine_index`` (``indexer.refine``; None
+    for storage "none"). The pipeline does not own the shards: keep them alive while it is
+    used. Source: our choice (faiss's own ``IndexRefine``, as its ``IndexRefineFlat`` but
+    with fp16 or SQ8 codes)."""
+    sharded = faiss.IndexShards(dim, False, False)  # threaded=False, successive_ids=False
+    for shard in shards:
+        sharded.add_shard(shard)
+    refined = None if refine_index is None else faiss.IndexRefine(sharded, refine_index)
+    exact = refine_index if storage in ("fp16_ram", "fp16_mmap") else None
+    return sharded, exact, refined

@@ -47,7 +47,7 @@ from indexer.lexical import LexicalUnavailableError, open_lexical
 from indexer.manifest import MANIFEST, read_manifest, verify_files
 from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
-from indexer.refine import exact_subset_search, open_refine
+from indexer.refine import exact_subset_search, open_refine, search_pipeline
 from indexer.search_checks import MAX_SEARCH_K, check_k, check_nprobe, check_queries
 from indexer.widening import SearchServed, widened_search
 
@@ -91,7 +91,7 @@ class IndexVersion:
         self._shards = shards
         self._vectors = vectors
         self.refine_storage: str = manifest.get("refine", {}).get("storage", "fp16_ram")
-        self._sharded, self._exact, self._refined = _search_pipeline(shards, open_refine(path, manifest, vectors),
+        self._sharded, self._exact, self._refined = search_pipeline(shards, open_refine(path, manifest, vectors),
                                                                      self.dim, self.refine_storage)
         self._metadata = metadata
         self.lexical = lexical  # BM25 index (None: a version built without one)
@@ -356,23 +356,6 @@ def _not_hidden(hidden: frozenset[str], predicate: Callable[[str], bool] | None)
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """No result: ``-inf`` scores and ``-1`` ids of shape (n, k)."""
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
-
-
-def _search_pipeline(shards: list[faiss.Index], refine_index: faiss.Index | None, dim: int, storage: str
-                     ) -> tuple[faiss.IndexShards, faiss.Index | None, faiss.IndexRefine | None]:
-    """The shards as one faiss index (``IndexShards``: each shard searched in turn in the
-    calling thread, results merged by score; ids are the shards' own, global internal ids),
-    the index of exact vectors for filtered search (the refine index when it holds the fp16
-    vectors, else None), and the shards refined by ``refine_index`` (``indexer.refine``; None
-    for storage "none"). The pipeline does not own the shards: keep them alive while it is
-    used. Source: our choice (faiss's own ``IndexRefine``, as its ``IndexRefineFlat`` but
-    with fp16 or SQ8 codes)."""
-    sharded = faiss.IndexShards(dim, False, False)  # threaded=False, successive_ids=False
-    for shard in shards:
-        sharded.add_shard(shard)
-    refined = None if refine_index is None else faiss.IndexRefine(sharded, refine_index)
-    exact = refine_index if storage in ("fp16_ram", "fp16_mmap") else None
-    return sharded, exact, refined
 
 
 def open_index(path: str | Path, *, verify: bool = True) -> IndexVersion:

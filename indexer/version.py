@@ -111,14 +111,12 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     trained = train_index(vectors, plan, seed=options.seed) if trained is None else trained[1]
     timings["train"] = time.perf_counter() - t0
 
-    pids = [str(r["product_id"]) for r in records]
-    shard_of_row = assign_shards(pids, options.n_shards)
+    shard_of_row = assign_shards([str(r["product_id"]) for r in records], options.n_shards)
     shard_builds, refine_file, map_size = _write_parts(out_dir, trained, vectors, records, shard_of_row, rejects,
                                                        options, run_all, timings)
     t0 = time.perf_counter()
     lexical, lexical_files = write_lexical(out_dir, records)  # BM25 over titles + attribute values
     timings["lexical"] = time.perf_counter() - t0
-
     manifest = _manifest(out_dir, version, (n, dim), plan, options, shard_builds, map_size, counts,
                          {**(extra_manifest or {}), "lexical": lexical}, lexical_files)
     manifest["refine"].update(manifest_entry(options.refine_storage, refine_file, dim))
