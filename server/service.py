@@ -333,8 +333,9 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
         finally:
             lease.release()
         response = search_pb2.GetProductsResponse(index_version=served.version)
+        hidden = served.index.hidden  # live deletes (server.tombstones): missing, as in Search
         for pid, record in zip(ids, records):
-            if record is None:
+            if record is None or pid in hidden:
                 response.missing_product_ids.append(pid)
             else:
                 product = response.products.add(product_id=pid)

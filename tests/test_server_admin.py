@@ -62,6 +62,9 @@ def test_live_delete_hides_at_once_survives_a_restart_and_ends_with_the_next_ver
             gender = gone.attributes["gender"]
             filtered = _hit_ids(client, photo, 5, filters={"gender": [gender]})
             assert gone.product_id not in filtered and len(filtered) == 5
+            products = client.get_products([gone.product_id, subset.products[7].product_id])
+            assert list(products.missing_product_ids) == [gone.product_id]  # GetProducts hides it too
+            assert [p.product_id for p in products.products] == [subset.products[7].product_id]
         stored = json.loads((root / "tombstones.json").read_text())
         assert {(e["product_id"], e["version"]) for e in stored["deleted"]} == {
             (gone.product_id, v1), (back.product_id, v1)}
