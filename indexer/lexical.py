@@ -22,17 +22,23 @@ LEXICAL_DIR = "lexical"
 
 
 class LexicalUnavailableError(SearchArgumentError):
-    """The index version has no lexical index (built before it existed). Mapped to FAILED_PRECONDITION."""
+    """The index version has no lexical index (built before it existed, or from records without
+    text). Mapped to FAILED_PRECONDITION."""
 
 
-def write_lexical(out_dir: Path, records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+def write_lexical(out_dir: Path, records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
     """Build the BM25 index of ``records`` (row i = internal id i) into ``out_dir/lexical``.
 
-    Returns ``(manifest section, file names relative to out_dir)``.
-    Raises ValueError when no record has a word to index.
+    Returns ``(manifest section, file names relative to out_dir)``, or ``(None, [])`` when no
+    record has a word to index (e.g. vectors without titles): the version then serves dense
+    retrieval only, and lexical / hybrid requests get FAILED_PRECONDITION, as on a version
+    built before the lexical index existed (our choice).
     """
     texts = [product_text(r.get("title"), r.get("attributes")) for r in records]
-    index = LexicalIndex.build(texts)
+    try:
+        index = LexicalIndex.build(texts)
+    except ValueError:  # LexicalIndex.build: no document has a token
+        return None, []
     names = index.save(out_dir / LEXICAL_DIR)
     section = {"dir": LEXICAL_DIR, "engine": f"bm25s {package_version('bm25s')}", "k1": K1, "b": B,
                "stopwords": STOPWORDS, "documents": index.n_docs,

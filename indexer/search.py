@@ -166,8 +166,8 @@ class IndexVersion:
         Raises LexicalUnavailableError when the version has no lexical index."""
         with self._in_use():
             if self.lexical is None:
-                raise LexicalUnavailableError(f"index version {self.version} has no lexical index (built before "
-                                              "it existed): rebuild it for lexical or hybrid retrieval")
+                raise LexicalUnavailableError(f"index version {self.version} has no lexical index (built before it "
+                                              "existed, or no product had a title): dense retrieval only")
             return self.lexical.search(text, check_k(k), allowed)
 
     def _search_ids(self, queries, k, nprobe, id_filter, allowed, refine, k_factor) -> SearchServed:

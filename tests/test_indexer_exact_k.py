@@ -129,3 +129,21 @@ def test_reciprocal_rank_fusion_and_weighted_score_fusion():
         reciprocal_rank_fusion([dense], [1.0, 1.0])
     with pytest.raises(ValueError, match=">= 0"):
         weighted_score_fusion([(dense, np.ones(3))], [-1.0])
+
+
+def test_records_without_text_give_a_dense_only_version(tmp_path):
+    """Vectors whose records carry no title or attribute (synthetic benchmarks, an id-only
+    feed) build a version without a lexical index; lexical search says so."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, D))
+    vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    records = [{"product_id": f"p{i}"} for i in range(300)]
+    staged = tmp_path / "v"
+    write_version(staged, "v1", vectors, records, VersionOptions(factory="IVF8,Flat", nprobe=2, recall_queries=20,
+                                                                self_queries=20), log=lambda _m: None)
+    manifest = json.loads((staged / "manifest.json").read_text())
+    assert manifest["lexical"] is None and not any(n.startswith("lexical/") for n in manifest["files"])
+    with open_index(staged) as index:
+        assert list(index.search(vectors[:1], 3)[1][0][:1]) == ["p0"]
+        with pytest.raises(LexicalUnavailableError, match="no product had a title"):
+            index.search_lexical("shoes", 5)
