@@ -92,3 +92,25 @@ def test_whitening_needs_augmented_views():
 
     with pytest.raises(ValueError, match="needs augmented views"):
         TrainJob(catalog="c", out="o", image_residual_init="whitening", augment_views=0)
+
+
+def test_auto_falls_back_to_random_with_too_few_photos_and_whitening_refuses(fashion_dir, tiny_backbone_dir,
+                                                                             tmp_path):
+    from engine.training.job import TrainingDataError, TrainJob, train_model
+    from engine.training.trainer import TrainConfig
+    from tests.test_train import _mini_fashion
+    from tests.tiny_models import tiny_config
+
+    catalog = _mini_fashion(fashion_dir, tmp_path / "fashion", n=60)
+
+    def job(init: str, out: str) -> TrainJob:
+        return TrainJob(catalog=str(catalog), out=str(tmp_path / out), cache_dir=str(tmp_path / "cache"),
+                        progress=False, model=tiny_config(tiny_backbone_dir, dim=16, pooled_residual=True),
+                        augment_views=1, augment_fraction=0.1, image_residual_init=init, linear_baseline=False,
+                        train=TrainConfig(steps=1, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
+
+    summary = train_model(job("auto", "auto"))
+    assert summary["image_residual_init"]["init"] == "random"
+    assert "fewer than the 16 dimensions" in summary["image_residual_init"]["reason"]
+    with pytest.raises(TrainingDataError, match="fewer than the 16 dimensions"):
+        train_model(job("whitening", "explicit"))

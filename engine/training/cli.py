@@ -36,14 +36,6 @@ CPU_RECIPE = dict(steps=384, stage1_steps=72, photo_query_rate=0.5, title_query_
                   augment_p=0.8)
 
 
-def _residual_init(args: argparse.Namespace) -> str:
-    """``--image-residual-init auto`` resolved: whitening needs augmented views and the pooled residual."""
-    if args.image_residual_init != "auto":
-        return args.image_residual_init
-    usable = args.augment_views > 0 and CPU_POOLED_RESIDUAL and not args.no_pooled_residual and not args.init_model
-    return "whitening" if usable else "random"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``train`` options."""
     parser.add_argument("--catalog", required=True, help="catalogue: fashion folder, JSONL or CSV file")
@@ -102,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--image-residual-init", choices=("auto", "random", "whitening"), default="auto",
                    help="start of the image residual projection: random, or the learned whitening of the augmented "
                         "views (engine/training/whitening.py; needs --augment-views >= 1); auto (default): "
-                        "whitening when augmented views are cached and the model has a pooled residual, else random")
+                        "whitening when augmented views of at least --dim photos are cached and the model has a pooled residual, "
+                        "else random")
     t.add_argument("--freeze-image-residual", action="store_true",
                    help="with --image-residual-init whitening: keep that projection fixed during training")
     t.add_argument("--image-residual-gain", type=float, default=1.0,
@@ -167,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
-            image_residual_init=_residual_init(args), freeze_image_residual=args.freeze_image_residual,
+            image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,
             image_residual_gain=args.image_residual_gain,
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,

@@ -57,7 +57,8 @@ class TrainJob:
     linear_only: train only that baseline into ``out`` (an existing model folder is kept).
     image_residual_init: ``"random"`` or ``"whitening"``: before training, fit the image residual of
     both towers in closed form from the augmented views (``engine.training.whitening``; needs
-    ``augment_views > 0`` and a fresh model with a pooled residual). freeze_image_residual: keep
+    ``augment_views > 0``, a fresh model with a pooled residual and at least ``dim`` augmented
+    photos); ``"auto"``: whitening where those hold, else random (the reason is in the summary). freeze_image_residual: keep
     that projection fixed during training. image_residual_gain: with the whitening, the starting
     value of the image residual's learned gain.
     """
@@ -92,8 +93,9 @@ class TrainJob:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.image_residual_init not in ("random", "whitening"):
-            raise ValueError(f"image_residual_init must be 'random' or 'whitening', got {self.image_residual_init!r}")
+        if self.image_residual_init not in ("random", "whitening", "auto"):
+            raise ValueError(f"image_residual_init must be 'random', 'whitening' or 'auto', got "
+                             f"{self.image_residual_init!r}")
         if self.image_residual_init == "whitening" and self.augment_views < 1:
             raise ValueError("image_residual_init='whitening' needs augmented views (augment_views >= 1)")
         if not 0.0 < self.augment_fraction <= 1.0:
@@ -255,11 +257,7 @@ def train_model(job: TrainJob) -> dict:
         return {"products": len(products), "pairs": len(data), "rejects": len(rejects), "cache_seconds": cache_seconds,
                 "linear_baseline": _train_linear(data, job, out, model.config.dim), "total_seconds": time.perf_counter() - t_start}
     _write_jsonl(out / "rejects.jsonl", rejects)
-    residual_init = None
-    if job.image_residual_init == "whitening" and not job.init_model:
-        residual_init = init_image_residual(model, images, augmented, _augmented_photos(augmented),
-                                            job.augment_views, freeze=job.freeze_image_residual,
-                                            gain=job.image_residual_gain)
+    residual_init = _init_residual(job, model, images, augmented)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
         trainer.load_checkpoint()
@@ -287,6 +285,23 @@ def train_model(job: TrainJob) -> dict:
             summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
     (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
+
+
+def _init_residual(job: TrainJob, model, images: TokenTable, augmented: TokenTable | None) -> dict | None:
+    """``job.image_residual_init`` applied to the fresh ``model``; returns what was done (or why not, for auto)."""
+    if job.image_residual_init == "random" or job.init_model:
+        return None
+    photos = _augmented_photos(augmented) if augmented is not None else []
+    fusion = model.item_tower.fusion
+    why = ("the model has no pooled residual" if not getattr(fusion, "pooled_residual", False) else
+           f"{len(photos)} augmented photos, fewer than the {model.config.dim} dimensions to fit"
+           if len(photos) < model.config.dim else None)
+    if why is not None and job.image_residual_init == "auto":
+        return {"init": "random", "reason": why}
+    if why is not None:
+        raise TrainingDataError(f"image_residual_init='whitening': {why}")
+    return {"init": "whitening", **init_image_residual(model, images, augmented, photos, job.augment_views,
+                                                      freeze=job.freeze_image_residual, gain=job.image_residual_gain)}
 
 
 def _augmented_photos(augmented: TokenTable) -> list[str]:
