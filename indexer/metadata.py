@@ -41,6 +41,18 @@ def facet_key(attribute: str, value: str) -> bytes:
     return f"{attribute}{FACET_SEP}{value}".encode("utf-8")
 
 
+def open_new(path: Path, record_bytes: int, pids: Sequence[bytes], facets: Mapping[bytes, list]
+             ) -> tuple[lmdb.Environment, int]:
+    """A new metadata LMDB file at ``path``, its map sized for records of ``record_bytes`` in all,
+    the product ids ``pids`` and the ``facets`` lists (twice the payload plus 16 MiB, page
+    aligned; our choice). Returns ``(environment, map_size in bytes)``."""
+    payload = record_bytes + sum(2 * len(p) + 48 for p in pids)
+    payload += sum(len(k) + 8 * len(v) + 32 for k, v in facets.items())
+    map_size = (2 * payload + (16 << 20) + 4095) // 4096 * 4096
+    env = lmdb.open(str(path), subdir=False, map_size=map_size, max_dbs=len(_DBS), lock=True, sync=True)
+    return env, map_size
+
+
 def write_metadata(path: Path, records: Sequence[Mapping[str, Any]]) -> int:
     """Write ``records`` (record ``i`` has internal id ``i``) to a new LMDB file at ``path``.
 
@@ -52,10 +64,8 @@ def write_metadata(path: Path, records: Sequence[Mapping[str, Any]]) -> int:
     for iid, r in enumerate(records):
         for attr, value in (r.get("attributes") or {}).items():
             facets.setdefault(facet_key(attr, str(value)), []).append(iid)
-    payload = sum(len(e) for e in encoded) + sum(2 * len(str(r["product_id"]).encode()) + 48 for r in records)
-    payload += sum(len(k) + 8 * len(v) + 32 for k, v in facets.items())
-    map_size = (2 * payload + (16 << 20) + 4095) // 4096 * 4096
-    env = lmdb.open(str(path), subdir=False, map_size=map_size, max_dbs=len(_DBS), lock=True, sync=True)
+    env, map_size = open_new(path, sum(len(e) for e in encoded),
+                             [str(r["product_id"]).encode() for r in records], facets)
     try:
         dbs = {name: env.open_db(name) for name in _DBS}
         with env.begin(write=True) as txn:

@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import lmdb
 import numpy as np
 
-from indexer.metadata import _DBS, SCHEMA, MetadataReader, facet_key, iid_key
+from indexer.metadata import _DBS, SCHEMA, MetadataReader, facet_key, iid_key, open_new
 
 
 def _encoded(record: dict[str, Any], shard: int) -> bytes:
@@ -65,10 +64,7 @@ def copy_metadata(path: Path, base: MetadataReader, n_base: int, base_row: np.nd
     facets = _facets(base, old_to_new, records)
     keys = [iid_key(i) for i in range(len(records))]
     pids = [p.encode("utf-8") for p in product_ids]
-    payload = sum(map(len, blobs)) + sum(2 * len(p) + 48 for p in pids)
-    payload += sum(len(k) + 8 * len(v) + 32 for k, v in facets.items())
-    map_size = (2 * payload + (16 << 20) + 4095) // 4096 * 4096
-    env = lmdb.open(str(path), subdir=False, map_size=map_size, max_dbs=len(_DBS), lock=True, sync=True)
+    env, map_size = open_new(path, sum(map(len, blobs)), pids, facets)
     try:
         dbs = {name: env.open_db(name) for name in _DBS}
         with env.begin(write=True) as txn:

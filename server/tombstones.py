@@ -105,14 +105,18 @@ class TombstoneStore:
             for pid in deleted:
                 self._entries.setdefault(pid, {"product_id": pid, "version": index.version, "deleted_utc": now})
             if self._entries != before:
-                try:
-                    self._write()
-                except TombstoneError:
-                    self._entries = before
-                    raise
+                self._write_or_restore(before)
             self._indexes.add(index)
             self._hide()
         return deleted, unknown
+
+    def _write_or_restore(self, before: dict) -> None:
+        """Persist the entries; on failure put ``before`` back and re-raise (TombstoneError). Lock held."""
+        try:
+            self._write()
+        except TombstoneError:
+            self._entries = before
+            raise
 
     def restore(self, index, product_ids: Iterable[str]) -> list[str]:
         """Show ``product_ids`` again in ``index``; returns those that were deleted."""
@@ -122,11 +126,7 @@ class TombstoneStore:
                 before = dict(self._entries)
                 for pid in restored:
                     del self._entries[pid]
-                try:
-                    self._write()
-                except TombstoneError:
-                    self._entries = before
-                    raise
+                self._write_or_restore(before)
             self._indexes.add(index)
             self._hide()
         return restored
