@@ -61,13 +61,26 @@ class SearchJob:
     count: int | None = None
 
     @property
+    def dense_depth(self) -> int:
+        """How many dense candidates the job needs: top_k, or the hybrid side's depth."""
+        return self.top_k if self.retrieval != HYBRID else max(self.top_k, HYBRID_MIN_CANDIDATES)
+
+    @property
+    def hybrid_unfiltered(self) -> bool:
+        """A hybrid job without filters: its dense side may share one faiss call with others."""
+        return self.retrieval == HYBRID and not self.filters
+
+    @property
     def plain(self) -> bool:
         """Dense, unfiltered, whole list: may share one faiss call with others."""
         return self.retrieval == DENSE and not self.filters and self.offset == 0 and self.count is None
 
 
-def run_job(job: SearchJob, vector: np.ndarray | None) -> FilteredSearchResult:
+def run_job(job: SearchJob, vector: np.ndarray | None, shared: tuple[Any, int, float] | None = None
+            ) -> FilteredSearchResult:
     """Search ``job`` with its query vector (``float32 (d,)``; None for lexical retrieval).
+    ``shared``: ``(SearchServed, row, search_ms)`` of a dense search already made for this job
+    with ``job.dense_depth`` (a hybrid job's dense side searched with others in one faiss call).
 
     Returns the page's hits and the stage times. Raises the index's errors (e.g.
     ``indexer.errors.SearchArgumentError``, ``indexer.lexical.LexicalUnavailableError``).
@@ -75,18 +88,18 @@ def run_job(job: SearchJob, vector: np.ndarray | None) -> FilteredSearchResult:
     t0 = time.perf_counter()
     allowed = allowed_ids(job.index, job.filters, job.cache)
     metadata_ms = (time.perf_counter() - t0) * 1e3
-    depth = job.top_k
-    side = depth if job.retrieval != HYBRID else max(depth, HYBRID_MIN_CANDIDATES)
+    depth, side = job.top_k, job.dense_depth
     search_ms = lexical_ms = fusion_ms = 0.0
     dense = None
     lists = []
     if job.retrieval in (DENSE, HYBRID):
         t1 = time.perf_counter()
-        served = job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed)
-        search_ms = (time.perf_counter() - t1) * 1e3
-        dense = dense_served(served)
-        keep = served.ids[0] >= 0
-        lists.append((served.ids[0][keep], served.scores[0][keep]))
+        served, row, search_ms = shared or (
+            job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed), 0, None)
+        search_ms = (time.perf_counter() - t1) * 1e3 if search_ms is None else search_ms
+        dense = dense_served(served, row)
+        keep = served.ids[row] >= 0
+        lists.append((served.ids[row][keep], served.scores[row][keep]))
     if job.retrieval in (LEXICAL, HYBRID):
         t1 = time.perf_counter()
         scores, ids = job.index.search_lexical(job.text, side, allowed)
