@@ -233,20 +233,3 @@ def test_a_page_token_from_another_index_version_is_invalid_argument(tmp_path, i
             assert client.stub.Search(request, timeout=60).index_version == v2  # a fresh first page works
     finally:
         server.stop()
-
-
-def test_concurrent_hybrid_requests_get_the_hits_they_get_alone(client):
-    """Hybrid requests that land in one micro-batch share one faiss call for their dense sides
-    (server/search_stage.py); each still gets exactly the hits it gets when sent alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    texts = ["shirt", "black shoes", "women watch", "blue jeans", "red dress", "sports shoes", "handbag", "kurta"]
-    alone = {t: _ids(client.stub.Search(_request(t, "hybrid", top_k=20))) for t in texts}
-    batched = 0
-    for _ in range(5):  # a few rounds so some requests share a batch
-        with ThreadPoolExecutor(len(texts)) as pool:
-            responses = list(pool.map(lambda t: client.stub.Search(_request(t, "hybrid", top_k=20)), texts))
-        assert {t: _ids(r) for t, r in zip(texts, responses)} == alone
-        assert all(len(r.hits) == 20 for r in responses)
-        batched += sum(r.encode_batch_size > 1 for r in responses)
-    assert batched > 0, "no two hybrid requests shared a micro-batch: the shared path was not exercised"

@@ -52,3 +52,28 @@ def test_an_empty_batch_and_a_single_query(index_root):
         assert search_batch([], np.zeros((0, index.dim), np.float32)) == []
         [result] = search_batch([SearchJob(index, None, 4)], index.vectors(np.arange(1)))
         assert len(result.hits) == 4 and result.hits[0].score >= result.hits[-1].score
+
+
+def test_hybrid_jobs_of_a_batch_share_one_dense_call_and_get_what_they_get_alone(index_root):
+    """Unfiltered hybrid jobs share one faiss call for their dense sides (server/search_stage.py);
+    each gets exactly the fused hits it gets when run alone, and a broken vector fails its job only."""
+    from indexer.search import open_index
+    from server.retrieval import HYBRID, run_job
+
+    with open_index(index_root) as index:
+        cache = VersionCache(index)
+        rng = np.random.default_rng(1)
+        vectors = index.vectors(np.arange(5)) + 0.2 * rng.standard_normal((5, index.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        texts = ["shirt", "black shoes", "women watch", "blue jeans", "red dress"]
+        jobs = [SearchJob(index, cache, 8, retrieval=HYBRID, text=t) for t in texts]
+        results = search_batch(jobs, vectors)
+        for job, vector, result in zip(jobs, vectors, results):
+            assert _as_pairs(result) == _as_pairs(run_job(job, vector)) and len(result.hits) == 8
+        assert len({r.search_ms for r in results}) == 1  # one shared dense call
+        broken = vectors.copy()
+        broken[2] = np.nan
+        again = search_batch(jobs, broken)
+        assert isinstance(again[2], SearchArgumentError)
+        assert [_as_pairs(r) for i, r in enumerate(again) if i != 2] == \
+            [_as_pairs(r) for i, r in enumerate(results) if i != 2]
