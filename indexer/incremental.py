@@ -35,9 +35,8 @@ from indexer.encode import EncodeOptions, encode_products
 from indexer.errors import BuildError
 from indexer.manifest import write_manifest
 from indexer.incremental_write import RowPlan, write_incremental_version
-from indexer.pipeline import IndexJobResult, log_stage, product_record
-from indexer.publish import (VERSIONS, build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
-                             read_current, tmp_dir)
+from indexer.pipeline import IndexJobResult, log_stage, product_record, publish_staged
+from indexer.publish import VERSIONS, build_lock, cleanup_stale, new_version_id, read_current, tmp_dir
 from indexer.quantizer import plan_of, reuse_record, trained_items
 from indexer.base_version import BaseVersion as IndexVersion
 from indexer.version import VersionOptions
@@ -310,11 +309,5 @@ def run_incremental_job(config: IncrementalJobConfig, log: Callable[[str], None]
             log(f"warning: drift {drift['drift']:.3f} > {drift['drift_threshold']}: {drift['changed_since_training']}"
                 f" of {drift['trained_items']} products changed since the quantizer was trained in "
                 f"{manifest['quantizer']['trained_in']}; run a full build (no --base-version) to retrain")
-        log("stage: publish")
-        previous = read_current(root)
-        target = publish_version(root, staged, version)
-        pruned = prune_versions(root, config.keep_versions)
-        shutil.rmtree(work, ignore_errors=True)
-        log(f"published {version} at {target} (base {base_dir.name}, previous {previous}); pruned {pruned}; "
-            f"total {time.perf_counter() - t_job:.1f} s")
-        return IndexJobResult(version, target, manifest, previous)
+        return publish_staged(root, staged, version, manifest, work, config.keep_versions, log, t_job,
+                              note=f"base {base_dir.name}, ")

@@ -191,6 +191,20 @@ def _reused_quantizer(config: IndexJobConfig, extra: dict[str, Any]):
     return plan, empty
 
 
+def publish_staged(root: Path, staged: Path, version: str, manifest: dict[str, Any], work: Path, keep_versions: int,
+                   log: Callable[[str], None], t_job: float, note: str = "") -> IndexJobResult:
+    """Publish the staged version as CURRENT, prune old versions, drop the work folder and log it
+    (``note``: extra words for the log line). Shared by full and incremental builds."""
+    log("stage: publish")
+    previous = read_current(root)
+    target = publish_version(root, staged, version)
+    pruned = prune_versions(root, keep_versions)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"published {version} at {target} ({note}previous {previous}); pruned {pruned}; "
+        f"total {time.perf_counter() - t_job:.1f} s")
+    return IndexJobResult(version, target, manifest, previous)
+
+
 def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage) -> IndexJobResult:
     """Build and publish one index version. Raises CatalogError, ModelFolderError, BuildError."""
     import torch
@@ -238,11 +252,4 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
                                 run_all=executor.run_all if executor else None,
                                 trained=_reused_quantizer(config, extra))
 
-        log("stage: publish")
-        previous = read_current(root)
-        target = publish_version(root, staged, version)
-        pruned = prune_versions(root, config.keep_versions)
-        shutil.rmtree(work, ignore_errors=True)
-        log(f"published {version} at {target} (previous {previous}); pruned {pruned}; "
-            f"total {time.perf_counter() - t_job:.1f} s")
-        return IndexJobResult(version, target, written.manifest, previous)
+        return publish_staged(root, staged, version, written.manifest, work, config.keep_versions, log, t_job)
