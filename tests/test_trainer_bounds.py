@@ -72,3 +72,18 @@ def test_trainer_keeps_the_uncertainty_weights_in_their_range(tiny_backbone_dir,
     lo, hi = weighting.log_var_range
     assert weighting.log_vars.min().item() >= lo and weighting.log_vars.max().item() <= hi
     assert all(math.exp(-hi) * (1 - 1e-6) <= w <= math.exp(-lo) * (1 + 1e-6) for w in weighting.weights().values())
+
+
+def test_the_scalar_gains_train_at_their_own_learning_rate(tiny_backbone_dir, tmp_path):
+    """gain_lr_scale puts the fusion output's gains in their own AdamW group at lr * scale, without
+    weight decay; every other parameter keeps its group and rate."""
+    model = make_tiny_model(tiny_backbone_dir, pooled_residual=True, deep_gain=0.5, solo_gains=[1.0, 1.0])
+    trainer = _trainer(model, tmp_path, gain_lr_scale=20.0)
+    gain_group = trainer.optimizer.param_groups[-1]
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = sorted(names[id(p)].rsplit(".", 1)[-1] for p in gain_group["params"])
+    assert grouped == sorted(["residual_gain", "solo_gain", "deep_gain"] * 2)  # both towers
+    assert gain_group["weight_decay"] == 0.0
+    assert gain_group["initial_lr"] == pytest.approx(20 * trainer.optimizer.param_groups[0]["initial_lr"])
+    plain = _trainer(make_tiny_model(tiny_backbone_dir, pooled_residual=True, deep_gain=0.5), tmp_path / "p")
+    assert len(plain.optimizer.param_groups) == 2  # scale 1: the groups as before

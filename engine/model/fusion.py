@@ -126,7 +126,8 @@ class FusionEncoder(nn.Module):
 
     def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
                  cross_layers: int = 3, self_layers: int = 2, fusion_layers: int = 3,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False):
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False,
+                 deep_gain: float | None = None, solo_gains: tuple[float, float] | None = None):
         super().__init__()
         self.text_proj = nn.Linear(text_hidden, dim)
         self.image_proj = nn.Linear(image_hidden, dim)
@@ -147,6 +148,14 @@ class FusionEncoder(nn.Module):
             self.text_residual = nn.Linear(text_hidden, dim)
             self.image_residual = nn.Linear(image_hidden, dim)
             self.residual_gain = nn.Parameter(torch.ones(2))  # text, image
+            if solo_gains is not None:  # rows with one modality: their own gains (text-only, image-only)
+                self.solo_gain = nn.Parameter(torch.tensor([float(g) for g in solo_gains]))
+        elif solo_gains is not None:
+            raise ValueError("solo_gains needs pooled_residual")
+        self.solo_gains = solo_gains is not None
+        if deep_gain is not None:  # a learned scalar on the deep path, created last (same draws)
+            self.deep_gain = nn.Parameter(torch.tensor(float(deep_gain)))
+        self.has_deep_gain = deep_gain is not None
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 image_tokens: torch.Tensor, image_mask: torch.Tensor,
@@ -198,13 +207,21 @@ class FusionEncoder(nn.Module):
         for block in self.fusion_blocks:
             x = block(x)
         out = self.out_norm(x.squeeze(1))
+        if self.has_deep_gain:
+            out = out * self.deep_gain.to(out.dtype)
         if self.pooled_residual:
-            out = out + self._residual(text_tokens, t_valid, has_text, self.text_residual, 0, out.dtype)
-            out = out + self._residual(image_tokens, v_valid, has_image, self.image_residual, 1, out.dtype)
+            out = out + self._residual(text_tokens, t_valid, has_text, has_image, self.text_residual, 0, out.dtype)
+            out = out + self._residual(image_tokens, v_valid, has_image, has_text, self.image_residual, 1, out.dtype)
         return F.normalize(out, dim=-1)
 
-    def _residual(self, tokens: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, proj: nn.Linear,
-                  slot: int, dtype: torch.dtype) -> torch.Tensor:
-        """``(B, d)``: gain * sqrt(d) * unit(proj(masked mean of raw tokens)); zero rows where absent."""
+    def _residual(self, tokens: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, other: torch.Tensor,
+                  proj: nn.Linear, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, d)``: gain * sqrt(d) * unit(proj(masked mean of raw tokens)); zero rows where absent.
+
+        ``other``: bool (B,), the other modality's presence; with ``solo_gains`` the rows without
+        it take ``solo_gain[slot]`` instead of ``residual_gain[slot]``."""
         r = F.normalize(proj(masked_mean(tokens.float(), valid)), dim=-1) * math.sqrt(proj.out_features)
-        return (r * self.residual_gain[slot] * present[:, None].to(r.dtype)).to(dtype)
+        gain = self.residual_gain[slot]
+        if self.solo_gains:
+            gain = torch.where(other, gain, self.solo_gain[slot])[:, None]
+        return (r * gain * present[:, None].to(r.dtype)).to(dtype)

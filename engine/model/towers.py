@@ -39,6 +39,10 @@ class ModelConfig:
         share_fusion: query and item towers share one fusion encoder (default False).
         pooled_residual: the fusion output adds a linear projection of the raw mean-pooled
             backbone tokens per present modality (``engine.model.fusion``; our choice, default False).
+        deep_gain: None (default), or the initial value of a learned scalar on the deep (attention)
+            path of the output (``engine.model.fusion``; our choice, issue 12).
+        solo_gains: None (default), or the initial [text, image] residual gains of the rows with one
+            modality, learned apart from those of the rows with both (our choice, issue 12).
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
@@ -55,6 +59,8 @@ class ModelConfig:
     dropout: float = 0.1
     share_fusion: bool = False
     pooled_residual: bool = False
+    deep_gain: float | None = None
+    solo_gains: list | None = None
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
     text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
@@ -309,7 +315,8 @@ class TwoTowerModel(nn.Module):
         kwargs = dict(text_hidden=backbones.text.hidden_size, image_hidden=backbones.image.hidden_size,
                       dim=config.dim, heads=config.heads, cross_layers=config.cross_layers,
                       self_layers=config.self_layers, fusion_layers=config.fusion_layers,
-                      mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual)
+                      mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual,
+                      deep_gain=config.deep_gain, solo_gains=config.solo_gains)
         query_fusion = FusionEncoder(**kwargs)
         item_fusion = query_fusion if config.share_fusion else FusionEncoder(**kwargs)
         self.query_tower = Tower(query_fusion, backbones, "query")

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         m.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     m.add_argument("--no-pooled-residual", action="store_true",
                    help="no linear residual of the raw mean-pooled backbone tokens in the output (engine/model/fusion.py)")
+    m.add_argument("--deep-gain", type=float, default=None,
+                   help="initial value of a learned scalar on the deep path of the output (engine/model/fusion.py; default: none)")
+    m.add_argument("--solo-gains", default=None,
+                   help="TEXT,IMAGE: initial residual gains of one-modality rows, learned apart (default: shared with fused rows)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
@@ -60,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="steps of stage 1 (unimodal alignment)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--gain-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor of the fusion output's scalar gains (engine/training/trainer.py)")
     t.add_argument("--warmup-fraction", type=float, default=0.1)
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--grad-clip", type=float, default=1.0)
@@ -128,6 +134,18 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
     return out
 
 
+def _parse_gains(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        gains = [float(x) for x in text.split(",")]
+    except ValueError:
+        gains = []
+    if len(gains) != 2:
+        raise ValueError(f"--solo-gains: expected TEXT,IMAGE (two numbers), got {text!r}")
+    return gains
+
+
 def _precision(choice: str) -> str:
     if choice == "auto":
         return "bf16" if bf16_is_fast("cpu") else "fp32"
@@ -166,13 +184,15 @@ def run(args: argparse.Namespace) -> int:
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
                               mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion,
+                              deep_gain=args.deep_gain, solo_gains=_parse_gains(args.solo_gains),
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,
                               static_weights=_parse_weights(args.static_weights), loss=_loss_config(args),
                               checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
-                              precision=_precision(args.precision), augment_p=args.augment_p),
+                              precision=_precision(args.precision), augment_p=args.augment_p,
+                              gain_lr_scale=args.gain_lr_scale),
         )
         summary = train_model(job)
         if args.linear_baseline_only:

@@ -38,6 +38,7 @@ from engine.tokens.cache import TokenTable
 from engine.tokens.views import TokenBatch, encode_views
 
 CHECKPOINT_FILE = "checkpoint.pt"
+GAIN_PARAMETERS = ("residual_gain", "solo_gain", "deep_gain")  # engine/model/fusion.py
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TrainConfig:
         is replaced by one of its views, drawn uniformly, per pair and step (seeded by
         ``(seed, step)``, so resume stays exact); the item side keeps the clean photo. Our
         choice: 0.8 (a fifth of the steps still see the catalogue's own pixels).
+    gain_lr_scale: the learned scalar gains of the fusion output (``GAIN_PARAMETERS``) train at
+        ``lr * gain_lr_scale``, no weight decay (our choice: AdamW moves a scalar about ``lr`` per
+        step, so at 5e-4 a gain moves under 0.2 in a few hundred steps); 1: one rate for all.
     """
 
     steps: int = 200
@@ -78,6 +82,7 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "fp32"
     augment_p: float = 0.8
+    gain_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -191,7 +196,8 @@ class Trainer:
         model.clamp_logit_scale_()  # e.g. an init_model saved with another cap
 
     def _param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
+        decay, no_decay, gains = [], [], []
+        scaled = self.config.gain_lr_scale != 1.0
         own = [(n, p) for n, p in self.model.named_parameters()
                if p.requires_grad and not n.startswith(("text_backbone.", "image_backbone."))]
         seen: set[int] = set()
@@ -199,10 +205,16 @@ class Trainer:
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            if scaled and name.rsplit(".", 1)[-1] in GAIN_PARAMETERS:
+                gains.append(p)
+                continue
             (decay if p.ndim >= 2 else no_decay).append(p)
         no_decay += [p for p in self.weighting.parameters() if p.requires_grad]
-        return [{"params": decay, "weight_decay": self.config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if scaled:
+            groups.append({"params": gains, "weight_decay": 0.0, "lr": self.config.lr * self.config.gain_lr_scale})
+        return groups
 
     # ------------------------------------------------------------------ data order
 
