@@ -23,6 +23,14 @@ the deep path's norm, times a learned gain initialised to 1). The fused vector t
 the sum of its two linear unimodal views plus the deep path, so it keeps the backbones'
 robustness (an augmented photo stays close to its clean photo) and an absent modality simply
 contributes no residual.
+
+Deep-path gain (``deep_gain``, our choice, issue 12 item 4): a learned scalar multiplies the deep
+path (the fusion blocks' LayerNorm output) before the residuals are added. Started at 0, every
+view starts as its linear residual views (F = unit(r_t + r_v), the normalised sum of the two
+linear unimodal views, as in a CLIP-style linear two-tower) and the deep path enters only as far
+as training asks for it. One-modality gains (``solo_gains``, our choice): the rows that have one
+modality take their own learned residual gains, so the image-only view's balance between the deep
+path and the residual is learned apart from the fused view's text / image balance.
 """
 from __future__ import annotations
 
@@ -122,6 +130,9 @@ class FusionEncoder(nn.Module):
         modality (2). fusion_layers: blocks after concatenation (3). mlp_ratio, dropout: block MLP width
         factor and dropout (our choice: 4.0, 0.1). pooled_residual: add the linear projection of
         the raw mean-pooled backbone tokens to the output (module docstring; default False).
+        deep_gain: None, or the initial value of the learned deep-path gain (module docstring).
+        solo_gains: None, or the initial (text, image) residual gains of one-modality rows; needs
+        pooled_residual (else ValueError).
     """
 
     def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
