@@ -29,10 +29,12 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(a * b, axis=1).min())
 
 
-@pytest.mark.parametrize("pooled_residual", [False, True])
+@pytest.mark.parametrize("options", [{}, {"pooled_residual": True},
+                                     {"pooled_residual": True, "deep_gain": 0.5, "solo_gains": [1.0, 2.0]}],
+                         ids=["plain", "residual", "residual+gains"])
 def test_onnx_paths_give_the_python_paths_vectors_for_every_kind_and_batch_size(tiny_backbone_dir, photos,
-                                                                                pooled_residual):
-    tower = make_tiny_model(tiny_backbone_dir, seed=11, pooled_residual=pooled_residual).query_tower
+                                                                                options):
+    tower = make_tiny_model(tiny_backbone_dir, seed=11, **options).query_tower
     cases = {"text": (TEXTS[:4], [None] * 4), "image": ([None] * 4, photos),
              "text+image": (["black heels", "a", "red kurta for women with long sleeves", "watch"], photos)}
     expected = {kind: tower.encode(t, i, use_graphs=False) for kind, (t, i) in cases.items()}
