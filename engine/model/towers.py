@@ -39,10 +39,8 @@ class ModelConfig:
         share_fusion: query and item towers share one fusion encoder (default False).
         pooled_residual: the fusion output adds a linear projection of the raw mean-pooled
             backbone tokens per present modality (``engine.model.fusion``; our choice, default False).
-        deep_gain: None (default), or the initial value of a learned scalar on the deep (attention)
-            path of the output (``engine.model.fusion``; our choice, issue 12).
-        solo_gains: None (default), or the initial [text, image] residual gains of the rows with one
-            modality, learned apart from those of the rows with both (our choice, issue 12).
+        deep_gain / solo_gains: None (default), or the initial deep-path gain / [text, image] gains of
+            one-modality rows, learned (``engine.model.fusion``; our choice, issue 12).
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless

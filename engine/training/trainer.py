@@ -59,9 +59,8 @@ class TrainConfig:
         is replaced by one of its views, drawn uniformly, per pair and step (seeded by
         ``(seed, step)``, so resume stays exact); the item side keeps the clean photo. Our
         choice: 0.8 (a fifth of the steps still see the catalogue's own pixels).
-    gain_lr_scale: the learned scalar gains of the fusion output (``GAIN_PARAMETERS``) train at
-        ``lr * gain_lr_scale``, no weight decay (our choice: AdamW moves a scalar about ``lr`` per
-        step, so at 5e-4 a gain moves under 0.2 in a few hundred steps); 1: one rate for all.
+    gain_lr_scale: the fusion output's scalar gains (``GAIN_PARAMETERS``) train at ``lr * gain_lr_scale``,
+        no decay (our choice: AdamW moves a scalar about ``lr`` a step); 1: one rate for all.
     """
 
     steps: int = 200
@@ -210,11 +209,9 @@ class Trainer:
                 continue
             (decay if p.ndim >= 2 else no_decay).append(p)
         no_decay += [p for p in self.weighting.parameters() if p.requires_grad]
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        if scaled:
-            groups.append({"params": gains, "weight_decay": 0.0, "lr": self.config.lr * self.config.gain_lr_scale})
-        return groups
+        scaled_group = [{"params": gains, "weight_decay": 0.0, "lr": self.config.lr * self.config.gain_lr_scale}]
+        return [{"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}] + (scaled_group if scaled else [])
 
     # ------------------------------------------------------------------ data order
 
