@@ -13,6 +13,7 @@ from engine.tokens.image_runtime import (RUNTIME_ENV, TOLERANCE, TokenRuntimeErr
                                          image_token_encoder)
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.isa  # ONNX Runtime kernels depend on the ISA: CI reruns it as on an AVX2-only CPU
 
 
 @pytest.fixture(scope="module")
