@@ -2,7 +2,7 @@
 
 With a warm token cache (``indexer.token_reuse``) only the products training did not see
 run the backbones; ``Tower.encode`` in eager PyTorch is slow for the image backbone on CPUs
-(about 8 photos/s on 2 AVX2 cores, against 30-40 in ONNX Runtime, bench/bench_image_tokens.py).
+(8-9 photos/s on 2 loaded AVX2 cores, against 29-32 in ONNX Runtime, bench/bench_image_tokens.py).
 So, once a chunk has such products, the item tower's image and text+image batches go
 through the fp32 ONNX Runtime paths of ``engine.model.tower_onnx`` (exported once, kept in
 ``TOKEN_CACHE/onnx`` beside the tokens, each checked against the Python path: cosine ≥

@@ -1,10 +1,10 @@
 """The runtime that runs the frozen image backbone while photo token caches are built.
 
 Token caches (``engine.tokens.cache``: training's clean photos and augmented views,
-evaluation, the indexer's photos) run the image backbone over thousands of photos in fp32.
+evaluation) run the image backbone over thousands of photos in fp32.
 PyTorch's eager CPU kernels are slow for EfficientNet-Lite0's depthwise convolutions, ONNX
-Runtime's (MLAS) are not: on this host with the AVX2 emulation, batches of 32 real photos,
-ORT ran 3 to 6x faster than the eager folded channels-last network (figures in
+Runtime's (MLAS) are not: on this host, AVX2 emulated and AMX, batches of 32 real photos,
+ORT ran 3.5 to 5x the photos/s of the eager folded channels-last network (figures in
 docs/results.md, "Time"). So the cache writer exports the backbone (pixels → tokens, mask)
 to ONNX once per build and runs it in ONNX Runtime, after checking it on the first real
 photos of the build: every token must agree with PyTorch's within the float16 step of the
