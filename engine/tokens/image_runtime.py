@@ -59,10 +59,13 @@ class OnnxImageTokens:
 
     name = "onnxruntime"
 
-    def __init__(self, session):
+    def __init__(self, session, image: nn.Module | None = None):
         self._session = session
+        self._image = image  # its ``calls`` counter counts the batches run here too
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._image is not None and hasattr(self._image, "calls"):
+            self._image.calls += 1
         feed = {"pixels": np.ascontiguousarray(pixels.detach().float().numpy())}
         tokens, mask = self._session.run(["tokens", "mask"], feed)
         return torch.from_numpy(tokens), torch.from_numpy(mask).bool()
@@ -137,12 +140,15 @@ def _onnx_encoder(image: nn.Module, probe: torch.Tensor, threads: int) -> OnnxIm
 
     from engine.model.tower_onnx import session_options
 
+    calls = getattr(image, "calls", None)  # the export's trace and the check are not cache batches
     with tempfile.TemporaryDirectory(prefix="ecsearch-image-tokens-") as folder:
         path = export_image_tokens(image, probe, Path(folder) / "image_tokens.onnx")
         session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-    runner = OnnxImageTokens(session)
     with torch.inference_mode():
-        reason = check_tokens(image.encode(probe), runner(probe))
+        reason = check_tokens(image.encode(probe), OnnxImageTokens(session)(probe))
+    if calls is not None:
+        image.calls = calls
+    runner = OnnxImageTokens(session, image)
     if reason is not None:
         raise TokenRuntimeError(f"its tokens disagree with PyTorch's on {len(probe)} real photos: {reason}")
     log.info("image tokens run in ONNX Runtime %s (%d threads)", ort.__version__, threads)
