@@ -75,6 +75,30 @@ def _with_mode(request, mode):
     return request
 
 
+def cpu_seconds(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far: ``client`` (this process, all threads) and, for
+    a server ``pid`` of this machine, ``server`` with its split by thread name (``/proc``:
+    gRPC's ``event_engine`` / ``grpc_global_tim`` threads, ``python`` = every thread Python
+    or a native library started: event loop, tower, search pool, ONNX Runtime / OpenMP)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"client": usage.ru_utime + usage.ru_stime}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+            group = "grpc" if name.startswith(("event_engine", "grpc")) else name
+            out[f"server:{group}"] = out.get(f"server:{group}", 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    except OSError:  # not a local process (or it ended): no server figures
+        return {"client": out["client"]}
+    out["server"] = sum(v for k, v in out.items() if k.startswith("server:"))
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100])."""
     ordered = sorted(values)
@@ -82,8 +106,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-async def run_level(target: str, requests: list, concurrency: int, total: int, warmup: int) -> dict:
-    """Keep ``concurrency`` requests outstanding until ``total`` complete; returns stats."""
+async def run_level(target: str, requests: list, concurrency: int, total: int, warmup: int,
+                    server_pid: int | None = None) -> dict:
+    """Keep ``concurrency`` requests outstanding until ``total`` complete; returns stats, with
+    ``cpu_ms_per_request`` (client / server / server thread groups, see ``cpu_seconds``)."""
     import grpc
 
     from server.gen.ecsearch.v1 import search_pb2_grpc
@@ -112,16 +138,19 @@ async def run_level(target: str, requests: list, concurrency: int, total: int, w
                     stages[s] += getattr(response.timings, s)
                 batch_sizes.append(response.encode_batch_size)
 
+        cpu_before = cpu_seconds(server_pid)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall_s = time.perf_counter() - started
+        cpu_after = cpu_seconds(server_pid)
     done = len(latencies_ms)
+    cpu_ms = {k: (cpu_after[k] - cpu_before.get(k, 0.0)) * 1e3 / max(done, 1) for k in cpu_after}
     return {
         "requests": done, "errors": errors, "qps": done / wall_s if wall_s > 0 else 0.0,
         "p50_ms": percentile(latencies_ms, 50), "p95_ms": percentile(latencies_ms, 95),
         "p99_ms": percentile(latencies_ms, 99),
         **{f"mean_{s}": stages[s] / max(done, 1) for s in STAGES},
-        "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1),
+        "mean_batch": sum(batch_sizes) / max(len(batch_sizes), 1), "cpu_ms_per_request": cpu_ms,
     }
 
 
@@ -197,7 +226,8 @@ def main() -> None:
         print("|" + "---|" * (header.count("|") - 1))
         for kind in args.kinds:
             for concurrency in args.concurrency:
-                stats = asyncio.run(run_level(target, queries[kind], concurrency, args.requests, args.warmup))
+                stats = asyncio.run(run_level(target, queries[kind], concurrency, args.requests, args.warmup,
+                                              None if proc is None else proc.pid))
                 results.append({"kind": kind, "concurrency": concurrency, **stats})
                 print(f"| {kind} | {concurrency} | {stats['qps']:.1f} | {stats['p50_ms']:.1f} | {stats['p95_ms']:.1f} "
                       f"| {stats['p99_ms']:.1f} | {stats['mean_decode_ms']:.1f} | {stats['mean_queue_ms']:.1f} "
@@ -210,6 +240,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     print("stage columns: server-side means in ms; batch: mean queries per query tower call")
+    _report_cpu(results)
     _report_targets(results)
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": describe_machine(), "results": results}, indent=2))
@@ -217,6 +248,23 @@ def main() -> None:
         from engine.charts import latency_percentile_chart
         latency_percentile_chart(results, args.plot, "gRPC Search latency per query kind (client side)",
                                  note=f"{describe_index(args.index_root)}; {describe_machine()}")
+
+
+def _report_cpu(results: list[dict]) -> None:
+    """CPU ms per request (client, server and its thread groups) and the ceiling it sets: with
+    ``cores`` cores and nothing else running, QPS <= cores * 1000 / (client + server CPU ms),
+    so the mean latency at concurrency C is at least C / that QPS (Little's law)."""
+    cores = os.cpu_count() or 1
+    for r in results:
+        cpu = r.get("cpu_ms_per_request") or {}
+        if "server" not in cpu or cpu["client"] + cpu["server"] <= 0:
+            continue
+        both = cpu["client"] + cpu["server"]
+        groups = " ".join(f"{k[7:]} {v:.2f}" for k, v in sorted(cpu.items()) if k.startswith("server:"))
+        floor_ms = r["concurrency"] * both / cores  # C / (cores * 1000 / both) seconds, in ms
+        print(f"cpu {r['kind']}@{r['concurrency']}: client {cpu['client']:.2f} + server {cpu['server']:.2f} ms/request "
+              f"(server threads: {groups}); {cores} cores: at most {cores * 1e3 / both:.0f} QPS, mean latency "
+              f">= {floor_ms:.1f} ms")
 
 
 def _report_targets(results: list[dict]) -> None:

@@ -30,6 +30,7 @@ from engine.catalog import FLAG_IMAGE_MISSING, Product
 from engine.model.errors import InputError
 from engine.model.images import load_image
 from indexer.chunk_files import load_chunk as _load_chunk, save_chunk as _save_chunk
+from indexer.item_graphs import use_onnx_graphs
 
 FLAG_IMAGE_UNREADABLE = "image_unreadable"
 FLAG_TEXT_ONLY = "text_only"
@@ -201,10 +202,13 @@ def encode_chunks_local(model, products, inputs, todo_chunks, options: EncodeOpt
     done = sum(1 for _ in products) - sum(count for _, count in todo_chunks)
     bar = tqdm(total=len(products), initial=done, unit="item", desc="encode", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
+    graphs = None  # built when a chunk first needs the backbones (indexer.item_graphs)
     try:
         for start, count in todo_chunks:
             plan = plan_chunk(products, texts, images, start, count, options, reuse)
             bar.update(count - sum(len(b) for b in plan.batches))
+            if plan.batches and graphs is None:
+                graphs = use_onnx_graphs(model, options.view, options.precision, options.token_cache, log)
             loader = DataLoader(_BatchImages(plan.batches, images, preprocess), batch_size=None, shuffle=False,
                                 num_workers=options.workers, collate_fn=_identity, worker_init_fn=_worker_init,
                                 prefetch_factor=2 if options.workers else None,

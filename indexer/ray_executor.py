@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from indexer.encode import EncodeOptions, decode_batch, encode_batch, finish_chunk, plan_chunk
+from indexer.item_graphs import use_onnx_graphs
 from indexer.errors import BuildError
 
 RETRIES = 3
@@ -98,6 +99,8 @@ class _Encoder:
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_dir, device=device)
         self.options = options
+        # the same ONNX Runtime item graphs as the local executor (indexer.item_graphs)
+        use_onnx_graphs(self.model, options.view, options.precision, options.token_cache, log=lambda _m: None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         marker = os.environ.get(KILL_ONCE_ENV)

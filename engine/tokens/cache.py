@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from engine.model.errors import InputError
 from engine.model.images import load_image
+from engine.tokens.image_runtime import image_token_encoder
 
 CACHE_FORMAT = "ecsearch-token-cache/1"
 
@@ -246,16 +247,20 @@ def write_image_tokens(image, load, todo: list[int], n: int, tmp: Path, lengths:
     write ``tmp/tokens.npy`` (``float16 (n, L, H)``, memmap; ``tokens`` when rows were already
     copied in) and ``lengths``. ``load(batch) -> (ok rows, pixels (k, 3, S, S) | None)`` decodes
     a batch; it runs in a helper thread one batch ahead, overlapping the backbone (our choice).
-    Rows that ``load`` leaves out keep length 0 (no tokens)."""
+    The backbone runs in ONNX Runtime where its tokens match PyTorch's on the first batch
+    (``engine.tokens.image_runtime``). Rows that ``load`` leaves out keep length 0 (no tokens)."""
     with tqdm(total=n, initial=n - len(todo), unit=unit, desc=desc, disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
         batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+        encode = None
         pending = pool.submit(load, batches[0]) if batches else None
         for b, batch in enumerate(batches):
             ok, pixels = pending.result()
             pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
             if pixels is not None:
-                out, mask = image.encode(pixels.contiguous(memory_format=torch.channels_last))
+                if encode is None:  # ONNX Runtime where it matches PyTorch (engine.tokens.image_runtime)
+                    encode = image_token_encoder(image, pixels[:2])
+                out, mask = encode(pixels)
                 _check_prefix_mask(mask)
                 if tokens is None:
                     tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
