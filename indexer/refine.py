@@ -97,8 +97,9 @@ def manifest_entry(storage: str, file: str | None, dim: int) -> dict[str, Any]:
 def open_refine(version_dir: Path, manifest: dict[str, Any], vectors: np.ndarray,
                 chunk_rows: int = 65536) -> "faiss.Index | PreadRows | None":
     """The refine index of an opened version (None for ``none``; a ``PreadRows`` reader of
-    ``vectors`` for ``fp16_pread``). ``vectors``: the version's fp16 (n, d) memmap. Raises IndexIntegrityError for an unknown storage or a refine file
-    faiss cannot read or whose size does not match."""
+    ``vectors`` for ``fp16_pread``). ``vectors``: the version's fp16 (n, d) memmap. Raises
+    IndexIntegrityError for an unknown storage or a refine file faiss cannot read or whose size
+    does not match."""
     storage = manifest.get("refine", {}).get("storage", DEFAULT_STORAGE)
     if storage not in REFINE_STORAGES:
         raise IndexIntegrityError(f"{version_dir}: unknown refine storage {storage!r} in the manifest")
@@ -138,8 +139,9 @@ class PreadRows:
         """float32 (len(ids), d): the rows ``ids`` (int64, each in [0, n))."""
         if self._file is None:
             return np.asarray(self._array[ids], dtype=np.float32)
-        fd, size, base = self._file.fileno(), self.row_bytes, self._offset
-        data = b"".join([os.pread(fd, size, base + int(i) * size) for i in ids])
+        fd, size, pread = self._file.fileno(), self.row_bytes, os.pread
+        offsets = (np.asarray(ids, dtype=np.int64) * size + self._offset).tolist()
+        data = b"".join([pread(fd, size, at) for at in offsets])
         if len(data) != size * len(ids):
             raise IndexIntegrityError(f"{self._file.name}: short read ({len(data)} of {size * len(ids)} bytes)")
         return np.frombuffer(data, dtype=np.float16).reshape(len(ids), self.shape[1]).astype(np.float32)
