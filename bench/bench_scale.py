@@ -216,6 +216,9 @@ def _parse(argv: list[str]):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ecsearch-scale"), help="folder for the versions")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--build-only", action="store_true", help="build into --work and stop (no measuring)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="measure the versions an earlier --build-only run left in --work (same --storages)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: measure one folder
     return parser.parse_args(argv)
 
@@ -243,15 +246,16 @@ def main(argv: list[str]) -> int:
 
     machine = describe_machine()
     log(machine)
-    t_all = time.perf_counter()
-    built = stream_build(args, args.work, log)
-    side = write_side_files(args, args.work, log)
-    folders = storage_folders(args, args.work, built, side)
-    build_s = time.perf_counter() - t_all
-    results = {"machine": machine, "n": args.n, "dim": args.dim, "factory": built["plan"].factory,
-               "build_s": round(build_s, 1), "build_stages_s": {k: round(v, 1) for k, v in
-                                                             {**built["timings"], **side}.items() if k != "map_size"},
-               "storages": {}}
+    if args.measure_only:  # a build of an earlier --build-only run, measured now (e.g. under a bench lock)
+        results = json.loads((args.work / "build.json").read_text())
+        folders = {storage: args.work / storage for storage in args.storages}
+    else:
+        results, folders = _build(args, machine, log)
+        (args.work / "build.json").write_text(json.dumps(results, indent=2))
+    if args.build_only:
+        log(f"built into {args.work} ({results['build_s']} s); measure with --measure-only")
+        return 0
+    results["machine"] = machine
     for storage, folder in folders.items():
         proc = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--work", str(args.work),
                                "--nprobe", *map(str, args.nprobe), "--batch", str(args.batch),
@@ -265,6 +269,20 @@ def main(argv: list[str]) -> int:
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _build(args, machine: str, log) -> tuple[dict, dict[str, Path]]:
+    """Generate, build and write one version folder per storage; returns (results so far, folders)."""
+    t_all = time.perf_counter()
+    built = stream_build(args, args.work, log)
+    side = write_side_files(args, args.work, log)
+    folders = storage_folders(args, args.work, built, side)
+    build_s = time.perf_counter() - t_all
+    results = {"machine_build": machine, "n": args.n, "dim": args.dim, "factory": built["plan"].factory,
+               "build_s": round(build_s, 1), "build_stages_s": {k: round(v, 1) for k, v in
+                                                             {**built["timings"], **side}.items() if k != "map_size"},
+               "storages": {}}
+    return results, folders
 
 
 def print_table(results: dict) -> None:
