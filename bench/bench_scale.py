@@ -47,6 +47,16 @@ def rss_bytes() -> dict[str, int]:
     return out
 
 
+def page_cache_bytes(path: Path) -> int | None:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``), None when it cannot tell."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
 def _merge_top(best: tuple[np.ndarray, np.ndarray], found: tuple[np.ndarray, np.ndarray], k: int):
     all_s, all_i = np.concatenate([best[0], found[0]], axis=1), np.concatenate([best[1], found[1]], axis=1)
     top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
@@ -257,12 +267,14 @@ def main(argv: list[str]) -> int:
         return 0
     results["machine"] = machine
     for storage, folder in folders.items():
+        cached_before = page_cache_bytes(folder / "vectors.f16.npy")
         proc = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--work", str(args.work),
                                "--nprobe", *map(str, args.nprobe), "--batch", str(args.batch),
                                "--latency-queries", str(args.latency_queries), "--k-factor", *map(str, args.k_factor)],
                               capture_output=True, text=True, check=True)
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
         measured["disk_bytes"] = sum((folder / f).stat().st_size for f in os.listdir(folder) if f != "manifest.json")
+        measured["vectors_page_cache_bytes"] = [cached_before, page_cache_bytes(folder / "vectors.f16.npy")]
         results["storages"][storage] = measured
         log(f"{storage}: {json.dumps(measured)}")
     print_table(results)
@@ -293,15 +305,22 @@ def print_table(results: dict) -> None:
     print("| refine storage | nprobe | k_factor | recall@10 | single query p50 / p95 ms | batch ms (per query) | "
           "disk B/product | RSS anon B/product | RSS file B/product | process RSS GiB (anon + file) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    notes = []
     for storage, m in results["storages"].items():
         anon = (m["rss_after"]["RssAnon"] - m["rss_before"]["RssAnon"]) / n
         file = (m["rss_after"]["RssFile"] - m["rss_before"]["RssFile"]) / n
         whole = f"{m['rss_after']['RssAnon'] / 2**30:.2f} + {m['rss_after']['RssFile'] / 2**30:.2f}"
+        cached = m.get("vectors_page_cache_bytes", [None, None])
+        if None not in cached:
+            notes.append(f"{storage}: vectors.f16.npy in the page cache {cached[0] / 2**30:.2f} GiB before, "
+                         f"{cached[1] / 2**30:.2f} GiB after (of {n * results['dim'] * 2 / 2**30:.2f})")
         for r in m["rows"]:
             print(f"| {storage} | {r['nprobe']} | {r['k_factor']} | {r['recall_at_10']:.4f} | "
                   f"{r['single_ms_p50']:.3f} / {r['single_ms_p95']:.3f} | {r['batch_ms']:.1f} "
                   f"({r['batch_ms'] / r['batch_size']:.3f}) | {m['disk_bytes'] / n:.0f} | {anon:.0f} | {file:.0f} | "
                   f"{whole} |")
+    for note in notes:
+        print(note)
     print(f"machine: {results['machine']}")
 
 
