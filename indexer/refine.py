@@ -17,8 +17,9 @@ and recorded in the manifest (``refine.storage``; versions without the field are
   a per-call buffer and re-scored in numpy (``PreadRefine``). Exact scores; the process's
   resident memory holds only the IVF-PQ codes, whatever the query mix (a memory-mapped file's
   touched pages count in the process's RSS while mapped: ``fp16_mmap`` grows towards 2 * d
-  bytes per product as queries touch the file). Costs about 1.6 us per candidate (kernel
-  copy, cached pages) instead of fp16_mmap's page-table hit.
+  bytes per product as queries touch the file). Costs 1.7-3.6 us per candidate (a system
+  call and a kernel copy, cached pages; measured in indexer/README.md) instead of
+  fp16_mmap's page-table hit.
 - ``none``: no refine index; searches use the PQ scores only (``refine`` requests are
   ignored and the manifest's refine default is off).
 
@@ -29,10 +30,9 @@ re-ranking with source coding; faiss ``IndexRefine`` / ``IndexScalarQuantizer``)
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
-
-import os
 
 import faiss
 import numpy as np
@@ -125,7 +125,8 @@ class PreadRows:
     """Rows of an fp16 ``.npy`` file read with ``os.pread`` (``fp16_pread``): nothing of the
     file is mapped into the process. ``vectors``: the version's fp16 (n, d) memmap (its file
     and data offset are used; an in-memory array is indexed directly). Thread-safe
-    (positional reads on one descriptor, closed when the object is collected)."""
+    (positional reads on one descriptor, closed when the object is collected). ``rows``
+    raises IndexIntegrityError on a short read (a truncated file). Source: our choice."""
 
     def __init__(self, vectors: np.ndarray):
         self.shape = vectors.shape
