@@ -2,6 +2,7 @@
 
 Usage:
     python bench/bench_index.py scale --n 1000000 [--dim 256] [--work /tmp/scale] [--out results.json]
+        [--factory IVF4096,PQ64] [--nprobe 8 16] [--k-factor 50 100] [--storages fp16_pread fp16_mmap ...]
 
 Streams the data so that a 10M x 256 build fits a 24 GB machine: synthetic clustered unit
 vectors (``--clusters`` Gaussian centres, noise ``--sigma``) are generated chunk by chunk
@@ -44,6 +45,16 @@ def rss_bytes() -> dict[str, int]:
         if key in ("VmRSS", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def page_cache_bytes(path: Path) -> int | None:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``), None when it cannot tell."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
 
 
 def _merge_top(best: tuple[np.ndarray, np.ndarray], found: tuple[np.ndarray, np.ndarray], k: int):
@@ -117,7 +128,7 @@ def write_side_files(args, work: Path, log) -> dict[str, float]:
     for name in ("rejects.jsonl", "flags.jsonl"):
         (shared / name).write_text("")
     vectors = np.load(shared / "vectors.f16.npy", mmap_mode="r")
-    for storage in REFINE_FILES:
+    for storage in [s for s in REFINE_FILES if s in args.storages]:
         t0 = time.perf_counter()
         write_refine(vectors, shared, storage, seed=args.seed)
         timings[f"refine_{storage}"] = time.perf_counter() - t0
@@ -133,7 +144,7 @@ def storage_folders(args, work: Path, built: dict, side: dict) -> dict[str, Path
 
     shared = work / "shared"
     folders = {}
-    for storage in REFINE_STORAGES:
+    for storage in [s for s in REFINE_STORAGES if s in args.storages]:
         folder = work / storage
         folder.mkdir(exist_ok=True)
         names = [b.file for b in built["builds"]] + ["vectors.f16.npy", "metadata.lmdb", "rejects.jsonl",
@@ -143,7 +154,7 @@ def storage_folders(args, work: Path, built: dict, side: dict) -> dict[str, Path
             if not (folder / name).exists():
                 os.link(shared / name, folder / name)
         options = VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe[0],
-                                 k_factor=args.k_factor, refine_storage=storage)
+                                 k_factor=args.k_factor[0], refine_storage=storage)
         counts = {"read": args.n, "indexed": args.n, "rejected": 0}
         manifest = _manifest(folder, f"scale-{storage}", (args.n, args.dim), built["plan"], options, built["builds"],
                              side["map_size"], counts, {"bench": "bench_index.py scale"})
@@ -156,9 +167,9 @@ def storage_folders(args, work: Path, built: dict, side: dict) -> dict[str, Path
 
 
 def measure_storage(folder: Path, work: Path, nprobes: list[int], batch: int, latency_queries: int,
-                    k_factor: int | None = None) -> dict:
-    """In this (fresh) process: open the version and measure RSS, recall@10 and latency
-    (refine re-scores ``k_factor`` x 10 candidates; None = the manifest's default)."""
+                    k_factors: list[int] | None = None) -> dict:
+    """In this (fresh) process: open the version and measure RSS, recall@10 and latency per
+    (nprobe, k_factor) (refine re-scores ``k_factor`` x 10 candidates; None = the manifest's default)."""
     from indexer.recall import recall_at_k
     from indexer.search import open_index
 
@@ -167,7 +178,7 @@ def measure_storage(folder: Path, work: Path, nprobes: list[int], batch: int, la
     t0 = time.perf_counter()
     index = open_index(folder, verify=False)
     out = {"open_s": round(time.perf_counter() - t0, 2), "rss_before": before, "rss_open": rss_bytes(), "rows": []}
-    for nprobe in nprobes:
+    for nprobe, k_factor in [(p, f) for f in (k_factors or [None]) for p in nprobes]:
         _, found = index.search_ids(queries, 10, nprobe=nprobe, k_factor=k_factor)
         for q in queries[:20]:
             index.search_ids(q[None, :], 10, nprobe=nprobe, k_factor=k_factor)
@@ -204,7 +215,10 @@ def _parse(argv: list[str]):
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--factory", default="auto")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--k-factor", type=int, default=50)
+    parser.add_argument("--k-factor", type=int, nargs="+", default=[50],
+                        help="refine candidates per result, measured in turn (the first is the manifest's default)")
+    parser.add_argument("--storages", nargs="+", default=None, help="refine storages to build and measure "
+                        "(default: all of indexer.refine.REFINE_STORAGES)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument("--batch", type=int, default=100)
@@ -212,6 +226,9 @@ def _parse(argv: list[str]):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ecsearch-scale"), help="folder for the versions")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--build-only", action="store_true", help="build into --work and stop (no measuring)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="measure the versions an earlier --build-only run left in --work (same --storages)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: measure one folder
     return parser.parse_args(argv)
 
@@ -223,6 +240,12 @@ def main(argv: list[str]) -> int:
     from bench.machine import describe_machine
 
     args = _parse(argv)
+    from indexer.refine import REFINE_STORAGES
+
+    args.storages = args.storages or list(REFINE_STORAGES)
+    unknown = sorted(set(args.storages) - set(REFINE_STORAGES))
+    if unknown:
+        raise SystemExit(f"unknown refine storage(s) {unknown}; expected some of {', '.join(REFINE_STORAGES)}")
     if args.measure:
         print(json.dumps(measure_storage(args.measure, args.work, args.nprobe, args.batch, args.latency_queries,
                                          args.k_factor)))
@@ -233,22 +256,25 @@ def main(argv: list[str]) -> int:
 
     machine = describe_machine()
     log(machine)
-    t_all = time.perf_counter()
-    built = stream_build(args, args.work, log)
-    side = write_side_files(args, args.work, log)
-    folders = storage_folders(args, args.work, built, side)
-    build_s = time.perf_counter() - t_all
-    results = {"machine": machine, "n": args.n, "dim": args.dim, "factory": built["plan"].factory,
-               "build_s": round(build_s, 1), "build_stages_s": {k: round(v, 1) for k, v in
-                                                             {**built["timings"], **side}.items() if k != "map_size"},
-               "storages": {}}
+    if args.measure_only:  # a build of an earlier --build-only run, measured now (e.g. under a bench lock)
+        results = json.loads((args.work / "build.json").read_text())
+        folders = {storage: args.work / storage for storage in args.storages}
+    else:
+        results, folders = _build(args, machine, log)
+        (args.work / "build.json").write_text(json.dumps(results, indent=2))
+    if args.build_only:
+        log(f"built into {args.work} ({results['build_s']} s); measure with --measure-only")
+        return 0
+    results["machine"] = machine
     for storage, folder in folders.items():
+        cached_before = page_cache_bytes(folder / "vectors.f16.npy")
         proc = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--work", str(args.work),
                                "--nprobe", *map(str, args.nprobe), "--batch", str(args.batch),
-                               "--latency-queries", str(args.latency_queries)],
+                               "--latency-queries", str(args.latency_queries), "--k-factor", *map(str, args.k_factor)],
                               capture_output=True, text=True, check=True)
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
         measured["disk_bytes"] = sum((folder / f).stat().st_size for f in os.listdir(folder) if f != "manifest.json")
+        measured["vectors_page_cache_bytes"] = [cached_before, page_cache_bytes(folder / "vectors.f16.npy")]
         results["storages"][storage] = measured
         log(f"{storage}: {json.dumps(measured)}")
     print_table(results)
@@ -257,21 +283,44 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _build(args, machine: str, log) -> tuple[dict, dict[str, Path]]:
+    """Generate, build and write one version folder per storage; returns (results so far, folders)."""
+    t_all = time.perf_counter()
+    built = stream_build(args, args.work, log)
+    side = write_side_files(args, args.work, log)
+    folders = storage_folders(args, args.work, built, side)
+    build_s = time.perf_counter() - t_all
+    results = {"machine_build": machine, "n": args.n, "dim": args.dim, "factory": built["plan"].factory,
+               "build_s": round(build_s, 1), "build_stages_s": {k: round(v, 1) for k, v in
+                                                             {**built["timings"], **side}.items() if k != "map_size"},
+               "storages": {}}
+    return results, folders
+
+
 def print_table(results: dict) -> None:
     """The README table: one row per (storage, nprobe)."""
     n = results["n"]
     print(f"\n{n:,} x {results['dim']}, {results['factory']}, build {results['build_s']} s "
           f"(stages {results['build_stages_s']})")
-    print("| refine storage | nprobe | recall@10 | single query p50 / p95 ms | batch ms (per query) | "
-          "disk B/product | RSS anon B/product | RSS file B/product |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| refine storage | nprobe | k_factor | recall@10 | single query p50 / p95 ms | batch ms (per query) | "
+          "disk B/product | RSS anon B/product | RSS file B/product | process RSS GiB (anon + file) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    notes = []
     for storage, m in results["storages"].items():
         anon = (m["rss_after"]["RssAnon"] - m["rss_before"]["RssAnon"]) / n
         file = (m["rss_after"]["RssFile"] - m["rss_before"]["RssFile"]) / n
+        whole = f"{m['rss_after']['RssAnon'] / 2**30:.2f} + {m['rss_after']['RssFile'] / 2**30:.2f}"
+        cached = m.get("vectors_page_cache_bytes", [None, None])
+        if None not in cached:
+            notes.append(f"{storage}: vectors.f16.npy in the page cache {cached[0] / 2**30:.2f} GiB before, "
+                         f"{cached[1] / 2**30:.2f} GiB after (of {n * results['dim'] * 2 / 2**30:.2f})")
         for r in m["rows"]:
-            print(f"| {storage} | {r['nprobe']} | {r['recall_at_10']:.4f} | {r['single_ms_p50']:.3f} / "
-                  f"{r['single_ms_p95']:.3f} | {r['batch_ms']:.1f} ({r['batch_ms'] / r['batch_size']:.3f}) | "
-                  f"{m['disk_bytes'] / n:.0f} | {anon:.0f} | {file:.0f} |")
+            print(f"| {storage} | {r['nprobe']} | {r['k_factor']} | {r['recall_at_10']:.4f} | "
+                  f"{r['single_ms_p50']:.3f} / {r['single_ms_p95']:.3f} | {r['batch_ms']:.1f} "
+                  f"({r['batch_ms'] / r['batch_size']:.3f}) | {m['disk_bytes'] / n:.0f} | {anon:.0f} | {file:.0f} | "
+                  f"{whole} |")
+    for note in notes:
+        print(note)
     print(f"machine: {results['machine']}")
 
 

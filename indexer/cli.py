@@ -44,8 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default nprobe in the manifest (default: smallest reaching recall@10 >= 0.95)")
     parser.add_argument("--k-factor", type=int, default=50, help="refine re-scores top k*K candidates (default 50)")
     parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
-    parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "sq8", "none"), default="fp16_ram",
-                        help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, SQ8 in RAM, or none "
+    parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none"),
+                        default="fp16_ram",
+                        help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 read from disk per "
+                             "candidate (pread), SQ8 in RAM, or none "
                              "(indexer/refine.py; default fp16_ram)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: this process (default); ray: Ray Data encode + Ray tasks (pip install "

@@ -12,6 +12,14 @@ and recorded in the manifest (``refine.storage``; versions without the field are
   bytes per product more on disk.
 - ``sq8``: an 8-bit scalar quantizer (per-dimension min/max, trained on a sample) in RAM,
   ``refine.sq8.faiss``: d bytes per product, approximate scores.
+- ``fp16_pread``: no refine file and nothing mapped: the candidates' rows are read from
+  ``vectors.f16.npy`` with ``os.pread`` (one read per candidate, through the page cache) into
+  a per-call buffer and re-scored in numpy (``PreadRefine``). Exact scores; the process's
+  resident memory holds only the IVF-PQ codes, whatever the query mix (a memory-mapped file's
+  touched pages count in the process's RSS while mapped: ``fp16_mmap`` grows towards 2 * d
+  bytes per product as queries touch the file). Costs 1.7-3.6 us per candidate (a system
+  call and a kernel copy, cached pages; measured in indexer/README.md) instead of
+  fp16_mmap's page-table hit.
 - ``none``: no refine index; searches use the PQ scores only (``refine`` requests are
   ignored and the manifest's refine default is off).
 
@@ -22,6 +30,7 @@ re-ranking with source coding; faiss ``IndexRefine`` / ``IndexScalarQuantizer``)
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +39,7 @@ import numpy as np
 
 from indexer.errors import BuildError, IndexIntegrityError
 
-REFINE_STORAGES = ("fp16_ram", "fp16_mmap", "sq8", "none")
+REFINE_STORAGES = ("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none")
 REFINE_FILES = {"fp16_mmap": "refine.fp16.faiss", "sq8": "refine.sq8.faiss"}
 DEFAULT_STORAGE = "fp16_ram"
 # SQ8 min/max training sample (our choice: 100k rows fix per-dimension ranges well).
@@ -79,21 +88,25 @@ def write_refine(vectors: np.ndarray, out_dir: Path, storage: str, seed: int = 0
 
 def manifest_entry(storage: str, file: str | None, dim: int) -> dict[str, Any]:
     """The manifest's description of the refine storage (merged into ``manifest["refine"]``)."""
-    ram = {"fp16_ram": 2 * dim, "fp16_mmap": 0, "sq8": dim, "none": 0}[storage]
+    ram = {"fp16_ram": 2 * dim, "fp16_mmap": 0, "fp16_pread": 0, "sq8": dim, "none": 0}[storage]
     return {"storage": storage, "file": file, "ram_bytes_per_item": ram,
-            "exact_scores": storage in ("fp16_ram", "fp16_mmap")}
+            "exact_scores": storage in ("fp16_ram", "fp16_mmap", "fp16_pread"),
+            "read": {"fp16_mmap": "mmap", "fp16_pread": "pread"}.get(storage, "ram")}
 
 
 def open_refine(version_dir: Path, manifest: dict[str, Any], vectors: np.ndarray,
-                chunk_rows: int = 65536) -> faiss.Index | None:
-    """The refine index of an opened version (None for ``none``). ``vectors``: the version's
-    fp16 (n, d) memmap. Raises IndexIntegrityError for an unknown storage or a refine file
-    faiss cannot read or whose size does not match."""
+                chunk_rows: int = 65536) -> "faiss.Index | PreadRows | None":
+    """The refine index of an opened version (None for ``none``; a ``PreadRows`` reader of
+    ``vectors`` for ``fp16_pread``). ``vectors``: the version's fp16 (n, d) memmap. Raises
+    IndexIntegrityError for an unknown storage or a refine file faiss cannot read or whose size
+    does not match."""
     storage = manifest.get("refine", {}).get("storage", DEFAULT_STORAGE)
     if storage not in REFINE_STORAGES:
         raise IndexIntegrityError(f"{version_dir}: unknown refine storage {storage!r} in the manifest")
     if storage == "none":
         return None
+    if storage == "fp16_pread":
+        return PreadRows(vectors)
     if storage == "fp16_ram":
         return _fill(_new_index(vectors.shape[1], storage), vectors, chunk_rows)
     file = version_dir / manifest["refine"]["file"]
@@ -106,6 +119,60 @@ def open_refine(version_dir: Path, manifest: dict[str, Any], vectors: np.ndarray
     if index.ntotal != vectors.shape[0] or index.d != vectors.shape[1]:
         raise IndexIntegrityError(f"{file}: {index.ntotal} x {index.d}, the vectors are {vectors.shape}")
     return index
+
+
+class PreadRows:
+    """Rows of an fp16 ``.npy`` file read with ``os.pread`` (``fp16_pread``): nothing of the
+    file is mapped into the process. ``vectors``: the version's fp16 (n, d) memmap (its file
+    and data offset are used; an in-memory array is indexed directly). Thread-safe
+    (positional reads on one descriptor, closed when the object is collected). ``rows``
+    raises IndexIntegrityError on a short read (a truncated file). Source: our choice."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.shape = vectors.shape
+        self.row_bytes = int(vectors.shape[1]) * 2
+        filename = getattr(vectors, "filename", None)
+        self._array = None if filename else vectors
+        self._file = open(filename, "rb", buffering=0) if filename else None
+        self._offset = int(getattr(vectors, "offset", 0))
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (len(ids), d): the rows ``ids`` (int64, each in [0, n))."""
+        if self._file is None:
+            return np.asarray(self._array[ids], dtype=np.float32)
+        fd, size, pread = self._file.fileno(), self.row_bytes, os.pread
+        offsets = (np.asarray(ids, dtype=np.int64) * size + self._offset).tolist()
+        data = b"".join([pread(fd, size, at) for at in offsets])
+        if len(data) != size * len(ids):
+            raise IndexIntegrityError(f"{self._file.name}: short read ({len(data)} of {size * len(ids)} bytes)")
+        return np.frombuffer(data, dtype=np.float16).reshape(len(ids), self.shape[1]).astype(np.float32)
+
+
+class PreadRefine:
+    """``IndexRefine``'s search for ``fp16_pread``: the top ``k * k_factor`` candidates of
+    ``base`` (IVF-PQ), re-scored exactly (inner product) with their rows read by ``reader``.
+    ``search(q float32 (n, d), k, params=IndexRefineSearchParameters | None)`` returns
+    ``(float32 (n, k), int64 (n, k))``, best first, ``-inf`` / ``-1`` padding. Source: our choice
+    (the re-ranking of Jégou et al. 2011 with the refine rows on disk)."""
+
+    def __init__(self, base: faiss.Index, reader: PreadRows):
+        self.base, self.reader = base, reader
+        self.d, self.ntotal = base.d, base.ntotal
+
+    def search(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        k_factor = max(1, int(params.k_factor)) if params is not None else 1
+        base_params = params.base_index_params if params is not None else None
+        _, candidates = self.base.search(q, k * k_factor, params=base_params)
+        scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+        ids = np.full((q.shape[0], k), -1, dtype=np.int64)
+        for row, found in enumerate(candidates):
+            found = np.sort(found[found >= 0])  # file order: neighbouring rows share pages
+            if found.size == 0:
+                continue
+            exact = self.reader.rows(found) @ q[row]
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[row, :top.size], ids[row, :top.size] = exact[top], found[top]
+        return scores, ids
 
 
 def exact_subset_search(vectors: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray
@@ -141,6 +208,8 @@ def search_pipeline(shards: list[faiss.Index], refine_index: faiss.Index | None,
     sharded = faiss.IndexShards(dim, False, False)  # threaded=False, successive_ids=False
     for shard in shards:
         sharded.add_shard(shard)
+    if isinstance(refine_index, PreadRows):
+        return sharded, None, PreadRefine(sharded, refine_index)
     refined = None if refine_index is None else faiss.IndexRefine(sharded, refine_index)
     exact = refine_index if storage in ("fp16_ram", "fp16_mmap") else None
     return sharded, exact, refined

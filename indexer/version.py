@@ -49,7 +49,7 @@ class VersionOptions:
         1M synthetic clustered vectors, IVF2048,PQ32, nprobe 4: recall@10 0.78 with 10, 0.91
         with 20, 0.993 with 50 at 0.22 ms per single query; bench/bench_index.py).
     refine: refine by default at search time.
-    refine_storage: where the refine vectors live: "fp16_ram", "fp16_mmap", "sq8" or "none"
+    refine_storage: where the refine vectors live: "fp16_ram", "fp16_mmap", "fp16_pread", "sq8" or "none"
         (``indexer.refine``; "none" turns the refine default off).
     recall_queries: item vectors used as queries to measure recall@10 vs exact search.
     target_recall: recall@10 aimed at when choosing nprobe.

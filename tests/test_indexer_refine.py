@@ -1,13 +1,13 @@
-"""Refine storages (indexer.refine): fp16 in RAM, fp16 memory-mapped, SQ8, none. Real faiss and
+"""Refine storages (indexer.refine): fp16 in RAM, fp16 memory-mapped, fp16 read per candidate, SQ8, none. Real faiss and
 LMDB versions of clustered vectors; every storage is recorded in the manifest and searched."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from indexer.errors import BuildError
+from indexer.errors import BuildError, IndexIntegrityError
 from indexer.recall import exact_search, recall_at_k
-from indexer.refine import REFINE_FILES, REFINE_STORAGES
+from indexer.refine import REFINE_FILES, REFINE_STORAGES, PreadRows
 from indexer.search import open_index
 from indexer.version import VersionOptions, write_version
 
@@ -46,7 +46,8 @@ def test_each_storage_is_recorded_in_the_manifest_with_its_file(versions):
             assert refine["file"] == REFINE_FILES.get(storage)
             assert (refine["file"] is None) or (folder / refine["file"]).is_file()
             assert refine["default"] is (storage != "none")
-            assert refine["ram_bytes_per_item"] == {"fp16_ram": 2 * D, "fp16_mmap": 0, "sq8": D, "none": 0}[storage]
+            assert refine["ram_bytes_per_item"] == {"fp16_ram": 2 * D, "fp16_mmap": 0, "fp16_pread": 0, "sq8": D,
+                                                 "none": 0}[storage]
 
 
 def test_mmap_refine_gives_the_ram_results_and_none_gives_the_pq_results(versions):
@@ -70,7 +71,7 @@ def test_recall_order_of_the_storages(versions):
         with open_index(folder) as index:
             recall[storage] = recall_at_k(index.search_ids(queries, 10)[1], truth, 10)
             assert index.manifest["recall"]["recall_at_10"] > 0
-    assert recall["fp16_ram"] == recall["fp16_mmap"] >= recall["sq8"] - 0.02
+    assert recall["fp16_ram"] == recall["fp16_mmap"] == recall["fp16_pread"] >= recall["sq8"] - 0.02
     assert recall["sq8"] > recall["none"] + 0.05, recall
 
 
@@ -93,3 +94,35 @@ def test_unknown_storage_is_refused_before_anything_is_written(tmp_path):
         write_version(tmp_path / "v", "v", _vectors(100, 2), [{"product_id": str(i)} for i in range(100)],
                       VersionOptions(refine_storage="ssd"), log=lambda _m: None)
     assert not (tmp_path / "v").exists()
+
+
+def test_pread_refine_gives_the_ram_results_without_mapping_the_vectors(versions):
+    folders, _, queries = versions
+    with open_index(folders["fp16_ram"]) as ram, open_index(folders["fp16_pread"]) as pread:
+        assert pread.manifest["refine"]["read"] == "pread" and pread.manifest["refine"]["exact_scores"]
+        for nprobe, k_factor in ((4, 20), (16, 5), (1, 1)):
+            s_ram, i_ram = ram.search_ids(queries, 10, nprobe=nprobe, k_factor=k_factor)
+            s_pread, i_pread = pread.search_ids(queries, 10, nprobe=nprobe, k_factor=k_factor)
+            np.testing.assert_array_equal(i_ram, i_pread)
+            np.testing.assert_allclose(s_ram, s_pread, rtol=0, atol=1e-5)
+        # a single query, and k beyond the candidates of a tiny probe: padded like faiss's IndexRefine
+        s_ram, i_ram = ram.search_ids(queries[:1], 300, nprobe=1, k_factor=1)
+        s_pread, i_pread = pread.search_ids(queries[:1], 300, nprobe=1, k_factor=1)
+        np.testing.assert_array_equal(i_ram, i_pread)
+        assert (i_pread[s_pread == -np.inf] == -1).all()
+
+
+def test_pread_rows_read_the_stored_rows_and_refuse_a_short_file(versions, tmp_path):
+    folders, _, _ = versions
+    stored = np.load(folders["fp16_pread"] / "vectors.f16.npy", mmap_mode="r")
+    rows = np.array([0, 7, 8, N - 1], dtype=np.int64)
+    np.testing.assert_array_equal(PreadRows(stored).rows(rows), stored[rows].astype(np.float32))
+    np.testing.assert_array_equal(PreadRows(np.asarray(stored)).rows(rows), stored[rows].astype(np.float32))
+    cut = tmp_path / "cut.f16.npy"
+    cut.write_bytes((folders["fp16_pread"] / "vectors.f16.npy").read_bytes())
+    whole = np.load(cut, mmap_mode="r")
+    reader = PreadRows(whole)
+    with open(cut, "r+b") as f:
+        f.truncate(whole.offset + (N - 1) * 2 * D)
+    with pytest.raises(IndexIntegrityError, match="short read"):
+        reader.rows(np.array([N - 1], dtype=np.int64))
