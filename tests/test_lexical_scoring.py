@@ -38,10 +38,11 @@ def test_scores_and_hits_equal_bm25s_own(texts, monkeypatch, dense_share):
                 else np.zeros(N, dtype=np.float32))
         got = index.scores(text)
         assert got.dtype == np.float32 and np.array_equal(got, want), text
-        hit_scores, hit_ids = index.search(text, 50)
         positive = np.flatnonzero(want > 0)
-        best = positive[np.lexsort((positive, -want[positive]))][:50]
-        assert np.array_equal(hit_ids, best) and np.array_equal(hit_scores, want[best]), text
+        for k in (1, 50, N + 5):  # the k-th score cut, and every positive document
+            hit_scores, hit_ids = index.search(text, k)
+            best = positive[np.lexsort((positive, -want[positive]))][:k]
+            assert np.array_equal(hit_ids, best) and np.array_equal(hit_scores, want[best]), (text, k)
     assert (len(index._dense_rows) > 0) == (dense_share > 0)
 
 

@@ -131,6 +131,9 @@ class LexicalIndex:
             ids = np.asarray(allowed, dtype=np.int64)
             ids = ids[(ids >= 0) & (ids < self.n_docs)]
             candidates = ids[scores[ids] > 0]
+        elif 0 < k < self.n_docs:  # the k-th best score first: only documents at or above it are sorted
+            cut = scores[np.argpartition(scores, self.n_docs - k)[self.n_docs - k:]].min()
+            candidates = np.flatnonzero(scores >= cut if cut > 0 else scores > 0).astype(np.int64)
         else:
             candidates = np.flatnonzero(scores > 0).astype(np.int64)
         return top_k_by_score(candidates, scores[candidates], k)
