@@ -10,7 +10,8 @@ import pytest
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
 from engine.evaluation.evaluate import build_pool
-from engine.evaluation.hybrid import CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, LEXICAL_LABEL, lexical_index, retrieval_rows
+from engine.evaluation.hybrid import (CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, HYBRID_WEIGHTED_LABEL, LEXICAL_LABEL,
+                                      lexical_index, retrieval_rows)
 from engine.evaluation.robustness import (P10_MIN_RELEVANT, composed_query_set, evaluate_robustness, robustness_markdown,
                                           set_metrics, text_query_set, with_min_relevant)
 from engine.training.shopper_queries import facet_key, product_facets
@@ -90,6 +91,7 @@ def test_dense_lexical_and_hybrid_rows(catalogue):
     # the random ranking in cannot make it worse than random
     assert rows[LEXICAL_LABEL]["precision@10"] > rows[DENSE_LABEL]["precision@10"]
     assert rows[HYBRID_LABEL]["precision@10"] >= rows[DENSE_LABEL]["precision@10"]
+    assert HYBRID_WEIGHTED_LABEL in rows
     counts = qs.relevant.sum(axis=1)[qs.keys]
     ceiling = rows[CEILING_LABEL]  # every relevant candidate first
     assert ceiling["precision@10"] == pytest.approx(np.mean(np.minimum(counts, 10) / 10))
