@@ -64,6 +64,8 @@ class LexicalIndex:
     def __init__(self, bm25: "bm25s.BM25"):
         self._bm25 = bm25
         self.n_docs = int(bm25.scores["num_docs"])
+        # plain ndarray views of bm25s's (memory-mapped) postings: numpy.memmap indexing is slower
+        self._postings = tuple(np.asarray(bm25.scores[name]) for name in ("data", "indices", "indptr"))
         self._dense_rows: dict[int, np.ndarray] = {}
         self._dense_lock = threading.Lock()
 
@@ -94,8 +96,7 @@ class LexicalIndex:
     def scores(self, text: str) -> np.ndarray:
         """``float32 (n_docs,)`` BM25 scores of every document for ``text`` (0: no shared token)."""
         scores = np.zeros(self.n_docs, dtype=np.float32)
-        postings = self._bm25.scores
-        data, indices, indptr = postings["data"], postings["indices"], postings["indptr"]
+        data, indices, indptr = self._postings
         # bm25s's get_scores_from_ids, token by token in query order (the same float32 sums);
         # a token's postings name each document once, so a fancy-indexed add is np.add.at's
         for token in self._bm25.get_tokens_ids(query_tokens(text)):
@@ -117,7 +118,7 @@ class LexicalIndex:
                 if (len(self._dense_rows) + 1) * self.n_docs * 4 > DENSE_ROWS_BYTES:
                     return None
                 row = np.zeros(self.n_docs, dtype=np.float32)
-                row[self._bm25.scores["indices"][start:end]] = self._bm25.scores["data"][start:end]
+                row[self._postings[1][start:end]] = self._postings[0][start:end]
                 row.setflags(write=False)
                 self._dense_rows[token] = row
             return self._dense_rows[token]
