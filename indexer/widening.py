@@ -16,7 +16,7 @@ Refine depth: the IVF round hands the refine step its top ``k * k_factor`` candi
 the probed lists cannot hold more than the ``nprobe`` largest lists of each shard together
 (``ProbeCapacity``). Asking for more only grows faiss's result heaps (B = 5 queries at k = 100,
 nprobe 5 on the fashion index: 2.4 ms with k_factor 50 = 5,000 slots for at most 617 items,
-0.75 ms with 700 slots), so ``refine_k_factor`` caps k_factor there: every probed item is still
+0.5 ms with 700 slots), so ``refine_k_factor`` caps k_factor there: every probed item is still
 re-scored, so the hits are the same.
 
 Each query's ``nprobe`` of its last IVF round, whether it was served exactly and whether it
