@@ -12,8 +12,8 @@ from engine.cli import main as cli_main
 from engine.evaluation.evaluate import build_pool
 from engine.evaluation.hybrid import (CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, HYBRID_WEIGHTED_LABEL, LEXICAL_LABEL,
                                       lexical_index, retrieval_rows)
-from engine.evaluation.robustness import (P10_MIN_RELEVANT, composed_query_set, evaluate_robustness, robustness_markdown,
-                                          set_metrics, text_query_set, with_min_relevant)
+from engine.evaluation.robustness import (P10_MIN_RELEVANT, composed_query_set, evaluate_robustness,
+                                          robustness_markdown, set_metrics, text_query_set, with_min_relevant)
 from engine.training.shopper_queries import facet_key, product_facets
 from tests.tiny_models import make_tiny_model
 

@@ -72,8 +72,8 @@ def retrieval_rows(texts: Sequence[str], queries: np.ndarray, candidates: np.nda
                   for row in range(len(texts))]
         rows[label] = ranked_metrics(np.stack(hybrid), relevant, keys, k)
     dense_scores = np.einsum("ad,akd->ak", queries, candidates[dense])
-    weighted = [_pad(weighted_score_fusion([(dense[row], dense_scores[row]), lexical_hits[row][::-1]], (1.0, 1.0))[0], k)
-                for row in range(len(texts))]
+    weighted = [_pad(weighted_score_fusion([(dense[row], dense_scores[row]), lexical_hits[row][::-1]],
+                                           (1.0, 1.0))[0], k) for row in range(len(texts))]
     rows[HYBRID_WEIGHTED_LABEL] = ranked_metrics(np.stack(weighted), relevant, keys, k)
     ideal = np.stack([_pad(np.flatnonzero(relevant[key]), k) for key in keys])
     rows[CEILING_LABEL] = ranked_metrics(ideal, relevant, keys, k)

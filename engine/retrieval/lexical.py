@@ -4,9 +4,10 @@ One document per product: its title followed by its catalogue attribute values i
 (``product_text``: "Puma Men Black Sports Shoes Men Footwear Shoes Sports Shoes Black ...").
 Tokens: bm25s's tokenizer (lower-cased words of 2+ word characters, English stopwords
 removed, no stemming); a query is tokenised by ``query_tokens``, the same rule without
-bm25s's per-call set-up (5 µs instead of 0.18 ms; tested equal on the catalogue's texts). Scores: BM25 as Lucene computes it, k1 = 1.5, b = 0.75 (bm25s's
-defaults; Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond",
-2009, eq. 3.15 with Lucene's idf). A product that shares no token with the query scores 0
+bm25s's per-call set-up (5 µs instead of 0.18 ms; tested equal on the catalogue's texts).
+Scores: BM25 as Lucene computes it, k1 = 1.5, b = 0.75 (bm25s's defaults; Robertson &
+Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond", 2009, eq. 3.15 with
+Lucene's idf). A product that shares no token with the query scores 0
 and is not a lexical hit. The index is written into the index version by
 ``indexer.lexical`` and read back memory-mapped. Source: bm25s (Lù, 2024,
 arXiv:2407.03618); document text and tokenizer options our choice.
