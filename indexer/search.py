@@ -49,7 +49,7 @@ from indexer.metadata import MetadataReader
 from indexer.publish import resolve_version_dir
 from indexer.refine import exact_subset_search, open_refine, search_pipeline
 from indexer.search_checks import MAX_SEARCH_K, check_k, check_nprobe, check_queries
-from indexer.widening import SearchServed, widened_search
+from indexer.widening import ProbeCapacity, SearchServed, refine_k_factor, widened_search
 
 # allowed sets up to this size are searched exactly over their own vectors (our choice:
 # ~20k x 256 fp16 dot products take a few ms, and exact never misses a filtered item).
@@ -93,6 +93,7 @@ class IndexVersion:
         self.refine_storage: str = manifest.get("refine", {}).get("storage", "fp16_ram")
         self._sharded, self._exact, self._refined = search_pipeline(shards, open_refine(path, manifest, vectors),
                                                                      self.dim, self.refine_storage)
+        self._capacity = ProbeCapacity.of_shards(shards)
         self._metadata = metadata
         self.lexical = lexical  # BM25 index (None: a version built without one)
         self.exact_filter_max = EXACT_FILTER_MAX  # allowed sets up to this size: exact search
@@ -153,11 +154,12 @@ class IndexVersion:
             return served.scores, served.ids
 
     def search_served(self, queries: np.ndarray, k: int, nprobe: int | None = None, *,
-                      allowed: np.ndarray | Collection[int] | None = None) -> SearchServed:
-        """As ``search`` (same hits), plus how each query was served (``indexer.widening.SearchServed``)."""
+                      allowed: np.ndarray | Collection[int] | None = None, names: bool = True) -> SearchServed:
+        """As ``search`` (same hits), plus how each query was served (``indexer.widening.SearchServed``);
+        its ``product_ids`` only when ``names`` (a caller reading a few of the ids skips the rest)."""
         with self._in_use():
             served = self._search_ids(queries, k, nprobe, None, allowed, None, None)
-            served.product_ids = self._metadata.product_ids(served.ids)
+            served.product_ids = self._metadata.product_ids(served.ids) if names else None
             return served
 
     def search_lexical(self, text: str, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +246,7 @@ class IndexVersion:
             base.sel = selector  # the selector stays alive (local) until the search ends
         if refine and self._refined is not None:  # refine storage "none": PQ scores only
             k_factor = max(1, min(k_factor, MAX_SEARCH_K * 4 // k))  # at most 40,000 candidates
+            k_factor = refine_k_factor(k, k_factor, nprobe, self._capacity)  # same hits, smaller heaps
             params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=base)
             scores, ids = self._refined.search(q, k, params=params)
         else:

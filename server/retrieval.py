@@ -95,7 +95,7 @@ def run_job(job: SearchJob, vector: np.ndarray | None, shared: tuple[Any, int, f
     if job.retrieval in (DENSE, HYBRID):
         t1 = time.perf_counter()
         served, row, search_ms = shared or (
-            job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed), 0, None)
+            job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed, names=False), 0, None)
         search_ms = (time.perf_counter() - t1) * 1e3 if search_ms is None else search_ms
         dense = dense_served(served, row)
         keep = served.ids[row] >= 0

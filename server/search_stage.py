@@ -80,7 +80,7 @@ def _hybrid_shared(jobs: Sequence[SearchJob], vectors: np.ndarray, rows: list[in
         try:
             t0 = time.perf_counter()
             served = first.index.search_served(np.ascontiguousarray(vectors[rows], dtype=np.float32),
-                                               first.dense_depth, nprobe=first.nprobe)
+                                               first.dense_depth, nprobe=first.nprobe, names=False)
             shared = (served, (time.perf_counter() - t0) * 1e3)
         except Exception:  # e.g. one bad vector: search them alone, so only its request fails
             shared = None

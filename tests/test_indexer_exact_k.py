@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from indexer.lexical import LexicalUnavailableError
 from indexer.publish import new_version_id, publish_version, tmp_dir
 from indexer.search import open_index
 from indexer.version import VersionOptions, write_version
+from indexer.widening import ProbeCapacity, refine_k_factor
 
 N, D = 2000, 32
 
@@ -147,3 +149,56 @@ def test_records_without_text_give_a_dense_only_version(tmp_path):
         assert list(index.search(vectors[:1], 3)[1][0][:1]) == ["p0"]
         with pytest.raises(LexicalUnavailableError, match="no product had a title"):
             index.search_lexical("shoes", 5)
+
+
+def test_probe_capacity_sums_the_largest_lists_of_each_shard():
+    capacity = ProbeCapacity([np.array([5, 1, 9]), np.array([2, 2])])
+    assert [capacity.items(n) for n in (1, 2, 3, 9)] == [9 + 2, 14 + 4, 15 + 4, 15 + 4]
+    assert refine_k_factor(10, 50, 1, capacity) == 2  # 20 slots cover the 11 items one list each can hold
+    assert refine_k_factor(10, 50, 1, None) == 50 and refine_k_factor(100, 50, 9, capacity) == 1
+
+
+def test_the_capped_refine_rescores_every_item_of_the_probed_lists(version_dir):
+    """k = 100 asked at nprobe 2: the refine depth is capped to what the probed lists can hold,
+    and the hits are the exact top 100 (fp16 vectors) over every item of the probed lists."""
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    shards = [faiss.read_index(str(version_dir / entry["file"])) for entry in manifest["shards"]]
+    ivfs = [faiss.extract_index_ivf(shard) for shard in shards]
+    capacity = ProbeCapacity.of_shards(shards)
+    assert capacity.items(2) == sum(np.sort([ivf.invlists.list_size(i) for i in range(ivf.nlist)])[-2:].sum()
+                                    for ivf in ivfs)
+    k, nprobe = 100, 2
+    vectors = np.load(version_dir / manifest["vectors"]["file"]).astype(np.float32)
+    queries = vectors[:20] + np.float32(0.01)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    with open_index(version_dir) as index:
+        served = index.search_served(queries, k, nprobe=nprobe, names=False)
+    scores, ids = served.scores, served.ids
+    assert not served.exact.any()  # every query went through the IVF round and its refine
+    k_factor = manifest["refine"]["k_factor"]
+    assert refine_k_factor(k, k_factor, int(served.nprobe.max()), capacity) < k_factor  # the cap bit
+    for row, q in enumerate(queries):  # the lists the query's last round probed (widening may add)
+        probed = np.concatenate([
+            faiss.rev_swig_ptr(ivf.invlists.get_ids(int(l)), ivf.invlists.list_size(int(l))).copy()
+            for ivf in ivfs for l in ivf.quantizer.search(q[None], int(served.nprobe[row]))[1][0]])
+        exact = vectors[probed] @ q
+        order = np.argsort(-exact)[:k]
+        got = ids[row][ids[row] >= 0]
+        assert got.size == min(k, probed.size)
+        np.testing.assert_allclose(scores[row][:got.size], exact[order][:got.size], atol=1e-4)
+        assert len(set(got.tolist()) & set(probed[order].tolist())) >= got.size - 1  # a near-tie may swap at k
+
+
+def test_fusion_equals_its_definition_on_random_rankings():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        a, b = rng.permutation(300)[:rng.integers(0, 120)], rng.permutation(300)[:rng.integers(0, 120)]
+        weights = (float(rng.integers(0, 3)), float(rng.integers(1, 3)))
+        want: dict[int, float] = {}
+        for ranking, w in zip((a, b), weights):
+            for rank, item in enumerate(ranking.tolist(), start=1):
+                want[item] = want.get(item, 0.0) + w / (60 + rank)
+        ids, scores = reciprocal_rank_fusion([a, b], weights)
+        expected = sorted(want, key=lambda item: (-want[item], item))
+        assert ids.tolist() == expected
+        np.testing.assert_allclose(scores, [want[i] for i in expected], rtol=1e-6)

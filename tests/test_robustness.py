@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,8 +10,10 @@ import pytest
 from engine.catalog import read_catalog
 from engine.cli import main as cli_main
 from engine.evaluation.evaluate import build_pool
-from engine.evaluation.hybrid import CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, LEXICAL_LABEL, lexical_index, retrieval_rows
-from engine.evaluation.robustness import composed_query_set, evaluate_robustness, set_metrics, text_query_set
+from engine.evaluation.hybrid import (CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, HYBRID_WEIGHTED_LABEL, LEXICAL_LABEL,
+                                      lexical_index, retrieval_rows)
+from engine.evaluation.robustness import (P10_MIN_RELEVANT, composed_query_set, evaluate_robustness,
+                                          robustness_markdown, set_metrics, text_query_set, with_min_relevant)
 from engine.training.shopper_queries import facet_key, product_facets
 from tests.tiny_models import make_tiny_model
 
@@ -88,8 +91,30 @@ def test_dense_lexical_and_hybrid_rows(catalogue):
     # the random ranking in cannot make it worse than random
     assert rows[LEXICAL_LABEL]["precision@10"] > rows[DENSE_LABEL]["precision@10"]
     assert rows[HYBRID_LABEL]["precision@10"] >= rows[DENSE_LABEL]["precision@10"]
+    assert HYBRID_WEIGHTED_LABEL in rows
     counts = qs.relevant.sum(axis=1)[qs.keys]
     ceiling = rows[CEILING_LABEL]  # every relevant candidate first
     assert ceiling["precision@10"] == pytest.approx(np.mean(np.minimum(counts, 10) / 10))
     assert ceiling["ndcg@10"] == pytest.approx(1.0)
     assert all(r["precision@10"] <= ceiling["precision@10"] + 1e-9 for r in rows.values())
+
+
+def test_the_brand_subset_keeps_the_queries_p_at_10_can_reach_1_on(fashion_dir):
+    """On the first 1,000 real products (only their attributes are read: no model)."""
+    pool = SimpleNamespace(products=read_catalog(fashion_dir, limit=1000).products)
+    brand = text_query_set(pool.products, pool, "brand_type")
+    counts = brand.relevant.sum(axis=1)[brand.keys]
+    for n in (3, P10_MIN_RELEVANT):
+        subset = with_min_relevant(brand, n)
+        assert subset.texts == [t for t, c in zip(brand.texts, counts) if c >= n]
+        assert subset.relevant is brand.relevant and (brand.relevant.sum(axis=1)[subset.keys] >= n).all()
+    subset = with_min_relevant(brand, P10_MIN_RELEVANT)
+    assert 0 < len(subset.texts) < len(brand.texts)
+    rng = np.random.default_rng(0)
+    rows = retrieval_rows(subset.texts, rng.standard_normal((len(subset.texts), 8)).astype(np.float32),
+                          rng.standard_normal((len(pool.products), 8)).astype(np.float32),
+                          lexical_index(pool.products), subset.relevant, subset.keys)
+    assert rows[CEILING_LABEL]["precision@10"] == pytest.approx(1.0)  # P@10 can reach 1 on every query
+    table = robustness_markdown({"candidates": len(pool.products), "seed": 0,
+                                 "brand_type_min10": {"queries": len(subset.texts), "rows": rows}})
+    assert f"**brand_type_min10** ({len(subset.texts)} queries, only those with >= 10 relevant products" in table

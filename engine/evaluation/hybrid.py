@@ -9,7 +9,8 @@ computed here over the evaluation's candidates, so ``ecsearch eval --robust N`` 
   the index the indexer writes into every index version);
 - **hybrid**: the dense and the lexical top ``HYBRID_CANDIDATES`` fused by reciprocal rank
   fusion (k = 60, weights 1), as ``RETRIEVAL_HYBRID`` with default options does; and with the
-  lexical ranking weighted 2 (``hybrid.lexical_weight = 2`` in a request);
+  lexical ranking weighted 2 (``hybrid.lexical_weight = 2`` in a request); and by weighted
+  min-max score fusion, weights 1 (``hybrid.fusion = FUSION_WEIGHTED``);
 - **ceiling**: every relevant candidate first: Precision@10 below 1 where a query has fewer
   than 10 relevant candidates, the most any ranking can reach.
 
@@ -23,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.evaluation.ranking_metrics import ndcg_at_k, precision_at_k, top_k_indices
-from engine.retrieval.fusion import reciprocal_rank_fusion
+from engine.retrieval.fusion import reciprocal_rank_fusion, weighted_score_fusion
 from engine.retrieval.lexical import LexicalIndex, product_text
 
 HYBRID_CANDIDATES = 100  # = server.retrieval.HYBRID_MIN_CANDIDATES (the server's default depth at top_k <= 100)
@@ -31,6 +32,7 @@ DENSE_LABEL = "dense: trained (text T -> item F)"
 LEXICAL_LABEL = "lexical: BM25 (title + attribute values)"
 HYBRID_LABEL = "hybrid: RRF(dense, BM25), k = 60"
 HYBRID_LEXICAL2_LABEL = "hybrid: RRF, lexical weight 2"
+HYBRID_WEIGHTED_LABEL = "hybrid: weighted min-max scores, weights 1"
 CEILING_LABEL = "ceiling: every relevant candidate first"
 
 
@@ -60,7 +62,8 @@ def retrieval_rows(texts: Sequence[str], queries: np.ndarray, candidates: np.nda
     query ``texts`` (dense vectors ``queries float32 (a, d)`` against ``candidates float32 (m, d)``)."""
     depth = max(k, HYBRID_CANDIDATES)
     dense = top_k_indices(queries, candidates, depth)
-    lexical_top = np.stack([_pad(lexical.search(text, depth)[1], depth) for text in texts])
+    lexical_hits = [lexical.search(text, depth) for text in texts]  # (scores, ids) per query
+    lexical_top = np.stack([_pad(ids, depth) for _, ids in lexical_hits])
     fused = {HYBRID_LABEL: (1.0, 1.0), HYBRID_LEXICAL2_LABEL: (1.0, 2.0)}
     rows = {DENSE_LABEL: ranked_metrics(dense, relevant, keys, k),
             LEXICAL_LABEL: ranked_metrics(lexical_top, relevant, keys, k)}
@@ -68,6 +71,10 @@ def retrieval_rows(texts: Sequence[str], queries: np.ndarray, candidates: np.nda
         hybrid = [_pad(reciprocal_rank_fusion([dense[row], lexical_top[row][lexical_top[row] >= 0]], weights)[0], k)
                   for row in range(len(texts))]
         rows[label] = ranked_metrics(np.stack(hybrid), relevant, keys, k)
+    dense_scores = np.einsum("ad,akd->ak", queries, candidates[dense])
+    weighted = [_pad(weighted_score_fusion([(dense[row], dense_scores[row]), lexical_hits[row][::-1]],
+                                           (1.0, 1.0))[0], k) for row in range(len(texts))]
+    rows[HYBRID_WEIGHTED_LABEL] = ranked_metrics(np.stack(weighted), relevant, keys, k)
     ideal = np.stack([_pad(np.flatnonzero(relevant[key]), k) for key in keys])
     rows[CEILING_LABEL] = ranked_metrics(ideal, relevant, keys, k)
     return rows

