@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from engine.model.fusion import FusionEncoder, masked_mean
 from engine.model.model_folder import load_model, save_model
 from engine.model.towers import ModelConfig
+from tests.test_fusion_residual import _batch as fusion_batch
 from tests.tiny_models import make_tiny_model
 
 HT, HI, D = 12, 20, 16
@@ -19,15 +20,9 @@ def _encoder(**kwargs) -> FusionEncoder:
                          pooled_residual=True, **kwargs).eval()
 
 
-def _batch(b: int = 4, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    t, v = torch.randn(b, 7, HT, generator=g), torch.randn(b, 9, HI, generator=g)
-    tm = torch.ones(b, 7, dtype=torch.bool)
-    tm[0, 4:] = False
-    vm = torch.ones(b, 9, dtype=torch.bool)
-    has_t = torch.tensor([True, True, False, True])
-    has_v = torch.tensor([True, False, True, True])
-    return t, tm, v, vm, has_t, has_v
+def _batch():
+    """Four rows: both modalities, text only, image only, both (the residual tests' batch)."""
+    return fusion_batch(4)
 
 
 def _residual_only(enc: FusionEncoder, t, tm, v, vm, has_t, has_v, gains=(1.0, 1.0)) -> torch.Tensor:
