@@ -1,6 +1,7 @@
 """The wire contract: committed stubs are exactly what grpcio-tools generates from proto/."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,39 @@ def generate_stubs(out: Path) -> Path:
     return out / "server" / "gen" / "ecsearch" / "v1"
 
 
+# The generator's own version stamps: a grpcio-tools patch release changes them and nothing else,
+# so a fresh install of a newer grpcio-tools must not call the committed stubs stale. The
+# stamps are minimum runtime versions; the committed (older) ones stay valid.
+_VERSION_STAMPS = (
+    (re.compile(rb"GRPC_GENERATED_VERSION = '[0-9.]+'"), b"GRPC_GENERATED_VERSION = 'X'"),
+    (re.compile(rb"# Protobuf Python Version: [0-9.]+"), b"# Protobuf Python Version: X"),
+    (re.compile(rb"(_runtime_version\.Domain\.PUBLIC,\n)\s*\d+,\n\s*\d+,\n\s*\d+,\n"), rb"\1X\n"),
+)
+
+
+def without_version_stamps(code: bytes) -> bytes:
+    """``code`` with the generator's version stamps replaced by ``X``."""
+    for pattern, replacement in _VERSION_STAMPS:
+        code = pattern.sub(replacement, code)
+    return code
+
+
 def test_committed_stubs_match_a_fresh_generation(tmp_path):
     fresh = generate_stubs(tmp_path)
     committed = REPO / "server" / "gen" / "ecsearch" / "v1"
     for name in STUBS:
-        assert (fresh / name).read_bytes() == (committed / name).read_bytes(), (
+        assert without_version_stamps((fresh / name).read_bytes()) == \
+            without_version_stamps((committed / name).read_bytes()), (
             f"server/gen/ecsearch/v1/{name} is stale: run `make proto` and commit the result")
+
+
+def test_version_stamps_are_the_only_thing_ignored():
+    stub = (REPO / "server" / "gen" / "ecsearch" / "v1" / "search_pb2_grpc.py").read_bytes()
+    bumped = re.sub(rb"GRPC_GENERATED_VERSION = '[0-9.]+'", b"GRPC_GENERATED_VERSION = '9.99.9'", stub)
+    assert bumped != stub and without_version_stamps(bumped) == without_version_stamps(stub)
+    pb2 = (REPO / "server" / "gen" / "ecsearch" / "v1" / "search_pb2.py").read_bytes()
+    assert b"X\n" in without_version_stamps(pb2).split(b"Domain.PUBLIC,", 1)[1][:4]
+    assert without_version_stamps(stub.replace(b"SearchService", b"SearchServicf")) != without_version_stamps(stub)
 
 
 def test_generation_is_deterministic(tmp_path):
