@@ -60,10 +60,12 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     model, pool = catalogue
     result = evaluate_robustness(model, pool.products[:30], pool, str(tmp_path), progress=False)
     assert result["candidates"] == len(pool.products)
-    photo = result["augmented_photo"]
-    assert photo["queries"] == 30
-    for values in photo["rows"].values():
-        assert 0.0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1.0
+    for task in ("augmented_photo", "augmented_photo_mild"):
+        photo = result[task]
+        assert photo["queries"] == 30
+        for values in photo["rows"].values():
+            assert 0.0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1.0
+    assert result["augment_mild"]["rotate_deg"] == 0.0 and result["augment_mild"] != result["augment"]
     for task in ("brand_type", "attribute_phrase", "composed"):
         assert result[task]["queries"] > 0
         assert all(0.0 <= v <= 1.0 for row in result[task]["rows"].values() for v in row.values())
@@ -76,7 +78,7 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     assert report["augmented_photo"]["queries"] <= 15 and report["candidates"] > report["augmented_photo"]["queries"]
     assert "raw MiniLM: mean-pooled titles, exact" in report["brand_type"]["rows"]
     assert {LEXICAL_LABEL, HYBRID_LABEL} <= set(report["brand_type"]["rows"]) & set(report["attribute_phrase"]["rows"])
-    assert "**augmented_photo**" in md.read_text()
+    assert "**augmented_photo**" in md.read_text() and "**augmented_photo_mild**" in md.read_text()
 
 
 def test_dense_lexical_and_hybrid_rows(catalogue):

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.private_block import ImagePrivateBlock
+
 
 def _safe_key_mask(valid: torch.Tensor) -> torch.Tensor:
     """``valid bool (B, L)`` → key_padding_mask (True = ignore) that never masks a whole row.
@@ -133,12 +135,16 @@ class FusionEncoder(nn.Module):
         deep_gain: None, or the initial value of the learned deep-path gain (module docstring).
         solo_gains: None, or the initial (text, image) residual gains of one-modality rows; needs
         pooled_residual (else ValueError).
+        private_dim / private_gains: 0 (default), or the width ``p`` and the (text only, image only,
+        both) gains of the image-private block appended to the output
+        (``engine.model.private_block``); the output is then ``d + p`` wide.
     """
 
     def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
                  cross_layers: int = 3, self_layers: int = 2, fusion_layers: int = 3,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False,
-                 deep_gain: float | None = None, solo_gains: tuple[float, float] | None = None):
+                 deep_gain: float | None = None, solo_gains: tuple[float, float] | None = None,
+                 private_dim: int = 0, private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)):
         super().__init__()
         self.text_proj = nn.Linear(text_hidden, dim)
         self.image_proj = nn.Linear(image_hidden, dim)
@@ -167,6 +173,13 @@ class FusionEncoder(nn.Module):
         if deep_gain is not None:  # a learned scalar on the deep path, created last (same draws)
             self.deep_gain = nn.Parameter(torch.tensor(float(deep_gain)))
         self.has_deep_gain = deep_gain is not None
+        # buffers only (no parameters, no random draws): models without it load unchanged
+        self.private = ImagePrivateBlock(image_hidden, private_dim, private_gains) if private_dim else None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output vectors: ``d``, plus ``p`` with the image-private block."""
+        return self.merge.out_features + (self.private.dim if self.private is not None else 0)
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 image_tokens: torch.Tensor, image_mask: torch.Tensor,
@@ -178,7 +191,7 @@ class FusionEncoder(nn.Module):
             image_tokens: float (B, Li, Hi); image_mask: bool (B, Li).
             has_text, has_image: bool (B,), per-sample presence taken from the raw input.
         Returns:
-            float32 (B, d), L2-normalised.
+            float32 (B, output_dim), L2-normalised.
         """
         has_text = has_text.bool()
         has_image = has_image.bool()
@@ -223,7 +236,11 @@ class FusionEncoder(nn.Module):
         if self.pooled_residual:
             out = out + self._residual(text_tokens, t_valid, has_text, has_image, self.text_residual, 0, out.dtype)
             out = out + self._residual(image_tokens, v_valid, has_image, has_text, self.image_residual, 1, out.dtype)
-        return F.normalize(out, dim=-1)
+        out = F.normalize(out, dim=-1)
+        if self.private is not None:
+            private = self.private(masked_mean(image_tokens.float(), v_valid), has_text, has_image)
+            out = F.normalize(torch.cat([out.float(), private], dim=-1), dim=-1)
+        return out
 
     def _residual(self, tokens: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, other: torch.Tensor,
                   proj: nn.Linear, slot: int, dtype: torch.dtype) -> torch.Tensor:

@@ -41,6 +41,11 @@ class ModelConfig:
             backbone tokens per present modality (``engine.model.fusion``; our choice, default False).
         deep_gain / solo_gains: None (default), or the initial deep-path gain / [text, image] gains of
             one-modality rows, learned (``engine.model.fusion``; our choice, issue 12).
+        image_private_dim: 0 (default), or the width p of the image-private block appended to both
+            towers' outputs (``engine.model.private_block``; our choice, issue 12): vectors are then
+            ``dim + image_private_dim`` wide. Fitted by ``engine.training.whitening``, never trained.
+        image_private_query_gains / image_private_item_gain: the block's fixed gains, query tower
+            (text only, image only, text + image) and item tower (every row). Our choice: 0, 3, 1 and 1.
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
@@ -59,6 +64,9 @@ class ModelConfig:
     pooled_residual: bool = False
     deep_gain: float | None = None
     solo_gains: list | None = None
+    image_private_dim: int = 0
+    image_private_query_gains: list = field(default_factory=lambda: [0.0, 3.0, 1.0])
+    image_private_item_gain: float = 1.0
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
     text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
@@ -68,6 +76,11 @@ class ModelConfig:
         if not (0 < self.logit_scale_init <= self.logit_scale_max < math.inf):
             raise ValueError(f"need 0 < logit_scale_init <= logit_scale_max < inf, got "
                              f"{self.logit_scale_init} and {self.logit_scale_max}")
+        if self.image_private_dim and self.share_fusion:
+            raise ValueError("image_private_dim needs share_fusion=False (the towers' block gains differ)")
+        if self.image_private_dim and self.image_private_query_gains[0] != 0:
+            raise ValueError("the query tower's text-only image-private gain must be 0 (text rankings stay F's), "
+                             f"got {self.image_private_query_gains[0]}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +202,7 @@ class Tower(nn.Module):
                              "encode with precision='bf16'")
         texts, images = _check_inputs(texts, images, view)
         n = len(texts)
-        out = np.zeros((n, self.fusion.merge.out_features), dtype=np.float32)
+        out = np.zeros((n, self.fusion.output_dim), dtype=np.float32)
         if n == 0:
             return out
         text_lengths = np.zeros(n, dtype=np.int64)
@@ -314,9 +327,10 @@ class TwoTowerModel(nn.Module):
                       dim=config.dim, heads=config.heads, cross_layers=config.cross_layers,
                       self_layers=config.self_layers, fusion_layers=config.fusion_layers,
                       mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual,
-                      deep_gain=config.deep_gain, solo_gains=config.solo_gains)
-        query_fusion = FusionEncoder(**kwargs)
-        item_fusion = query_fusion if config.share_fusion else FusionEncoder(**kwargs)
+                      deep_gain=config.deep_gain, solo_gains=config.solo_gains, private_dim=config.image_private_dim)
+        query_fusion = FusionEncoder(**kwargs, private_gains=tuple(config.image_private_query_gains))
+        item_fusion = query_fusion if config.share_fusion else FusionEncoder(
+            **kwargs, private_gains=(config.image_private_item_gain,) * 3)
         self.query_tower = Tower(query_fusion, backbones, "query")
         self.item_tower = Tower(item_fusion, backbones, "item")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
@@ -325,7 +339,8 @@ class TwoTowerModel(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.config.dim
+        """Width of the towers' output vectors (and of an index built from them)."""
+        return self.query_tower.fusion.output_dim
 
     @property
     def logit_scale(self) -> torch.Tensor:

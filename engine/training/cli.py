@@ -23,6 +23,11 @@ from engine.training.trainer import TrainConfig
 # that keeps the raw backbones' robustness in every view, engine/model/fusion.py).
 CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
 CPU_POOLED_RESIDUAL = True
+# The image-private block (engine/model/private_block.py, issue 12): 256 wide (255 whitened photo
+# dimensions + e_null), so the served vectors are 512 wide; gains query photo-only 3, query
+# photo + text 1, item 1 (our choice, docs/results.md "Image-private block").
+CPU_IMAGE_PRIVATE_DIM = 256
+CPU_IMAGE_PRIVATE_GAINS = (3.0, 1.0, 1.0)
 # The CPU training recipe (our choice, measured in docs/results.md): no dropout (a few hundred
 # steps under-fit, they do not over-fit), bf16 autocast where the CPU runs it natively (about
 # 2x per step), photo-only / title-only query pairs, CMAL weighted towards the fused item
@@ -58,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--solo-gains", default=None,
                    help="TEXT,IMAGE: initial residual gains of one-modality rows, learned apart (default: shared with fused rows)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
+    m.add_argument("--image-private-dim", default="auto",
+                   help="width of the image-private block appended to both towers' vectors (engine/model/private_block.py), "
+                        f"fitted from the augmented views; 0: none; auto (default): {CPU_IMAGE_PRIVATE_DIM} when "
+                        "enough augmented photos are cached, else none")
+    m.add_argument("--image-private-gains", default=",".join(f"{g:g}" for g in CPU_IMAGE_PRIVATE_GAINS),
+                   help="QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM: the image-private block's fixed gains (default %(default)s)")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
     t.add_argument("--stage1-steps", type=int, default=CPU_RECIPE["stage1_steps"],
@@ -146,6 +157,21 @@ def _parse_gains(text: str | None) -> list[float] | None:
     return gains
 
 
+def _private_config(dim: str, gains: str) -> dict:
+    """``ModelConfig`` fields of ``--image-private-dim`` / ``--image-private-gains``; ValueError when malformed."""
+    try:
+        width = CPU_IMAGE_PRIVATE_DIM if dim == "auto" else int(dim)
+        values = [float(x) for x in gains.split(",")]
+    except ValueError:
+        raise ValueError(f"--image-private-dim: expected a number or auto, and --image-private-gains three numbers; "
+                         f"got {dim!r} and {gains!r}") from None
+    if width < 0 or width == 1 or len(values) != 3:
+        raise ValueError(f"--image-private-dim must be 0 or >= 2 and --image-private-gains three numbers "
+                         f"QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM; got {dim!r} and {gains!r}")
+    return {"image_private_dim": width, "image_private_query_gains": [0.0, values[0], values[1]],
+            "image_private_item_gain": values[2]}
+
+
 def _precision(choice: str) -> str:
     if choice == "auto":
         return "bf16" if bf16_is_fast("cpu") else "fp32"
@@ -179,12 +205,13 @@ def run(args: argparse.Namespace) -> int:
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
             image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,
-            image_residual_gain=args.image_residual_gain,
+            image_residual_gain=args.image_residual_gain, image_private_auto=args.image_private_dim == "auto",
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
                               mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion,
                               deep_gain=args.deep_gain, solo_gains=_parse_gains(args.solo_gains),
+                              **_private_config(args.image_private_dim, args.image_private_gains),
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,

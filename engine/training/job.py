@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
 from engine.training.shopper_queries import facet_key, product_facets
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
-from engine.training.whitening import init_image_residual
+from engine.training.whitening import init_image_private, init_image_residual
 from engine.model.towers import ModelConfig, build_model
 from engine.training.trainer import TrainConfig, Trainer, TrainingData
 
@@ -61,6 +61,10 @@ class TrainJob:
     photos); ``"auto"``: whitening where those hold, else random (the reason is in the summary). freeze_image_residual: keep
     that projection fixed during training. image_residual_gain: with the whitening, the starting
     value of the image residual's learned gain.
+    image_private_auto: a fresh model whose ``model.image_private_dim`` is set gets its image-private
+    block fitted from the augmented views (``engine.training.whitening.init_image_private``) in any
+    case; with this flag, too few augmented photos (fewer than ``image_private_dim - 1``) build the
+    model without the block (the reason is in the summary) instead of raising TrainingDataError.
     """
 
     catalog: str
@@ -88,6 +92,7 @@ class TrainJob:
     image_residual_init: str = "random"
     freeze_image_residual: bool = False
     image_residual_gain: float = 1.0
+    image_private_auto: bool = False
     linear_baseline: bool = True
     linear_only: bool = False
     progress: bool = True
@@ -257,6 +262,7 @@ def train_model(job: TrainJob) -> dict:
         return {"products": len(products), "pairs": len(data), "rejects": len(rejects), "cache_seconds": cache_seconds,
                 "linear_baseline": _train_linear(data, job, out, model.config.dim), "total_seconds": time.perf_counter() - t_start}
     _write_jsonl(out / "rejects.jsonl", rejects)
+    model, private_init = _init_private(job, model, images, augmented)
     residual_init = _init_residual(job, model, images, augmented)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
@@ -275,7 +281,7 @@ def train_model(job: TrainJob) -> dict:
             "folder": str(augmented.folder), "views": augmented.meta.get("views"),
             "build_seconds": augmented.meta.get("build_seconds"), "items": len(augmented.keys),
             "bytes": int((Path(augmented.folder) / "tokens.npy").stat().st_size)},
-        "image_residual_init": residual_init,
+        "image_residual_init": residual_init, "image_private_block": private_init,
         "train": job.train.to_dict(), **{k: v for k, v in result.items() if k != "final"},
         "final_step": result["final"], "total_seconds": time.perf_counter() - t_start,
     }
@@ -302,6 +308,25 @@ def _init_residual(job: TrainJob, model, images: TokenTable, augmented: TokenTab
         raise TrainingDataError(f"image_residual_init='whitening': {why}")
     return {"init": "whitening", **init_image_residual(model, images, augmented, photos, job.augment_views,
                                                       freeze=job.freeze_image_residual, gain=job.image_residual_gain)}
+
+
+def _init_private(job: TrainJob, model, images: TokenTable, augmented: TokenTable | None):
+    """Fit the image-private block of a fresh ``model`` (``TrainJob.image_private_auto``);
+    returns ``(model, what was done)``, the model rebuilt without the block when auto falls back."""
+    dim = model.config.image_private_dim
+    if job.init_model or not dim:
+        return model, None
+    photos = _augmented_photos(augmented) if augmented is not None else []
+    hidden = model.backbones.image.hidden_size
+    why = (f"{len(photos)} augmented photos, fewer than the {dim - 1} dimensions of the image-private block to fit "
+           "(more photos, more augmented views, or image_private_dim 0)" if len(photos) < dim - 1 else
+           f"the image backbone has {hidden} features, fewer than the {dim - 1} dimensions of the image-private block"
+           if hidden < dim - 1 else None)
+    if why is not None:
+        if not job.image_private_auto:
+            raise TrainingDataError(f"image_private_dim={dim}: {why}")
+        return build_model(replace(model.config, image_private_dim=0), seed=job.train.seed), {"dim": 0, "reason": why}
+    return model, init_image_private(model, images, augmented, photos, job.augment_views)
 
 
 def _augmented_photos(augmented: TokenTable) -> list[str]:

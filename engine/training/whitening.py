@@ -95,17 +95,11 @@ def init_image_residual(model, images: TokenTable, augmented: TokenTable, photos
     Returns ``{"photos": n, "views": v, "dim": d, "shrinkage": s, "frozen": bool, "gain": g}``.
     Raises ValueError when the model has no pooled residual or too few usable photos.
     """
-    from engine.training.augment_cache import augmented_key
-
     towers = [model.query_tower, model.item_tower]
     fusions = [t.fusion for t in towers]
     if not all(getattr(f, "pooled_residual", False) for f in fusions):
         raise ValueError("the model has no pooled residual (ModelConfig.pooled_residual)")
-    clean_rows = images.rows(photos)
-    view_rows = np.stack([augmented.rows([augmented_key(p, v) for p in photos]) for v in range(views)])
-    ok = (clean_rows >= 0) & (view_rows >= 0).all(axis=0)
-    clean = pooled_means(images, clean_rows[ok])
-    aug = np.stack([pooled_means(augmented, r[ok]) for r in view_rows])
+    clean, aug = _pair_features(images, augmented, photos, views)
     dim = fusions[0].image_residual.out_features
     weight, bias = learned_whitening(clean, aug, dim, shrinkage)
     with torch.no_grad():
@@ -114,5 +108,35 @@ def init_image_residual(model, images: TokenTable, augmented: TokenTable, photos
             f.image_residual.bias.copy_(torch.from_numpy(bias))
             f.image_residual.requires_grad_(not freeze)
             f.residual_gain[1] = gain
-    return {"photos": int(ok.sum()), "views": int(views), "dim": int(dim), "shrinkage": float(shrinkage),
+    return {"photos": int(len(clean)), "views": int(views), "dim": int(dim), "shrinkage": float(shrinkage),
             "frozen": bool(freeze), "gain": float(gain)}
+
+
+def init_image_private(model, images: TokenTable, augmented: TokenTable, photos: list[str], views: int, *,
+                       shrinkage: float = DEFAULT_SHRINKAGE) -> dict:
+    """Fit the image-private block of both towers (``engine.model.private_block``) to the learned
+    whitening of ``photos`` (clean tokens in ``images``, views in ``augmented`` as for
+    ``init_image_residual``) to ``p - 1`` dimensions; the block is never trained.
+
+    Returns ``{"photos": n, "views": v, "dim": p, "shrinkage": s, "query_gains": [..], "item_gain": g}``.
+    Raises ValueError when the model has no image-private block or too few usable photos.
+    """
+    blocks = [model.query_tower.fusion.private, model.item_tower.fusion.private]
+    if any(b is None for b in blocks):
+        raise ValueError("the model has no image-private block (ModelConfig.image_private_dim)")
+    clean, aug = _pair_features(images, augmented, photos, views)
+    weight, bias = learned_whitening(clean, aug, blocks[0].dim - 1, shrinkage)
+    for block in blocks:
+        block.set_projection(weight, bias)
+    return {"photos": int(len(clean)), "views": int(views), "dim": int(blocks[0].dim), "shrinkage": float(shrinkage),
+            "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
+
+
+def _pair_features(images: TokenTable, augmented: TokenTable, photos: list[str], views: int):
+    """Pooled means of the photos that have a clean row and every view: ``(clean (n, H), views (v, n, H))``."""
+    from engine.training.augment_cache import augmented_key
+
+    clean_rows = images.rows(photos)
+    view_rows = np.stack([augmented.rows([augmented_key(p, v) for p in photos]) for v in range(views)])
+    ok = (clean_rows >= 0) & (view_rows >= 0).all(axis=0)
+    return pooled_means(images, clean_rows[ok]), np.stack([pooled_means(augmented, r[ok]) for r in view_rows])
