@@ -13,11 +13,14 @@
  *   cc -O2 -shared -fPIC -o /tmp/cpuid_avx2.so bench/cpuid_avx2.c
  *   LD_PRELOAD=/tmp/cpuid_avx2.so ECSEARCH_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 \
  *       ONEDNN_MAX_CPU_ISA=AVX2 python bench/bench_encode.py ...
- * A program that installs its own SIGSEGV handler (e.g. Python's faulthandler, pytest) breaks it.
+ * A program that installs its own SIGSEGV handler (Python's faulthandler, pytest, torch's
+ * DataLoader workers) does not replace ours: sigaction() and signal() are interposed for SIGSEGV,
+ * the program's handler is kept aside and called for every fault that is not a CPUID.
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,13 +48,31 @@ static void mask(unsigned leaf, unsigned sub, unsigned *a, unsigned *b, unsigned
     }
 }
 
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+static sigaction_fn real_sigaction;
+static struct sigaction chained; /* the program's own SIGSEGV action (SIG_DFL until it sets one) */
+static int installed;
+
+static sigaction_fn next_sigaction(void) {
+    if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    return real_sigaction;
+}
+
 static void on_segv(int sig, siginfo_t *info, void *context) {
-    (void)sig; (void)info;
     ucontext_t *uc = context;
     greg_t *r = uc->uc_mcontext.gregs;
     const unsigned char *ip = (const unsigned char *)r[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* a real fault: let it happen again, unhandled */
-        signal(SIGSEGV, SIG_DFL);
+    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* a real fault: the program's handler, else default */
+        if (chained.sa_flags & SA_SIGINFO) {
+            chained.sa_sigaction(sig, info, context);
+        } else if (chained.sa_handler != SIG_DFL && chained.sa_handler != SIG_IGN) {
+            chained.sa_handler(sig);
+        } else {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            next_sigaction()(SIGSEGV, &dfl, NULL); /* let it happen again, unhandled */
+        }
         return;
     }
     unsigned leaf = (unsigned)r[REG_RAX], sub = (unsigned)r[REG_RCX], a, b, c, d;
@@ -63,14 +84,34 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     r[REG_RIP] += 2;
 }
 
+int sigaction(int signum, const struct sigaction *act, struct sigaction *old) {
+    if (signum != SIGSEGV || !installed) return next_sigaction()(signum, act, old);
+    if (old) *old = chained;
+    if (act) chained = *act;
+    return 0;
+}
+
+sighandler_t signal(int signum, sighandler_t handler) {
+    struct sigaction act, old;
+    memset(&act, 0, sizeof act);
+    act.sa_handler = handler;
+    sigemptyset(&act.sa_mask);
+    act.sa_flags = SA_RESTART;
+    if (sigaction(signum, &act, &old) != 0) return SIG_ERR;
+    return old.sa_handler;
+}
+
 __attribute__((constructor)) static void cpuid_avx2_init(void) {
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;
     action.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&action.sa_mask);
-    if (sigaction(SIGSEGV, &action, NULL) != 0 || set_cpuid(0) != 0) {
+    memset(&chained, 0, sizeof chained);
+    chained.sa_handler = SIG_DFL;
+    if (next_sigaction()(SIGSEGV, &action, NULL) != 0 || set_cpuid(0) != 0) {
         perror("cpuid_avx2: cannot enable CPUID faulting");
         exit(3);
     }
+    installed = 1;
 }
