@@ -34,21 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full build: reuse this version's (folder or ROOT) trained quantizer and codebooks")
     parser.add_argument("--index-root", required=True, type=Path, help="ROOT holding versions/ and CURRENT")
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
-    parser.add_argument("--factory", default="auto",
-                        help='faiss factory, e.g. "IVF1024,PQ32"; "IVF,PQ32" or "auto" choose nlist (default auto)')
+    parser.add_argument("--factory", default="auto", help='faiss factory, e.g. "IVF1024,PQ32"; "IVF,PQ32" or "auto" '
+                        'choose nlist (default auto)')
     parser.add_argument("--view", choices=("fused", "image", "text"), default="fused",
                         help="which item embedding to index (default fused)")
     parser.add_argument("--limit", type=int, default=None, help="read at most N catalogue rows")
     parser.add_argument("--keep-versions", type=int, default=3, help="versions to keep under ROOT/versions (K)")
-    parser.add_argument("--nprobe", type=int, default=None,
-                        help="default nprobe in the manifest (default: smallest reaching recall@10 >= 0.95)")
+    parser.add_argument("--nprobe", type=int, default=None, help="default nprobe in the manifest (default: smallest "
+                        "reaching recall@10 >= 0.95 on item and query-tower queries)")
     parser.add_argument("--k-factor", type=int, default=50, help="refine re-scores top k*K candidates (default 50)")
     parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
     parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none"),
-                        default="fp16_ram",
-                        help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 read from disk per "
-                             "candidate (pread), SQ8 in RAM, or none "
-                             "(indexer/refine.py; default fp16_ram)")
+                        default="fp16_ram", help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 "
+                        "read from disk per candidate (pread), SQ8 in RAM, or none (indexer/refine.py; default fp16_ram)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: this process (default); ray: Ray Data encode + Ray tasks (pip install "
                              "'ecsearch[ray]')")
@@ -67,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "backbone tokens it holds for the same titles and unchanged photos (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
+    parser.add_argument("--recall-query-sample", type=int, default=128, help="titles and photos (each) through the "
+                        "query tower: nprobe is chosen on their vectors too (indexer/query_sample.py; 0: items only)")
     parser.add_argument("--id-field", default=None, help="catalogue field holding the product id")
     parser.add_argument("--title-field", default=None, help="catalogue field holding the title")
     parser.add_argument("--image-field", default=None,
@@ -143,7 +143,7 @@ def _job(args: argparse.Namespace):
         version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
                                k_factor=args.k_factor, refine=not args.no_refine,
                                refine_storage=args.refine_storage, recall_queries=args.recall_queries),
-        reuse_quantizer=args.reuse_quantizer))
+        reuse_quantizer=args.reuse_quantizer, recall_query_sample=args.recall_query_sample))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from indexer.errors import BuildError
 from indexer.publish import (build_lock, cleanup_stale, new_version_id, prune_versions, publish_version,
                              read_current, tmp_dir)
 from indexer.quantizer import load_trained, reuse_record
+from indexer.query_sample import query_tower_sample
 from indexer.version import VersionOptions, write_version
 
 
@@ -44,6 +45,8 @@ class IndexJobConfig:
     cluster, None = start a local one; ray_actors / ray_actor_gpus: encoder actors and the
     GPUs each one takes); reuse_quantizer: an index version (folder, or ROOT for its CURRENT)
     whose trained IVF quantizer and PQ codebooks are reused instead of training (``indexer.quantizer``).
+    recall_query_sample: titles and photos (each) sent through the query tower so that nprobe is
+    chosen on real query vectors as well as on item vectors (``indexer.query_sample``; 0: items only).
     """
 
     catalog: Path
@@ -60,6 +63,7 @@ class IndexJobConfig:
     ray_actors: int | None = None
     ray_actor_gpus: float = 0.0
     reuse_quantizer: Path | None = None  # a version (folder or ROOT) whose trained quantizer is reused
+    recall_query_sample: int = 128
 
 
 @dataclass
@@ -247,9 +251,11 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
             shutil.rmtree(staged)
         extra = _manifest_extra(config, model, device, catalog, catalog_fp, key, encoded)
         extra["build"]["executor"] = executor.describe() if executor else {"executor": "local"}
+        queries = query_tower_sample(model, catalog.products, config.recall_query_sample, seed=config.version.seed,
+                                     precision=config.encode.precision, log=log)
         written = write_version(staged, version, encoded.vectors, records, config.version, rejects=rejects,
                                 counts=counts, extra_manifest=extra, timings_s=timings, log=log,
                                 run_all=executor.run_all if executor else None,
-                                trained=_reused_quantizer(config, extra))
+                                trained=_reused_quantizer(config, extra), query_vectors=queries)
 
         return publish_staged(root, staged, version, written.manifest, work, config.keep_versions, log, t_job)

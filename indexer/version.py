@@ -44,7 +44,8 @@ class VersionOptions:
     n_shards: number of shards (stable hash of the product id).
     factory: faiss factory string or "auto" (see ``indexer.build.plan_index``).
     nprobe: default nprobe written to the manifest; None = smallest of 1, 2, 4, ... whose
-        recall@10 with refine reaches ``target_recall`` on the recall sample.
+        recall@10 with refine reaches ``target_recall`` on the recall sample and, when the
+        build passes query-tower vectors (``write_version(query_vectors=)``), on those too.
     k_factor: refine re-scores the top ``k * k_factor`` candidates (our choice: 50; measured on
         1M synthetic clustered vectors, IVF2048,PQ32, nprobe 4: recall@10 0.78 with 10, 0.91
         with 20, 0.993 with 50 at 0.22 ms per single query; bench/bench_index.py).
@@ -81,9 +82,12 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
                   options: VersionOptions, *, rejects: Sequence[Reject] = (), counts: dict[str, int] | None = None,
                   extra_manifest: dict[str, Any] | None = None, timings_s: dict[str, float] | None = None,
                   log: Callable[[str], None] = print, run_all: Callable[[list[Callable[[], Any]]], list] | None = None,
-                  trained: tuple[IndexPlan, faiss.Index] | None = None) -> VersionResult:
+                  trained: tuple[IndexPlan, faiss.Index] | None = None,
+                  query_vectors: np.ndarray | None = None) -> VersionResult:
     """Write a complete index version into ``out_dir`` (created; must be empty or absent).
 
+    query_vectors: optional float32 (q, d) query-tower vectors (``indexer.query_sample``, which says
+    why): nprobe must reach ``options.target_recall`` on them as well as on the item sample.
     vectors: float32 (n, d), rows L2-normalised; row i belongs to ``records[i]`` (a dict
     with at least ``product_id``; the shard number is added). rejects: catalogue / encode
     rejects written to ``rejects.jsonl``. counts: ``read``/``indexed``/``rejected``/... for
@@ -125,17 +129,14 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     write_manifest(out_dir, manifest)
 
     t0 = time.perf_counter()
-    quality = measure_quality(out_dir, options)
+    quality = measure_quality(out_dir, options, query_vectors=query_vectors)
     timings["recall"] = time.perf_counter() - t0
     manifest["index"]["nprobe_default"] = quality.pop("nprobe_chosen")
     manifest["recall"] = quality
     timings["version_total"] = time.perf_counter() - t_all
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     write_manifest(out_dir, manifest)
-    log(f"index: nprobe {manifest['index']['nprobe_default']}: recall@10 {quality['recall_at_10']:.4f} with refine, "
-        f"{quality['recall_at_10_no_refine']:.4f} without (vs exact, {quality['queries']} item queries); "
-        f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
-        f"over {quality['self_items']} items")
+    log(_quality_line(manifest["index"]["nprobe_default"], quality))
     return VersionResult(manifest, timings)
 
 
@@ -230,11 +231,22 @@ def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options
     }
 
 
-def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10) -> dict[str, Any]:
-    """Recall@k of the ANN search vs exact search, using a sample of item vectors as queries.
+def _quality_line(nprobe: int, quality: dict[str, Any]) -> str:
+    query_tower = (f"; {quality['recall_at_10_query_tower']:.4f} on {quality['query_tower_queries']} query-tower "
+                   "queries" if "recall_at_10_query_tower" in quality else "")
+    return (f"index: nprobe {nprobe}: recall@10 {quality['recall_at_10']:.4f} with refine, "
+            f"{quality['recall_at_10_no_refine']:.4f} without (vs exact, {quality['queries']} item queries{query_tower}); "
+            f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
+            f"over {quality['self_items']} items")
+
+
+def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
+                    query_vectors: np.ndarray | None = None) -> dict[str, Any]:
+    """Recall@k of the ANN search vs exact search, using a sample of item vectors as queries
+    (and ``query_vectors``, query-tower vectors, when given).
 
     Chooses nprobe (``options.nprobe`` or the smallest candidate whose refined recall@10
-    reaches ``options.target_recall``). Also the self-retrieval rate at that nprobe: the
+    reaches ``options.target_recall`` on every query set). Also the self-retrieval rate at that nprobe: the
     share of items (all of them up to ``options.self_queries``, else a sample) found at rank
     1 by their own vector (``self_at_rank_1``), and the same counting a rank-1 item with the
     same score as found (``self_at_rank_1_or_tie``: duplicate products have identical
@@ -247,20 +259,11 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10) -> 
         rows = np.sort(rng.choice(n, size=min(options.recall_queries, n), replace=False))
         queries = index.vectors(rows)
         exact_s, exact_i = exact_search(index._vectors, queries, k)
-        if options.nprobe is not None:
-            candidates = [min(options.nprobe, index.nlist)]
-        else:
-            candidates = sorted({min(p, index.nlist) for p in NPROBE_CANDIDATES})
-        by_nprobe = {}
-        chosen = candidates[-1]
-        for nprobe in candidates:
-            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.k_factor)
-            by_nprobe[nprobe] = recall_at_k(ann, exact_i, k)
-            if options.nprobe is None and by_nprobe[nprobe] >= options.target_recall:
-                chosen = nprobe
-                break
-        if options.nprobe is None and by_nprobe[chosen] < options.target_recall:
-            chosen = max(by_nprobe, key=lambda p: (by_nprobe[p], -p))  # target not reached: best measured
+        sets = {"items": (queries, exact_i)}
+        if query_vectors is not None and len(query_vectors):
+            query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
+            sets["query_tower"] = (query_vectors, exact_search(index._vectors, query_vectors, k)[1])
+        chosen, by_nprobe = _choose_nprobe(index, sets, options, k)
         _, refined = index.search_ids(queries, k, nprobe=chosen, refine=True, k_factor=options.k_factor)
         _, plain = index.search_ids(queries, k, nprobe=chosen, refine=False)
         self_rows = np.arange(n) if n <= options.self_queries else \
@@ -277,7 +280,11 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10) -> 
             "k": k, "queries": int(rows.size), "nprobe_chosen": int(chosen),
             "recall_at_10": round(recall_at_k(refined, exact_i, k), 4),
             "recall_at_10_no_refine": round(recall_at_k(plain, exact_i, k), 4),
-            "recall_at_10_by_nprobe_refined": {str(p): round(r, 4) for p, r in by_nprobe.items()},
+            "recall_at_10_by_nprobe_refined": {str(p): round(r["items"], 4) for p, r in by_nprobe.items()},
+            **({} if "query_tower" not in sets else {
+                "query_tower_queries": int(len(sets["query_tower"][0])),
+                "recall_at_10_query_tower": round(by_nprobe[chosen]["query_tower"], 4),
+                "recall_at_10_query_tower_by_nprobe": {str(p): round(r["query_tower"], 4) for p, r in by_nprobe.items()}}),
             "self_items": int(self_rows.size),
             "self_at_rank_1": round(hits / self_rows.size, 4),
             "self_at_rank_1_or_tie": round(ties / self_rows.size, 4),
@@ -285,3 +292,24 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10) -> 
         }
     finally:
         index.close()
+
+
+def _choose_nprobe(index, sets: dict[str, tuple[np.ndarray, np.ndarray]], options: VersionOptions,
+                   k: int) -> tuple[int, dict[int, dict[str, float]]]:
+    """``(nprobe, {nprobe: {set: refined recall@k}})``: ``options.nprobe``, else the smallest
+    candidate reaching ``options.target_recall`` on every set, else the best measured."""
+    if options.nprobe is not None:
+        candidates = [min(options.nprobe, index.nlist)]
+    else:
+        candidates = sorted({min(p, index.nlist) for p in NPROBE_CANDIDATES})
+    by_nprobe: dict[int, dict[str, float]] = {}
+    for nprobe in candidates:
+        by_nprobe[nprobe] = {}
+        for name, (queries, exact_i) in sets.items():
+            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.k_factor)
+            by_nprobe[nprobe][name] = recall_at_k(ann, exact_i, k)
+        if options.nprobe is None and min(by_nprobe[nprobe].values()) >= options.target_recall:
+            return nprobe, by_nprobe
+    if options.nprobe is not None:
+        return candidates[0], by_nprobe
+    return max(by_nprobe, key=lambda p: (min(by_nprobe[p].values()), -p)), by_nprobe  # target not reached

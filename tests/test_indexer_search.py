@@ -235,3 +235,28 @@ def test_forked_child_does_not_keep_the_build_lock(tmp_path):
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_nprobe_is_chosen_on_query_tower_vectors_too(tmp_path):
+    # Queries off the item clusters (as the query tower's are) need more lists probed than the
+    # items themselves; the build takes the smallest nprobe that serves both sets.
+    vectors = _vectors(seed=3)
+    rng = np.random.default_rng(4)
+    off = vectors[:200] + 1.2 * rng.standard_normal((200, D)).astype(np.float32) / np.sqrt(D)
+    off /= np.linalg.norm(off, axis=1, keepdims=True)
+    options = VersionOptions(factory="IVF64,PQ8", recall_queries=300, target_recall=0.95)
+    items_only = write_version(tmp_path / "a", "a", vectors, _records(), options, log=lambda _m: None).manifest
+    both = write_version(tmp_path / "b", "b", vectors, _records(), options, log=lambda _m: None,
+                         query_vectors=off).manifest
+    assert "recall_at_10_query_tower" not in items_only["recall"]
+    assert both["recall"]["query_tower_queries"] == 200
+    chosen = both["index"]["nprobe_default"]
+    assert chosen > items_only["index"]["nprobe_default"]  # seeded: 4 against 2
+    by_q = both["recall"]["recall_at_10_query_tower_by_nprobe"]
+    assert both["recall"]["recall_at_10_query_tower"] == by_q[str(chosen)]
+    # the smallest nprobe reaching the target on both sets: every smaller candidate misses on one
+    reached = both["recall"]["recall_at_10_query_tower"] >= 0.95 and both["recall"]["recall_at_10"] >= 0.95
+    if reached:
+        for p in map(int, by_q):
+            if p < chosen:
+                assert min(by_q[str(p)], both["recall"]["recall_at_10_by_nprobe_refined"][str(p)]) < 0.95
