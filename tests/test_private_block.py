@@ -96,7 +96,7 @@ def test_bad_settings_are_refused(tiny_backbone_dir):
         ImagePrivateBlock(32, 8, (0, 1, 1)).set_projection(np.zeros((8, 32)), np.zeros(8))
     from engine.training.cli import _private_config
 
-    assert _private_config("auto", "3,1,1")["image_private_query_gains"] == [0.0, 3.0, 1.0]
+    assert _private_config("auto", "3,0,1")["image_private_query_gains"] == [0.0, 3.0, 0.0]
     assert _private_config("0", "3,1,1")["image_private_dim"] == 0
     for dim, gains in (("1", "3,1,1"), ("x", "3,1,1"), ("16", "3,1")):
         with pytest.raises(ValueError, match="image-private"):
@@ -120,11 +120,17 @@ def test_training_fits_the_block_from_the_augmented_views_or_says_why_not(mini, 
     root, catalog = mini
     summary = train_model(_job(root, catalog, tiny_backbone_dir, "fit", P))
     info = summary["image_private_block"]
-    assert info["dim"] == P and info["photos"] >= P - 1 and info["query_gains"] == [0.0, 3.0, 1.0]
+    assert info["dim"] == P and info["photos"] >= P - 1 and info["query_gains"] == [0.0, 3.0, 0.0]
     model = load_model(root / "fit")
     block = model.item_tower.fusion.private
     assert float(block.weight.abs().sum()) > 0
     assert torch.equal(block.weight, model.query_tower.fusion.private.weight)  # one projection, both towers
+    assert info["fitted"] == "after training"
+    # the towers trained without the block: text vectors are those of the same run without it
+    train_model(_job(root, catalog, tiny_backbone_dir, "plain", 0))
+    plain = load_model(root / "plain")
+    np.testing.assert_allclose(model.query_tower.encode(TEXTS, use_graphs=False)[:, :32],
+                               plain.query_tower.encode(TEXTS, use_graphs=False), atol=1e-6)
     photos = info["photos"]
     with pytest.raises(TrainingDataError, match=f"{photos} augmented photos, fewer than the 99 dimensions"):
         train_model(_job(root, catalog, tiny_backbone_dir, "big", 100))

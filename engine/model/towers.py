@@ -45,7 +45,7 @@ class ModelConfig:
             towers' outputs (``engine.model.private_block``; our choice, issue 12): vectors are then
             ``dim + image_private_dim`` wide. Fitted by ``engine.training.whitening``, never trained.
         image_private_query_gains / image_private_item_gain: the block's fixed gains, query tower
-            (text only, image only, text + image) and item tower (every row). Our choice: 0, 3, 1 and 1.
+            (text only, image only, text + image) and item tower (every row). Our choice: 0, 3, 0 and 1.
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
@@ -65,7 +65,7 @@ class ModelConfig:
     deep_gain: float | None = None
     solo_gains: list | None = None
     image_private_dim: int = 0
-    image_private_query_gains: list = field(default_factory=lambda: [0.0, 3.0, 1.0])
+    image_private_query_gains: list = field(default_factory=lambda: [0.0, 3.0, 0.0])
     image_private_item_gain: float = 1.0
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)

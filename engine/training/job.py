@@ -23,7 +23,7 @@ from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
 from engine.training.shopper_queries import facet_key, product_facets
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
-from engine.training.whitening import init_image_private, init_image_residual
+from engine.training.whitening import attach_image_private, init_image_private, init_image_residual
 from engine.model.towers import ModelConfig, build_model
 from engine.training.trainer import TrainConfig, Trainer, TrainingData
 
@@ -61,10 +61,11 @@ class TrainJob:
     photos); ``"auto"``: whitening where those hold, else random (the reason is in the summary). freeze_image_residual: keep
     that projection fixed during training. image_residual_gain: with the whitening, the starting
     value of the image residual's learned gain.
-    image_private_auto: a fresh model whose ``model.image_private_dim`` is set gets its image-private
-    block fitted from the augmented views (``engine.training.whitening.init_image_private``) in any
-    case; with this flag, too few augmented photos (fewer than ``image_private_dim - 1``) build the
-    model without the block (the reason is in the summary) instead of raising TrainingDataError.
+    image_private_auto: a fresh model whose ``model.image_private_dim`` is set trains without the
+    image-private block and gets it after the last step, fitted from the augmented views
+    (``engine.training.whitening``); with this flag, too few augmented photos (fewer than
+    ``image_private_dim - 1``) save the model without the block (the reason is in the summary)
+    instead of raising TrainingDataError before training.
     """
 
     catalog: str
@@ -242,7 +243,9 @@ def train_model(job: TrainJob) -> dict:
     if not pairs:
         raise TrainingDataError("no training pairs: catalogue pairs are off and the pairs file gave none")
 
-    model = load_model(job.init_model) if job.init_model else build_model(job.model, seed=job.train.seed)
+    # the image-private block is fitted after training (_plan_private): the towers train without it
+    model = load_model(job.init_model) if job.init_model else build_model(replace(job.model, image_private_dim=0),
+                                                                          seed=job.train.seed)
     t_cache = time.perf_counter()
     all_texts = [p.title for p in products if p.title] + [q.query_text for q in pairs if q.query_text]
     all_images = [p.image for p in products if p.image] + [q.query_image for q in pairs if q.query_image]
@@ -262,7 +265,7 @@ def train_model(job: TrainJob) -> dict:
         return {"products": len(products), "pairs": len(data), "rejects": len(rejects), "cache_seconds": cache_seconds,
                 "linear_baseline": _train_linear(data, job, out, model.config.dim), "total_seconds": time.perf_counter() - t_start}
     _write_jsonl(out / "rejects.jsonl", rejects)
-    model, private_init = _init_private(job, model, images, augmented)
+    private_init = _plan_private(job, model, augmented)
     residual_init = _init_residual(job, model, images, augmented)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
@@ -286,6 +289,10 @@ def train_model(job: TrainJob) -> dict:
         "final_step": result["final"], "total_seconds": time.perf_counter() - t_start,
     }
     if result["steps"] >= job.train.steps:  # a finished run publishes the model folder
+        if private_init and private_init.get("photos"):
+            model = attach_image_private(model, job.model)
+            summary["image_private_block"] = {**init_image_private(model, images, augmented, private_init["photos"],
+                                                                   job.augment_views), "fitted": "after training"}
         summary["fingerprint"] = save_model(model, out, extra={"training": _jsonable(summary)})
         if job.linear_baseline:
             summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
@@ -310,23 +317,25 @@ def _init_residual(job: TrainJob, model, images: TokenTable, augmented: TokenTab
                                                       freeze=job.freeze_image_residual, gain=job.image_residual_gain)}
 
 
-def _init_private(job: TrainJob, model, images: TokenTable, augmented: TokenTable | None):
-    """Fit the image-private block of a fresh ``model`` (``TrainJob.image_private_auto``);
-    returns ``(model, what was done)``, the model rebuilt without the block when auto falls back."""
-    dim = model.config.image_private_dim
+def _plan_private(job: TrainJob, model, augmented: TokenTable | None) -> dict | None:
+    """Whether the image-private block of ``job.model`` can be fitted after training:
+    ``{"dim": p, "photos": [...]}``, ``{"dim": 0, "reason": ...}`` when auto falls back
+    (``TrainJob.image_private_auto``), or None (no block asked for, or an ``init_model`` run).
+    Raises TrainingDataError when it cannot and auto is off."""
+    dim = job.model.image_private_dim
     if job.init_model or not dim:
-        return model, None
+        return None
     photos = _augmented_photos(augmented) if augmented is not None else []
     hidden = model.backbones.image.hidden_size
     why = (f"{len(photos)} augmented photos, fewer than the {dim - 1} dimensions of the image-private block to fit "
            "(more photos, more augmented views, or image_private_dim 0)" if len(photos) < dim - 1 else
            f"the image backbone has {hidden} features, fewer than the {dim - 1} dimensions of the image-private block"
            if hidden < dim - 1 else None)
-    if why is not None:
-        if not job.image_private_auto:
-            raise TrainingDataError(f"image_private_dim={dim}: {why}")
-        return build_model(replace(model.config, image_private_dim=0), seed=job.train.seed), {"dim": 0, "reason": why}
-    return model, init_image_private(model, images, augmented, photos, job.augment_views)
+    if why is None:
+        return {"dim": dim, "photos": photos}
+    if not job.image_private_auto:
+        raise TrainingDataError(f"image_private_dim={dim}: {why}")
+    return {"dim": 0, "reason": why}
 
 
 def _augmented_photos(augmented: TokenTable) -> list[str]:

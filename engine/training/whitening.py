@@ -132,6 +132,26 @@ def init_image_private(model, images: TokenTable, augmented: TokenTable, photos:
             "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
 
 
+def attach_image_private(model, config):
+    """A copy of trained ``model`` whose towers carry the image-private block of ``config``
+    (``image_private_dim`` and gains), projection zero until ``init_image_private``; every other
+    weight is ``model``'s. Raises ValueError when ``config`` has no block or another architecture."""
+    from dataclasses import replace
+
+    from engine.model.towers import TwoTowerModel
+
+    if not config.image_private_dim:
+        raise ValueError("config.image_private_dim is 0: no image-private block to attach")
+    new = TwoTowerModel(replace(model.config, image_private_dim=config.image_private_dim,
+                                image_private_query_gains=list(config.image_private_query_gains),
+                                image_private_item_gain=config.image_private_item_gain), model.backbones)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".private." not in k for k in missing):
+        raise ValueError(f"model and config differ beyond the block: missing {missing}, unexpected {unexpected}")
+    new.train(model.training)
+    return new
+
+
 def _pair_features(images: TokenTable, augmented: TokenTable, photos: list[str], views: int):
     """Pooled means of the photos that have a clean row and every view: ``(clean (n, H), views (v, n, H))``."""
     from engine.training.augment_cache import augmented_key
