@@ -5,7 +5,7 @@ exact search (``indexer.version.measure_quality``). Item vectors as the queries 
 easy case: an item sits next to its own IVF centroid. Real queries come from the query tower
 (a title typed as text, a photo alone), whose vectors sit farther from the item clusters. On
 the fashion index (11,882 products, IVF256,PQ64, docs/results.md) items alone chose nprobe 4
-(recall@10 0.969 on items, 0.922 on these queries); with them the build chooses 8 (0.975), and
+(recall@10 0.960 on items, 0.922 on these queries); with them the build chooses 8 (0.975), and
 2,000 augmented photo queries over gRPC find their product at rank 1 / in the top 10 83.85 / 95.15 %
 of the time against 79.75 / 90.00 % at nprobe 4 (exact search: 84.50 / 96.95 %). This module gives the build those queries: the query tower's text-only
 vector of sampled titles and image-only vector of sampled photos. Source: our choice.
