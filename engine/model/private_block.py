@@ -13,7 +13,8 @@ What: each tower's output becomes ``unit([F, g * P])``, width ``d + p``:
 - ``F`` (``d``): the fusion encoder's unit vector, unchanged;
 - ``P`` (``p``): a unit vector. A row with a photo: ``[unit(W mean(raw image tokens) + b), 0]``,
   ``W (p - 1, H)`` the learned whitening fitted in closed form on (clean, augmented) training
-  photos after the towers have trained (``engine.training.whitening``), never trained itself; a row without a photo: ``e_null``, the last unit axis, which no photo
+  photos after the towers have trained (``engine.training.whitening``), never trained itself;
+  a row without a photo: ``e_null``, the last unit axis, which no photo
   vector uses (so an item without a photo keeps the same scale on F as one with a photo);
 - ``g``: a fixed gain per presence pattern ``(text only, image only, text + image)``. Item tower:
   ``(b, b, b)``; query tower: ``(0, a_image, a_both)``.
