@@ -233,22 +233,25 @@ class FusionEncoder(nn.Module):
         out = self.out_norm(x.squeeze(1))
         if self.has_deep_gain:
             out = out * self.deep_gain.to(out.dtype)
+        # mean of the raw image tokens, computed once for the image residual and the private block
+        v_mean = masked_mean(image_tokens.float(), v_valid) if self.pooled_residual or self.private is not None else None
         if self.pooled_residual:
-            out = out + self._residual(text_tokens, t_valid, has_text, has_image, self.text_residual, 0, out.dtype)
-            out = out + self._residual(image_tokens, v_valid, has_image, has_text, self.image_residual, 1, out.dtype)
+            t_mean = masked_mean(text_tokens.float(), t_valid)
+            out = out + self._residual(t_mean, has_text, has_image, self.text_residual, 0, out.dtype)
+            out = out + self._residual(v_mean, has_image, has_text, self.image_residual, 1, out.dtype)
         out = F.normalize(out, dim=-1)
         if self.private is not None:
-            private = self.private(masked_mean(image_tokens.float(), v_valid), has_text, has_image)
-            out = F.normalize(torch.cat([out.float(), private], dim=-1), dim=-1)
+            out = F.normalize(torch.cat([out.float(), self.private(v_mean, has_text, has_image)], dim=-1), dim=-1)
         return out
 
-    def _residual(self, tokens: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, other: torch.Tensor,
+    def _residual(self, mean: torch.Tensor, present: torch.Tensor, other: torch.Tensor,
                   proj: nn.Linear, slot: int, dtype: torch.dtype) -> torch.Tensor:
-        """``(B, d)``: gain * sqrt(d) * unit(proj(masked mean of raw tokens)); zero rows where absent.
+        """``(B, d)``: gain * sqrt(d) * unit(proj(mean)), ``mean`` float32 (B, H) the masked mean of
+        the raw tokens; zero rows where absent.
 
         ``other``: bool (B,), the other modality's presence; with ``solo_gains`` the rows without
         it take ``solo_gain[slot]`` instead of ``residual_gain[slot]``."""
-        r = F.normalize(proj(masked_mean(tokens.float(), valid)), dim=-1) * math.sqrt(proj.out_features)
+        r = F.normalize(proj(mean), dim=-1) * math.sqrt(proj.out_features)
         gain = self.residual_gain[slot]
         if self.solo_gains:
             gain = torch.where(other, gain, self.solo_gain[slot])[:, None]
