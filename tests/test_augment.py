@@ -1,11 +1,11 @@
-"""engine.training.augment and engine.training.augment_cache on real catalogue photos and a tiny random backbone."""
+"""engine.model.augment and engine.training.augment_cache on real catalogue photos and a tiny random backbone."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from engine.training.augment import AugmentConfig, augment_photo, view_seed
+from engine.model.augment import AugmentConfig, augment_photo, view_seed
 from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.model.images import load_image
 from engine.tokens.cache import cache_images

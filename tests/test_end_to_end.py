@@ -101,7 +101,7 @@ def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_pa
     crop, flip, rotation, jitter, down-scaling, JPEG; engine/evaluation/robustness.py) sent as a JPEG file
     over gRPC comes back at rank 1 from the served index (issue 12): for products the model trained
     on, and for held-out (test split) products it never saw."""
-    from engine.training.augment import augment_photo, view_seed
+    from engine.model.augment import augment_photo, view_seed
     from engine.model.images import load_image
     from engine.evaluation.robustness import EVAL_AUGMENT_SEED
     from server.client import SearchClient

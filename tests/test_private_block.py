@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.model.model_folder import load_model, save_model
-from engine.model.private_block import ImagePrivateBlock
+from engine.model.private_block import PrivateBlock
 from engine.model.towers import ModelConfig
 from engine.training.job import TrainingDataError, TrainJob, train_model
 from engine.training.trainer import TrainConfig
@@ -89,11 +89,11 @@ def test_bad_settings_are_refused(tiny_backbone_dir):
     with pytest.raises(ValueError, match="text-only image-private gain must be 0"):
         ModelConfig(image_private_dim=8, image_private_query_gains=[1.0, 3.0, 1.0])
     with pytest.raises(ValueError, match="dim >= 2"):
-        ImagePrivateBlock(32, 1, (0, 1, 1))
+        PrivateBlock(32, 1, (0, 1, 1))
     with pytest.raises(ValueError, match=">= 0"):
-        ImagePrivateBlock(32, 8, (0, -1, 1))
+        PrivateBlock(32, 8, (0, -1, 1))
     with pytest.raises(ValueError, match=r"projection must be \(7, 32\)"):
-        ImagePrivateBlock(32, 8, (0, 1, 1)).set_projection(np.zeros((8, 32)), np.zeros(8))
+        PrivateBlock(32, 8, (0, 1, 1)).set_projection(np.zeros((8, 32)), np.zeros(8))
     from engine.training.cli import _private_config
 
     assert _private_config("auto", "3,0,1")["image_private_query_gains"] == [0.0, 3.0, 0.0]

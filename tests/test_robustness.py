@@ -14,7 +14,7 @@ from engine.evaluation.hybrid import (CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, 
                                       lexical_index, retrieval_rows)
 from engine.evaluation.robustness import (P10_MIN_RELEVANT, composed_query_set, evaluate_robustness,
                                           robustness_markdown, set_metrics, text_query_set, with_min_relevant)
-from engine.training.shopper_queries import facet_key, product_facets
+from engine.catalog.shopper_queries import facet_key, product_facets
 from tests.tiny_models import make_tiny_model
 
 
@@ -69,6 +69,11 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     for task in ("brand_type", "attribute_phrase", "composed"):
         assert result[task]["queries"] > 0
         assert all(0.0 <= v <= 1.0 for row in result[task]["rows"].values() for v in row.values())
+    composed = result["composed"]["rows"]  # the composed task has its ceiling row too
+    qs = composed_query_set(pool.products[:30], pool)
+    assert composed[CEILING_LABEL]["precision@10"] == pytest.approx(
+        np.mean(np.minimum(qs.relevant.sum(axis=1)[qs.keys], 10) / 10))
+    assert all(r["precision@10"] <= composed[CEILING_LABEL]["precision@10"] + 1e-9 for r in composed.values())
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = cli_main(["eval", "--model", str(tiny_model_dir), "--catalog", str(fashion_dir), "--limit", "200",
                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--markdown", str(md), "--quiet",

@@ -1,4 +1,4 @@
-"""engine.training.shopper_queries and engine.training.pairs.shopper_pairs on the real fashion catalogue."""
+"""engine.catalog.shopper_queries and engine.training.pairs.shopper_pairs on the real fashion catalogue."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from engine.catalog import read_catalog
 from engine.training.pairs import shopper_pairs
-from engine.training.shopper_queries import (
+from engine.catalog.shopper_queries import (
     attribute_phrases, brand_of, brand_queries, facet_key, modifier_text, partial_title, product_facets,
 )
 

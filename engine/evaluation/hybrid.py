@@ -75,6 +75,12 @@ def retrieval_rows(texts: Sequence[str], queries: np.ndarray, candidates: np.nda
     weighted = [_pad(weighted_score_fusion([(dense[row], dense_scores[row]), lexical_hits[row][::-1]],
                                            (1.0, 1.0))[0], k) for row in range(len(texts))]
     rows[HYBRID_WEIGHTED_LABEL] = ranked_metrics(np.stack(weighted), relevant, keys, k)
-    ideal = np.stack([_pad(np.flatnonzero(relevant[key]), k) for key in keys])
-    rows[CEILING_LABEL] = ranked_metrics(ideal, relevant, keys, k)
+    rows[CEILING_LABEL] = ceiling_metrics(relevant, keys, k)
     return rows
+
+
+def ceiling_metrics(relevant: np.ndarray, keys: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Precision@k and nDCG@k of the ideal ranking (every relevant candidate first): the most any
+    ranking can score on these judgements (``relevant bool (g, m)``, ``keys int64 (a,)``)."""
+    ideal = np.stack([_pad(np.flatnonzero(relevant[key]), k) for key in keys])
+    return ranked_metrics(ideal, relevant, keys, k)

@@ -8,13 +8,13 @@ candidates by the backbones' own pooled features (``engine.evaluation.evaluate.r
 pooling: mean of MiniLM tokens, mean of the image tokens, concatenation / √2 for both).
 
 1. **Augmented photo → product**: one augmented view of each query product's photo
-   (``engine.training.augment`` with the default ``AugmentConfig``; view 0 of seed
+   (``engine.model.augment`` with the default ``AugmentConfig``; view 0 of seed
    ``EVAL_AUGMENT_SEED``, so every run uses the same pixels), query tower image-only view V;
    its own product is the one relevant item. Recall@1/5/10, MRR. **augmented_photo_mild**: the
    same with ``MILD_AUGMENT`` (crop of 80-100 % of the area, flip, jitter ±20 %, JPEG 60-85; no
    rotation, no down-scaling), the views issue 12 describes.
 2. **Brand + type** ("puma sports shoes") and **attribute phrase** ("black heels for women"):
-   one query per distinct key among the query products (``engine.training.shopper_queries``);
+   one query per distinct key among the query products (``engine.catalog.shopper_queries``);
    relevant = every candidate with the same brand and type / gender, colour and type.
    Query tower text-only view T. Precision@10, nDCG@10. Also lexical (BM25) and hybrid (RRF of
    T and BM25) retrieval of the same queries (``engine.evaluation.hybrid``, issue 14).
@@ -33,13 +33,13 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.training.augment import AugmentConfig
+from engine.model.augment import AugmentConfig
 from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.evaluation.evaluate import EvalPool, _unit, tower_views
-from engine.evaluation.hybrid import lexical_index, retrieval_rows
+from engine.evaluation.hybrid import CEILING_LABEL, ceiling_metrics, lexical_index, retrieval_rows
 from engine.tokens.views import mean_pooled
 from engine.evaluation.ranking_metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
-from engine.training.shopper_queries import (
+from engine.catalog.shopper_queries import (
     attribute_phrases, brand_queries, composed_query, composed_targets, facet_key, product_facets,
 )
 from engine.tokens.cache import cache_texts
@@ -104,7 +104,7 @@ def with_min_relevant(qs: QuerySet, n: int) -> QuerySet:
 
 def composed_query_set(query_products: Sequence, catalogue: EvalPool, seed: int = EVAL_AUGMENT_SEED) -> QuerySet:
     """One composed query (clean photo + modifier) per query product that is among the candidates
-    and has a modifier (``engine.training.shopper_queries.composed_query``, seeded)."""
+    and has a modifier (``engine.catalog.shopper_queries.composed_query``, seeded)."""
     facets = [product_facets(p.attributes, p.title) for p in catalogue.products]
     targets = composed_targets(facets)
     index = {p.product_id: i for i, p in enumerate(catalogue.products)}
@@ -185,7 +185,8 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
             raw_q = np.concatenate([raw_q, raw_v[qs.photos]], axis=1) / np.sqrt(2.0)
             result = {"trained (fused)": set_metrics(q["F"], item["F"], qs),
                       "trained, average of T and V": set_metrics(_unit(q["T"] + q["V"]), item_avg, qs),
-                      "raw backbones: concatenation": set_metrics(raw_q, raw_m, qs)}
+                      "raw backbones: concatenation": set_metrics(raw_q, raw_m, qs),
+                      CEILING_LABEL: ceiling_metrics(qs.relevant, qs.keys)}
         else:
             result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
                       "raw MiniLM: mean-pooled titles, exact": set_metrics(raw_q, raw_t, qs)}

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.private_block import ImagePrivateBlock
+from engine.model.private_block import PrivateBlock
 
 
 def _safe_key_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -138,13 +138,16 @@ class FusionEncoder(nn.Module):
         private_dim / private_gains: 0 (default), or the width ``p`` and the (text only, image only,
         both) gains of the image-private block appended to the output
         (``engine.model.private_block``); the output is then ``d + p`` wide.
+        text_private_dim / text_private_gains: the same for the text-private block, appended after
+        the image-private one (output ``d + p + q`` wide).
     """
 
     def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
                  cross_layers: int = 3, self_layers: int = 2, fusion_layers: int = 3,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False,
                  deep_gain: float | None = None, solo_gains: tuple[float, float] | None = None,
-                 private_dim: int = 0, private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+                 private_dim: int = 0, private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 text_private_dim: int = 0, text_private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)):
         super().__init__()
         self.text_proj = nn.Linear(text_hidden, dim)
         self.image_proj = nn.Linear(image_hidden, dim)
@@ -174,12 +177,14 @@ class FusionEncoder(nn.Module):
             self.deep_gain = nn.Parameter(torch.tensor(float(deep_gain)))
         self.has_deep_gain = deep_gain is not None
         # buffers only (no parameters, no random draws): models without it load unchanged
-        self.private = ImagePrivateBlock(image_hidden, private_dim, private_gains) if private_dim else None
+        self.private = PrivateBlock(image_hidden, private_dim, private_gains, "image") if private_dim else None
+        self.text_private = (PrivateBlock(text_hidden, text_private_dim, text_private_gains, "text")
+                             if text_private_dim else None)
 
     @property
     def output_dim(self) -> int:
-        """Width of the output vectors: ``d``, plus ``p`` with the image-private block."""
-        return self.merge.out_features + (self.private.dim if self.private is not None else 0)
+        """Width of the output vectors: ``d``, plus the widths of the private blocks."""
+        return self.merge.out_features + sum(b.dim for b in (self.private, self.text_private) if b is not None)
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 image_tokens: torch.Tensor, image_mask: torch.Tensor,
@@ -233,15 +238,18 @@ class FusionEncoder(nn.Module):
         out = self.out_norm(x.squeeze(1))
         if self.has_deep_gain:
             out = out * self.deep_gain.to(out.dtype)
-        # mean of the raw image tokens, computed once for the image residual and the private block
+        # means of the raw tokens, computed once for the residuals and the private blocks
         v_mean = masked_mean(image_tokens.float(), v_valid) if self.pooled_residual or self.private is not None else None
+        t_mean = (masked_mean(text_tokens.float(), t_valid)
+                  if self.pooled_residual or self.text_private is not None else None)
         if self.pooled_residual:
-            t_mean = masked_mean(text_tokens.float(), t_valid)
             out = out + self._residual(t_mean, has_text, has_image, self.text_residual, 0, out.dtype)
             out = out + self._residual(v_mean, has_image, has_text, self.image_residual, 1, out.dtype)
         out = F.normalize(out, dim=-1)
-        if self.private is not None:
-            out = F.normalize(torch.cat([out.float(), self.private(v_mean, has_text, has_image)], dim=-1), dim=-1)
+        blocks = [b(m, has_text, has_image) for b, m in ((self.private, v_mean), (self.text_private, t_mean))
+                  if b is not None]
+        if blocks:
+            out = F.normalize(torch.cat([out.float(), *blocks], dim=-1), dim=-1)
         return out
 
     def _residual(self, mean: torch.Tensor, present: torch.Tensor, other: torch.Tensor,

@@ -1,5 +1,6 @@
-"""Image-private block of the output vector: whitened photo features beside the fused vector
-(our choice, issue 12 items 1 and 4).
+"""Private blocks of the output vector: whitened backbone features beside the fused vector
+(our choice, issue 12 items 1, 2 and 4). The image-private block carries the photo; the
+text-private block (end of this docstring) carries the text.
 
 Why: a photo query meets the item tower's fused vector F, which mixes the title into the photo.
 Measured over the 11,882 fashion products (docs/results.md, "Image-private block"), the trained
@@ -22,6 +23,15 @@ What: each tower's output becomes ``unit([F, g * P])``, width ``d + p``:
 Consequences, exact: a text-only query has ``P = 0``, so its scores are ``F_q . F_i / sqrt(1 + b^2)``
 for every item, photo or not: text-query rankings are those of F alone. A query with a photo
 adds ``a * b * P_q . P_i`` to the score of every item with a photo (and 0 to items without).
+
+The **text-private block** is the same construction on the other modality: ``P`` is the unit
+whitened masked mean of the raw text-backbone tokens (the sentence embedding a
+sentence-transformers user computes), ``W`` fitted in closed form on (typed shopper query,
+product title) training pairs (``engine.training.whitening.init_text_private``); rows without
+text get ``e_null``. Why: training on attribute phrases teaches the text path type and colour and
+loses the brand and rare title words (brand + type P@10 of the trained T 53.7 % against 61.1 % for
+raw MiniLM titles, docs/results.md "The text-private block"). Query gains ``(a_text, 0, a_both)``:
+a photo-only query ranks every item exactly as it did without the block.
 """
 from __future__ import annotations
 
@@ -30,25 +40,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ImagePrivateBlock(nn.Module):
+MODALITIES = ("image", "text")
+
+
+class PrivateBlock(nn.Module):
     """``g * P`` of the module docstring, ``float32 (B, p)``.
 
     Args:
-        image_hidden: image backbone width H. dim: block width ``p`` (≥ 2; the last axis is ``e_null``).
+        hidden: backbone width H of ``modality``. dim: block width ``p`` (≥ 2; the last axis is ``e_null``).
         gains: ``(text only, image only, text + image)`` gains, each ≥ 0.
+        modality: "image" (P from the photo; e_null on rows without one) or "text".
     Raises:
-        ValueError: ``dim < 2`` or a negative gain.
+        ValueError: ``dim < 2``, a negative gain or an unknown modality.
     The projection is a pair of buffers, zero until ``set_projection``; it is never trained.
     """
 
-    def __init__(self, image_hidden: int, dim: int, gains: tuple[float, float, float]):
+    def __init__(self, hidden: int, dim: int, gains: tuple[float, float, float], modality: str = "image"):
         super().__init__()
         gains = tuple(float(g) for g in gains)
+        if modality not in MODALITIES:
+            raise ValueError(f"private block modality must be one of {MODALITIES}, got {modality!r}")
         if dim < 2:
-            raise ValueError(f"the image-private block needs dim >= 2 (a photo part and e_null), got {dim}")
+            raise ValueError(f"the {modality}-private block needs dim >= 2 (a {modality} part and e_null), got {dim}")
         if len(gains) != 3 or min(gains) < 0:
-            raise ValueError(f"image-private gains must be 3 values >= 0 (text only, image only, both), got {gains}")
-        self.register_buffer("weight", torch.zeros(dim - 1, image_hidden))
+            raise ValueError(f"{modality}-private gains must be 3 values >= 0 (text only, image only, both), got {gains}")
+        self.modality = modality
+        self.register_buffer("weight", torch.zeros(dim - 1, hidden))
         self.register_buffer("bias", torch.zeros(dim - 1))
         self.register_buffer("gains", torch.tensor(gains))
 
@@ -66,15 +83,16 @@ class ImagePrivateBlock(nn.Module):
         self.weight.copy_(weight.to(self.weight.dtype))
         self.bias.copy_(bias.to(self.bias.dtype))
 
-    def forward(self, image_mean: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """``image_mean`` float (B, H): masked mean of the raw image-backbone tokens (any value on
-        rows without a photo); ``has_text`` / ``has_image`` bool (B,). Returns float32 (B, p)."""
+    def forward(self, mean: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """``mean`` float (B, H): masked mean of the raw backbone tokens of the block's modality
+        (any value on rows without it); ``has_text`` / ``has_image`` bool (B,). Returns float32 (B, p)."""
         b = has_image.shape[0]
-        photo = F.normalize(image_mean.float() @ self.weight.float().T + self.bias.float(), dim=-1)
-        photo = torch.cat([photo, torch.zeros(b, 1, dtype=photo.dtype, device=photo.device)], dim=-1)
-        null = torch.zeros_like(photo)
+        present = has_image if self.modality == "image" else has_text
+        own = F.normalize(mean.float() @ self.weight.float().T + self.bias.float(), dim=-1)
+        own = torch.cat([own, torch.zeros(b, 1, dtype=own.dtype, device=own.device)], dim=-1)
+        null = torch.zeros_like(own)
         null[:, -1] = 1.0
-        p = torch.where(has_image[:, None], photo, null)
+        p = torch.where(present[:, None], own, null)
         g = self.gains.float()
         gain = torch.where(has_image, torch.where(has_text, g[2], g[1]), g[0])
         return p * gain[:, None]

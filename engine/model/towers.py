@@ -46,6 +46,9 @@ class ModelConfig:
             ``dim + image_private_dim`` wide. Fitted by ``engine.training.whitening``, never trained.
         image_private_query_gains / image_private_item_gain: the block's fixed gains, query tower
             (text only, image only, text + image) and item tower (every row). Our choice: 0, 3, 0 and 1.
+        text_private_dim / text_private_query_gains / text_private_item_gain: the same for the
+            text-private block (whitened raw text features; vectors ``dim + image_private_dim +
+            text_private_dim`` wide). The query tower's image-only gain must be 0. Our choice: 0.8, 0, 0.4 and 0.5.
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
@@ -67,6 +70,9 @@ class ModelConfig:
     image_private_dim: int = 0
     image_private_query_gains: list = field(default_factory=lambda: [0.0, 3.0, 0.0])
     image_private_item_gain: float = 1.0
+    text_private_dim: int = 0
+    text_private_query_gains: list = field(default_factory=lambda: [0.8, 0.0, 0.4])
+    text_private_item_gain: float = 0.5
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
     text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
@@ -76,8 +82,12 @@ class ModelConfig:
         if not (0 < self.logit_scale_init <= self.logit_scale_max < math.inf):
             raise ValueError(f"need 0 < logit_scale_init <= logit_scale_max < inf, got "
                              f"{self.logit_scale_init} and {self.logit_scale_max}")
-        if self.image_private_dim and self.share_fusion:
-            raise ValueError("image_private_dim needs share_fusion=False (the towers' block gains differ)")
+        for name in ("image_private_dim", "text_private_dim"):
+            if getattr(self, name) and self.share_fusion:
+                raise ValueError(f"{name} needs share_fusion=False (the towers' block gains differ)")
+        if self.text_private_dim and self.text_private_query_gains[1] != 0:
+            raise ValueError("the query tower's image-only text-private gain must be 0 (photo rankings stay "
+                             f"unchanged), got {self.text_private_query_gains[1]}")
         if self.image_private_dim and self.image_private_query_gains[0] != 0:
             raise ValueError("the query tower's text-only image-private gain must be 0 (text rankings stay F's), "
                              f"got {self.image_private_query_gains[0]}")
@@ -327,10 +337,13 @@ class TwoTowerModel(nn.Module):
                       dim=config.dim, heads=config.heads, cross_layers=config.cross_layers,
                       self_layers=config.self_layers, fusion_layers=config.fusion_layers,
                       mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual,
-                      deep_gain=config.deep_gain, solo_gains=config.solo_gains, private_dim=config.image_private_dim)
-        query_fusion = FusionEncoder(**kwargs, private_gains=tuple(config.image_private_query_gains))
+                      deep_gain=config.deep_gain, solo_gains=config.solo_gains, private_dim=config.image_private_dim,
+                      text_private_dim=config.text_private_dim)
+        query_fusion = FusionEncoder(**kwargs, private_gains=tuple(config.image_private_query_gains),
+                                     text_private_gains=tuple(config.text_private_query_gains))
         item_fusion = query_fusion if config.share_fusion else FusionEncoder(
-            **kwargs, private_gains=(config.image_private_item_gain,) * 3)
+            **kwargs, private_gains=(config.image_private_item_gain,) * 3,
+            text_private_gains=(config.text_private_item_gain,) * 3)
         self.query_tower = Tower(query_fusion, backbones, "query")
         self.item_tower = Tower(item_fusion, backbones, "item")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))

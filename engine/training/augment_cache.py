@@ -1,6 +1,6 @@
 """Token cache of augmented photo views: ``V`` seeded augmentations per training photo.
 
-The query side of training sees catalogue photos as shoppers take them (``engine.training.augment``);
+The query side of training sees catalogue photos as shoppers take them (``engine.model.augment``);
 the frozen image backbone runs once per augmented view and the tokens are kept like the clean
 ones (``engine.tokens.cache`` layout and ``TokenTable``). Row keys are ``augmented_key(path, v)``
 = ``"<path>#aug<v>"``, ``v`` in ``range(views)``, path-major. The folder key adds the view
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.training.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augment_photo, view_seed
+from engine.model.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augment_photo, view_seed
 from engine.model.errors import InputError
 from engine.model.images import load_image
 from engine.tokens.cache import (

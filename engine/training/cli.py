@@ -29,6 +29,14 @@ CPU_POOLED_RESIDUAL = True
 # first: composed P@10 42 -> 22), item 1 (our choice, docs/results.md "Image-private block").
 CPU_IMAGE_PRIVATE_DIM = 256
 CPU_IMAGE_PRIVATE_GAINS = (3.0, 0.0, 1.0)
+# The text-private block (same module), fitted after training on the typed shopper queries
+# against their titles: 128 wide (127 whitened MiniLM dimensions + e_null); gains query text-only
+# 0.8, query photo + text 0.4, item 0.5 (our choice: the products a * b = 0.4 / 0.2 set every
+# exact ranking, brand + type P@10 53.7 -> 64.2 with attribute phrases within half a point; the
+# small item gain keeps the item vectors' energy on F and the photo block, which photo queries'
+# IVF-PQ search needs; docs/results.md "The text-private block").
+CPU_TEXT_PRIVATE_DIM = 128
+CPU_TEXT_PRIVATE_GAINS = (0.8, 0.4, 0.5)
 # The CPU training recipe (our choice, measured in docs/results.md): no dropout (a few hundred
 # steps under-fit, they do not over-fit), bf16 autocast where the CPU runs it natively (about
 # 2x per step), photo-only / title-only query pairs, CMAL weighted towards the fused item
@@ -70,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "enough augmented photos are cached, else none")
     m.add_argument("--image-private-gains", default=",".join(f"{g:g}" for g in CPU_IMAGE_PRIVATE_GAINS),
                    help="QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM: the image-private block's fixed gains (default %(default)s)")
+    m.add_argument("--text-private-dim", default="auto",
+                   help="width of the text-private block appended after it, fitted on the typed shopper queries "
+                        f"after training; 0: none; auto (default): {CPU_TEXT_PRIVATE_DIM} when there are enough "
+                        "typed queries, else none")
+    m.add_argument("--text-private-gains", default=",".join(f"{g:g}" for g in CPU_TEXT_PRIVATE_GAINS),
+                   help="QUERY_TEXT,QUERY_PHOTO_TEXT,ITEM: the text-private block's fixed gains (default %(default)s)")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
     t.add_argument("--stage1-steps", type=int, default=CPU_RECIPE["stage1_steps"],
@@ -103,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         t.add_argument(f"--{name}-rate", type=float, default=CPU_RECIPE[key],
                        help=f"share of products with a {what} (default {CPU_RECIPE[key]})")
     t.add_argument("--augment-views", type=int, default=CPU_RECIPE["augment_views"],
-                   help="augmented views cached per query photo (engine/training/augment.py; 0: off; default %(default)s; "
+                   help="augmented views cached per query photo (engine/model/augment.py; 0: off; default %(default)s; "
                         "each view costs one image-backbone pass per training photo)")
     t.add_argument("--augment-fraction", type=float, default=CPU_RECIPE["augment_fraction"],
                    help="share of the training photos that get augmented views (default %(default)s)")
@@ -158,19 +172,23 @@ def _parse_gains(text: str | None) -> list[float] | None:
     return gains
 
 
-def _private_config(dim: str, gains: str) -> dict:
-    """``ModelConfig`` fields of ``--image-private-dim`` / ``--image-private-gains``; ValueError when malformed."""
+def _private_config(dim: str, gains: str, modality: str = "image") -> dict:
+    """``ModelConfig`` fields of ``--{modality}-private-dim`` / ``--{modality}-private-gains``;
+    ValueError when malformed. The gains name the query's own-modality pattern first."""
+    flag = f"--{modality}-private"
     try:
-        width = CPU_IMAGE_PRIVATE_DIM if dim == "auto" else int(dim)
+        width = {"image": CPU_IMAGE_PRIVATE_DIM, "text": CPU_TEXT_PRIVATE_DIM}[modality] if dim == "auto" else int(dim)
         values = [float(x) for x in gains.split(",")]
     except ValueError:
-        raise ValueError(f"--image-private-dim: expected a number or auto, and --image-private-gains three numbers; "
+        raise ValueError(f"{flag}-dim: expected a number or auto, and {flag}-gains three numbers; "
                          f"got {dim!r} and {gains!r}") from None
+    own = "QUERY_PHOTO" if modality == "image" else "QUERY_TEXT"
     if width < 0 or width == 1 or len(values) != 3:
-        raise ValueError(f"--image-private-dim must be 0 or >= 2 and --image-private-gains three numbers "
-                         f"QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM; got {dim!r} and {gains!r}")
-    return {"image_private_dim": width, "image_private_query_gains": [0.0, values[0], values[1]],
-            "image_private_item_gain": values[2]}
+        raise ValueError(f"{flag}-dim must be 0 or >= 2 and {flag}-gains three numbers "
+                         f"{own},QUERY_PHOTO_TEXT,ITEM; got {dim!r} and {gains!r}")
+    query = [0.0, values[0], values[1]] if modality == "image" else [values[0], 0.0, values[1]]
+    return {f"{modality}_private_dim": width, f"{modality}_private_query_gains": query,
+            f"{modality}_private_item_gain": values[2]}
 
 
 def _precision(choice: str) -> str:
@@ -207,12 +225,14 @@ def run(args: argparse.Namespace) -> int:
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
             image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,
             image_residual_gain=args.image_residual_gain, image_private_auto=args.image_private_dim == "auto",
+            text_private_auto=args.text_private_dim == "auto",
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
                               mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion,
                               deep_gain=args.deep_gain, solo_gains=_parse_gains(args.solo_gains),
                               **_private_config(args.image_private_dim, args.image_private_gains),
+                              **_private_config(args.text_private_dim, args.text_private_gains, "text"),
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,

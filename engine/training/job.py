@@ -21,9 +21,9 @@ from engine.model.model_folder import load_model, save_model
 from engine.training.linear_baseline import save_linear_baseline, train_linear_baseline
 from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
-from engine.training.shopper_queries import facet_key, product_facets
+from engine.catalog.shopper_queries import facet_key, product_facets
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
-from engine.training.whitening import attach_image_private, init_image_private, init_image_residual
+from engine.training.whitening import attach_private, init_image_private, init_image_residual, init_text_private
 from engine.model.towers import ModelConfig, build_model
 from engine.training.trainer import TrainConfig, Trainer, TrainingData
 
@@ -66,6 +66,9 @@ class TrainJob:
     (``engine.training.whitening``); with this flag, too few augmented photos (fewer than
     ``image_private_dim - 1``) save the model without the block (the reason is in the summary)
     instead of raising TrainingDataError before training.
+    text_private_auto: the same for ``model.text_private_dim``, the text-private block fitted on the
+    text-only pairs whose query differs from the item's title (typed shopper queries, a pairs
+    file's queries) against those titles; too few such pairs (fewer than ``text_private_dim - 1``).
     """
 
     catalog: str
@@ -94,6 +97,7 @@ class TrainJob:
     freeze_image_residual: bool = False
     image_residual_gain: float = 1.0
     image_private_auto: bool = False
+    text_private_auto: bool = False
     linear_baseline: bool = True
     linear_only: bool = False
     progress: bool = True
@@ -243,9 +247,9 @@ def train_model(job: TrainJob) -> dict:
     if not pairs:
         raise TrainingDataError("no training pairs: catalogue pairs are off and the pairs file gave none")
 
-    # the image-private block is fitted after training (_plan_private): the towers train without it
-    model = load_model(job.init_model) if job.init_model else build_model(replace(job.model, image_private_dim=0),
-                                                                          seed=job.train.seed)
+    # the private blocks are fitted after training (_plan_private): the towers train without them
+    model = load_model(job.init_model) if job.init_model else build_model(
+        replace(job.model, image_private_dim=0, text_private_dim=0), seed=job.train.seed)
     t_cache = time.perf_counter()
     all_texts = [p.title for p in products if p.title] + [q.query_text for q in pairs if q.query_text]
     all_images = [p.image for p in products if p.image] + [q.query_image for q in pairs if q.query_image]
@@ -266,6 +270,7 @@ def train_model(job: TrainJob) -> dict:
                 "linear_baseline": _train_linear(data, job, out, model.config.dim), "total_seconds": time.perf_counter() - t_start}
     _write_jsonl(out / "rejects.jsonl", rejects)
     private_init = _plan_private(job, model, augmented)
+    text_private_init = _plan_text_private(job, model, pairs, products)
     residual_init = _init_residual(job, model, images, augmented)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
@@ -285,14 +290,23 @@ def train_model(job: TrainJob) -> dict:
             "build_seconds": augmented.meta.get("build_seconds"), "items": len(augmented.keys),
             "bytes": int((Path(augmented.folder) / "tokens.npy").stat().st_size)},
         "image_residual_init": residual_init, "image_private_block": private_init,
+        "text_private_block": None if text_private_init is None else
+        {k: v for k, v in text_private_init.items() if k not in ("queries", "titles")},
         "train": job.train.to_dict(), **{k: v for k, v in result.items() if k != "final"},
         "final_step": result["final"], "total_seconds": time.perf_counter() - t_start,
     }
     if result["steps"] >= job.train.steps:  # a finished run publishes the model folder
-        if private_init and private_init.get("photos"):
-            model = attach_image_private(model, job.model)
+        image_block, text_block = bool(private_init and private_init.get("photos")), bool(
+            text_private_init and text_private_init.get("queries"))
+        if image_block or text_block:
+            model = attach_private(model, replace(job.model, image_private_dim=job.model.image_private_dim * image_block,
+                                                  text_private_dim=job.model.text_private_dim * text_block))
+        if image_block:
             summary["image_private_block"] = {**init_image_private(model, images, augmented, private_init["photos"],
                                                                    job.augment_views), "fitted": "after training"}
+        if text_block:
+            summary["text_private_block"] = {**init_text_private(model, texts, text_private_init["queries"],
+                                                                 text_private_init["titles"]), "fitted": "after training"}
         summary["fingerprint"] = save_model(model, out, extra={"training": _jsonable(summary)})
         if job.linear_baseline:
             summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
@@ -335,6 +349,30 @@ def _plan_private(job: TrainJob, model, augmented: TokenTable | None) -> dict | 
         return {"dim": dim, "photos": photos}
     if not job.image_private_auto:
         raise TrainingDataError(f"image_private_dim={dim}: {why}")
+    return {"dim": 0, "reason": why}
+
+
+def _plan_text_private(job: TrainJob, model, pairs: list, products: list) -> dict | None:
+    """Whether the text-private block of ``job.model`` can be fitted after training:
+    ``{"dim": q, "queries": [...], "titles": [...]}`` (text-only pairs whose query differs from the
+    item's title), ``{"dim": 0, "reason": ...}`` when auto falls back (``TrainJob.text_private_auto``),
+    or None (no block asked for, or an ``init_model`` run). Raises TrainingDataError when it cannot
+    and auto is off."""
+    dim = job.model.text_private_dim
+    if job.init_model or not dim:
+        return None
+    titles = {p.product_id: p.title for p in products if p.title}
+    chosen = [(q.query_text, titles[q.item_id]) for q in pairs
+              if q.query_text and not q.query_image and titles.get(q.item_id) not in (None, q.query_text)]
+    hidden = model.backbones.text.hidden_size
+    why = (f"{len(chosen)} typed text queries, fewer than the {dim - 1} dimensions of the text-private block to fit "
+           "(shopper query rates > 0, a pairs file, or text_private_dim 0)" if len(chosen) < dim - 1 else
+           f"the text backbone has {hidden} features, fewer than the {dim - 1} dimensions of the text-private block"
+           if hidden < dim - 1 else None)
+    if why is None:
+        return {"dim": dim, "queries": [q for q, _ in chosen], "titles": [t for _, t in chosen]}
+    if not job.text_private_auto:
+        raise TrainingDataError(f"text_private_dim={dim}: {why}")
     return {"dim": 0, "reason": why}
 
 

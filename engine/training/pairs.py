@@ -18,7 +18,7 @@ From a catalogue without query logs (METHOD.md §3; M-BEER "trigger / recall" fo
   category-level query like the ones users type.
 
 Queries as shoppers type them and composed queries (``shopper_pairs``; issue 12 items 2-3;
-texts from ``engine.training.shopper_queries``):
+texts from ``engine.catalog.shopper_queries``):
 
 - ``brand_query``: "puma sports shoes" / "puma black sports shoes" → the product; every
   product of that brand and type (and colour) is relevant.
@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.catalog import Product
-from engine.training.shopper_queries import (
+from engine.catalog.shopper_queries import (
     attribute_phrases, brand_queries, composed_query, composed_targets, partial_title, product_facets,
 )
 
@@ -65,7 +65,7 @@ class TrainingPair:
         then relevant to the query too, and is left out of its in-batch negatives).
     group: attribute group of the item when the pair is attribute-level (``similar``,
         ``attribute_query``): every in-batch item of the same group is relevant, not a negative.
-    fields: the facet fields ``group`` is a key over (``engine.training.shopper_queries.facet_key`` of
+    fields: the facet fields ``group`` is a key over (``engine.catalog.shopper_queries.facet_key`` of
         ``product_facets``); None: the catalogue pairs' group fields (``DEFAULT_GROUP_FIELDS``).
     """
 

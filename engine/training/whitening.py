@@ -8,7 +8,7 @@ photos of similar products: an augmented photo of a product then finds its own p
 often than the untrained backbone features do.
 
 This module fits ``W, b`` in closed form before training, from pairs of a clean catalogue photo
-and its augmented views (``engine.training.augment``): the *learned whitening* of Radenović,
+and its augmented views (``engine.model.augment``): the *learned whitening* of Radenović,
 Tolias and Chum ("Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI 2018, §3.4;
 after the linear discriminant projections of Mikolajczyk and Matas, ICCV 2007):
 
@@ -21,6 +21,10 @@ after the linear discriminant projections of Mikolajczyk and Matas, ICCV 2007):
 ``W = P C_S^{-1/2}``, ``b = -W mu``. Measured on 1,000 catalogue photos (300 augmented queries,
 700 photos with 2 views each to fit): Recall@1 of the augmented query among the 1,000 clean
 photos 86.7 % with raw cosine, 93.3 % after this projection to 256 dimensions (docs/results.md).
+
+The same fit serves the private blocks appended after training (``engine.model.private_block``):
+``init_image_private`` on (clean, augmented) photos, ``init_text_private`` on (typed shopper
+query, product title) pairs, where a query is a "view" of its title.
 """
 from __future__ import annotations
 
@@ -132,22 +136,51 @@ def init_image_private(model, images: TokenTable, augmented: TokenTable, photos:
             "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
 
 
-def attach_image_private(model, config):
-    """A copy of trained ``model`` whose towers carry the image-private block of ``config``
-    (``image_private_dim`` and gains), projection zero until ``init_image_private``; every other
-    weight is ``model``'s. Raises ValueError when ``config`` has no block or another architecture."""
+def init_text_private(model, texts: TokenTable, queries: list[str], titles: list[str], *,
+                      shrinkage: float = DEFAULT_SHRINKAGE) -> dict:
+    """Fit the text-private block of both towers (``engine.model.private_block``) to the learned
+    whitening of typed queries against their products' titles: ``queries[k]`` is a view of
+    ``titles[k]`` (module docstring, with text in place of photos); the block is never trained.
+
+    ``texts`` holds the tokens of both lists; pairs lacking a row are skipped.
+    Returns ``{"pairs": n, "dim": q, "shrinkage": s, "query_gains": [..], "item_gain": g}``.
+    Raises ValueError when the model has no text-private block, the lists differ in length, or
+    too few usable pairs remain.
+    """
+    blocks = [model.query_tower.fusion.text_private, model.item_tower.fusion.text_private]
+    if any(b is None for b in blocks):
+        raise ValueError("the model has no text-private block (ModelConfig.text_private_dim)")
+    if len(queries) != len(titles):
+        raise ValueError(f"{len(queries)} queries for {len(titles)} titles")
+    q_rows, t_rows = texts.rows(queries), texts.rows(titles)
+    ok = (q_rows >= 0) & (t_rows >= 0)
+    title_means = pooled_means(texts, t_rows[ok])
+    weight, bias = learned_whitening(title_means, pooled_means(texts, q_rows[ok])[None], blocks[0].dim - 1, shrinkage)
+    for block in blocks:
+        block.set_projection(weight, bias)
+    return {"pairs": int(ok.sum()), "dim": int(blocks[0].dim), "shrinkage": float(shrinkage),
+            "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
+
+
+PRIVATE_FIELDS = ("image_private_dim", "image_private_query_gains", "image_private_item_gain",
+                  "text_private_dim", "text_private_query_gains", "text_private_item_gain")
+
+
+def attach_private(model, config):
+    """A copy of trained ``model`` whose towers carry the private blocks of ``config``
+    (``image_private_*`` and ``text_private_*`` fields), projections zero until
+    ``init_image_private`` / ``init_text_private``; every other weight is ``model``'s.
+    Raises ValueError when ``config`` has no block or another architecture."""
     from dataclasses import replace
 
     from engine.model.towers import TwoTowerModel
 
-    if not config.image_private_dim:
-        raise ValueError("config.image_private_dim is 0: no image-private block to attach")
-    new = TwoTowerModel(replace(model.config, image_private_dim=config.image_private_dim,
-                                image_private_query_gains=list(config.image_private_query_gains),
-                                image_private_item_gain=config.image_private_item_gain), model.backbones)
+    if not (config.image_private_dim or config.text_private_dim):
+        raise ValueError("config has neither image_private_dim nor text_private_dim: no private block to attach")
+    new = TwoTowerModel(replace(model.config, **{f: getattr(config, f) for f in PRIVATE_FIELDS}), model.backbones)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(".private." not in k for k in missing):
-        raise ValueError(f"model and config differ beyond the block: missing {missing}, unexpected {unexpected}")
+    if unexpected or any(".private." not in k and ".text_private." not in k for k in missing):
+        raise ValueError(f"model and config differ beyond the blocks: missing {missing}, unexpected {unexpected}")
     new.train(model.training)
     return new
 
