@@ -1,4 +1,4 @@
-"""The robustness evaluation's photo and composed queries, sent over gRPC to a served index.
+"""The robustness evaluation's photo, text and composed queries, sent over gRPC to a served index.
 
 ``ecsearch eval --robust N`` ranks cached tokens against exact item vectors in process; this
 bench sends the same queries as a shopper's client would, to ``ecsearch serve`` over a real
@@ -7,7 +7,9 @@ can be compared (issue 12: "a served index reproduces the photo and composed fig
 
 - augmented photo → product (default and mild views of ``engine.evaluation.robustness``, seed
   ``EVAL_AUGMENT_SEED``), sent as lossless PNG: Recall@1 / @10 of the query product;
-- composed (clean photo + modifier text, ``composed_query_set``): Precision@10 / nDCG@10.
+- composed (clean photo + modifier text, ``composed_query_set``), brand + type (all, and those
+  with at least 10 relevant products) and attribute phrases (``text_query_set``): Precision@10 /
+  nDCG@10, dense retrieval (the server's default).
 
 Usage:
     python bench/bench_served_quality.py var/index-r4 --model var/model_r4 \\
@@ -41,7 +43,7 @@ def photo_task(client, queries: list, index: dict, config, top_k: int, nprobe: i
     """Recall@1 / @10 and MRR@top_k of each query product's augmented photo over gRPC."""
     from engine.evaluation.robustness import EVAL_AUGMENT_SEED
     from engine.model.images import load_image
-    from engine.training.augment import augment_photo, view_seed
+    from engine.model.augment import augment_photo, view_seed
 
     ranks = []
     for p in queries:
@@ -53,23 +55,35 @@ def photo_task(client, queries: list, index: dict, config, top_k: int, nprobe: i
             f"mrr@{top_k}": float(np.where(ranks < top_k, 1.0 / (ranks + 1), 0.0).mean())}
 
 
-def composed_task(client, queries: list, candidates: list, top_k: int = 10, nprobe: int | None = None) -> dict:
-    """Precision@10 / nDCG@10 of the composed queries (clean photo + modifier) over gRPC."""
+def set_task(client, qs, candidates: list, top_k: int = 10, nprobe: int | None = None) -> dict:
+    """Precision@10 / nDCG@10 over gRPC of a ``QuerySet`` (``engine.evaluation.robustness``): its
+    text, with the candidate's clean photo where ``qs.photos`` names one (composed queries)."""
     from engine.evaluation.ranking_metrics import ndcg_at_k, precision_at_k
-    from engine.evaluation.robustness import composed_query_set
 
-    qs = composed_query_set(queries, SimpleNamespace(products=candidates))
     position = {p.product_id: i for i, p in enumerate(candidates)}
     rel = np.zeros((len(qs.texts), top_k), dtype=bool)
     for a, (text, photo, key) in enumerate(zip(qs.texts, qs.photos, qs.keys)):
-        hits = client.search(text=text, image=Path(candidates[photo].image).read_bytes(), top_k=top_k,
-                             nprobe=nprobe).hits
+        image = Path(candidates[photo].image).read_bytes() if photo >= 0 else None
+        hits = client.search(text=text, image=image, top_k=top_k, nprobe=nprobe).hits
         for j, h in enumerate(hits):
             i = position.get(h.product_id)
             rel[a, j] = i is not None and bool(qs.relevant[key, i])
     counts = qs.relevant.sum(axis=1)[qs.keys]
     return {"queries": len(qs.texts), "precision@10": float(precision_at_k(rel, top_k).mean()),
             "ndcg@10": float(ndcg_at_k(rel, counts, top_k).mean())}
+
+
+def query_sets(queries: list, candidates: list) -> dict:
+    """``{task: QuerySet}`` of the robustness evaluation's text and composed tasks."""
+    from engine.evaluation.robustness import (
+        P10_MIN_RELEVANT, composed_query_set, text_query_set, with_min_relevant,
+    )
+
+    pool = SimpleNamespace(products=candidates)
+    brand = text_query_set(queries, pool, "brand_type")
+    return {"composed": composed_query_set(queries, pool), "brand_type": brand,
+            "brand_type_min10": with_min_relevant(brand, P10_MIN_RELEVANT),
+            "attribute_phrase": text_query_set(queries, pool, "attribute_phrase")}
 
 
 def main() -> None:
@@ -85,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from engine.evaluation.robustness import MILD_AUGMENT
-    from engine.training.augment import AugmentConfig
+    from engine.model.augment import AugmentConfig
     from engine.training.job import load_products
     from server.client import SearchClient
 
@@ -103,9 +117,11 @@ def main() -> None:
     try:
         with SearchClient(target, timeout_s=60) as client:
             nprobe = args.nprobe
-            for name, task in (("augmented_photo", lambda: photo_task(client, queries, index, AugmentConfig(), 10, nprobe)),
-                               ("augmented_photo_mild", lambda: photo_task(client, queries, index, MILD_AUGMENT, 10, nprobe)),
-                               ("composed", lambda: composed_task(client, queries, candidates, 10, nprobe))):
+            tasks = [("augmented_photo", lambda: photo_task(client, queries, index, AugmentConfig(), 10, nprobe)),
+                     ("augmented_photo_mild", lambda: photo_task(client, queries, index, MILD_AUGMENT, 10, nprobe))]
+            tasks += [(name, lambda qs=qs: set_task(client, qs, candidates, 10, nprobe))
+                      for name, qs in query_sets(queries, candidates).items()]
+            for name, task in tasks:
                 start = time.perf_counter()
                 results[name] = task()
                 figures = ", ".join(f"{k} {100 * v:.2f}" if k != "queries" else f"{v} queries"

@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "backbone tokens it holds for the same titles and unchanged photos (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
-    parser.add_argument("--recall-query-sample", type=int, default=128, help="titles, photos, title + photo pairs (each) "
-                        "through the query tower: nprobe is chosen on their vectors too (indexer/query_sample.py; 0: items only)")
+    parser.add_argument("--recall-query-sample", type=int, default=128, help="typed queries, augmented photos, title + photo "
+                        "and photo + modifier queries (each kind) through the query tower: nprobe must reach the target recall "
+                        "on every kind too (indexer/query_sample.py; 0: items only)")
     parser.add_argument("--id-field", default=None, help="catalogue field holding the product id")
     parser.add_argument("--title-field", default=None, help="catalogue field holding the title")
     parser.add_argument("--image-field", default=None,

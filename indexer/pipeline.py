@@ -45,8 +45,8 @@ class IndexJobConfig:
     cluster, None = start a local one; ray_actors / ray_actor_gpus: encoder actors and the
     GPUs each one takes); reuse_quantizer: an index version (folder, or ROOT for its CURRENT)
     whose trained IVF quantizer and PQ codebooks are reused instead of training (``indexer.quantizer``).
-    recall_query_sample: titles, photos and title + photo pairs (each) sent through the query tower
-    so that nprobe is chosen on real query vectors as well as on item vectors (``indexer.query_sample``; 0: items only).
+    recall_query_sample: queries of each ``indexer.query_sample.QUERY_KINDS`` kind sent through the query
+    tower, so that nprobe serves each kind of real query as well as the item vectors (0: items only).
     """
 
     catalog: Path

@@ -83,11 +83,11 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
                   extra_manifest: dict[str, Any] | None = None, timings_s: dict[str, float] | None = None,
                   log: Callable[[str], None] = print, run_all: Callable[[list[Callable[[], Any]]], list] | None = None,
                   trained: tuple[IndexPlan, faiss.Index] | None = None,
-                  query_vectors: np.ndarray | None = None) -> VersionResult:
+                  query_vectors: dict[str, np.ndarray] | np.ndarray | None = None) -> VersionResult:
     """Write a complete index version into ``out_dir`` (created; must be empty or absent).
 
-    query_vectors: optional float32 (q, d) query-tower vectors (``indexer.query_sample``, which says
-    why): nprobe must reach ``options.target_recall`` on them as well as on the item sample.
+    query_vectors: optional query-tower vectors, ``{kind: float32 (q, d)}`` or one (q, d) array
+    (``indexer.query_sample`` says why): nprobe must reach ``options.target_recall`` on each kind too.
     vectors: float32 (n, d), rows L2-normalised; row i belongs to ``records[i]`` (a dict
     with at least ``product_id``; the shard number is added). rejects: catalogue / encode
     rejects written to ``rejects.jsonl``. counts: ``read``/``indexed``/``rejected``/... for
@@ -232,8 +232,10 @@ def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options
 
 
 def _quality_line(nprobe: int, quality: dict[str, Any]) -> str:
+    by_kind = quality.get("recall_at_10_query_tower_by_kind", {})
     query_tower = (f"; {quality['recall_at_10_query_tower']:.4f} on {quality['query_tower_queries']} query-tower "
-                   "queries" if "recall_at_10_query_tower" in quality else "")
+                   "queries (" + ", ".join(f"{kind} {r:.4f}" for kind, r in by_kind.items()) + ")"
+                   if "recall_at_10_query_tower" in quality else "")
     return (f"index: nprobe {nprobe}: recall@10 {quality['recall_at_10']:.4f} with refine, "
             f"{quality['recall_at_10_no_refine']:.4f} without (vs exact, {quality['queries']} item queries{query_tower}); "
             f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
@@ -241,9 +243,9 @@ def _quality_line(nprobe: int, quality: dict[str, Any]) -> str:
 
 
 def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
-                    query_vectors: np.ndarray | None = None) -> dict[str, Any]:
+                    query_vectors: dict[str, np.ndarray] | np.ndarray | None = None) -> dict[str, Any]:
     """Recall@k of the ANN search vs exact search, using a sample of item vectors as queries
-    (and ``query_vectors``, query-tower vectors, when given).
+    (and ``query_vectors``, query-tower vectors per kind, when given; see ``write_version``).
 
     Chooses nprobe (``options.nprobe`` or the smallest candidate whose refined recall@10
     reaches ``options.target_recall`` on every query set). Also the self-retrieval rate at that nprobe: the
@@ -259,10 +261,7 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
         rows = np.sort(rng.choice(n, size=min(options.recall_queries, n), replace=False))
         queries = index.vectors(rows)
         exact_s, exact_i = exact_search(index._vectors, queries, k)
-        sets = {"items": (queries, exact_i)}
-        if query_vectors is not None and len(query_vectors):
-            query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
-            sets["query_tower"] = (query_vectors, exact_search(index._vectors, query_vectors, k)[1])
+        sets = {"items": (queries, exact_i), **_query_sets(index, query_vectors, k)}
         chosen, by_nprobe = _choose_nprobe(index, sets, options, k)
         _, refined = index.search_ids(queries, k, nprobe=chosen, refine=True, k_factor=options.k_factor)
         _, plain = index.search_ids(queries, k, nprobe=chosen, refine=False)
@@ -281,10 +280,7 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
             "recall_at_10": round(recall_at_k(refined, exact_i, k), 4),
             "recall_at_10_no_refine": round(recall_at_k(plain, exact_i, k), 4),
             "recall_at_10_by_nprobe_refined": {str(p): round(r["items"], 4) for p, r in by_nprobe.items()},
-            **({} if "query_tower" not in sets else {
-                "query_tower_queries": int(len(sets["query_tower"][0])),
-                "recall_at_10_query_tower": round(by_nprobe[chosen]["query_tower"], 4),
-                "recall_at_10_query_tower_by_nprobe": {str(p): round(r["query_tower"], 4) for p, r in by_nprobe.items()}}),
+            **_query_tower_report(sets, by_nprobe, chosen),
             "self_items": int(self_rows.size),
             "self_at_rank_1": round(hits / self_rows.size, 4),
             "self_at_rank_1_or_tie": round(ties / self_rows.size, 4),
@@ -292,6 +288,40 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
         }
     finally:
         index.close()
+
+
+def _query_sets(index, query_vectors, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"query_tower:<kind>": (float32 (q, d) queries, exact top-k ids)}`` of ``query_vectors``
+    (``{kind: array}``, or one array: kind "all"); empty kinds are left out."""
+    if query_vectors is None:
+        return {}
+    groups = query_vectors if isinstance(query_vectors, dict) else {"all": query_vectors}
+    out = {}
+    for kind, vectors in groups.items():
+        if len(vectors):
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            out[f"query_tower:{kind}"] = (vectors, exact_search(index._vectors, vectors, k)[1])
+    return out
+
+
+def _query_tower_report(sets: dict, by_nprobe: dict[int, dict[str, float]], chosen: int) -> dict[str, Any]:
+    """Manifest fields of the query-tower sets: pooled recall@10 (weighted by queries) at the chosen
+    nprobe and per nprobe, and per kind at the chosen nprobe and per nprobe; ``{}`` without them."""
+    kinds = [name for name in sets if name.startswith("query_tower:")]
+    if not kinds:
+        return {}
+    sizes = {name: len(sets[name][0]) for name in kinds}
+    total = sum(sizes.values())
+
+    def pooled(recalls: dict[str, float]) -> float:
+        return round(sum(recalls[name] * sizes[name] for name in kinds) / total, 4)
+
+    return {"query_tower_queries": int(total), "recall_at_10_query_tower": pooled(by_nprobe[chosen]),
+            "recall_at_10_query_tower_by_nprobe": {str(p): pooled(r) for p, r in by_nprobe.items()},
+            "recall_at_10_query_tower_by_kind": {name.split(":", 1)[1]: round(by_nprobe[chosen][name], 4)
+                                                 for name in kinds},
+            "recall_at_10_query_tower_by_kind_by_nprobe": {
+                str(p): {name.split(":", 1)[1]: round(r[name], 4) for name in kinds} for p, r in by_nprobe.items()}}
 
 
 def _choose_nprobe(index, sets: dict[str, tuple[np.ndarray, np.ndarray]], options: VersionOptions,

@@ -20,6 +20,7 @@ from engine.cli import main as ecsearch
 from indexer.encode import EncodeOptions
 from indexer.pipeline import IndexJobConfig, run_index_job
 from indexer.publish import list_versions, read_current
+from indexer.query_sample import QUERY_KINDS
 from indexer.search import open_index
 from indexer.version import VersionOptions
 
@@ -114,9 +115,11 @@ def test_manifest_and_self_retrieval(published, tiny_model_dir):
     assert m["index"]["nlist"] >= 1 and 1 <= m["index"]["nprobe_default"] <= m["index"]["nlist"]
     assert m["recall"]["self_items"] == m["counts"]["indexed"]            # every item searched by its own vector
     assert m["recall"]["self_at_rank_1"] <= m["recall"]["self_at_rank_1_or_tie"] == 1.0
-    # nprobe was also checked on query-tower vectors: the 41 titles, the readable photos, and the
-    # title + photo pairs whose photo is readable
-    assert 41 + 35 + 35 <= m["recall"]["query_tower_queries"] <= 41 + 41 + 41
+    # nprobe was also checked on query-tower vectors, each kind apart: 41 typed queries, augmented
+    # views of the readable photos, title + photo pairs and photo + modifier queries
+    assert 41 + 35 + 35 <= m["recall"]["query_tower_queries"] <= 4 * 41
+    by_kind = m["recall"]["recall_at_10_query_tower_by_kind"]
+    assert {"typed text", "augmented photo", "title + photo"} <= set(by_kind) <= set(QUERY_KINDS)
     by_nprobe = m["recall"]["recall_at_10_query_tower_by_nprobe"]
     assert str(m["index"]["nprobe_default"]) in by_nprobe and 0.0 <= m["recall"]["recall_at_10_query_tower"] <= 1.0
     with open_index(root) as index:

@@ -260,3 +260,26 @@ def test_nprobe_is_chosen_on_query_tower_vectors_too(tmp_path):
         for p in map(int, by_q):
             if p < chosen:
                 assert min(by_q[str(p)], both["recall"]["recall_at_10_by_nprobe_refined"][str(p)]) < 0.95
+
+
+def test_each_query_kind_must_reach_the_target_on_its_own(tmp_path):
+    # A pooled sample lets many easy queries hide a kind that misses (indexer/query_sample.py):
+    # the build measures each kind apart and takes the nprobe that serves every one.
+    vectors = _vectors(seed=3)
+    rng = np.random.default_rng(4)
+    off = vectors[:200] + 1.2 * rng.standard_normal((200, D)).astype(np.float32) / np.sqrt(D)
+    off /= np.linalg.norm(off, axis=1, keepdims=True)
+    near = vectors[300:1900]
+    options = VersionOptions(factory="IVF64,PQ8", recall_queries=300, target_recall=0.95)
+    pooled = write_version(tmp_path / "a", "a", vectors, _records(), options, log=lambda _m: None,
+                           query_vectors=np.concatenate([near, off])).manifest
+    per_kind = write_version(tmp_path / "b", "b", vectors, _records(), options, log=lambda _m: None,
+                             query_vectors={"near": near, "off": off}).manifest
+    by_kind = per_kind["recall"]["recall_at_10_query_tower_by_kind"]
+    assert set(by_kind) == {"near", "off"} and per_kind["recall"]["query_tower_queries"] == len(near) + 200
+    assert pooled["recall"]["recall_at_10_query_tower_by_kind"] == {"all": pooled["recall"]["recall_at_10_query_tower"]}
+    assert per_kind["index"]["nprobe_default"] > pooled["index"]["nprobe_default"]  # seeded
+    assert min(by_kind.values()) >= 0.95
+    tried = per_kind["recall"]["recall_at_10_query_tower_by_kind_by_nprobe"]
+    assert tried[str(per_kind["index"]["nprobe_default"])] == by_kind
+    assert all(min(r.values()) < 0.95 for p, r in tried.items() if int(p) < per_kind["index"]["nprobe_default"])
