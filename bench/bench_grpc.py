@@ -189,8 +189,11 @@ def describe_index(index_root: Path) -> str:
 
     manifest = json.loads((resolve_version_dir(index_root) / "manifest.json").read_text())
     index, model = manifest.get("index", {}), manifest.get("model", {})
+    per_kind = index.get("nprobe_by_query_kind")  # what a request naming no nprobe probes, per kind
+    nprobe = f"{index.get('nprobe_default')}" + (" (" + ", ".join(f"{k} {v}" for k, v in per_kind.items()) + ")"
+                                                  if per_kind else "")
     return (f"version={manifest['version']} items={manifest.get('counts', {}).get('indexed')} dim={manifest['dim']} "
-            f"factory={index.get('factory')} nprobe={index.get('nprobe_default')} shards={len(manifest['shards'])} "
+            f"factory={index.get('factory')} nprobe={nprobe} shards={len(manifest['shards'])} "
             f"refine={manifest.get('refine', {}).get('default')} view={model.get('view')} "
             f"model={str(model.get('fingerprint', ''))[:12]}")
 

@@ -31,6 +31,9 @@ import numpy as np
 from engine.model.errors import InputError
 
 QUERY_KINDS = ("typed text", "augmented photo", "title + photo", "photo + modifier")
+# the Search request each kind stands for (the manifest's per-kind nprobe, indexer.version)
+REQUEST_KIND = {"typed text": "text", "augmented photo": "image", "title + photo": "text+image",
+                "photo + modifier": "text+image"}
 
 
 def _typed_query(product, facets: dict, rng: np.random.Generator) -> str | None:

@@ -131,7 +131,7 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     t0 = time.perf_counter()
     quality = measure_quality(out_dir, options, query_vectors=query_vectors)
     timings["recall"] = time.perf_counter() - t0
-    manifest["index"]["nprobe_default"] = quality.pop("nprobe_chosen")
+    manifest["index"].update(nprobe_default=quality.pop("nprobe_chosen"), **quality.pop("by_request_kind"))
     manifest["recall"] = quality
     timings["version_total"] = time.perf_counter() - t_all
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -277,6 +277,7 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
             ties += int((hit | (top_s[:, 0] >= np.einsum("nd,nd->n", q, q) - 1e-4)).sum())
         return {
             "k": k, "queries": int(rows.size), "nprobe_chosen": int(chosen),
+            "by_request_kind": {} if options.nprobe is not None else _nprobe_by_request_kind(by_nprobe, options, chosen),
             "recall_at_10": round(recall_at_k(refined, exact_i, k), 4),
             "recall_at_10_no_refine": round(recall_at_k(plain, exact_i, k), 4),
             "recall_at_10_by_nprobe_refined": {str(p): round(r["items"], 4) for p, r in by_nprobe.items()},
@@ -302,6 +303,27 @@ def _query_sets(index, query_vectors, k: int) -> dict[str, tuple[np.ndarray, np.
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
             out[f"query_tower:{kind}"] = (vectors, exact_search(index._vectors, vectors, k)[1])
     return out
+
+
+def _nprobe_by_request_kind(by_nprobe: dict[int, dict[str, float]], options: VersionOptions,
+                            chosen: int) -> dict[str, dict[str, int]]:
+    """``{"nprobe_by_query_kind": {"text" | "image" | "text+image": nprobe}}``: per kind of Search
+    request, the smallest measured nprobe at which every sample kind it stands for
+    (``indexer.query_sample.REQUEST_KIND``) reaches ``options.target_recall`` (else ``chosen``,
+    the default, which serves every kind); ``{}`` without query-tower sets. The server probes that
+    many lists for a request of that kind that names no nprobe (our choice: a text query need not
+    pay for the lists a photo + modifier query needs)."""
+    from indexer.query_sample import REQUEST_KIND
+
+    kinds: dict[str, list[str]] = {}
+    for name in by_nprobe[chosen]:
+        if name.startswith("query_tower:") and name.split(":", 1)[1] in REQUEST_KIND:
+            kinds.setdefault(REQUEST_KIND[name.split(":", 1)[1]], []).append(name)
+    out = {}
+    for request_kind, names in kinds.items():
+        reached = [p for p in sorted(by_nprobe) if min(by_nprobe[p][n] for n in names) >= options.target_recall]
+        out[request_kind] = int(reached[0]) if reached else int(chosen)
+    return {"nprobe_by_query_kind": out} if out else {}
 
 
 def _query_tower_report(sets: dict, by_nprobe: dict[int, dict[str, float]], chosen: int) -> dict[str, Any]:

@@ -42,6 +42,16 @@ class HybridConfig:
     rrf_k: int = RRF_K
 
 
+def query_kind_nprobe(manifest: dict, has_text: bool, has_image: bool) -> int | None:
+    """nprobe for a request that names none: the index version's own figure for its kind
+    (``index.nprobe_by_query_kind`` of the manifest, "text" / "image" / "text+image", written
+    by ``indexer.version``), or None (the version's ``nprobe_default``) when the manifest has no
+    figure for it (versions built before it, or with a fixed ``--nprobe``)."""
+    kind = "text+image" if has_text and has_image else "text" if has_text else "image"
+    value = manifest.get("index", {}).get("nprobe_by_query_kind", {}).get(kind)
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class SearchJob:
     """What one request searches: an open index version (``IndexVersion``) and its

@@ -40,7 +40,7 @@ from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
 from server.index_holder import IndexHolder, NoIndexError, ServedVersion
 from server.prometheus_metrics import ServerMetrics
 from server.paging import PageTokenError, decode_page_token, encode_page_token, query_fingerprint
-from server.retrieval import DENSE, HYBRID, LEXICAL, HybridConfig, SearchJob, run_job
+from server.retrieval import DENSE, HYBRID, LEXICAL, HybridConfig, SearchJob, query_kind_nprobe, run_job
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,8 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
                                     served.metadata_fields)
             offset = decode_page_token(request.page_token, served.version, fingerprint, top_k) \
                 if request.page_token else 0
+            if nprobe is None:  # the version's nprobe for this kind of query
+                nprobe = query_kind_nprobe(served.index.manifest, text is not None, image_bytes is not None)
             job = SearchJob(served.index, served.cache, top_k, tuple(filters), nprobe, mode, text, hybrid,
                             offset, page_size or None)
             result, encoded, decode_ms = await self._retrieve(job, image_bytes, deadline_s, lease)

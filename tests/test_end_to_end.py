@@ -138,6 +138,26 @@ def test_text_query_top_hits_share_its_article_type(served):
             assert types.count(article_type) >= 3, f"{text!r} → {types}"  # a majority of the top 5
 
 
+def test_each_kind_of_query_probes_the_lists_the_build_chose_for_it(served, fashion_dir):
+    """The build measures recall@10 per kind of query (indexer/query_sample.py) and writes the
+    nprobe each kind of Search request needs; a request naming no nprobe probes that many lists,
+    one naming it keeps its own (the response's dense_serving says which)."""
+    from server.client import SearchClient
+
+    target, rows, summary = served
+    manifest = json.loads((Path(summary["path"]) / "manifest.json").read_text())
+    by_kind = manifest["index"]["nprobe_by_query_kind"]
+    assert set(by_kind) == {"text", "image", "text+image"}
+    assert all(1 <= n <= manifest["index"]["nprobe_default"] for n in by_kind.values())
+    photo = fashion_dir / "images" / f"{rows[0]['id']}.jpg"
+    queries = {"text": dict(text="black shoes"), "image": dict(image=photo),
+               "text+image": dict(text="in red", image=photo)}
+    with SearchClient(target, timeout_s=60) as client:
+        for kind, query in queries.items():
+            assert client.search(top_k=5, **query).dense_serving.nprobe == by_kind[kind], kind
+        assert client.search(text="black shoes", top_k=5, nprobe=1).dense_serving.nprobe == 1
+
+
 def test_filtered_and_multimodal_queries(served, fashion_dir):
     from server.client import SearchClient
 

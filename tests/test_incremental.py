@@ -160,6 +160,9 @@ def test_the_quantizer_is_reused_not_retrained(built):
     assert incremental.manifest["timings_s"]["train"] == 0.0
     assert incremental.manifest["quantizer"] == {"trained_in": base.version, "trained_items": N_BASE}
     assert incremental.manifest["index"]["nlist"] == base.manifest["index"]["nlist"]
+    # same quantizer: the base's nprobe per kind of query holds and is kept (the base was built
+    # with the query-tower sample, so it has one)
+    assert incremental.manifest["index"]["nprobe_by_query_kind"] == base.manifest["index"]["nprobe_by_query_kind"]
 
 
 def test_manifest_counts_drift_and_rejects(built, scenario):

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -274,12 +275,23 @@ def test_each_query_kind_must_reach_the_target_on_its_own(tmp_path):
     pooled = write_version(tmp_path / "a", "a", vectors, _records(), options, log=lambda _m: None,
                            query_vectors=np.concatenate([near, off])).manifest
     per_kind = write_version(tmp_path / "b", "b", vectors, _records(), options, log=lambda _m: None,
-                             query_vectors={"near": near, "off": off}).manifest
+                             query_vectors={"typed text": near, "photo + modifier": off}).manifest
     by_kind = per_kind["recall"]["recall_at_10_query_tower_by_kind"]
-    assert set(by_kind) == {"near", "off"} and per_kind["recall"]["query_tower_queries"] == len(near) + 200
+    assert set(by_kind) == {"typed text", "photo + modifier"}
+    assert per_kind["recall"]["query_tower_queries"] == len(near) + 200
     assert pooled["recall"]["recall_at_10_query_tower_by_kind"] == {"all": pooled["recall"]["recall_at_10_query_tower"]}
     assert per_kind["index"]["nprobe_default"] > pooled["index"]["nprobe_default"]  # seeded
     assert min(by_kind.values()) >= 0.95
     tried = per_kind["recall"]["recall_at_10_query_tower_by_kind_by_nprobe"]
-    assert tried[str(per_kind["index"]["nprobe_default"])] == by_kind
-    assert all(min(r.values()) < 0.95 for p, r in tried.items() if int(p) < per_kind["index"]["nprobe_default"])
+    chosen = per_kind["index"]["nprobe_default"]
+    assert tried[str(chosen)] == by_kind
+    assert all(min(r.values()) < 0.95 for p, r in tried.items() if int(p) < chosen)
+    # each kind of Search request gets the smallest nprobe its own queries need: text queries
+    # (the typed-text sample) need fewer lists than photo + modifier queries (text+image)
+    per_request = per_kind["index"]["nprobe_by_query_kind"]
+    text_nprobe = min(int(p) for p, r in tried.items() if r["typed text"] >= 0.95)
+    assert per_request == {"text": text_nprobe, "text+image": chosen} and text_nprobe < chosen
+    assert "nprobe_by_query_kind" not in pooled["index"]  # a pooled sample stands for no kind
+    fixed = write_version(tmp_path / "c", "c", vectors, _records(), replace(options, nprobe=4), log=lambda _m: None,
+                          query_vectors={"typed text": near}).manifest
+    assert fixed["index"]["nprobe_default"] == 4 and "nprobe_by_query_kind" not in fixed["index"]
