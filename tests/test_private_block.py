@@ -19,25 +19,37 @@ TEXTS = ["black heels", "red kurta for women", "watch", "blue denim jeans"]
 P = 8  # block width of the tiny models (image backbone width 32)
 
 
+def set_random_projection(model, block: str, seed: int) -> None:
+    """One seeded random projection for the ``block`` ("private": image, "text_private") of both towers."""
+    g = torch.Generator().manual_seed(seed)
+    shape = getattr(model.query_tower.fusion, block).weight.shape
+    weight, bias = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
+    for tower in (model.query_tower, model.item_tower):
+        getattr(tower.fusion, block).set_projection(weight, bias)
+
+
 def _with_block(tiny_backbone_dir, seed=3, gains=(0.0, 3.0, 1.0), item_gain=1.0):
     model = make_tiny_model(tiny_backbone_dir, seed=seed, image_private_dim=P,
                             image_private_query_gains=list(gains), image_private_item_gain=item_gain)
-    g = torch.Generator().manual_seed(seed)
-    hidden = model.backbones.image.hidden_size
-    weight, bias = torch.randn(P - 1, hidden, generator=g), torch.randn(P - 1, generator=g)
-    for tower in (model.query_tower, model.item_tower):
-        tower.fusion.private.set_projection(weight, bias)
+    set_random_projection(model, "private", seed)
     return model
+
+
+def encode_items(model, plain, photos, width: int):
+    """Six items (text + photo, photo only, text only) through ``model``'s and ``plain``'s item
+    towers: ``(texts, images, items, items_plain)``; checks ``items`` are unit rows of 32 + ``width``."""
+    item_texts = ["black heels", None, "red kurta", "watch", None, "jeans"]
+    item_images = [photos[0], photos[1], None, photos[2], photos[3], None]
+    items = model.item_tower.encode(item_texts, item_images, use_graphs=False)
+    items_plain = plain.item_tower.encode(item_texts, item_images, use_graphs=False)
+    assert items.shape == (6, 32 + width) and np.allclose(np.linalg.norm(items, axis=1), 1.0, atol=1e-5)
+    return item_texts, item_images, items, items_plain
 
 
 def test_text_rankings_are_those_of_the_fused_vector_alone(tiny_backbone_dir, photos):
     plain = make_tiny_model(tiny_backbone_dir, seed=3)  # same draws: the block has no parameters
     model = _with_block(tiny_backbone_dir, item_gain=1.5)
-    item_texts = ["black heels", None, "red kurta", "watch", None, "jeans"]
-    item_images = [photos[0], photos[1], None, photos[2], photos[3], None]
-    items = model.item_tower.encode(item_texts, item_images, use_graphs=False)
-    items_plain = plain.item_tower.encode(item_texts, item_images, use_graphs=False)
-    assert items.shape == (6, 32 + P) and np.allclose(np.linalg.norm(items, axis=1), 1.0, atol=1e-5)
+    item_texts, item_images, items, items_plain = encode_items(model, plain, photos, P)
     queries = model.query_tower.encode(TEXTS, use_graphs=False)
     assert np.all(queries[:, 32:] == 0)
     np.testing.assert_allclose(queries[:, :32], plain.query_tower.encode(TEXTS, use_graphs=False), atol=1e-6)

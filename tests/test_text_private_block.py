@@ -11,7 +11,7 @@ from engine.model.towers import ModelConfig
 from engine.training.job import TrainingDataError, TrainJob, train_model
 from engine.training.trainer import TrainConfig
 from engine.training.whitening import attach_private
-from tests.test_private_block import TEXTS, mini  # noqa: F401  (fixture: a 60-product fashion folder)
+from tests.test_private_block import TEXTS, encode_items, mini, set_random_projection  # noqa: F401  (mini: fixture)
 from tests.test_towers import photos  # noqa: F401  (fixture: four real catalogue photos)
 from tests.tiny_models import make_tiny_model, tiny_config
 
@@ -19,29 +19,17 @@ Q = 6  # text block width of the tiny models (text backbone width 32)
 D = 32  # fused width of the tiny models
 
 
-def _set_random_projection(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    hidden = model.backbones.text.hidden_size
-    weight, bias = torch.randn(Q - 1, hidden, generator=g), torch.randn(Q - 1, generator=g)
-    for tower in (model.query_tower, model.item_tower):
-        tower.fusion.text_private.set_projection(weight, bias)
-
-
 def _with_text_block(tiny_backbone_dir, seed=3, gains=(0.5, 0.0, 0.25), item_gain=1.0, **extra):
     model = make_tiny_model(tiny_backbone_dir, seed=seed, text_private_dim=Q, text_private_query_gains=list(gains),
                             text_private_item_gain=item_gain, **extra)
-    _set_random_projection(model, seed)
+    set_random_projection(model, "text_private", seed)
     return model
 
 
 def test_photo_rankings_are_those_of_the_fused_vector_alone(tiny_backbone_dir, photos):
     plain = make_tiny_model(tiny_backbone_dir, seed=3)  # same draws: the block has no parameters
     model = _with_text_block(tiny_backbone_dir, item_gain=1.5)
-    item_texts = ["black heels", None, "red kurta", "watch", None, "jeans"]
-    item_images = [photos[0], photos[1], None, photos[2], photos[3], None]
-    items = model.item_tower.encode(item_texts, item_images, use_graphs=False)
-    items_plain = plain.item_tower.encode(item_texts, item_images, use_graphs=False)
-    assert items.shape == (6, D + Q) and np.allclose(np.linalg.norm(items, axis=1), 1.0, atol=1e-5)
+    item_texts, item_images, items, items_plain = encode_items(model, plain, photos, Q)
     queries = model.query_tower.encode(None, photos, use_graphs=False)
     assert np.all(queries[:, D:] == 0)
     np.testing.assert_allclose(queries[:, :D], plain.query_tower.encode(None, photos, use_graphs=False), atol=1e-6)
@@ -71,9 +59,7 @@ def test_both_blocks_in_graphs_and_model_folders_give_the_python_vectors(tiny_ba
     batches = {"text": (TEXTS, None), "image": (None, photos[:3]), "text+image": (TEXTS[:3], photos[:3])}
     for backend in ("torchscript", "onnxruntime"):
         model = _with_text_block(tiny_backbone_dir, image_private_dim=8)
-        g = torch.Generator().manual_seed(5)
-        for tower in (model.query_tower, model.item_tower):
-            tower.fusion.private.set_projection(torch.randn(7, 32, generator=g), torch.randn(7, generator=g))
+        set_random_projection(model, "private", 5)
         tower = model.query_tower
         expected = {k: tower.encode(*v, use_graphs=False) for k, v in batches.items()}
         assert expected["text"].shape == (len(TEXTS), D + 8 + Q)
@@ -90,9 +76,7 @@ def test_both_blocks_in_graphs_and_model_folders_give_the_python_vectors(tiny_ba
 
 def test_attaching_keeps_every_trained_weight_and_an_existing_image_block(tiny_backbone_dir):
     trained = make_tiny_model(tiny_backbone_dir, seed=4, image_private_dim=8)
-    g = torch.Generator().manual_seed(1)
-    for tower in (trained.query_tower, trained.item_tower):
-        tower.fusion.private.set_projection(torch.randn(7, 32, generator=g), torch.randn(7, generator=g))
+    set_random_projection(trained, "private", 1)
     config = ModelConfig(**{**trained.config.to_dict(), "text_private_dim": Q})
     new = attach_private(trained, config)
     before, after = trained.state_dict(), new.state_dict()

@@ -72,18 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--solo-gains", default=None,
                    help="TEXT,IMAGE: initial residual gains of one-modality rows, learned apart (default: shared with fused rows)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
-    m.add_argument("--image-private-dim", default="auto",
-                   help="width of the image-private block appended to both towers' vectors (engine/model/private_block.py), "
-                        f"fitted from the augmented views after training; 0: none; auto (default): {CPU_IMAGE_PRIVATE_DIM} when "
-                        "enough augmented photos are cached, else none")
-    m.add_argument("--image-private-gains", default=",".join(f"{g:g}" for g in CPU_IMAGE_PRIVATE_GAINS),
-                   help="QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM: the image-private block's fixed gains (default %(default)s)")
-    m.add_argument("--text-private-dim", default="auto",
-                   help="width of the text-private block appended after it, fitted on the typed shopper queries "
-                        f"after training; 0: none; auto (default): {CPU_TEXT_PRIVATE_DIM} when there are enough "
-                        "typed queries, else none")
-    m.add_argument("--text-private-gains", default=",".join(f"{g:g}" for g in CPU_TEXT_PRIVATE_GAINS),
-                   help="QUERY_TEXT,QUERY_PHOTO_TEXT,ITEM: the text-private block's fixed gains (default %(default)s)")
+    for modality, width, gains, source, own in (
+            ("image", CPU_IMAGE_PRIVATE_DIM, CPU_IMAGE_PRIVATE_GAINS, "augmented views", "QUERY_PHOTO"),
+            ("text", CPU_TEXT_PRIVATE_DIM, CPU_TEXT_PRIVATE_GAINS, "typed shopper queries", "QUERY_TEXT")):
+        m.add_argument(f"--{modality}-private-dim", default="auto",
+                       help=f"width of the {modality}-private block appended to both towers' vectors "
+                            f"(engine/model/private_block.py), fitted from the {source} after training; 0: none; "
+                            f"auto (default): {width} when there are enough {source}, else none")
+        m.add_argument(f"--{modality}-private-gains", default=",".join(f"{g:g}" for g in gains),
+                       help=f"{own},QUERY_PHOTO_TEXT,ITEM: the {modality}-private block's fixed gains (default %(default)s)")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
     t.add_argument("--stage1-steps", type=int, default=CPU_RECIPE["stage1_steps"],

@@ -340,16 +340,9 @@ def _plan_private(job: TrainJob, model, augmented: TokenTable | None) -> dict | 
     if job.init_model or not dim:
         return None
     photos = _augmented_photos(augmented) if augmented is not None else []
-    hidden = model.backbones.image.hidden_size
-    why = (f"{len(photos)} augmented photos, fewer than the {dim - 1} dimensions of the image-private block to fit "
-           "(more photos, more augmented views, or image_private_dim 0)" if len(photos) < dim - 1 else
-           f"the image backbone has {hidden} features, fewer than the {dim - 1} dimensions of the image-private block"
-           if hidden < dim - 1 else None)
-    if why is None:
-        return {"dim": dim, "photos": photos}
-    if not job.image_private_auto:
-        raise TrainingDataError(f"image_private_dim={dim}: {why}")
-    return {"dim": 0, "reason": why}
+    return _block_plan("image", dim, f"{len(photos)} augmented photos", len(photos),
+                       "more photos, more augmented views, or image_private_dim 0", model.backbones.image.hidden_size,
+                       job.image_private_auto, {"dim": dim, "photos": photos})
 
 
 def _plan_text_private(job: TrainJob, model, pairs: list, products: list) -> dict | None:
@@ -364,15 +357,25 @@ def _plan_text_private(job: TrainJob, model, pairs: list, products: list) -> dic
     titles = {p.product_id: p.title for p in products if p.title}
     chosen = [(q.query_text, titles[q.item_id]) for q in pairs
               if q.query_text and not q.query_image and titles.get(q.item_id) not in (None, q.query_text)]
-    hidden = model.backbones.text.hidden_size
-    why = (f"{len(chosen)} typed text queries, fewer than the {dim - 1} dimensions of the text-private block to fit "
-           "(shopper query rates > 0, a pairs file, or text_private_dim 0)" if len(chosen) < dim - 1 else
-           f"the text backbone has {hidden} features, fewer than the {dim - 1} dimensions of the text-private block"
-           if hidden < dim - 1 else None)
+    return _block_plan("text", dim, f"{len(chosen)} typed text queries", len(chosen),
+                       "shopper query rates > 0, a pairs file, or text_private_dim 0", model.backbones.text.hidden_size,
+                       job.text_private_auto, {"dim": dim, "queries": [q for q, _ in chosen],
+                                               "titles": [t for _, t in chosen]})
+
+
+def _block_plan(modality: str, dim: int, samples: str, n: int, remedy: str, hidden: int, auto: bool,
+                plan: dict) -> dict:
+    """``plan`` when ``n`` samples and a ``hidden``-wide backbone can fit a ``dim``-wide private
+    block (``dim - 1`` fitted dimensions), else ``{"dim": 0, "reason": ...}`` with ``auto``, else
+    TrainingDataError naming the shortfall and the ``remedy``."""
+    why = (f"{samples}, fewer than the {dim - 1} dimensions of the {modality}-private block to fit ({remedy})"
+           if n < dim - 1 else
+           f"the {modality} backbone has {hidden} features, fewer than the {dim - 1} dimensions of the "
+           f"{modality}-private block" if hidden < dim - 1 else None)
     if why is None:
-        return {"dim": dim, "queries": [q for q, _ in chosen], "titles": [t for _, t in chosen]}
-    if not job.text_private_auto:
-        raise TrainingDataError(f"text_private_dim={dim}: {why}")
+        return plan
+    if not auto:
+        raise TrainingDataError(f"{modality}_private_dim={dim}: {why}")
     return {"dim": 0, "reason": why}
 
 
