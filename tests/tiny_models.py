@@ -27,11 +27,11 @@ def _copy_tokenizer(folder: Path) -> None:
             shutil.copy(source / name, folder / name)
 
 
-def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """A 1-layer BERT (hidden 32) with the MiniLM tokenizer, saved to ``folder``."""
+def make_tiny_bert(folder: Path, seed: int = 0, layers: int = 1) -> Path:
+    """A ``layers``-layer BERT (hidden 32) with the MiniLM tokenizer, saved to ``folder``."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
     _copy_tokenizer(folder)

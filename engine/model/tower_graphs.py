@@ -224,7 +224,7 @@ def trace_path(tower, kind: str, precision: str) -> TracedPath:
               torch.stack(example_pixels) if with_image else torch.zeros(0))
     try:
         # The graph gets its own copies: packed weights, and no unused pooler head.
-        text_model = copy.deepcopy(text.model) if with_text else None
+        text_model = copy.deepcopy(tower.text_model(kind)) if with_text else None
         image_backbone = copy.deepcopy(backbones.image) if with_image else None
         fusion = copy.deepcopy(tower.fusion)
         if text_model is not None and getattr(text_model, "pooler", None) is not None:

@@ -89,11 +89,13 @@ class _SmoothedLinear(nn.Module):
         return F.linear(x * self.inv_scale, self.weight, self.bias)
 
 
-def smoothed_text_model(text_backbone, calibration: Sequence[str], alpha: float = ALPHA) -> nn.Module:
-    """A copy of ``text_backbone.model`` with every ``nn.Linear`` smoothed (module docstring, 1)
-    from the per-channel ``max |x|`` of its inputs over ``calibration`` texts. fp32 outputs
-    equal the original's up to rounding."""
-    model, peaks = copy.deepcopy(text_backbone.model), {}
+def smoothed_text_model(text_backbone, calibration: Sequence[str], alpha: float = ALPHA,
+                        model: nn.Module | None = None) -> nn.Module:
+    """A copy of ``model`` (default ``text_backbone.model``; e.g. the query tower's
+    ``text_model("text")``) with every ``nn.Linear`` smoothed (module docstring, 1) from the
+    per-channel ``max |x|`` of its inputs over ``calibration`` texts, tokenized by
+    ``text_backbone``. fp32 outputs equal the original's up to rounding."""
+    model, peaks = copy.deepcopy(text_backbone.model if model is None else model), {}
 
     def record(name):
         def hook(_module, inputs, _output):

@@ -102,7 +102,7 @@ def _input_names(kind: str) -> list[str]:
 
 def export_path(tower, kind: str, path: str | Path, text_model: nn.Module | None = None) -> Path:
     """Export ``tower``'s fp32 path for batches of ``kind`` to the ONNX file ``path``
-    (``text_model``: in place of the text backbone's model, e.g. a smoothed copy).
+    (``text_model``: in place of ``tower.text_model(kind)``, e.g. a smoothed copy).
 
     Inputs: ``input_ids int64 (B, L)`` and ``attention_mask int64 (B, L)`` for kinds with
     text, ``pixels float32 (B, 3, S, S)`` for kinds with an image; output ``vectors float32
@@ -130,7 +130,7 @@ def export_path(tower, kind: str, path: str | Path, text_model: nn.Module | None
             "pixels": {0: "batch"}, "vectors": {0: "batch"}}
     names = _input_names(kind)
     try:
-        text_model = _exportable(text_model if text_model is not None else text.model) if with_text else None
+        text_model = _exportable(text_model if text_model is not None else tower.text_model(kind)) if with_text else None
         if text_model is not None and getattr(text_model, "pooler", None) is not None:
             text_model.pooler = None  # unused (METHOD.md §1.1 takes tokens)
         image_backbone = _exportable(backbones.image) if with_image else None
@@ -204,7 +204,7 @@ def _export_int8(tower, folder: Path, queries, threads: int) -> tuple[Path, "Onn
     if len(gate_queries) < tower_int8.MIN_GATE_QUERIES:
         raise GraphError(f"int8 needs at least {tower_int8.MIN_GATE_QUERIES} real queries to gate it on, "
                          f"the index gives {len(gate_queries)}")
-    smoothed = tower_int8.smoothed_text_model(tower.backbones.text, calibration)
+    smoothed = tower_int8.smoothed_text_model(tower.backbones.text, calibration, model=tower.text_model("text"))
     model_file = export_path(tower, "text", folder / "path.onnx", text_model=smoothed)
     quantized = folder / "path-int8.onnx"
     tower_int8.quantize_text_graph(model_file, quantized, cpu_isa())

@@ -20,6 +20,7 @@ from engine.model.backbones.text_tokens import TextTokens
 from engine.model.errors import BlankTextError, EmptySampleError, InputError
 from engine.model.fusion import FusionEncoder
 from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from engine.model.text_student import TextStudent, check_layers
 
 VIEWS = ("fused", "text", "image")  # METHOD.md §1.4: F, T, V
 PRECISIONS = ("fp32", "bf16")
@@ -49,6 +50,10 @@ class ModelConfig:
         text_private_dim / text_private_query_gains / text_private_item_gain: the same for the
             text-private block (whitened raw text features; vectors ``dim + image_private_dim +
             text_private_dim`` wide). The query tower's image-only gain must be 0. Our choice: 0.8, 0, 0.4 and 0.5.
+        query_text_layers: None (default), or the text backbone's layers (ascending indices) that the
+            query tower's distilled text encoder for text-only queries starts from
+            (``engine.model.text_student``; our choice, issue 11): text-only queries then run the
+            backbone's embeddings and these layers' distilled copies, saved with the model.
         logit_scale_init / logit_scale_max: learnable logit scale, initial 10, kept
             ≤ e^3 ≈ 20 (METHOD.md §1.6) by clamping the parameter after each optimiser step
             (``TwoTowerModel.clamp_logit_scale_``); the only cap. ValueError unless
@@ -73,6 +78,7 @@ class ModelConfig:
     text_private_dim: int = 0
     text_private_query_gains: list = field(default_factory=lambda: [0.8, 0.0, 0.4])
     text_private_item_gain: float = 0.5
+    query_text_layers: list | None = None
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
     text_backbone: dict = field(default_factory=lambda: dict(DEFAULT_TEXT_BACKBONE))
@@ -88,6 +94,10 @@ class ModelConfig:
         if self.text_private_dim and self.text_private_query_gains[1] != 0:
             raise ValueError("the query tower's image-only text-private gain must be 0 (photo rankings stay "
                              f"unchanged), got {self.text_private_query_gains[1]}")
+        if self.query_text_layers is not None:
+            if self.share_fusion:
+                raise ValueError("query_text_layers needs share_fusion=False (the item tower keeps the full backbone)")
+            self.query_text_layers = check_layers(self.query_text_layers, available=None)
         if self.image_private_dim and self.image_private_query_gains[0] != 0:
             raise ValueError("the query tower's text-only image-private gain must be 0 (text rankings stay F's), "
                              f"got {self.image_private_query_gains[0]}")
@@ -117,6 +127,14 @@ class Tower(nn.Module):
         object.__setattr__(self, "backbones", backbones)  # shared, not a submodule of the tower
         self.name = name
         self.graphs: dict = {}  # kind -> engine.model.tower_graphs.TracedPath, set by use_graphs()
+        self.text_student: TextStudent | None = None  # text-only batches' encoder (engine.model.text_student)
+
+    def text_model(self, kind: str) -> nn.Module:
+        """The Hugging Face text model that batches of ``kind`` ("text" | "text+image") run: the
+        distilled ``text_student`` over the backbone's embeddings for "text" when the tower has
+        one, else the text backbone's model."""
+        teacher = self.backbones.text.model
+        return self.text_student.over(teacher) if kind == "text" and self.text_student is not None else teacher
 
     def use_graphs(self, precision: str, kinds: Sequence[str] | None = None, backend: str = "torchscript",
                    threads: int | None = None, onnx_cache=None, int8_queries=None) -> dict[str, str]:
@@ -242,17 +260,34 @@ class Tower(nn.Module):
         b = len(texts)
         has_text = torch.tensor([t is not None for t in texts], dtype=torch.bool, device=device)
         has_image = torch.tensor([im is not None for im in images], dtype=torch.bool, device=device)
-        text_tokens, text_mask = self._run_text(texts, device)
+        text_tokens, text_mask = self._run_text(texts, images, device)
         image_tokens, image_mask = self._run_image(images, indices, max_pixels, device)
         text_tokens, text_mask = _scatter(text_tokens, text_mask, has_text, b)
         image_tokens, image_mask = _scatter(image_tokens, image_mask, has_image, b)
         return self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
 
-    def _run_text(self, texts: list, device) -> tuple[torch.Tensor, torch.Tensor]:
-        present = [t for t in texts if t is not None]
+    def _run_text(self, texts: list, images: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(P, L, H)`` + mask of the P samples with a text, in order: text-only samples
+        through ``text_model("text")``, the others through the full backbone."""
+        present = [i for i, t in enumerate(texts) if t is not None]
         if not present:  # the text backbone is not run at all
             return torch.zeros(0, 1, self.backbones.text.hidden_size, device=device), torch.zeros(0, 1, dtype=torch.bool, device=device)
-        return self.backbones.text.encode(present)
+        if self.text_student is None:
+            return self.backbones.text.encode([texts[i] for i in present])
+        groups = [[i for i in present if images[i] is None], [i for i in present if images[i] is not None]]
+        parts = [(rows, self.backbones.text.encode([texts[i] for i in rows], model=self.text_model(kind)))
+                 for rows, kind in zip(groups, ("text", "text+image")) if rows]
+        if len(parts) == 1:
+            return parts[0][1]
+        width = max(tokens.shape[1] for _, (tokens, _) in parts)
+        out = parts[0][1][0].new_zeros(len(present), width, parts[0][1][0].shape[2])
+        mask = torch.zeros(len(present), width, dtype=torch.bool, device=out.device)
+        where = {i: n for n, i in enumerate(present)}
+        for rows, (tokens, row_mask) in parts:
+            at = torch.tensor([where[i] for i in rows], device=out.device)
+            out[at, :tokens.shape[1]] = tokens
+            mask[at, :tokens.shape[1]] = row_mask
+        return out, mask
 
     def _pixels(self, images: list, indices: list[int], max_pixels: int) -> list[torch.Tensor]:
         """Preprocessed ``float32 (3, S, S)`` tensors of the images that are not None."""
@@ -345,6 +380,8 @@ class TwoTowerModel(nn.Module):
             **kwargs, private_gains=(config.image_private_item_gain,) * 3,
             text_private_gains=(config.text_private_item_gain,) * 3)
         self.query_tower = Tower(query_fusion, backbones, "query")
+        if config.query_text_layers is not None:
+            self.query_tower.text_student = TextStudent(backbones.text.model, config.query_text_layers)
         self.item_tower = Tower(item_fusion, backbones, "item")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.fingerprint: str | None = None
@@ -394,6 +431,8 @@ class TwoTowerModel(nn.Module):
             self.text_backbone.model = copy.deepcopy(self.text_backbone.model).to(torch.bfloat16)
             self.query_tower.fusion.to(torch.bfloat16)
             self.item_tower.fusion.to(torch.bfloat16)
+            if self.query_tower.text_student is not None:
+                self.query_tower.text_student.to(torch.bfloat16)
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -123,14 +123,17 @@ class HFTextBackbone(nn.Module):
     def _token_types(self) -> bool:
         return "token_type_ids" in self.tokenizer.model_input_names
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``texts`` (B non-empty strings) → tokens ``(B, L, H)`` float32, mask ``(B, L)`` bool."""
+    def encode(self, texts: list[str], model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``texts`` (B non-empty strings) → tokens ``(B, L, H)`` float32, mask ``(B, L)`` bool.
+        ``model``: run this model in place of ``self.model`` (e.g. the query tower's distilled
+        text student, ``engine.model.text_student``), with the same tokenizer."""
+        model = self.model if model is None else model
         batch = self.tokenize(texts)
-        device = next(self.model.parameters()).device
+        device = next(model.parameters()).device
         mask = batch["attention_mask"].to(device)
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         self.calls += 1
-        out = self.model(**inputs)
+        out = model(**inputs)
         return out.last_hidden_state.float(), mask.bool()
 
 
