@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module, one-line help). Our choice: a table, not entry-point plugins.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("engine.training.cli", "train the query and item towers on a catalogue"),
+    "distill": ("engine.training.distill_cli", "distil a trained model's text encoder for text-only queries"),
     "eval": ("engine.evaluation.cli", "nine-scenario evaluation of a model on the test split"),
     "index": ("indexer.cli", "encode a catalogue and publish a sharded IVF-PQ index version"),
     "serve": ("server.cli", "serve the current index version over gRPC"),

@@ -16,6 +16,7 @@ from engine.training.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
 from engine.cpu_features import bf16_is_fast
 from engine.model.towers import ModelConfig
 from engine.training.job import TrainingDataError, TrainJob, train_model
+from engine.training.distill import DistillConfig
 from engine.training.trainer import TrainConfig
 
 # The CPU recipe measured in docs/results.md (our choice: a fusion encoder slimmed to one
@@ -81,6 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"auto (default): {width} when there are enough {source}, else none")
         m.add_argument(f"--{modality}-private-gains", default=",".join(f"{g:g}" for g in gains),
                        help=f"{own},QUERY_PHOTO_TEXT,ITEM: the {modality}-private block's fixed gains (default %(default)s)")
+    d = parser.add_argument_group("query text encoder (engine/model/text_student.py, engine/training/distill.py)")
+    d.add_argument("--query-text-layers", default="auto",
+                   help="text-only queries run a distilled copy of these text backbone layers (comma-separated "
+                        "indices, e.g. 0,2,4), distilled after training; auto (default): every other layer of a "
+                        "backbone with 4 or more; none: the full backbone")
+    d.add_argument("--distill-epochs", type=float, default=DistillConfig.epochs,
+                   help="passes over the distillation texts (default %(default)s)")
+    d.add_argument("--distill-max-steps", type=int, default=DistillConfig.max_steps,
+                   help="cap on distillation steps of 128 texts (default %(default)s)")
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=CPU_RECIPE["steps"], help="total optimiser steps (both stages)")
     t.add_argument("--stage1-steps", type=int, default=CPU_RECIPE["stage1_steps"],
@@ -188,6 +198,17 @@ def _private_config(dim: str, gains: str, modality: str = "image") -> dict:
             f"{modality}_private_item_gain": values[2]}
 
 
+def _query_text_layers(text: str) -> str | list[int]:
+    """``--query-text-layers``: "auto", "none", or comma-separated layer indices; ValueError otherwise."""
+    if text in ("auto", "none"):
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--query-text-layers: expected auto, none or comma-separated layer indices, "
+                         f"got {text!r}") from None
+
+
 def _precision(choice: str) -> str:
     if choice == "auto":
         return "bf16" if bf16_is_fast("cpu") else "fp32"
@@ -224,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
             image_residual_gain=args.image_residual_gain, image_private_auto=args.image_private_dim == "auto",
             text_private_auto=args.text_private_dim == "auto",
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
+            query_text_layers=_query_text_layers(args.query_text_layers),
+            distill=DistillConfig(epochs=args.distill_epochs, max_steps=args.distill_max_steps, seed=args.seed),
             model=ModelConfig(dim=args.dim, heads=args.heads, cross_layers=args.cross_layers,
                               self_layers=args.self_layers, fusion_layers=args.fusion_layers,
                               mlp_ratio=args.mlp_ratio, dropout=args.dropout, share_fusion=args.share_fusion,
@@ -248,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps({k: summary.get(k) for k in ("products", "pairs", "pairs_by_kind", "rejects", "cache_seconds",
                                                   "train_seconds", "steps", "pairs_per_s", "total_seconds",
-                                                  "fingerprint")}, indent=2))
+                                                  "query_text_student", "fingerprint")}, indent=2))
     if summary["steps"] < job.train.steps:
         print(f"stopped at step {summary['steps']} of {job.train.steps}; resume with --resume", file=sys.stderr)
     return 0

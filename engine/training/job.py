@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, read_split
 from engine.model.model_folder import load_model, save_model
+from engine.training.distill import DistillConfig, distill_after_training, resolve_layers
 from engine.training.linear_baseline import save_linear_baseline, train_linear_baseline
 from engine.training.augment_cache import augmented_key, cache_augmented_images
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
@@ -55,6 +56,8 @@ class TrainJob:
     linear_baseline: after the towers, train the CLIP-style linear two-tower baseline on the
     same pairs and steps (``engine.training.linear_baseline``; seconds) into the model folder.
     linear_only: train only that baseline into ``out`` (an existing model folder is kept).
+    query_text_layers / distill: the query tower's distilled text encoder for text-only queries, made
+    after the blocks (``engine.training.distill.distill_after_training``; None: none).
     image_residual_init: ``"random"`` or ``"whitening"``: before training, fit the image residual of
     both towers in closed form from the augmented views (``engine.training.whitening``; needs
     ``augment_views > 0``, a fresh model with a pooled residual and at least ``dim`` augmented
@@ -100,6 +103,8 @@ class TrainJob:
     text_private_auto: bool = False
     linear_baseline: bool = True
     linear_only: bool = False
+    query_text_layers: str | list | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -271,6 +276,7 @@ def train_model(job: TrainJob) -> dict:
     _write_jsonl(out / "rejects.jsonl", rejects)
     private_init = _plan_private(job, model, augmented)
     text_private_init = _plan_text_private(job, model, pairs, products)
+    resolve_layers(job.query_text_layers, model.backbones.text.model)  # bad layers fail before training
     residual_init = _init_residual(job, model, images, augmented)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
     if job.resume and (out / "checkpoint.pt").is_file():
@@ -307,6 +313,8 @@ def train_model(job: TrainJob) -> dict:
         if text_block:
             summary["text_private_block"] = {**init_text_private(model, texts, text_private_init["queries"],
                                                                  text_private_init["titles"]), "fitted": "after training"}
+        model, summary["query_text_student"] = distill_after_training(model, job.query_text_layers, products, pairs,
+                                                                      job.distill, job.progress)
         summary["fingerprint"] = save_model(model, out, extra={"training": _jsonable(summary)})
         if job.linear_baseline:
             summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
