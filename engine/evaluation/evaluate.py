@@ -112,14 +112,27 @@ def build_pool(products: Sequence[Product], backbones, cache_dir: str, seed: int
 @torch.inference_mode()
 def tower_views(tower, texts: TokenTable, images: TokenTable, text_rows: np.ndarray, image_rows: np.ndarray,
                 batch_size: int = 256, views: Sequence[str] = ("F", "T", "V")) -> dict[str, np.ndarray]:
-    """``{view: float32 (n, d)}`` of ``tower`` over cached rows (eval mode, batched)."""
+    """``{view: float32 (n, d)}`` of ``tower`` over cached rows (eval mode, batched).
+
+    A query tower with a distilled text encoder (``tower.text_student``) does not run the cached
+    full-backbone tokens for text alone: its T view, and the F view of the rows without a photo,
+    come from ``tower.encode`` on the texts themselves (the table's keys), as served."""
     out: dict[str, list[np.ndarray]] = {v: [] for v in views}
     for chunk in iter_chunks(len(text_rows), batch_size):
         batch = TokenBatch.gather(texts, images, text_rows[chunk], image_rows[chunk])
         emb, _ = encode_views(tower, batch, views)
         for v in views:
             out[v].append(emb[v].float().numpy())
-    return {v: np.concatenate(parts) for v, parts in out.items()}
+    result = {v: np.concatenate(parts) for v, parts in out.items()}
+    if getattr(tower, "text_student", None) is not None and {"T", "F"} & set(views):
+        rows = np.flatnonzero(text_rows >= 0)
+        solo = tower.encode([texts.keys[r] for r in text_rows[rows]], None, view="text", batch_size=batch_size)
+        if "T" in views:
+            result["T"][rows] = solo
+        if "F" in views:
+            alone = image_rows[rows] < 0
+            result["F"][rows[alone]] = solo[alone]
+    return result
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
