@@ -143,7 +143,9 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None, i
 
     Returns:
         One line for the start-up log: what each kind of batch runs through, e.g. ``"text:
-        torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``.
+        torchscript bf16; image, text+image: onnxruntime fp32 (isa=amx)"``, and the layers of the
+        distilled text encoder text-only queries run when the model has one
+        (``engine.model.text_student``).
     """
     from engine.model.tower_graphs import KINDS
 
@@ -171,4 +173,6 @@ def prepare_query_tower(model, plan: TowerPlan, threads: int, onnx_cache=None, i
     for kind in KINDS:
         name = built[kind].backend if kind in built else f"python {plan.precision}"
         groups.setdefault(name, []).append(kind)
-    return "; ".join(f"{', '.join(kinds)}: {name}" for name, kinds in groups.items()) + f" (isa={plan.isa})"
+    student = tower.text_student
+    encoder = "" if student is None else f"; text-only queries: distilled text encoder, backbone layers {list(student.keep)}"
+    return "; ".join(f"{', '.join(kinds)}: {name}" for name, kinds in groups.items()) + f" (isa={plan.isa}){encoder}"

@@ -71,8 +71,8 @@ def test_a_backbone_without_a_layer_stack_is_refused_and_auto_says_why():
     assert resolve_layers("none", None) == (None, None)
 
 
-def test_auto_takes_every_other_layer_of_four_or_more(tiny_backbone_dir, deep_backbone_dir):
-    assert resolve_layers("auto", make_tiny_model(deep_backbone_dir).backbones.text.model) == ([0, 2], None)
+def test_auto_takes_the_first_and_last_layer_of_four_or_more(tiny_backbone_dir, deep_backbone_dir):
+    assert resolve_layers("auto", make_tiny_model(deep_backbone_dir).backbones.text.model) == ([0, 3], None)
     layers, reason = resolve_layers("auto", make_tiny_model(tiny_backbone_dir).backbones.text.model)
     assert layers is None and "has 1 layers" in reason
 
@@ -114,7 +114,8 @@ def test_graphs_and_model_folders_run_the_student(deep_backbone_dir, photos, tmp
         if backend == "onnxruntime":
             pytest.importorskip("onnxruntime")
         fresh = load_model(tmp_path / "m")
-        prepare_query_tower(fresh, plan_tower("fp32", backend), threads=1)
+        line = prepare_query_tower(fresh, plan_tower("fp32", backend), threads=1)
+        assert line.endswith("; text-only queries: distilled text encoder, backbone layers [0, 2]"), line
         assert set(fresh.query_tower.graphs) == {"text", "image", "text+image"}, backend
         for kind, args in batches.items():
             np.testing.assert_allclose(fresh.query_tower.encode(*args), expected[kind], atol=2e-5,
@@ -208,10 +209,10 @@ def test_the_training_job_distils_after_the_last_step_and_fails_fast_on_bad_laye
 
     summary = train_model(job("auto", "auto"))
     info = summary["query_text_student"]
-    assert info["layers"] == [0, 2] and info["steps"] == 3 and info["texts"] > 60 and info["holdout"]["texts"] >= 1
+    assert info["layers"] == [0, 3] and info["steps"] == 3 and info["texts"] > 60 and info["holdout"]["texts"] >= 1
     model = load_model(tmp_path / "auto")
-    assert model.config.query_text_layers == [0, 2]
-    assert load_model(tmp_path / "auto").extra["training"]["query_text_student"]["layers"] == [0, 2]
+    assert model.config.query_text_layers == [0, 3]
+    assert load_model(tmp_path / "auto").extra["training"]["query_text_student"]["layers"] == [0, 3]
     assert train_model(job("none", "none"))["query_text_student"] is None
     assert load_model(tmp_path / "none").query_tower.text_student is None
     with pytest.raises(TextStudentError, match="lie in 0..3"):
@@ -240,9 +241,9 @@ def test_distill_command_writes_a_new_folder_and_refuses_bad_input(deep_backbone
     args = ["distill", "--model", str(tmp_path / "m"), "--catalog", str(catalog), "--distill-max-steps", "2", "--quiet"]
     assert cli_main(args + ["--out", str(tmp_path / "s")]) == 0
     printed = capsys.readouterr().out
-    assert '"layers": [\n    0,\n    2\n  ]' in printed and '"steps": 2' in printed
+    assert '"layers": [\n    0,\n    3\n  ]' in printed and '"steps": 2' in printed
     student = load_model(tmp_path / "s")
-    assert student.config.query_text_layers == [0, 2]
+    assert student.config.query_text_layers == [0, 3]
     assert student.extra["training"]["query_text_student"]["distilled"].startswith("by ecsearch distill")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before  # the source is left alone
     for extra, message in ((["--out", str(tmp_path / "m")], "must be a new folder"),
@@ -251,3 +252,39 @@ def test_distill_command_writes_a_new_folder_and_refuses_bad_input(deep_backbone
         assert cli_main(args + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_a_served_index_answers_text_queries_through_the_student(deep_backbone_dir, fashion_dir, tmp_path):
+    from engine.catalog import read_catalog
+    from indexer.encode import EncodeOptions
+    from indexer.pipeline import IndexJobConfig, run_index_job
+    from indexer.version import VersionOptions
+    from server.client import SearchClient
+    from tests.test_server_support import start_server
+
+    plain, model = _student_model(deep_backbone_dir, text_private_dim=6, text_private_query_gains=[4.0, 0.0, 1.0])
+    g = torch.Generator().manual_seed(1)  # a student whose vectors differ visibly from the full backbone's
+    with torch.no_grad():
+        for p in model.query_tower.text_student.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    save_model(model, tmp_path / "model")
+    products = read_catalog(fashion_dir, limit=60).products
+    run_index_job(IndexJobConfig(catalog=fashion_dir, model_dir=tmp_path / "model", index_root=tmp_path / "index",
+                                 limit=60, device="cpu", encode=EncodeOptions(view="text", batch_size=32, workers=0),
+                                 version=VersionOptions(factory="IVF1,Flat", recall_queries=20)), log=lambda _line: None)
+    items = {p.product_id: v for p, v in zip(products, model.item_tower.encode([p.title for p in products], None,
+                                                                                view="text"))}
+    query = "puma sports shoes"
+    student_q = model.query_tower.encode([query], None)[0]
+    teacher_q = plain.query_tower.encode([query], None)[0]
+    server = start_server(tmp_path / "index", precision="fp32")  # bf16 would round the scores compared below
+    try:
+        server.wait_serving()
+        with SearchClient(server.target, timeout_s=30) as client:
+            hits = client.search(text=query, top_k=5).hits
+    finally:
+        server.stop()
+    assert len(hits) == 5
+    served = np.array([h.score for h in hits])
+    np.testing.assert_allclose(served, [student_q @ items[h.product_id] for h in hits], atol=5e-4)  # fp16 refine
+    assert np.abs(served - [teacher_q @ items[h.product_id] for h in hits]).max() > 5e-3

@@ -2,14 +2,14 @@
 
 A text-only query spends most of its CPU time in the text backbone (all-MiniLM-L6-v2: six
 layers, about 90 % of the query tower's arithmetic). ``TextStudent`` holds copies of some of
-the backbone's layers (by default every other one: layers 0, 2, 4 of six); the query tower runs
+the backbone's layers (by default the first and the last: layers 0 and 5 of six); the query tower runs
 text-only batches through the backbone's embeddings and these layers only, then its own fusion
 encoder as before. The layers are distilled after training so that the query tower's text-only
 vectors match what the full backbone gives (``engine.training.distill``); the item tower, the
 photo path and the text + photo path keep the full backbone, so item vectors and every ranking
 of a query with a photo are unchanged. Source: our choice (issue 11: the CPU cost of a text
-query), in the spirit of DistilBERT's initialisation from every other teacher layer
-(Sanh et al., 2019, §3).
+query); students initialised from a subset of the teacher's layers as in DistilBERT
+(Sanh et al., 2019, §3), which takes every other layer.
 """
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise TextStudentError(f"{type(model).__name__} has no encoder.layer / encoder.layers stack to distil from")
 
 
-def every_other_layer(model: nn.Module) -> list[int]:
-    """Layers 0, 2, 4, ... of ``model``'s stack (``ceil(n / 2)`` of n): the default student."""
-    return list(range(0, len(layer_stack(model)[1]), 2))
+def first_and_last_layer(model: nn.Module) -> list[int]:
+    """Layers ``[0, n - 1]`` of ``model``'s n-layer stack: the default student (our choice: on
+    all-MiniLM-L6-v2 its text-only vectors reached a held-out cosine of 0.986 to the full
+    backbone's, against 0.979 for layers 0, 2, 4, in a third of the layers; docs/results.md)."""
+    count = len(layer_stack(model)[1])
+    return [0, count - 1] if count > 1 else [0]
 
 
 def check_layers(keep: Sequence[int], available: int | None) -> list[int]:

@@ -85,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("query text encoder (engine/model/text_student.py, engine/training/distill.py)")
     d.add_argument("--query-text-layers", default="auto",
                    help="text-only queries run a distilled copy of these text backbone layers (comma-separated "
-                        "indices, e.g. 0,2,4), distilled after training; auto (default): every other layer of a "
-                        "backbone with 4 or more; none: the full backbone")
+                        "indices, e.g. 0,5), distilled after training; auto (default): the first and the last layer "
+                        "of a backbone with 4 or more; none: the full backbone")
     d.add_argument("--distill-epochs", type=float, default=DistillConfig.epochs,
                    help="passes over the distillation texts (default %(default)s)")
     d.add_argument("--distill-max-steps", type=int, default=DistillConfig.max_steps,

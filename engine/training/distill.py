@@ -8,7 +8,7 @@ send: the training products' titles, every typed query of the training pairs, an
 type query and attribute phrase the training products' facets allow. Everything else is frozen
 (backbone embeddings, fusion encoder, private blocks), so item vectors and queries with a photo
 do not change. A seeded held-out slice of the texts (5 %) measures the cosine reached. Source:
-our choice (issue 11); DistilBERT-style layer initialisation (Sanh et al., 2019, §3), a cosine
+our choice (issue 11); a student started from teacher layers (Sanh et al., 2019, §3), a cosine
 loss on the final embedding as in sentence-embedding distillation (Reimers & Gurevych, 2020, §2).
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from engine.catalog.shopper_queries import attribute_phrases, brand_queries, pro
 class DistillConfig:
     """Distillation settings (our choice; measured on the fashion catalogue, docs/results.md).
 
-    epochs: passes over the texts, capped at ``max_steps`` steps of ``batch_size`` texts;
+    epochs: passes over the texts, capped at ``max_steps`` steps of ``batch_size`` texts (batches of
+    texts of similar token counts, in a seeded order reshuffled every pass);
     lr: AdamW peak learning rate (one-cycle schedule, 10 % warm-up); holdout: share of the texts
     kept out of training to measure the cosine (at least 1, at most 1,000 texts); seed: the
     split's and the batches' seed. ValueError on a non-positive value or holdout outside [0, 0.5].
@@ -118,7 +119,12 @@ def distill_text_student(model, texts: Sequence[str], config: DistillConfig = Di
     held = min(1000, max(1, round(config.holdout * len(texts)))) if config.holdout > 0 else 0
     held_idx, train_idx = order[:held], order[held:]
     targets = torch.from_numpy(teacher_vectors(tower, texts))
-    steps = max(1, min(config.max_steps, math.ceil(config.epochs * len(train_idx) / config.batch_size)))
+    # length-bucketed batches (texts of similar token counts together: little padding), in a seeded
+    # order that is reshuffled every pass; each text's loss is its own, so bucketing biases nothing
+    lengths = np.asarray(tower.backbones.text.token_lengths([texts[i] for i in train_idx]))
+    by_length = train_idx[np.argsort(lengths, kind="stable")]
+    batches = [by_length[i:i + config.batch_size] for i in range(0, len(by_length), config.batch_size)]
+    steps = max(1, min(config.max_steps, math.ceil(config.epochs * len(batches))))
     bf16 = bf16_is_fast()
     frozen = [p for p in tower.fusion.parameters() if p.requires_grad]
     for p in frozen:
@@ -131,8 +137,10 @@ def distill_text_student(model, texts: Sequence[str], config: DistillConfig = Di
     loss_value = float("nan")
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(steps), desc="distil query text encoder", unit="step", disable=not progress):
-                batch = rng.choice(train_idx, size=min(config.batch_size, len(train_idx)), replace=False)
+            for step in tqdm(range(steps), desc="distil query text encoder", unit="step", disable=not progress):
+                if step % len(batches) == 0:
+                    passes = rng.permutation(len(batches))
+                batch = batches[passes[step % len(batches)]]
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     vectors = _student_vectors(tower, [texts[i] for i in batch])
                 loss = (1.0 - (vectors * targets[batch]).sum(dim=-1)).mean()
@@ -168,11 +176,11 @@ def _student_vectors(tower, texts: list[str]) -> torch.Tensor:
 
 
 def resolve_layers(choice, teacher) -> tuple[list[int] | None, str | None]:
-    """``--query-text-layers``: ``"auto"`` (every other layer of a backbone with at least 4
-    layers; fewer: no student, with the reason), ``"none"`` / None (no student), or indices.
+    """``--query-text-layers``: ``"auto"`` (the first and the last layer of a backbone with at
+    least 4 layers; fewer: no student, with the reason), ``"none"`` / None (no student), or indices.
     Returns ``(layers or None, reason when auto declined)``. Raises TextStudentError on bad
     indices or a backbone without a layer stack (asked for explicitly)."""
-    from engine.model.text_student import check_layers, every_other_layer, layer_stack
+    from engine.model.text_student import check_layers, first_and_last_layer, layer_stack
 
     if choice is None or choice == "none":
         return None, None
@@ -183,7 +191,7 @@ def resolve_layers(choice, teacher) -> tuple[list[int] | None, str | None]:
             return None, str(exc)
         if count < 4:
             return None, f"the text backbone has {count} layers (auto distils backbones of 4 or more)"
-        return every_other_layer(teacher), None
+        return first_and_last_layer(teacher), None
     return check_layers(choice, len(layer_stack(teacher)[1])), None
 
 

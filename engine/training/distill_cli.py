@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="read at most this many catalogue rows")
     parser.add_argument("--query-text-layers", default="auto",
                         help="text backbone layers the student starts from (comma-separated), or auto "
-                             "(every other layer of a backbone with 4 or more; default)")
+                             "(the first and the last layer of a backbone with 4 or more; default)")
     parser.add_argument("--distill-epochs", type=float, default=DistillConfig.epochs,
                         help="passes over the texts (default %(default)s)")
     parser.add_argument("--distill-max-steps", type=int, default=DistillConfig.max_steps,
