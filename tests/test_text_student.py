@@ -288,3 +288,23 @@ def test_a_served_index_answers_text_queries_through_the_student(deep_backbone_d
     served = np.array([h.score for h in hits])
     np.testing.assert_allclose(served, [student_q @ items[h.product_id] for h in hits], atol=5e-4)  # fp16 refine
     assert np.abs(served - [teacher_q @ items[h.product_id] for h in hits]).max() > 5e-3
+
+
+def test_auto_epochs_follow_the_cpu(deep_backbone_dir, fashion_dir, monkeypatch):
+    import math
+
+    from engine.catalog import read_catalog
+    from engine.cpu_features import bf16_is_fast
+
+    texts = distillation_texts(read_catalog(fashion_dir, limit=30).products, [])
+    config = DistillConfig(batch_size=64, holdout=0.0)
+    batches = math.ceil(len(texts) / 64)
+    monkeypatch.setenv("ECSEARCH_CPU_ISA", "avx2")  # no native bf16: 3 fp32 passes
+    info = distill_text_student(_student_model(deep_backbone_dir)[1], texts, config, progress=False)
+    assert (info["epochs"], info["steps"], info["precision"], info["holdout"]) == (3.0, 3 * batches, "fp32", None)
+    monkeypatch.delenv("ECSEARCH_CPU_ISA")
+    if bf16_is_fast():
+        info = distill_text_student(_student_model(deep_backbone_dir)[1], texts, config, progress=False)
+        assert (info["epochs"], info["steps"], info["precision"]) == (8.0, 8 * batches, "bf16")
+    with pytest.raises(ValueError, match="must be > 0"):
+        DistillConfig(epochs=0)

@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-text-layers", default="auto",
                         help="text backbone layers the student starts from (comma-separated), or auto "
                              "(the first and the last layer of a backbone with 4 or more; default)")
-    parser.add_argument("--distill-epochs", type=float, default=DistillConfig.epochs,
-                        help="passes over the texts (default %(default)s)")
+    parser.add_argument("--distill-epochs", default="auto",
+                        help="passes over the texts; auto (default): 8 where the CPU runs bf16, else 3")
     parser.add_argument("--distill-max-steps", type=int, default=DistillConfig.max_steps,
                         help="cap on steps of 128 texts (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the typed queries, the split and the batches")
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from engine.model.model_folder import load_model, save_model
-    from engine.training.cli import CPU_RECIPE, _query_text_layers
+    from engine.training.cli import CPU_RECIPE, _distill_epochs, _query_text_layers
     from engine.training.distill import distill_after_training
     from engine.training.job import TrainingDataError, load_products
     from engine.training.linear_baseline import META, WEIGHTS
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         choice = _query_text_layers(args.query_text_layers)
         if choice == "none":
             raise ValueError("--query-text-layers none: nothing to distil")
-        config = DistillConfig(epochs=args.distill_epochs, max_steps=args.distill_max_steps, seed=args.seed)
+        config = DistillConfig(epochs=_distill_epochs(args.distill_epochs), max_steps=args.distill_max_steps, seed=args.seed)
         model = load_model(args.model)
         products, _ = load_products(args.catalog, None if args.split == "all" else args.split, args.limit)
         rates = {k: CPU_RECIPE[k] for k in ("brand_query_rate", "partial_title_rate", "phrase_query_rate")}

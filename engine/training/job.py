@@ -315,6 +315,7 @@ def train_model(job: TrainJob) -> dict:
                                                                  text_private_init["titles"]), "fitted": "after training"}
         model, summary["query_text_student"] = distill_after_training(model, job.query_text_layers, products, pairs,
                                                                       job.distill, job.progress)
+        summary["total_seconds"] = time.perf_counter() - t_start  # the blocks and the distillation included
         summary["fingerprint"] = save_model(model, out, extra={"training": _jsonable(summary)})
         if job.linear_baseline:
             summary["linear_baseline"] = _train_linear(data, job, out, model.config.dim)
