@@ -196,7 +196,9 @@ class Tower(nn.Module):
                view: str = "fused", batch_size: int = 64,
                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, precision: str = "fp32",
                use_graphs: bool = True) -> np.ndarray:
-        """Encode B samples, each text-only, image-only or text+image.
+        """Encode B samples, each text-only, image-only or text+image. Text-only samples run
+        ``text_model("text")``: the distilled text encoder when the tower has one
+        (``engine.model.text_student``), else the text backbone like the others.
 
         Args:
             texts: B strings or None (no text); None for all-None. A string may be replaced by
