@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from engine.model.model_folder import load_model, save_model
     from engine.training.cli import CPU_RECIPE, _distill_epochs, _query_text_layers
     from engine.training.distill import distill_after_training
-    from engine.training.job import TrainingDataError, load_products
+    from engine.training.job import TrainingDataError, TrainJob, job_pairs, load_products
     from engine.training.linear_baseline import META, WEIGHTS
-    from engine.training.pairs import catalog_pairs, shopper_pairs
+    from engine.training.trainer import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
         config = DistillConfig(epochs=_distill_epochs(args.distill_epochs), max_steps=args.distill_max_steps, seed=args.seed)
         model = load_model(args.model)
         products, _ = load_products(args.catalog, None if args.split == "all" else args.split, args.limit)
-        rates = {k: CPU_RECIPE[k] for k in ("brand_query_rate", "partial_title_rate", "phrase_query_rate")}
-        pairs = catalog_pairs(products, args.seed, photo_query_rate=CPU_RECIPE["photo_query_rate"],
-                              title_query_rate=CPU_RECIPE["title_query_rate"])  # as `ecsearch train` draws them
-        pairs += shopper_pairs(products, args.seed, **rates)
+        rates = {k: CPU_RECIPE[k] for k in ("photo_query_rate", "title_query_rate", "brand_query_rate",
+                                            "partial_title_rate", "phrase_query_rate", "composed_rate")}
+        job = TrainJob(catalog=args.catalog, out=args.out, split=None if args.split == "all" else args.split,
+                       limit=args.limit, train=TrainConfig(seed=args.seed), **rates)
+        pairs, _ = job_pairs(job, products)  # the pairs `ecsearch train` draws with its defaults
         model, info = distill_after_training(model, choice, products, pairs, config, progress=not args.quiet)
         if info is None or info.get("layers") is None:
             raise ValueError(f"no student: {(info or {}).get('reason', 'none asked for')}")

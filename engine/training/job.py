@@ -227,16 +227,12 @@ def _relevance(products: list[Product], pairs: list[TrainingPair]) -> dict:
     return {"relevance_keys": keys, "query_spec": query_spec, "query_key": query_key}
 
 
-def train_model(job: TrainJob) -> dict:
-    """Run one training job end to end; returns the summary also stored in the model folder.
-
-    Raises CatalogError / TrainingDataError / FileNotFoundError on unusable input.
-    """
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    products, rejects = load_products(job.catalog, job.split, job.limit, job.mapping)
+def job_pairs(job: TrainJob, products: list) -> tuple[list[TrainingPair], list[dict]]:
+    """The training pairs ``job`` draws over ``products`` (catalogue, shopper and pairs-file pairs,
+    seeded by ``job.train.seed``) and the pairs file's reject records. Raises TrainingDataError when
+    there is no pair."""
     pairs: list[TrainingPair] = []
+    rejects: list[dict] = []
     if job.catalog_pairs:
         pairs += catalog_pairs(products, job.train.seed, similar_rate=job.similar_rate,
                                attribute_query_rate=job.attribute_query_rate,
@@ -251,6 +247,20 @@ def train_model(job: TrainJob) -> dict:
         rejects += [{"source": "pairs_file", **r.to_dict()} for r in pair_rejects]
     if not pairs:
         raise TrainingDataError("no training pairs: catalogue pairs are off and the pairs file gave none")
+    return pairs, rejects
+
+
+def train_model(job: TrainJob) -> dict:
+    """Run one training job end to end; returns the summary also stored in the model folder.
+
+    Raises CatalogError / TrainingDataError / FileNotFoundError on unusable input.
+    """
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    products, rejects = load_products(job.catalog, job.split, job.limit, job.mapping)
+    pairs, pair_rejects = job_pairs(job, products)
+    rejects += pair_rejects
 
     # the private blocks are fitted after training (_plan_private): the towers train without them
     model = load_model(job.init_model) if job.init_model else build_model(
