@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "query, the smallest at which its own sample reaches --target-recall; indexer/query_sample.py)")
     parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 against exact search that the "
                         "item sample and each query kind's sample must reach when nprobe is chosen (default 0.95)")
-    parser.add_argument("--k-factor", type=int, default=50, help="refine re-scores top k*K candidates (default 50)")
+    parser.add_argument("--k-factor", type=int, default=None, help="refine re-scores top k*K candidates (default: "
+                        "the smallest of 5, 10, 20, 50 that loses no recall on the recall samples; indexer/refine_depth.py)")
     parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
     parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none"),
                         default="fp16_ram", help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 "
@@ -78,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> str | None:
     """The reason the options are unusable, or None."""
-    if args.shards < 1 or args.keep_versions < 1 or args.k_factor < 1 or args.batch_size < 1 or args.chunk_size < 1:
+    if args.shards < 1 or args.keep_versions < 1 or (args.k_factor or 1) < 1 or args.batch_size < 1 or args.chunk_size < 1:
         return "--shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1"
     if args.token_cache is not None and not args.token_cache.is_dir():
         return f"--token-cache {args.token_cache}: not a folder"

@@ -27,6 +27,7 @@ from indexer.manifest import describe_file, write_manifest
 from indexer.metadata import SCHEMA as METADATA_SCHEMA, write_metadata
 from indexer.recall import exact_search, recall_at_k
 from indexer.refine import check_storage, manifest_entry, write_refine
+from indexer.refine_depth import K_FACTOR_MAX, choose_k_factor
 from indexer.search import open_index
 from indexer.shards import assign_shards
 
@@ -46,9 +47,10 @@ class VersionOptions:
     nprobe: default nprobe written to the manifest; None = smallest of 1, 2, 4, ... whose
         recall@10 with refine reaches ``target_recall`` on the recall sample and, when the
         build passes query-tower vectors (``write_version(query_vectors=)``), on those too.
-    k_factor: refine re-scores the top ``k * k_factor`` candidates (our choice: 50; measured on
-        1M synthetic clustered vectors, IVF2048,PQ32, nprobe 4: recall@10 0.78 with 10, 0.91
-        with 20, 0.993 with 50 at 0.22 ms per single query; bench/bench_index.py).
+    k_factor: refine re-scores the top ``k * k_factor`` candidates; None (default): the
+        smallest depth that loses no recall on the recall samples (``indexer.refine_depth``,
+        which says why). 50 suits 1M synthetic clustered vectors, IVF2048,PQ32, nprobe 4:
+        recall@10 0.78 with 10, 0.91 with 20, 0.993 with 50 (bench/bench_index.py).
     refine: refine by default at search time.
     refine_storage: where the refine vectors live: "fp16_ram", "fp16_mmap", "fp16_pread", "sq8" or "none"
         (``indexer.refine``; "none" turns the refine default off).
@@ -61,7 +63,7 @@ class VersionOptions:
     n_shards: int = 1
     factory: str = "auto"
     nprobe: int | None = None
-    k_factor: int = 50
+    k_factor: int | None = None
     refine: bool = True
     refine_storage: str = "fp16_ram"
     recall_queries: int = 1000
@@ -132,11 +134,12 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     quality = measure_quality(out_dir, options, query_vectors=query_vectors)
     timings["recall"] = time.perf_counter() - t0
     manifest["index"].update(nprobe_default=quality.pop("nprobe_chosen"), **quality.pop("by_request_kind"))
+    manifest["refine"]["k_factor"] = quality.pop("k_factor_chosen")
     manifest["recall"] = quality
     timings["version_total"] = time.perf_counter() - t_all
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     write_manifest(out_dir, manifest)
-    log(_quality_line(manifest["index"]["nprobe_default"], quality))
+    log(_quality_line(manifest["index"]["nprobe_default"], manifest["refine"]["k_factor"], quality))
     return VersionResult(manifest, timings)
 
 
@@ -218,7 +221,8 @@ def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options
             "nprobe_default": min(options.nprobe or 1, plan.nlist), "notes": plan.notes,
             "faiss_version": faiss.__version__, "trained_on": "gpu" if _gpu_count() > 0 else "cpu",
         },
-        "refine": {"default": options.refine and options.refine_storage != "none", "k_factor": options.k_factor},
+        "refine": {"default": options.refine and options.refine_storage != "none",
+                   "k_factor": options.k_factor or K_FACTOR_MAX},  # the chosen one once measured
         "shard_assignment": "blake2b-64(product_id utf-8), big-endian, mod n_shards",
         "shards": [{"file": b.file, "items": b.items, **describe_file(out_dir / b.file)} for b in shard_builds],
         "vectors": {"file": VECTORS_FILE, "dtype": "float16", "shape": [n, dim]},
@@ -231,12 +235,12 @@ def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options
     }
 
 
-def _quality_line(nprobe: int, quality: dict[str, Any]) -> str:
+def _quality_line(nprobe: int, k_factor: int, quality: dict[str, Any]) -> str:
     by_kind = quality.get("recall_at_10_query_tower_by_kind", {})
     query_tower = (f"; {quality['recall_at_10_query_tower']:.4f} on {quality['query_tower_queries']} query-tower "
                    "queries (" + ", ".join(f"{kind} {r:.4f}" for kind, r in by_kind.items()) + ")"
                    if "recall_at_10_query_tower" in quality else "")
-    return (f"index: nprobe {nprobe}: recall@10 {quality['recall_at_10']:.4f} with refine, "
+    return (f"index: nprobe {nprobe}, refine k_factor {k_factor}: recall@10 {quality['recall_at_10']:.4f} with refine, "
             f"{quality['recall_at_10_no_refine']:.4f} without (vs exact, {quality['queries']} item queries{query_tower}); "
             f"self at rank 1 {quality['self_at_rank_1']:.4f} ({quality['self_at_rank_1_or_tie']:.4f} counting ties) "
             f"over {quality['self_items']} items")
@@ -263,7 +267,10 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
         exact_s, exact_i = exact_search(index._vectors, queries, k)
         sets = {"items": (queries, exact_i), **_query_sets(index, query_vectors, k)}
         chosen, by_nprobe = _choose_nprobe(index, sets, options, k)
-        _, refined = index.search_ids(queries, k, nprobe=chosen, refine=True, k_factor=options.k_factor)
+        by_kind = {} if options.nprobe is not None else _nprobe_by_request_kind(by_nprobe, options, chosen)
+        k_factor, by_k_factor = (options.k_factor, {}) if options.k_factor else choose_k_factor(
+            index, sets, sorted({chosen, *by_kind.get("nprobe_by_query_kind", {}).values()}), k)
+        _, refined = index.search_ids(queries, k, nprobe=chosen, refine=True, k_factor=k_factor)
         _, plain = index.search_ids(queries, k, nprobe=chosen, refine=False)
         self_rows = np.arange(n) if n <= options.self_queries else \
             np.sort(rng.choice(n, size=options.self_queries, replace=False))
@@ -271,13 +278,14 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
         for start in range(0, self_rows.size, 4096):
             ids = self_rows[start:start + 4096]
             q = index.vectors(ids)
-            top_s, top_i = index.search_ids(q, 1, nprobe=chosen, refine=options.refine, k_factor=options.k_factor)
+            top_s, top_i = index.search_ids(q, 1, nprobe=chosen, refine=options.refine, k_factor=k_factor)
             hit = top_i[:, 0] == ids
             hits += int(hit.sum())
             ties += int((hit | (top_s[:, 0] >= np.einsum("nd,nd->n", q, q) - 1e-4)).sum())
         return {
             "k": k, "queries": int(rows.size), "nprobe_chosen": int(chosen),
-            "by_request_kind": {} if options.nprobe is not None else _nprobe_by_request_kind(by_nprobe, options, chosen),
+            "by_request_kind": by_kind, "k_factor_chosen": int(k_factor),
+            "recall_at_10_by_k_factor": {str(f): round(r, 4) for f, r in by_k_factor.items()},
             "recall_at_10": round(recall_at_k(refined, exact_i, k), 4),
             "recall_at_10_no_refine": round(recall_at_k(plain, exact_i, k), 4),
             "recall_at_10_by_nprobe_refined": {str(p): round(r["items"], 4) for p, r in by_nprobe.items()},
@@ -358,7 +366,7 @@ def _choose_nprobe(index, sets: dict[str, tuple[np.ndarray, np.ndarray]], option
     for nprobe in candidates:
         by_nprobe[nprobe] = {}
         for name, (queries, exact_i) in sets.items():
-            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.k_factor)
+            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.k_factor or K_FACTOR_MAX)
             by_nprobe[nprobe][name] = recall_at_k(ann, exact_i, k)
         if options.nprobe is None and min(by_nprobe[nprobe].values()) >= options.target_recall:
             return nprobe, by_nprobe

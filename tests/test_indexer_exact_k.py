@@ -42,6 +42,7 @@ def version_dir(tmp_path_factory, products):
     version = new_version_id()
     staged = tmp_dir(root) / f"stage-{version}"
     write_version(staged, version, vectors, records, VersionOptions(n_shards=2, factory="IVF32,Flat", nprobe=1,
+                                                                  k_factor=50,  # deep: the cap tests need it
                                                                   recall_queries=50, self_queries=100),
                   log=lambda _m: None)
     return publish_version(root, staged, version)
