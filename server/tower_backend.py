@@ -4,16 +4,19 @@
 
 | CPU ISA (after ``ECSEARCH_CPU_ISA``) | text-only batches | image-only, text+image batches |
 |---|---|---|
-| ``avx512_bf16``, ``amx`` | bf16 TorchScript (oneDNN-packed bf16 linears) | fp32 ONNX Runtime |
-| ``avx2``, ``avx512``, ``default`` | int8 ONNX Runtime if it passes its gate, else fp32 | fp32 ONNX Runtime |
+| every ISA, onnxruntime installed | int8 ONNX Runtime if it passes its gate, else fp32 | fp32 ONNX Runtime |
+| ``avx512_bf16``, ``amx``, no onnxruntime | bf16 TorchScript (oneDNN-packed bf16 linears) | bf16 TorchScript |
+| other ISAs, no onnxruntime | fp32 TorchScript | fp32 TorchScript |
 
-(TorchScript where onnxruntime is not installed.) The figures behind the table are in
-docs/serving.md: bf16 TorchScript is the fastest text path where the CPU has native bf16;
-ONNX Runtime's fp32 kernels beat TorchScript for the convolutional image backbone even
-there, and for everything without native bf16. Without native bf16, ``--precision auto``
-also tries the smoothed int8 text path (``engine.model.tower_int8``), kept only where its
-min cosine to fp32 over up to 720 real queries from the served index's products is ≥ 0.995 (measured when exported,
-recorded in the ONNX cache); an explicit ``--precision fp32`` stays fp32. A kind of batch
+The figures behind the table are in docs/serving.md: ONNX Runtime's fp32 kernels beat
+TorchScript for the convolutional image backbone on every CPU measured, and since text-only
+queries run the distilled text encoder (two backbone layers) the int8 text graph beats bf16
+TorchScript even where bf16 is native (AMX Xeon, text at concurrency 8 over gRPC: p50 12.6-12.9
+against 14.8-15.1 ms). ``--precision auto`` tries the smoothed int8 text path
+(``engine.model.tower_int8``), kept only where its min cosine to fp32 over up to 720 real
+queries from the served index's products is ≥ 0.995 (measured when exported, recorded in the
+ONNX cache); an explicit ``--precision fp32`` stays fp32, an explicit ``--precision bf16``
+runs text through bf16 TorchScript. A kind of batch
 whose graph cannot be built, or disagrees with the Python path, falls back (int8 → fp32 ONNX Runtime → TorchScript →
 Python) with a warning; the plan is logged at start-up, what was built once the model is
 loaded. Our choice.
@@ -78,8 +81,9 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
     if backend not in BACKEND_CHOICES:
         raise BackendError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
     isa, auto = cpu_isa(), precision == "auto"
-    if precision == "auto":  # an explicit ONNX Runtime backend runs fp32 on any CPU
-        precision = "bf16" if bf16_is_fast("cpu") and not backend.startswith("onnxruntime") else "fp32"
+    if precision == "auto":  # ONNX Runtime (auto where installed, or asked for) runs fp32 on any CPU
+        onnx = backend.startswith("onnxruntime") or (graphs and backend == "auto" and onnxruntime_available())
+        precision = "bf16" if bf16_is_fast("cpu") and not onnx else "fp32"
     if backend.startswith("onnxruntime") and precision != "fp32":
         raise BackendError(f"the {backend} backend runs fp32 weights; use --precision fp32 (or auto on a CPU "
                            f"without native bf16), or --backend auto, not --precision {precision}")
@@ -92,7 +96,7 @@ def plan_tower(precision: str = "auto", backend: str = "auto", graphs: bool = Tr
         backends = dict.fromkeys(KINDS, fp32_graphs)
         if auto and precision == "fp32" and fp32_graphs == "onnxruntime":  # int8 text, if it passes its gate
             backends["text"] = "onnxruntime-int8"
-        if precision == "bf16":  # bf16 TorchScript wins for text; fp32 ONNX Runtime for images
+        if precision == "bf16":  # asked for (or no onnxruntime): bf16 TorchScript for text
             backends["text"] = "torchscript"
     return TowerPlan(precision, backends, isa)
 

@@ -76,14 +76,18 @@ def test_onnx_backend_refuses_bf16_and_unknown_backends(tiny_backbone_dir):
         tower.use_graphs("fp32", backend="tvm")
 
 
-def test_auto_picks_gated_int8_text_and_fp32_images_on_avx2_and_python_without_graphs(monkeypatch):
-    monkeypatch.setenv("ECSEARCH_CPU_ISA", "avx2")
+@pytest.mark.parametrize("isa", ["avx2", None])  # None: the CPU's own ISA, bf16-native or not
+def test_auto_picks_gated_int8_text_and_fp32_images_on_any_cpu_and_python_without_graphs(monkeypatch, isa):
+    if isa is None:
+        monkeypatch.delenv("ECSEARCH_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ECSEARCH_CPU_ISA", isa)
     assert plan_tower() == plan_tower("auto", "auto")
     plan = plan_tower()
-    assert (plan.precision, plan.isa) == ("fp32", "avx2")
+    assert (plan.precision, plan.isa) == ("fp32", isa or detected_isa())
     assert plan.backends == {"text": "onnxruntime-int8", "image": "onnxruntime", "text+image": "onnxruntime"}
     assert plan.describe() == ("text: onnxruntime int8 if its gate passes, else fp32; "
-                               "image, text+image: onnxruntime fp32 (isa=avx2)")
+                               f"image, text+image: onnxruntime fp32 (isa={plan.isa})")
     assert plan_tower("fp32").backends == dict.fromkeys(KINDS, "onnxruntime")  # explicit fp32 stays fp32
     assert plan_tower("fp32", "torchscript").backends == dict.fromkeys(KINDS, "torchscript")
     assert plan_tower(graphs=False).backends == dict.fromkeys(KINDS, "python")
@@ -95,15 +99,16 @@ def test_auto_picks_gated_int8_text_and_fp32_images_on_avx2_and_python_without_g
         plan_tower("fp32", "tvm")
 
 
-@pytest.mark.skipif(not bf16_is_fast("cpu"), reason="auto picks bf16 only where the CPU runs it natively")
-def test_auto_picks_bf16_torchscript_for_text_and_onnx_for_images_where_bf16_is_native(
+@pytest.mark.skipif(not bf16_is_fast("cpu"), reason="bf16 runs only where the CPU runs it natively")
+def test_bf16_runs_text_through_torchscript_and_images_through_onnx_where_bf16_is_native(
         monkeypatch, tiny_backbone_dir, photos):
     monkeypatch.delenv("ECSEARCH_CPU_ISA", raising=False)
-    plan = plan_tower()
+    plan = plan_tower("bf16")
     assert (plan.precision, plan.isa) == ("bf16", detected_isa())
     assert plan.backends == {"text": "torchscript", "image": "onnxruntime", "text+image": "onnxruntime"}
     assert ISA_LEVELS.index(plan.isa) >= ISA_LEVELS.index("avx512_bf16")
     assert plan_tower("auto", "onnxruntime").precision == "fp32"  # an explicit ONNX backend: fp32
+    assert plan_tower("auto", "torchscript").precision == "bf16"  # auto with TorchScript: native bf16
     model = make_tiny_model(tiny_backbone_dir, seed=14)
     tower = model.query_tower
     texts, images = ["black heels", "a", "red kurta"], photos[:3]
