@@ -136,7 +136,10 @@ class SearchServer:
         self.fatal: BaseException | None = None
         self._stopped = asyncio.Event()
         self._fatal_event = asyncio.Event()
-        self._search_pool = ThreadPoolExecutor(config.search_workers, thread_name_prefix="search")
+        # OpenMP's thread count is per thread: each search thread sets its own, or faiss runs
+        # cores-many OpenMP threads there whatever --faiss-threads says (docs/serving.md)
+        self._search_pool = ThreadPoolExecutor(config.search_workers, thread_name_prefix="search",
+                                               initializer=_faiss_threads, initargs=(config.faiss_threads,))
         self._decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="index-load")
         self._server: grpc.aio.Server | None = None
@@ -330,6 +333,13 @@ def _bound_threads(config: ServerConfig) -> Callable[[], None]:
         faiss.omp_set_num_threads(before[0])
         torch.set_num_threads(before[1])
     return restore
+
+
+def _faiss_threads(n: int) -> None:
+    """Set the calling thread's faiss (OpenMP) thread count."""
+    import faiss
+
+    faiss.omp_set_num_threads(n)
 
 
 def default_torch_threads() -> int:

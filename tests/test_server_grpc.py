@@ -206,6 +206,15 @@ def test_concurrent_queries_are_micro_batched(running, subset):
     assert max(r.encode_batch_size for r in responses) > 1
 
 
+def test_search_threads_run_faiss_with_the_configured_openmp_threads(running):
+    # OpenMP's thread count is per thread: the search pool's threads must set it themselves
+    import faiss
+
+    pool = running.server._search_pool
+    counts = {pool.submit(faiss.omp_get_max_threads).result(30) for _ in range(8)}
+    assert counts == {running.config.faiss_threads} == {1}
+
+
 def test_metrics_count_requests_by_status_and_stage_latency(running, client):
     client.search(text="metrics probe", top_k=2)
     with pytest.raises(grpc.RpcError):
