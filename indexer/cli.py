@@ -44,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "query, the smallest at which its own sample reaches --target-recall; indexer/query_sample.py)")
     parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 against exact search that the "
                         "item sample and each query kind's sample must reach when nprobe is chosen (default 0.95)")
-    parser.add_argument("--k-factor", type=int, default=None, help="refine re-scores top k*K candidates (default: "
-                        "the smallest of 5, 10, 20, 50 that loses no recall on the recall samples; indexer/refine_depth.py)")
+    parser.add_argument("--k-factor", type=int, help="refine re-scores top k*K candidates (default: measured)")
     parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
     parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none"),
                         default="fp16_ram", help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 "

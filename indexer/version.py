@@ -133,14 +133,20 @@ def write_version(out_dir: Path, version: str, vectors: np.ndarray, records: Seq
     t0 = time.perf_counter()
     quality = measure_quality(out_dir, options, query_vectors=query_vectors)
     timings["recall"] = time.perf_counter() - t0
-    manifest["index"].update(nprobe_default=quality.pop("nprobe_chosen"), **quality.pop("by_request_kind"))
-    manifest["refine"]["k_factor"] = quality.pop("k_factor_chosen")
-    manifest["recall"] = quality
+    _record_quality(manifest, quality)
     timings["version_total"] = time.perf_counter() - t_all
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     write_manifest(out_dir, manifest)
     log(_quality_line(manifest["index"]["nprobe_default"], manifest["refine"]["k_factor"], quality))
     return VersionResult(manifest, timings)
+
+
+def _record_quality(manifest: dict[str, Any], quality: dict[str, Any]) -> None:
+    """Write ``measure_quality``'s choices (nprobe, per-kind nprobe, refine depth) and its
+    recall report into ``manifest``."""
+    manifest["index"].update(nprobe_default=quality.pop("nprobe_chosen"), **quality.pop("by_request_kind"))
+    manifest["refine"]["k_factor"] = quality.pop("k_factor_chosen")
+    manifest["recall"] = quality
 
 
 def run_in_process(tasks: list[Callable[[], Any]]) -> list:

@@ -202,11 +202,11 @@ def test_the_training_job_distils_after_the_last_step_and_fails_fast_on_bad_laye
 
     catalog = _mini_fashion(fashion_dir, tmp_path / "fashion", n=60)
 
-    def job(name, layers):
+    def job(name, layers, min_cosine=0.0):
         return TrainJob(catalog=str(catalog), out=str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
                         progress=False, model=tiny_config(deep_backbone_dir), linear_baseline=False,
                         brand_query_rate=1.0, query_text_layers=layers,
-                        distill=DistillConfig(epochs=1, max_steps=3, batch_size=16),
+                        distill=DistillConfig(epochs=1, max_steps=3, batch_size=16, min_holdout_cosine=min_cosine),
                         train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
 
     summary = train_model(job("auto", "auto"))
@@ -215,6 +215,14 @@ def test_the_training_job_distils_after_the_last_step_and_fails_fast_on_bad_laye
     model = load_model(tmp_path / "auto")
     assert model.config.query_text_layers == [0, 3]
     assert load_model(tmp_path / "auto").extra["training"]["query_text_student"]["layers"] == [0, 3]
+    # auto drops a student that stays far from the full backbone (3 steps cannot reach cosine 1)
+    declined = train_model(job("short", "auto", min_cosine=1.0))["query_text_student"]
+    assert declined["layers"] is None and "keep the full text backbone" in declined["reason"]
+    assert declined["declined"]["holdout"]["cosine_mean"] < 1.0 and declined["declined"]["layers"] == [0, 3]
+    assert load_model(tmp_path / "short").query_tower.text_student is None
+    assert train_model(job("asked", [0, 3], min_cosine=1.0))["query_text_student"]["layers"] == [0, 3]  # explicit
+    with pytest.raises(ValueError, match="min_holdout_cosine"):
+        DistillConfig(min_holdout_cosine=1.5)
     assert train_model(job("none", "none"))["query_text_student"] is None
     assert load_model(tmp_path / "none").query_tower.text_student is None
     with pytest.raises(TextStudentError, match="lie in 0..3"):
