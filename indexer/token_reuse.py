@@ -4,7 +4,7 @@ Training caches the frozen backbones' tokens of the train split (``engine.tokens
 an index build over the whole catalogue would otherwise run the backbones again on the same
 titles and photos. ``TokenReuse`` finds a product's title and photo in the cache
 (``engine.tokens.lookup.TokenLookup``: same backbone fingerprints, preprocessing and
-max_length; a photo only while its size and mtime are unchanged) and, when every modality
+max_length; a photo only while its size and mtime, or its size and bytes, are unchanged) and, when every modality
 the view needs is there, runs only the item tower's fusion encoder on the cached tokens.
 Everything else (products the cache does not hold, photos that failed to decode there,
 changed photos) goes through the backbones as before.

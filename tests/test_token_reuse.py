@@ -93,15 +93,23 @@ def test_one_modality_views_use_only_that_modality_of_the_cache(setup, view):
     assert reused.sources[f"{unused}_from_cache"] == reused.sources[f"{unused}_from_backbones"] == 0
 
 
-def test_a_changed_photo_is_encoded_again(setup):
+def test_a_changed_photo_is_encoded_again_and_a_touched_one_is_not(setup):
     model, products, cache, tmp = setup
     touched, replaced = products[1].image, products[2].image
     st = os.stat(touched)
     os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))      # same bytes, new mtime
     shutil.copy(products[N_CACHED + 1].image, replaced)                           # another photo at that path
+    lookup = TokenLookup(model.backbones, cache)
+    assert lookup.image(touched) is not None and lookup.image(replaced) is None   # by the recorded digest
+    older = shutil.copytree(cache, tmp / "cache-without-digests")                 # as written before the digests
+    for meta_file in older.glob("image-*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        del meta["digests"]
+        meta_file.write_text(json.dumps(meta))
+    assert TokenLookup(model.backbones, older).image(touched) is None              # mtime alone decides there
     reused = _encode(model, products, tmp / "reused", cache)
     fresh = _encode(model, products, tmp / "fresh", None)
-    assert reused.sources["images_from_cache"] == sum(p.image is not None for p in products[:N_CACHED]) - 2
+    assert reused.sources["images_from_cache"] == sum(p.image is not None for p in products[:N_CACHED]) - 1
     assert _cosines(reused, fresh).min() >= 0.999   # product 2 got the new photo's vector, not the cached one
     old_photo = _encode(model, products[N_CACHED + 1:N_CACHED + 2], tmp / "other", None).vectors[0]
     assert float(reused.vectors[2] @ old_photo) < float(reused.vectors[2] @ fresh.vectors[2])

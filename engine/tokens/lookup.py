@@ -10,7 +10,9 @@ backbones, equals its name:
   fingerprint, spec and tokenizer max_length;
 - image folder: ``image_cache_key(backbones, meta["files"])``, i.e. same image backbone
   fingerprint, spec and preprocessing; then each image is reused only while its file still
-  has the size and mtime it had when cached (a changed photo is encoded again). A folder
+  has the size and mtime it had when cached, or, where the folder recorded content digests
+  (``meta["digests"]``), the same size and bytes (a copied or re-synced catalogue keeps its
+  cache; a changed photo is encoded again). A folder
   written before ``meta["files"]`` existed is checked with today's size and mtime of all its
   images and used all or nothing.
 
@@ -29,7 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.tokens.cache import CACHE_FORMAT, TokenTable, file_stat, image_cache_key, open_table, text_cache_key
+from engine.tokens.cache import (CACHE_FORMAT, TokenTable, file_digest, file_stat, image_cache_key, open_table,
+                                 text_cache_key)
 
 Entry = tuple[TokenTable, int]
 
@@ -49,7 +52,7 @@ class TokenLookup:
         self.used: list[str] = []
         self.skipped: dict[str, str] = {}
         self._texts: dict[str, Entry] = {}
-        self._images: dict[str, tuple[TokenTable, int, list]] = {}
+        self._images: dict[str, tuple[TokenTable, int, list | None, str | None]] = {}
         folders = sorted(self.root.glob("*-*/meta.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True) \
             if self.root.is_dir() else []
         for meta_file in folders:
@@ -79,7 +82,7 @@ class TokenLookup:
                 return "other text backbone spec or max_length"
             files = None
         else:
-            files = meta.get("files")
+            files, digests = meta.get("files"), meta.get("digests") or []
             check = files if files is not None else [file_stat(k) for k in keys]
             if image_cache_key(backbones, check) != name_key:
                 return ("other image backbone spec or preprocessing" if files is not None
@@ -94,7 +97,8 @@ class TokenLookup:
             if kind == "text":
                 self._texts.setdefault(key, (table, r))
             elif files is None or files[r][1] is not None:
-                self._images.setdefault(os.path.realpath(key), (table, r, list(files[r]) if files else None))
+                self._images.setdefault(os.path.realpath(key), (table, r, list(files[r]) if files else None,
+                                                                digests[r] if r < len(digests) else None))
         return None
 
     def text(self, text: str | None) -> Entry | None:
@@ -103,16 +107,19 @@ class TokenLookup:
 
     def image(self, path: str | None) -> Entry | None:
         """``(table, row)`` holding the tokens of the image file ``path``, or None (not cached,
-        a URI, or the file's size / mtime changed since it was cached)."""
+        a URI, or the file changed since it was cached: other size, or other mtime and no
+        recorded digest or other bytes)."""
         if path is None or "://" in path:
             return None
         real = os.path.realpath(path)
         found = self._images.get(real)
         if found is None:
             return None
-        table, row, stat = found
-        if stat is not None and file_stat(stat[0])[1:] != stat[1:]:
-            return None
+        table, row, stat, digest = found
+        if stat is not None:
+            now = file_stat(stat[0])
+            if now[1:] != stat[1:] and (digest is None or now[1] != stat[1] or file_digest(real) != digest):
+                return None
         return table, row
 
 
