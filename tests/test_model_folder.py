@@ -48,6 +48,18 @@ def test_shared_fusion_round_trip(tiny_backbone_dir, tmp_path):
     np.testing.assert_array_equal(q, model.query_tower.encode(["red heels"], [None]))
 
 
+def test_a_config_edited_after_saving_is_refused_not_ignored(tiny_backbone_dir, tmp_path):
+    # the private blocks' gains live in the weights too: an edited config.json must not be silently ignored
+    model = make_tiny_model(tiny_backbone_dir, text_private_dim=6, text_private_query_gains=[0.8, 0.0, 0.4])
+    save_model(model, tmp_path / "m")
+    assert load_model(tmp_path / "m").config.text_private_query_gains == [0.8, 0.0, 0.4]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["model"]["text_private_query_gains"] = [0.8, 0.0, 0.6]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"text_private\.gains is \[0\.8.*0\.4.*config\.json says"):
+        load_model(tmp_path / "m")
+
+
 def test_missing_and_corrupt_files_give_clear_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ModelFolderError, match="has no config.json"):
         load_model(tmp_path / "nothing-here")

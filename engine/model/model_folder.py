@@ -73,11 +73,24 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check_bac
     if missing or unexpected:
         raise ModelFolderError(f"{weights_path} does not match its config: missing {sorted(missing)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]}")
+    _check_fixed_buffers(model, state, weights_path)
     model.load_state_dict(state, strict=False)
     model.fingerprint = fingerprint_folder(folder)
     model.folder = folder
     model.extra = meta.get("extra", {})
     return model.to(device).eval()
+
+
+def _check_fixed_buffers(model: TwoTowerModel, state: dict, weights_path: Path) -> None:
+    """The private blocks' fixed gains are set from the config and saved with the weights; a
+    config edited after saving would otherwise be ignored without a word. Raises ModelFolderError
+    when the two disagree (our choice)."""
+    built = model.state_dict()
+    for name, value in state.items():
+        if name.endswith(".gains") and name in built and not torch.allclose(built[name].float(), value.float()):
+            raise ModelFolderError(f"{weights_path}: {name} is {value.tolist()} but config.json says "
+                                   f"{built[name].tolist()} (config.json edited after saving? write a new "
+                                   "model folder instead)")
 
 
 def check_model_folder(folder: str | Path) -> str:
