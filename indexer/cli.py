@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> str | None:
     """The reason the options are unusable, or None."""
-    if args.shards < 1 or args.keep_versions < 1 or (args.k_factor or 1) < 1 or args.batch_size < 1 or args.chunk_size < 1:
+    if args.shards < 1 or args.keep_versions < 1 or (args.k_factor is not None and args.k_factor < 1) or args.batch_size < 1 or args.chunk_size < 1:
         return "--shards, --keep-versions, --k-factor, --batch-size, --chunk-size must be >= 1"
     if args.token_cache is not None and not args.token_cache.is_dir():
         return f"--token-cache {args.token_cache}: not a folder"

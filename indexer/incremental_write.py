@@ -38,7 +38,6 @@ from indexer.manifest import describe_file, write_manifest
 from indexer.metadata import MetadataReader
 from indexer.quantizer import empty_clone
 from indexer.refine import manifest_entry, write_refine
-from indexer.refine_depth import K_FACTOR_MAX
 from indexer.shards import assign_shards
 from indexer.metadata_copy import copy_metadata
 from indexer.pipeline import flag_counts
@@ -238,7 +237,7 @@ def check_upserts(out_dir: Path, shards: list[faiss.Index], base, new_rows: np.n
         sharded = faiss.IndexShards(q.shape[1], False, False)
         for shard in shards:
             sharded.add_shard(shard)
-        scores, ids = sharded.search(q, (options.k_factor or K_FACTOR_MAX) if options.refine else 1,
+        scores, ids = sharded.search(q, options.probe_k_factor if options.refine else 1,
                                      params=faiss.SearchParametersIVF(nprobe=options.nprobe))
         if options.refine:
             scores = np.einsum("nd,nkd->nk", q, np.asarray(vectors[np.maximum(ids, 0)], dtype=np.float32))

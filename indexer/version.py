@@ -71,6 +71,12 @@ class VersionOptions:
     self_queries: int = 20_000
     seed: int = 0
 
+    @property
+    def probe_k_factor(self) -> int:
+        """The refine depth to measure recall with before the default one is chosen: the given
+        ``k_factor``, else the deepest candidate (``indexer.refine_depth.K_FACTOR_MAX``)."""
+        return K_FACTOR_MAX if self.k_factor is None else self.k_factor
+
 
 @dataclass
 class VersionResult:
@@ -228,7 +234,7 @@ def _manifest(out_dir: Path, version: str, shape: tuple[int, int], plan, options
             "faiss_version": faiss.__version__, "trained_on": "gpu" if _gpu_count() > 0 else "cpu",
         },
         "refine": {"default": options.refine and options.refine_storage != "none",
-                   "k_factor": options.k_factor or K_FACTOR_MAX},  # the chosen one once measured
+                   "k_factor": options.probe_k_factor},  # the chosen one once measured
         "shard_assignment": "blake2b-64(product_id utf-8), big-endian, mod n_shards",
         "shards": [{"file": b.file, "items": b.items, **describe_file(out_dir / b.file)} for b in shard_builds],
         "vectors": {"file": VECTORS_FILE, "dtype": "float16", "shape": [n, dim]},
@@ -274,7 +280,7 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
         sets = {"items": (queries, exact_i), **_query_sets(index, query_vectors, k)}
         chosen, by_nprobe = _choose_nprobe(index, sets, options, k)
         by_kind = {} if options.nprobe is not None else _nprobe_by_request_kind(by_nprobe, options, chosen)
-        k_factor, by_k_factor = (options.k_factor, {}) if options.k_factor else choose_k_factor(
+        k_factor, by_k_factor = (options.k_factor, {}) if options.k_factor is not None else choose_k_factor(
             index, sets, sorted({chosen, *by_kind.get("nprobe_by_query_kind", {}).values()}), k)
         _, refined = index.search_ids(queries, k, nprobe=chosen, refine=True, k_factor=k_factor)
         _, plain = index.search_ids(queries, k, nprobe=chosen, refine=False)
@@ -372,7 +378,7 @@ def _choose_nprobe(index, sets: dict[str, tuple[np.ndarray, np.ndarray]], option
     for nprobe in candidates:
         by_nprobe[nprobe] = {}
         for name, (queries, exact_i) in sets.items():
-            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.k_factor or K_FACTOR_MAX)
+            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.probe_k_factor)
             by_nprobe[nprobe][name] = recall_at_k(ann, exact_i, k)
         if options.nprobe is None and min(by_nprobe[nprobe].values()) >= options.target_recall:
             return nprobe, by_nprobe

@@ -156,6 +156,9 @@ def test_cli_bad_input_exit_status(tmp_path, tiny_model_dir, capsys):
     assert ecsearch(["index", "--catalog", str(tmp_path / "cat.csv"), "--model", str(tmp_path),
                      "--index-root", str(tmp_path / "root")]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    for bad in ("0", "-3"):  # 0 is a given depth, not "measure it"
+        assert ecsearch(argv + ["--k-factor", bad]) == 2
+        assert "--k-factor" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_second_concurrent_build(seeded, tiny_model_dir, tmp_path, capsys):
