@@ -193,11 +193,14 @@ def test_train_cli_pair_mix_cmal_weights_and_bf16(mini_catalog, cache_dir, tiny_
 
 
 def test_train_cli_gain_options(mini_catalog, cache_dir, tiny_model_dir, tmp_path, capsys):
-    """--gain-lr-scale reaches the trainer's config; a --solo-gains that is not two numbers is a clear error."""
+    """--gain-lr-scale reaches the trainer's config; --precision auto (the default) trains in fp32 on
+    every CPU, bf16-native ones too (bf16 autocast steps slower there); a --solo-gains that is not
+    two numbers is a clear error."""
     base = ["train", "--catalog", str(mini_catalog), "--cache-dir", str(cache_dir), "--init-model",
             str(tiny_model_dir), "--steps", "2", "--stage1-steps", "1", "--batch-size", "16", "--quiet"]
     assert cli_main(base + ["--out", str(tmp_path / "m"), "--gain-lr-scale", "20"]) == 0
     training = json.loads((tmp_path / "m" / "config.json").read_text())["extra"]["training"]
     assert training["train"]["gain_lr_scale"] == 20.0
+    assert training["train"]["precision"] == "fp32"
     assert cli_main(base + ["--out", str(tmp_path / "bad"), "--solo-gains", "2"]) == 2
     assert "--solo-gains: expected TEXT,IMAGE" in capsys.readouterr().err
