@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from indexer.encode import EncodeOptions
 from indexer.pipeline import IndexJobConfig, run_index_job
@@ -37,15 +38,23 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def both(ray_cluster, fashion_dir, tiny_model_dir, tmp_path_factory):
-    """The same job published by the local and by the Ray executor."""
+    """The same job published by the local and by the Ray executor. The local one encodes on
+    one torch thread, as each of the two encoder actors does (2 CPUs, 2 actors): fp32 sums split
+    over another thread count round differently in the last bit on some kernels (AVX2 BLAS,
+    measured under the CPUID shim), which the fp16 vectors can show."""
     catalog, expect = _seed_catalogue(fashion_dir, tmp_path_factory.mktemp("ray-seeded") / "fashion", n_good=300)
     out = {}
+    threads = torch.get_num_threads()
     for executor in ("local", "ray"):
         config = IndexJobConfig(catalog=catalog, model_dir=tiny_model_dir, index_root=tmp_path_factory.mktemp(executor),
                                 device="cpu", executor=executor,
                                 encode=EncodeOptions(batch_size=16, chunk_size=64, workers=1, precision="fp32"),
                                 version=VersionOptions(n_shards=2, factory="IVF8,Flat", refine_storage="fp16_mmap"))
-        out[executor] = run_index_job(config, log=lambda _m: None)
+        torch.set_num_threads(1 if executor == "local" else threads)
+        try:
+            out[executor] = run_index_job(config, log=lambda _m: None)
+        finally:
+            torch.set_num_threads(threads)
     return out, expect, ray_cluster
 
 
