@@ -1,7 +1,8 @@
 """What the CPU can run fast: the one place ecsearch decides on CPU-feature-dependent paths.
 
-Every path that depends on the CPU (bf16 weights, bf16 autocast in training and indexing,
-the serving backend that ``--precision auto`` picks) asks :func:`cpu_isa` or
+Every path that depends on the CPU (bf16 weights, bf16 autocast in indexing and in the text
+encoder's distillation, the serving backend that ``--precision auto`` picks; training itself
+runs fp32 on every CPU, ``engine.training.cli``) asks :func:`cpu_isa` or
 :func:`bf16_is_fast` here, never torch directly, so one override moves all of them:
 
 ``ECSEARCH_CPU_ISA=avx2|avx512|avx512_bf16|amx`` caps the ISA ecsearch believes it has (it

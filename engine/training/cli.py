@@ -144,8 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CMAL InfoNCE weights, 5 comma-separated numbers for (Tq,Vi),(Vq,Ti),(Tq,Fi),(Vq,Fi),(Fq,Fi) "
                         "(default %(default)s; 1,1,1,1,1 is METHOD.md's plain mean)")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="bf16: towers' forward under CPU bfloat16 autocast, losses and weights in fp32 (needs "
-                        "AVX512-BF16 or AMX); auto (default): fp32 on every CPU, which steps faster than bf16 "
+                   help="bf16: towers' forward under CPU bfloat16 autocast, losses and weights in fp32 (native on "
+                        "AVX512-BF16 / AMX, emulated and slow elsewhere); auto (default): fp32 on every CPU, which steps faster than bf16 "
                         "autocast for these 256-wide fusion layers (AMX: 1.18 vs 1.53 s/step; docs/results.md)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     t.add_argument("--no-linear-baseline", action="store_true",
@@ -225,7 +225,7 @@ def _precision(choice: str) -> str:
     """The training precision of ``--precision``. ``auto`` is fp32 on every CPU (our choice,
     measured: on AMX, batches of 128 pairs through the 256-wide fusion encoders step in 1.18 s
     in fp32 against 1.53 s under bf16 autocast, whose casts cost more than the small matmuls
-    gain; docs/results.md "Training precision"). ``bf16`` is taken as asked (slow where the CPU
+    gain; docs/results.md "Training precision and the step budget"). ``bf16`` is taken as asked (slow where the CPU
     emulates it).
     """
     return "fp32" if choice == "auto" else choice
