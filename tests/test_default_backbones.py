@@ -51,6 +51,45 @@ def test_folded_image_backbone_gives_the_unfolded_tokens_on_real_photos(default_
     assert float(cosine.min()) > 0.99999
 
 
+def test_flip_average_tokens_are_mirror_equivariant_on_real_photos(default_model, fashion_dir):
+    """flip_average: a mirrored photo gets the mirrored tokens, so every pooled feature is the
+    same for a photo and its mirror image (the plain backbone's differ); the tokens are the
+    mean of the plain tokens and the mirrored-back tokens of the mirrored photo."""
+    from engine.model.backbones.registry import DEFAULT_IMAGE_BACKBONE, build_image_backbone
+
+    flip = build_image_backbone({**DEFAULT_IMAGE_BACKBONE, "flip_average": True}).eval()
+    plain = default_model.backbones.image
+    assert flip.flip_average and not plain.flip_average
+    photos = [fashion_dir / "images" / f"{pid}.jpg" for pid in (1580, 1563, 2987, 15970)]
+    pixels = torch.stack([flip.preprocess(load_image(p)) for p in photos])
+    mirror = lambda t: t.reshape(len(photos), 7, 7, -1).flip(2).reshape(len(photos), 49, -1)  # noqa: E731
+    with torch.inference_mode():
+        tokens, mask = flip.encode(pixels)
+        mirrored, _ = flip.encode(pixels.flip(3))
+        a, _ = plain.encode(pixels)
+        b, _ = plain.encode(pixels.flip(3))
+    assert tokens.shape == (4, 49, 1280) and mask.all()
+    assert float((mirror(tokens) - mirrored).abs().max()) < 1e-4
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(tokens.mean(1), mirrored.mean(1)).min()) > 0.99999
+    assert float(cos(a.mean(1), b.mean(1)).max()) < 0.999  # the plain backbone is not mirror-invariant
+    assert float(((a + mirror(b)) / 2 - tokens).abs().max()) < 1e-3
+
+
+def test_flip_average_is_part_of_the_cache_key_and_efficientnet_only(default_model):
+    from engine.model.backbones.registry import Backbones, build_image_backbone
+    from engine.model.errors import ModelFolderError
+    from engine.tokens.cache import image_cache_key
+
+    backbones = default_model.backbones
+    flipped = Backbones(text=backbones.text, image=backbones.image, text_spec=backbones.text_spec,
+                        image_spec={**backbones.image_spec, "flip_average": True})
+    files = [["a.jpg", 1, 2]]
+    assert image_cache_key(backbones, files) != image_cache_key(flipped, files)
+    with pytest.raises(ModelFolderError, match="flip_average is supported by 'efficientnet_lite0' only"):
+        build_image_backbone({"type": "hf_clip", "path": "/nonexistent", "flip_average": True})
+
+
 def test_long_text_is_truncated_to_64_tokens(default_model):
     tokens, mask = default_model.backbones.text.encode(["red " * 200])
     assert tokens.shape[1] == 64 and mask.all()

@@ -51,6 +51,8 @@ def served(tmp_path_factory, fashion_dir):
               # every training photo gets a view, enough to fit a 128-wide image-private block (the
               # recipe's 256 needs 255 augmented photos; a 300-product subset has about 250)
               "--augment-fraction", "1", "--image-private-dim", "128")
+    # the recipe's image backbone averages each photo with its mirror image (train --no-flip-average: off)
+    assert json.loads((model / "config.json").read_text())["model"]["image_backbone"]["flip_average"] is True
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
                         "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))
     port = _free_port()

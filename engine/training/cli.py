@@ -11,6 +11,7 @@ import json
 import sys
 
 from engine.catalog import CatalogError
+from engine.model.backbones import DEFAULT_IMAGE_BACKBONE
 from engine.model.errors import ModelFolderError
 from engine.training.losses import LOSS_NAMES, STAGE1_LOSS_NAMES, LossConfig
 from engine.model.towers import ModelConfig
@@ -23,6 +24,10 @@ from engine.training.trainer import TrainConfig
 # that keeps the raw backbones' robustness in every view, engine/model/fusion.py).
 CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
 CPU_POOLED_RESIDUAL = True
+# The image backbone averages each photo's feature map with its mirrored photo's (our choice,
+# issue 12: augmented-photo R@1 86.70 -> see docs/results.md "Mirror-averaged photo features";
+# costs a second backbone pass per photo in the caches, the index and photo queries).
+CPU_IMAGE_BACKBONE = {**DEFAULT_IMAGE_BACKBONE, "flip_average": True}
 # The image-private block (engine/model/private_block.py, issue 12), fitted after training: 256
 # wide (255 whitened photo dimensions + e_null), so the served vectors are 512 wide; gains query
 # photo-only 3, query photo + text 0 (at 1 a photo + "in red" returns the photo's own product
@@ -74,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--solo-gains", default=None,
                    help="TEXT,IMAGE: initial residual gains of one-modality rows, learned apart (default: shared with fused rows)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
+    m.add_argument("--no-flip-average", action="store_true",
+                   help="image backbone without the mirrored second pass (engine/model/backbones/efficientnet.py; "
+                        "default: tokens averaged with the mirrored photo's)")
     for modality, width, gains, source, own in (
             ("image", CPU_IMAGE_PRIVATE_DIM, CPU_IMAGE_PRIVATE_GAINS, "augmented views", "QUERY_PHOTO"),
             ("text", CPU_TEXT_PRIVATE_DIM, CPU_TEXT_PRIVATE_GAINS, "typed shopper queries", "QUERY_TEXT")):
@@ -269,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
                               deep_gain=args.deep_gain, solo_gains=_parse_gains(args.solo_gains),
                               **_private_config(args.image_private_dim, args.image_private_gains),
                               **_private_config(args.text_private_dim, args.text_private_gains, "text"),
-                              pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual),
+                              pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual,
+                              image_backbone=dict(DEFAULT_IMAGE_BACKBONE if args.no_flip_average else CPU_IMAGE_BACKBONE)),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,

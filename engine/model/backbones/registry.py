@@ -106,7 +106,10 @@ def build_image_backbone(spec: dict) -> nn.Module:
 
         size = int(spec.get("image_size", 224))
         return EfficientNetLiteBackbone(str(_spec_path(spec)), image_size=size,
-                                        resize_size=int(spec.get("resize_size", size)))
+                                        resize_size=int(spec.get("resize_size", size)),
+                                        flip_average=bool(spec.get("flip_average", False)))
+    if spec.get("flip_average"):
+        raise ModelFolderError(f"image backbone {kind!r}: flip_average is supported by 'efficientnet_lite0' only")
     if kind == "hf_clip":
         from engine.model.backbones.hf import HFVisionBackbone
 
