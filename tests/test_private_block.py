@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.model.images import load_image
 from engine.model.model_folder import load_model, save_model
 from engine.model.private_block import PrivateBlock
 from engine.model.towers import ModelConfig
@@ -95,6 +96,35 @@ def test_graphs_and_model_folders_give_the_python_vectors(tiny_backbone_dir, pho
         np.testing.assert_allclose(loaded.query_tower.encode(*args, use_graphs=False), expected[kind], atol=1e-6)
 
 
+def test_gem_block_whitens_the_generalised_mean_of_the_photo_tokens(tiny_backbone_dir, photos):
+    """image_private_gem_p = 2: P is the whitened GeM (root of the mean of squares of the tokens
+    clamped at 0), not the mean; the served graphs give the same vectors; the fit reads the same
+    pooling (engine.training.whitening.pooled_means)."""
+    from engine.model.fusion import gem_pool, masked_mean
+    from server.tower_backend import plan_tower, prepare_query_tower
+
+    model = make_tiny_model(tiny_backbone_dir, seed=3, image_private_dim=P, image_private_gem_p=2.0)
+    set_random_projection(model, "private", 3)
+    block = model.query_tower.fusion.private
+    assert block.gem_p == 2.0 and model.item_tower.fusion.private.gem_p == 2.0
+    only = model.query_tower.encode(None, photos[:3], use_graphs=False)
+    image = model.backbones.image
+    with torch.inference_mode():
+        tokens, mask = image.encode(torch.stack([image.preprocess(load_image(p)) for p in photos[:3]]))
+    def expected_tail(pooled):
+        own = torch.nn.functional.normalize(pooled @ block.weight.T + block.bias, dim=-1)
+        return torch.cat([own, torch.zeros(3, 1)], dim=-1).numpy() * 3 / np.sqrt(10)
+    gem = ((tokens.clamp_min(0) ** 2 * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).sqrt()
+    np.testing.assert_allclose(gem_pool(tokens, mask, 2.0).numpy(), gem.numpy(), atol=1e-6)
+    np.testing.assert_allclose(only[:, 32:], expected_tail(gem), atol=1e-5)
+    assert not np.allclose(only[:, 32:], expected_tail(masked_mean(tokens, mask)), atol=1e-3)
+    prepare_query_tower(model, plan_tower("fp32", "onnxruntime"), threads=1)
+    assert model.query_tower.graphs
+    np.testing.assert_allclose(model.query_tower.encode(None, photos[:3]), only, atol=2e-5)
+    with pytest.raises(ValueError, match="image_private_gem_p must be >= 1"):
+        ModelConfig(image_private_dim=8, image_private_gem_p=0.5)
+
+
 def test_bad_settings_are_refused(tiny_backbone_dir):
     with pytest.raises(ValueError, match="share_fusion"):
         ModelConfig(image_private_dim=8, share_fusion=True)
@@ -121,9 +151,9 @@ def mini(fashion_dir, tmp_path_factory):
     return root, _mini_fashion(fashion_dir, root / "fashion", n=60)
 
 
-def _job(root, catalog, backbone_dir, name, dim, auto=False):
+def _job(root, catalog, backbone_dir, name, dim, auto=False, gem_p=1.0):
     return TrainJob(catalog=str(catalog), out=str(root / name), cache_dir=str(root / "cache"), progress=False,
-                    model=tiny_config(backbone_dir, image_private_dim=dim), photo_query_rate=0.5, augment_views=1,
+                    model=tiny_config(backbone_dir, image_private_dim=dim, image_private_gem_p=gem_p), photo_query_rate=0.5, augment_views=1,
                     image_private_auto=auto, linear_baseline=False,
                     train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
 
@@ -148,6 +178,10 @@ def test_training_fits_the_block_from_the_augmented_views_or_says_why_not(mini, 
         train_model(_job(root, catalog, tiny_backbone_dir, "big", 100))
     with pytest.raises(TrainingDataError, match="image backbone has 32 features, fewer than the 33"):
         train_model(_job(root, catalog, tiny_backbone_dir, "wide", 34))
+    gem = train_model(_job(root, catalog, tiny_backbone_dir, "gem", P, gem_p=2.0))["image_private_block"]
+    assert info["gem_p"] == 1.0 and gem["gem_p"] == 2.0 and gem["photos"] == photos
+    gem_block = load_model(root / "gem").item_tower.fusion.private
+    assert gem_block.gem_p == 2.0 and not torch.allclose(gem_block.weight, block.weight)  # fitted on GeM features
     fallback = train_model(_job(root, catalog, tiny_backbone_dir, "auto", 100, auto=True))
     assert fallback["image_private_block"]["dim"] == 0 and "fewer than" in fallback["image_private_block"]["reason"]
     assert load_model(root / "auto").dim == 32

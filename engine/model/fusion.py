@@ -122,6 +122,13 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+def gem_pool(x: torch.Tensor, valid: torch.Tensor, p: float) -> torch.Tensor:
+    """Generalised mean ``(mean over valid positions of max(x, 0)^p)^(1/p)`` of ``x (B, L, d)`` →
+    float32 ``(B, d)``; p = 1 is the masked mean of the clamped tokens (Radenović, Tolias and
+    Chum, "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2019, §3.1)."""
+    return masked_mean(x.float().clamp_min(0.0).pow(p), valid).pow(1.0 / p)
+
+
 class FusionEncoder(nn.Module):
     """Projections + gated cross-modal fusion + pooling + fusion blocks (METHOD.md §1.1–1.2).
 
@@ -137,7 +144,8 @@ class FusionEncoder(nn.Module):
         pooled_residual (else ValueError).
         private_dim / private_gains: 0 (default), or the width ``p`` and the (text only, image only,
         both) gains of the image-private block appended to the output
-        (``engine.model.private_block``); the output is then ``d + p`` wide.
+        (``engine.model.private_block``); the output is then ``d + p`` wide. private_gem_p: the
+        GeM exponent of the photo features that block whitens (``gem_pool``; 1: the masked mean).
         text_private_dim / text_private_gains: the same for the text-private block, appended after
         the image-private one (output ``d + p + q`` wide).
     """
@@ -147,7 +155,7 @@ class FusionEncoder(nn.Module):
                  mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False,
                  deep_gain: float | None = None, solo_gains: tuple[float, float] | None = None,
                  private_dim: int = 0, private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 text_private_dim: int = 0, text_private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+                 private_gem_p: float = 1.0, text_private_dim: int = 0, text_private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)):
         super().__init__()
         self.text_proj = nn.Linear(text_hidden, dim)
         self.image_proj = nn.Linear(image_hidden, dim)
@@ -177,7 +185,8 @@ class FusionEncoder(nn.Module):
             self.deep_gain = nn.Parameter(torch.tensor(float(deep_gain)))
         self.has_deep_gain = deep_gain is not None
         # buffers only (no parameters, no random draws): models without it load unchanged
-        self.private = PrivateBlock(image_hidden, private_dim, private_gains, "image") if private_dim else None
+        self.private = (PrivateBlock(image_hidden, private_dim, private_gains, "image", gem_p=private_gem_p)
+                        if private_dim else None)
         self.text_private = (PrivateBlock(text_hidden, text_private_dim, text_private_gains, "text")
                              if text_private_dim else None)
 
@@ -246,7 +255,10 @@ class FusionEncoder(nn.Module):
             out = out + self._residual(t_mean, has_text, has_image, self.text_residual, 0, out.dtype)
             out = out + self._residual(v_mean, has_image, has_text, self.image_residual, 1, out.dtype)
         out = F.normalize(out, dim=-1)
-        blocks = [b(m, has_text, has_image) for b, m in ((self.private, v_mean), (self.text_private, t_mean))
+        v_private = v_mean
+        if self.private is not None and self.private.gem_p != 1.0:
+            v_private = gem_pool(image_tokens, v_valid, self.private.gem_p)
+        blocks = [b(m, has_text, has_image) for b, m in ((self.private, v_private), (self.text_private, t_mean))
                   if b is not None]
         if blocks:
             out = F.normalize(torch.cat([out.float(), *blocks], dim=-1), dim=-1)

@@ -12,7 +12,8 @@ for products they did not train on, lose the instance detail that tells two phot
 What: each tower's output becomes ``unit([F, g * P])``, width ``d + p``:
 
 - ``F`` (``d``): the fusion encoder's unit vector, unchanged;
-- ``P`` (``p``): a unit vector. A row with a photo: ``[unit(W mean(raw image tokens) + b), 0]``,
+- ``P`` (``p``): a unit vector. A row with a photo: ``[unit(W pool(raw image tokens) + b), 0]``
+  (pool: the masked mean, or GeM for ``ModelConfig.image_private_gem_p`` > 1),
   ``W (p - 1, H)`` the learned whitening fitted in closed form on (clean, augmented) training
   photos after the towers have trained (``engine.training.whitening``), never trained itself;
   a row without a photo: ``e_null``, the last unit axis, which no photo
@@ -50,13 +51,19 @@ class PrivateBlock(nn.Module):
         hidden: backbone width H of ``modality``. dim: block width ``p`` (≥ 2; the last axis is ``e_null``).
         gains: ``(text only, image only, text + image)`` gains, each ≥ 0.
         modality: "image" (P from the photo; e_null on rows without one) or "text".
+        gem_p: the GeM exponent of the pooled features ``forward`` is given (1: the masked mean;
+            ``engine.model.fusion.gem_pool``), recorded for the fit (``engine.training.whitening``).
     Raises:
-        ValueError: ``dim < 2``, a negative gain or an unknown modality.
+        ValueError: ``dim < 2``, a negative gain, ``gem_p < 1`` or an unknown modality.
     The projection is a pair of buffers, zero until ``set_projection``; it is never trained.
     """
 
-    def __init__(self, hidden: int, dim: int, gains: tuple[float, float, float], modality: str = "image"):
+    def __init__(self, hidden: int, dim: int, gains: tuple[float, float, float], modality: str = "image",
+                 gem_p: float = 1.0):
         super().__init__()
+        if not float(gem_p) >= 1.0:
+            raise ValueError(f"{modality}-private gem_p must be >= 1, got {gem_p}")
+        self.gem_p = float(gem_p)  # a plain attribute (from ModelConfig), not saved with the weights
         gains = tuple(float(g) for g in gains)
         if modality not in MODALITIES:
             raise ValueError(f"private block modality must be one of {MODALITIES}, got {modality!r}")
@@ -84,8 +91,8 @@ class PrivateBlock(nn.Module):
         self.bias.copy_(bias.to(self.bias.dtype))
 
     def forward(self, mean: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """``mean`` float (B, H): masked mean of the raw backbone tokens of the block's modality
-        (any value on rows without it); ``has_text`` / ``has_image`` bool (B,). Returns float32 (B, p)."""
+        """``mean`` float (B, H): masked mean (GeM for ``gem_p`` > 1) of the raw backbone tokens of
+        the block's modality (any value on rows without it); ``has_text`` / ``has_image`` bool (B,). Returns float32 (B, p)."""
         b = has_image.shape[0]
         present = has_image if self.modality == "image" else has_text
         own = F.normalize(mean.float() @ self.weight.float().T + self.bias.float(), dim=-1)

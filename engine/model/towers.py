@@ -47,6 +47,10 @@ class ModelConfig:
             ``dim + image_private_dim`` wide. Fitted by ``engine.training.whitening``, never trained.
         image_private_query_gains / image_private_item_gain: the block's fixed gains, query tower
             (text only, image only, text + image) and item tower (every row). Our choice: 0, 3, 0 and 1.
+        image_private_gem_p: exponent p of the generalised-mean (GeM) pooling of the raw photo tokens
+            that the image-private block whitens: 1 (default) the masked mean, 2 the root of the
+            mean of squares (GeM, Radenović, Tolias and Chum, TPAMI 2019; tokens clamped at 0, as
+            EfficientNet's ReLU6 features are). ValueError below 1.
         text_private_dim / text_private_query_gains / text_private_item_gain: the same for the
             text-private block (whitened raw text features; vectors ``dim + image_private_dim +
             text_private_dim`` wide). The query tower's image-only gain must be 0. Our choice: 0.8, 0, 0.4 and 0.5.
@@ -75,6 +79,7 @@ class ModelConfig:
     image_private_dim: int = 0
     image_private_query_gains: list = field(default_factory=lambda: [0.0, 3.0, 0.0])
     image_private_item_gain: float = 1.0
+    image_private_gem_p: float = 1.0
     text_private_dim: int = 0
     text_private_query_gains: list = field(default_factory=lambda: [0.8, 0.0, 0.4])
     text_private_item_gain: float = 0.5
@@ -88,6 +93,8 @@ class ModelConfig:
         if not (0 < self.logit_scale_init <= self.logit_scale_max < math.inf):
             raise ValueError(f"need 0 < logit_scale_init <= logit_scale_max < inf, got "
                              f"{self.logit_scale_init} and {self.logit_scale_max}")
+        if not self.image_private_gem_p >= 1.0:
+            raise ValueError(f"image_private_gem_p must be >= 1 (1: mean pooling), got {self.image_private_gem_p}")
         for name in ("image_private_dim", "text_private_dim"):
             if getattr(self, name) and self.share_fusion:
                 raise ValueError(f"{name} needs share_fusion=False (the towers' block gains differ)")
@@ -375,7 +382,7 @@ class TwoTowerModel(nn.Module):
                       self_layers=config.self_layers, fusion_layers=config.fusion_layers,
                       mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual,
                       deep_gain=config.deep_gain, solo_gains=config.solo_gains, private_dim=config.image_private_dim,
-                      text_private_dim=config.text_private_dim)
+                      private_gem_p=config.image_private_gem_p, text_private_dim=config.text_private_dim)
         query_fusion = FusionEncoder(**kwargs, private_gains=tuple(config.image_private_query_gains),
                                      text_private_gains=tuple(config.text_private_query_gains))
         item_fusion = query_fusion if config.share_fusion else FusionEncoder(

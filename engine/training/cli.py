@@ -34,6 +34,9 @@ CPU_IMAGE_BACKBONE = {**DEFAULT_IMAGE_BACKBONE, "flip_average": True}
 # first: composed P@10 42 -> 22), item 1 (our choice, docs/results.md "Image-private block").
 CPU_IMAGE_PRIVATE_DIM = 256
 CPU_IMAGE_PRIVATE_GAINS = (3.0, 0.0, 1.0)
+# ... and it whitens the GeM (p = 2) of the photo tokens rather than their mean (our choice,
+# docs/results.md "Mirror-averaged photo features").
+CPU_IMAGE_PRIVATE_GEM_P = 2.0
 # The text-private block (same module), fitted after training on the typed shopper queries
 # against their titles: 128 wide (127 whitened MiniLM dimensions + e_null); gains query text-only
 # 0.8, query photo + text 0.4, item 0.5 (our choice: the products a * b = 0.4 / 0.2 set every
@@ -91,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"auto (default): {width} when there are enough {source}, else none")
         m.add_argument(f"--{modality}-private-gains", default=",".join(f"{g:g}" for g in gains),
                        help=f"{own},QUERY_PHOTO_TEXT,ITEM: the {modality}-private block's fixed gains (default %(default)s)")
+    m.add_argument("--image-private-gem-p", type=float, default=CPU_IMAGE_PRIVATE_GEM_P,
+                   help="GeM exponent of the photo features the image-private block whitens (1: the mean; "
+                        "default %(default)s)")
     d = parser.add_argument_group("query text encoder (engine/model/text_student.py, engine/training/distill.py)")
     d.add_argument("--query-text-layers", default="auto",
                    help="text-only queries run a distilled copy of these text backbone layers (comma-separated "
@@ -277,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
                               deep_gain=args.deep_gain, solo_gains=_parse_gains(args.solo_gains),
                               **_private_config(args.image_private_dim, args.image_private_gains),
                               **_private_config(args.text_private_dim, args.text_private_gains, "text"),
+                              image_private_gem_p=args.image_private_gem_p,
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual,
                               image_backbone=dict(DEFAULT_IMAGE_BACKBONE if args.no_flip_average else CPU_IMAGE_BACKBONE)),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,

@@ -31,14 +31,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.model.fusion import gem_pool
 from engine.tokens.cache import TokenTable
 from engine.tokens.views import iter_chunks
 
 DEFAULT_SHRINKAGE = 0.4  # our choice (measured: 0.1-0.8 within one point of each other)
 
 
-def pooled_means(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Masked mean of the cached tokens of ``rows`` (not normalised, as the residual reads it).
+def pooled_means(table: TokenTable, rows: np.ndarray, batch_size: int = 512, gem_p: float = 1.0) -> np.ndarray:
+    """Masked mean of the cached tokens of ``rows`` (not normalised, as the residual reads it);
+    ``gem_p`` > 1: their generalised mean instead (``engine.model.fusion.gem_pool``).
 
     Returns float64 ``(n, H)``. Raises ValueError when a row has no tokens (``-1``).
     """
@@ -48,6 +50,9 @@ def pooled_means(table: TokenTable, rows: np.ndarray, batch_size: int = 512) -> 
     out = []
     for chunk in iter_chunks(len(rows), batch_size):
         tokens, mask, _ = table.gather(rows[chunk])
+        if gem_p != 1.0:
+            out.append(gem_pool(tokens, mask, gem_p).double().numpy())
+            continue
         w = mask.float().unsqueeze(-1)
         out.append(((tokens.float() * w).sum(1) / w.sum(1).clamp_min(1.0)).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, table.hidden_size))
@@ -128,12 +133,12 @@ def init_image_private(model, images: TokenTable, augmented: TokenTable, photos:
     blocks = [model.query_tower.fusion.private, model.item_tower.fusion.private]
     if any(b is None for b in blocks):
         raise ValueError("the model has no image-private block (ModelConfig.image_private_dim)")
-    clean, aug = _pair_features(images, augmented, photos, views)
+    clean, aug = _pair_features(images, augmented, photos, views, blocks[0].gem_p)
     weight, bias = learned_whitening(clean, aug, blocks[0].dim - 1, shrinkage)
     for block in blocks:
         block.set_projection(weight, bias)
     return {"photos": int(len(clean)), "views": int(views), "dim": int(blocks[0].dim), "shrinkage": float(shrinkage),
-            "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
+            "gem_p": blocks[0].gem_p, "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
 
 
 def init_text_private(model, texts: TokenTable, queries: list[str], titles: list[str], *,
@@ -162,7 +167,7 @@ def init_text_private(model, texts: TokenTable, queries: list[str], titles: list
             "query_gains": blocks[0].gains.tolist(), "item_gain": float(blocks[1].gains[0])}
 
 
-PRIVATE_FIELDS = ("image_private_dim", "image_private_query_gains", "image_private_item_gain",
+PRIVATE_FIELDS = ("image_private_dim", "image_private_query_gains", "image_private_item_gain", "image_private_gem_p",
                   "text_private_dim", "text_private_query_gains", "text_private_item_gain")
 
 
@@ -185,11 +190,13 @@ def attach_private(model, config):
     return new
 
 
-def _pair_features(images: TokenTable, augmented: TokenTable, photos: list[str], views: int):
-    """Pooled means of the photos that have a clean row and every view: ``(clean (n, H), views (v, n, H))``."""
+def _pair_features(images: TokenTable, augmented: TokenTable, photos: list[str], views: int, gem_p: float = 1.0):
+    """Pooled features (``pooled_means``) of the photos that have a clean row and every view:
+    ``(clean (n, H), views (v, n, H))``."""
     from engine.training.augment_cache import augmented_key
 
     clean_rows = images.rows(photos)
     view_rows = np.stack([augmented.rows([augmented_key(p, v) for p in photos]) for v in range(views)])
     ok = (clean_rows >= 0) & (view_rows >= 0).all(axis=0)
-    return pooled_means(images, clean_rows[ok]), np.stack([pooled_means(augmented, r[ok]) for r in view_rows])
+    return (pooled_means(images, clean_rows[ok], gem_p=gem_p),
+            np.stack([pooled_means(augmented, r[ok], gem_p=gem_p) for r in view_rows]))
