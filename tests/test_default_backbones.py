@@ -90,6 +90,29 @@ def test_flip_average_is_part_of_the_cache_key_and_efficientnet_only(default_mod
         build_image_backbone({"type": "hf_clip", "path": "/nonexistent", "flip_average": True})
 
 
+def test_flip_average_model_serves_its_python_vectors_and_ignores_mirroring(fashion_dir, tmp_path):
+    """A model whose backbone has flip_average (train --flip-average): the query tower's served
+    ONNX Runtime graph gives the Python vectors, and a mirrored photo gets its photo's vector."""
+    from PIL import ImageOps
+
+    from engine.model.backbones.registry import DEFAULT_IMAGE_BACKBONE
+    from server.tower_backend import plan_tower, prepare_query_tower
+
+    model = build_model(ModelConfig(image_backbone={**DEFAULT_IMAGE_BACKBONE, "flip_average": True}))
+    photos, mirrored = [], []
+    for pid in (1580, 1563, 2987):
+        image = load_image(fashion_dir / "images" / f"{pid}.jpg")
+        for folder, img in ((photos, image), (mirrored, ImageOps.mirror(image))):
+            path = tmp_path / f"{pid}-{len(folder)}-{len(photos) + len(mirrored)}.png"
+            img.save(path)
+            folder.append(str(path))
+    expected = model.query_tower.encode(None, photos, use_graphs=False)
+    np.testing.assert_allclose(model.query_tower.encode(None, mirrored, use_graphs=False), expected, atol=1e-4)
+    prepare_query_tower(model, plan_tower("fp32", "onnxruntime"), threads=1)
+    assert model.query_tower.graphs
+    np.testing.assert_allclose(model.query_tower.encode(None, photos), expected, atol=1e-4)
+
+
 def test_long_text_is_truncated_to_64_tokens(default_model):
     tokens, mask = default_model.backbones.text.encode(["red " * 200])
     assert tokens.shape[1] == 64 and mask.all()

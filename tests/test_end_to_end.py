@@ -51,10 +51,10 @@ def served(tmp_path_factory, fashion_dir):
               # every training photo gets a view, enough to fit a 128-wide image-private block (the
               # recipe's 256 needs 255 augmented photos; a 300-product subset has about 250)
               "--augment-fraction", "1", "--image-private-dim", "128")
-    # the recipe's image backbone averages each photo with its mirror image (train --no-flip-average: off),
-    # and its image-private block whitens the GeM of the photo tokens, at gain 6 on photo-only queries
+    # the recipe's image-private block whitens the GeM of the photo tokens, at gain 6 on photo-only
+    # queries; the mirror average is opt-in (train --flip-average: photo queries cost twice the backbone)
     recipe = json.loads((model / "config.json").read_text())["model"]
-    assert recipe["image_backbone"]["flip_average"] is True and recipe["image_private_gem_p"] == 2.0
+    assert not recipe["image_backbone"].get("flip_average") and recipe["image_private_gem_p"] == 2.0
     assert recipe["image_private_query_gains"] == [0.0, 6.0, 0.0]
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
                         "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))

@@ -24,14 +24,15 @@ from engine.training.trainer import TrainConfig
 # that keeps the raw backbones' robustness in every view, engine/model/fusion.py).
 CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
 CPU_POOLED_RESIDUAL = True
-# The image backbone averages each photo's feature map with its mirrored photo's (our choice,
-# issue 12: augmented-photo R@1 86.70 -> 88.25 %, docs/results.md "Mirror-averaged photo features";
-# costs a second backbone pass per photo in the caches, the index and photo queries).
-CPU_IMAGE_BACKBONE = {**DEFAULT_IMAGE_BACKBONE, "flip_average": True}
+# --flip-average (off by default; our choice, docs/results.md "Mirror-averaged photo features"):
+# the image backbone averages each photo's feature map with its mirrored photo's: augmented-photo
+# R@1 +1.55 points, but every photo runs the backbone twice, which doubles the latency of photo
+# queries (AVX2 image@1 p50 over issue 11's 30 ms) and adds 4.7 minutes to the first AVX2 demo.
+FLIP_IMAGE_BACKBONE = {**DEFAULT_IMAGE_BACKBONE, "flip_average": True}
 # The image-private block (engine/model/private_block.py, issue 12), fitted after training: 256
 # wide (255 whitened photo dimensions + e_null; with the text-private block the served vectors
 # are 640 wide); gains query photo-only 6 (3 before the GeM pooling; mean at 3 -> GeM at 6:
-# augmented-photo R@1 88.25 -> 89.60 %), query photo + text 0 (at 1 a photo + "in red" returns the photo's own product
+# augmented-photo R@1 86.70 -> 87.60 %), query photo + text 0 (at 1 a photo + "in red" returns the photo's own product
 # first: composed P@10 42 -> 22), item 1 (our choice, docs/results.md "Image-private block" and
 # "Mirror-averaged photo features"). The block whitens the GeM (p = 2) of the photo tokens rather
 # than their mean (our choice, same section).
@@ -83,9 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--solo-gains", default=None,
                    help="TEXT,IMAGE: initial residual gains of one-modality rows, learned apart (default: shared with fused rows)")
     m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
-    m.add_argument("--no-flip-average", action="store_true",
-                   help="image backbone without the mirrored second pass (engine/model/backbones/efficientnet.py; "
-                        "default: tokens averaged with the mirrored photo's)")
+    m.add_argument("--flip-average", action="store_true",
+                   help="image backbone tokens averaged with the mirrored photo's (engine/model/backbones/efficientnet.py): "
+                        "photo queries more robust, every photo through the backbone twice (default: off)")
     for modality, width, gains, source, own in (
             ("image", CPU_IMAGE_PRIVATE_DIM, CPU_IMAGE_PRIVATE_GAINS, "augmented views", "QUERY_PHOTO"),
             ("text", CPU_TEXT_PRIVATE_DIM, CPU_TEXT_PRIVATE_GAINS, "typed shopper queries", "QUERY_TEXT")):
@@ -286,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                               **_private_config(args.text_private_dim, args.text_private_gains, "text"),
                               image_private_gem_p=args.image_private_gem_p,
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual,
-                              image_backbone=dict(DEFAULT_IMAGE_BACKBONE if args.no_flip_average else CPU_IMAGE_BACKBONE)),
+                              image_backbone=dict(FLIP_IMAGE_BACKBONE if args.flip_average else DEFAULT_IMAGE_BACKBONE)),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,
                               lr=args.lr, warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                               grad_clip=args.grad_clip, seed=args.seed, weighting=args.weighting,

@@ -100,6 +100,13 @@ def build_text_backbone(spec: dict) -> nn.Module:
 
 
 def build_image_backbone(spec: dict) -> nn.Module:
+    """The image backbone of ``spec``: ``{"type": "efficientnet_lite0", "weights": path, "image_size":
+    224, "resize_size": 224, "flip_average": false}`` (``flip_average``: tokens averaged with the
+    mirrored photo's, ``engine.model.backbones.efficientnet``) or ``{"type": "hf_clip", "path": folder}``.
+
+    Raises:
+        ModelFolderError: an unknown type, a missing path, or ``flip_average`` on a type without it.
+    """
     kind = spec.get("type")
     if kind == "efficientnet_lite0":
         from engine.model.backbones.efficientnet import EfficientNetLiteBackbone
