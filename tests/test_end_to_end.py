@@ -52,10 +52,12 @@ def served(tmp_path_factory, fashion_dir):
               # recipe's 256 needs 255 augmented photos; a 300-product subset has about 250)
               "--augment-fraction", "1", "--image-private-dim", "128")
     # the recipe's image-private block whitens the GeM of the photo tokens, at gain 6 on photo-only
-    # queries; the mirror average is opt-in (train --flip-average: photo queries cost twice the backbone)
+    # queries; the mirror average is opt-in (train --flip-average: photo queries cost twice the backbone);
+    # the two towers share one trained fusion encoder, each keeping its own block gains
     recipe = json.loads((model / "config.json").read_text())["model"]
     assert not recipe["image_backbone"].get("flip_average") and recipe["image_private_gem_p"] == 2.0
-    assert recipe["image_private_query_gains"] == [0.0, 6.0, 0.0]
+    assert recipe["image_private_query_gains"] == [0.0, 6.0, 0.0] and recipe["image_private_item_gain"] == 1.0
+    assert recipe["share_fusion"] is True and recipe["query_text_layers"] == [0, 5]
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
                         "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))
     port = _free_port()

@@ -10,6 +10,7 @@ import torch
 
 from engine.model.errors import ModelFolderError
 from engine.model.model_folder import check_model_folder, fingerprint_folder, load_model, save_model
+from tests.test_towers import photos  # noqa: F401  (fixture: four real catalogue photos)
 from tests.tiny_models import make_tiny_model
 
 
@@ -46,6 +47,37 @@ def test_shared_fusion_round_trip(tiny_backbone_dir, tmp_path):
     q = loaded.query_tower.encode(["red heels"], [None])
     np.testing.assert_array_equal(q, loaded.item_tower.encode(["red heels"], [None]))
     np.testing.assert_array_equal(q, model.query_tower.encode(["red heels"], [None]))
+
+
+def test_shared_fusion_with_private_blocks_keeps_each_towers_gains(tiny_backbone_dir, tmp_path, photos):
+    # share_fusion shares the trained fusion encoder; the fixed private blocks stay per tower (their gains differ)
+    model = make_tiny_model(tiny_backbone_dir, seed=4, share_fusion=True, image_private_dim=6,
+                            image_private_query_gains=[0.0, 3.0, 0.0], image_private_item_gain=1.0,
+                            text_private_dim=5, text_private_query_gains=[0.8, 0.0, 0.4], text_private_item_gain=0.5)
+    q, i = model.query_tower.fusion, model.item_tower.fusion
+    assert q is not i and q.text_proj is i.text_proj and q.merge is i.merge and q.text_absent is i.text_absent
+    assert q.private is not i.private and i.private.gains.tolist() == [1.0, 1.0, 1.0]
+    assert len(list(model.parameters())) == len(list(make_tiny_model(tiny_backbone_dir, share_fusion=True).parameters()))
+    g = torch.Generator().manual_seed(4)
+    for block in ("private", "text_private"):
+        shape = getattr(q, block).weight.shape
+        weight, bias = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
+        for fusion in (q, i):
+            getattr(fusion, block).set_projection(weight, bias)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.query_tower.fusion.merge is loaded.item_tower.fusion.merge
+    assert loaded.item_tower.fusion.private.gains.tolist() == [1.0, 1.0, 1.0]
+    assert loaded.query_tower.fusion.private.gains.tolist() == [0.0, 3.0, 0.0]
+    texts, images = ["red heels", None, "blue jeans"], [None, photos[0], photos[1]]
+    for tower in ("query_tower", "item_tower"):
+        np.testing.assert_allclose(getattr(loaded, tower).encode(texts, images, use_graphs=False),
+                                   getattr(model, tower).encode(texts, images, use_graphs=False), atol=1e-6)
+    # same trained encoder, different block gains: a photo-only query and item differ only in the blocks
+    qv = loaded.query_tower.encode(None, photos[:1], use_graphs=False)[0]
+    iv = loaded.item_tower.encode(None, photos[:1], use_graphs=False)[0]
+    np.testing.assert_allclose(qv[:32] / np.linalg.norm(qv[:32]), iv[:32] / np.linalg.norm(iv[:32]), atol=1e-6)
+    assert not np.allclose(qv, iv, atol=1e-3)
 
 
 def test_a_config_edited_after_saving_is_refused_not_ignored(tiny_backbone_dir, tmp_path):

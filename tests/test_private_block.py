@@ -126,8 +126,6 @@ def test_gem_block_whitens_the_generalised_mean_of_the_photo_tokens(tiny_backbon
 
 
 def test_bad_settings_are_refused(tiny_backbone_dir):
-    with pytest.raises(ValueError, match="share_fusion"):
-        ModelConfig(image_private_dim=8, share_fusion=True)
     with pytest.raises(ValueError, match="text-only image-private gain must be 0"):
         ModelConfig(image_private_dim=8, image_private_query_gains=[1.0, 3.0, 1.0])
     with pytest.raises(ValueError, match="dim >= 2"):

@@ -92,8 +92,6 @@ def test_bad_text_block_settings_are_refused():
 
     with pytest.raises(ValueError, match="image-only text-private gain must be 0"):
         ModelConfig(text_private_dim=8, text_private_query_gains=[0.4, 1.0, 0.2])
-    with pytest.raises(ValueError, match="text_private_dim needs share_fusion=False"):
-        ModelConfig(text_private_dim=8, share_fusion=True)
     made = _private_config("auto", "0.4,0.2,1", "text")
     assert made == {"text_private_dim": 128, "text_private_query_gains": [0.4, 0.0, 0.2], "text_private_item_gain": 1.0}
     for dim, gains in (("1", "0.4,0.2,1"), ("x", "0.4,0.2,1"), ("16", "0.4")):

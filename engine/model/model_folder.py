@@ -33,8 +33,8 @@ def save_model(model: TwoTowerModel, folder: str | Path, extra: dict | None = No
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    if model.config.share_fusion:  # one tensor, one name: drop the alias
-        state = {k: v for k, v in state.items() if not k.startswith("item_tower.")}
+    if model.config.share_fusion:  # one tensor, one name: drop the item tower's aliases of the query's
+        state = {k: v for k, v in state.items() if not _aliases_query(k, v, state)}
     config = {
         "format": FORMAT,
         "model": model.config.to_dict(),
@@ -46,6 +46,18 @@ def save_model(model: TwoTowerModel, folder: str | Path, extra: dict | None = No
     _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     model.fingerprint = fingerprint_folder(folder)
     return model.fingerprint
+
+
+def _item_key(query_key: str) -> str:
+    return "item_tower." + query_key[len("query_tower."):]
+
+
+def _aliases_query(key: str, value: torch.Tensor, state: dict) -> bool:
+    """``key`` is an item-tower tensor that is the query tower's own (``share_fusion``)."""
+    if not key.startswith("item_tower."):
+        return False
+    twin = state.get("query_tower." + key[len("item_tower."):])
+    return twin is not None and twin.data_ptr() == value.data_ptr() and twin.shape == value.shape
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", check_backbones: bool = True) -> TwoTowerModel:
@@ -66,9 +78,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", check_bac
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFolderError(f"cannot read {weights_path}: {exc}") from exc
-    if config.share_fusion:
-        state.update({"item_tower." + k[len("query_tower."):]: v for k, v in state.items() if k.startswith("query_tower.")})
     expected = set(model.trainable_state_dict())
+    if config.share_fusion:  # the item tower's aliases (its own private blocks are saved)
+        state.update({k: v for k, v in ((_item_key(q), v) for q, v in list(state.items())
+                                        if q.startswith("query_tower.")) if k in expected and k not in state})
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ModelFolderError(f"{weights_path} does not match its config: missing {sorted(missing)[:5]}, "

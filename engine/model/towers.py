@@ -37,7 +37,8 @@ class ModelConfig:
         cross_layers / self_layers / fusion_layers: METHOD.md §1.2 (3 / 2 / 3).
         mlp_ratio: MLP width factor of the Transformer blocks (our choice, 4.0).
         dropout: dropout in the fusion encoder during training (our choice, 0.1).
-        share_fusion: query and item towers share one fusion encoder (default False).
+        share_fusion: query and item towers share one trained fusion encoder (default False; METHOD.md
+            §1.5's switch); the fixed private blocks stay per tower (their gains differ).
         pooled_residual: the fusion output adds a linear projection of the raw mean-pooled
             backbone tokens per present modality (``engine.model.fusion``; our choice, default False).
         deep_gain / solo_gains: None (default), or the initial deep-path gain / [text, image] gains of
@@ -95,15 +96,10 @@ class ModelConfig:
                              f"{self.logit_scale_init} and {self.logit_scale_max}")
         if not self.image_private_gem_p >= 1.0:
             raise ValueError(f"image_private_gem_p must be >= 1 (1: mean pooling), got {self.image_private_gem_p}")
-        for name in ("image_private_dim", "text_private_dim"):
-            if getattr(self, name) and self.share_fusion:
-                raise ValueError(f"{name} needs share_fusion=False (the towers' block gains differ)")
         if self.text_private_dim and self.text_private_query_gains[1] != 0:
             raise ValueError("the query tower's image-only text-private gain must be 0 (photo rankings stay "
                              f"unchanged), got {self.text_private_query_gains[1]}")
         if self.query_text_layers is not None:
-            if self.share_fusion:
-                raise ValueError("query_text_layers needs share_fusion=False (the item tower keeps the full backbone)")
             self.query_text_layers = check_layers(self.query_text_layers, available=None)
         if self.image_private_dim and self.image_private_query_gains[0] != 0:
             raise ValueError("the query tower's text-only image-private gain must be 0 (text rankings stay F's), "
@@ -360,6 +356,24 @@ def _check_inputs(texts, images, view: str) -> tuple[list, list]:
     return texts, images
 
 
+SHARED_FUSION_EXCLUDES = ("private", "text_private")
+
+
+def _alias_trained_parts(item: FusionEncoder, query: FusionEncoder) -> FusionEncoder:
+    """``share_fusion``: ``item`` made to use ``query``'s trained submodules and parameters (the
+    same objects), keeping its own private blocks (fixed buffers whose gains differ per tower).
+    A model without private blocks ends up with one fusion encoder, as before. Our choice
+    (METHOD.md §1.5 makes sharing a config switch)."""
+    if item.private is None and item.text_private is None:
+        return query
+    for name, module in query.named_children():
+        if name not in SHARED_FUSION_EXCLUDES:
+            setattr(item, name, module)
+    for name, param in query.named_parameters(recurse=False):
+        setattr(item, name, param)
+    return item
+
+
 class TwoTowerModel(nn.Module):
     """Shared frozen backbones + query tower + item tower + learnable logit scale.
 
@@ -385,9 +399,10 @@ class TwoTowerModel(nn.Module):
                       private_gem_p=config.image_private_gem_p, text_private_dim=config.text_private_dim)
         query_fusion = FusionEncoder(**kwargs, private_gains=tuple(config.image_private_query_gains),
                                      text_private_gains=tuple(config.text_private_query_gains))
-        item_fusion = query_fusion if config.share_fusion else FusionEncoder(
-            **kwargs, private_gains=(config.image_private_item_gain,) * 3,
-            text_private_gains=(config.text_private_item_gain,) * 3)
+        item_fusion = FusionEncoder(**kwargs, private_gains=(config.image_private_item_gain,) * 3,
+                                    text_private_gains=(config.text_private_item_gain,) * 3)
+        if config.share_fusion:
+            item_fusion = _alias_trained_parts(item_fusion, query_fusion)
         self.query_tower = Tower(query_fusion, backbones, "query")
         if config.query_text_layers is not None:
             self.query_tower.text_student = TextStudent(backbones.text.model, config.query_text_layers)

@@ -24,6 +24,13 @@ from engine.training.trainer import TrainConfig
 # that keeps the raw backbones' robustness in every view, engine/model/fusion.py).
 CPU_MODEL = dict(dim=256, heads=8, cross_layers=1, self_layers=1, fusion_layers=1, mlp_ratio=2.0, dropout=0.0)
 CPU_POOLED_RESIDUAL = True
+# One fusion encoder for both towers (METHOD.md §1.5's switch; our choice since this session,
+# docs/results.md "One fusion encoder for both towers"): the query and item sides of every CMAL
+# pair then train the same text and image paths, as a CLIP-style two-tower shares its
+# projections. Same recipe otherwise: t2i / i2t Recall@10 47.90 / 41.25 -> 50.75 / 49.35, m2t
+# Recall@1 85.70 -> 86.75 (= the average of views), m2i 96.40 -> 98.65; the private blocks stay per
+# tower (their gains differ). --separate-fusion: one encoder per tower, as before.
+CPU_SHARE_FUSION = True
 # --flip-average (off by default; our choice, docs/results.md "Mirror-averaged photo features"):
 # the image backbone averages each photo's feature map with its mirrored photo's: augmented-photo
 # R@1 +1.55 points, but every photo runs the backbone twice, which doubles the latency of photo
@@ -83,7 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="initial value of a learned scalar on the deep path of the output (engine/model/fusion.py; default: none)")
     m.add_argument("--solo-gains", default=None,
                    help="TEXT,IMAGE: initial residual gains of one-modality rows, learned apart (default: shared with fused rows)")
-    m.add_argument("--share-fusion", action="store_true", help="query and item towers share one fusion encoder")
+    share = m.add_mutually_exclusive_group()
+    share.add_argument("--share-fusion", dest="share_fusion", action="store_true", default=CPU_SHARE_FUSION,
+                       help="query and item towers share one trained fusion encoder (the default)")
+    share.add_argument("--separate-fusion", dest="share_fusion", action="store_false",
+                       help="one fusion encoder per tower (the recipe before shared fusion)")
     m.add_argument("--flip-average", action="store_true",
                    help="image backbone tokens averaged with the mirrored photo's (engine/model/backbones/efficientnet.py): "
                         "photo queries more robust, every photo through the backbone twice (default: off)")
