@@ -57,7 +57,7 @@ def served(tmp_path_factory, fashion_dir):
     recipe = json.loads((model / "config.json").read_text())["model"]
     assert not recipe["image_backbone"].get("flip_average") and recipe["image_private_gem_p"] == 2.0
     assert recipe["image_private_query_gains"] == [0.0, 6.0, 0.0] and recipe["image_private_item_gain"] == 1.0
-    assert recipe["share_fusion"] is True and recipe["query_text_layers"] == [0, 5]
+    assert recipe["share_fusion"] is True
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
                         "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))
     port = _free_port()
