@@ -53,11 +53,14 @@ def served(tmp_path_factory, fashion_dir):
               "--augment-fraction", "1", "--image-private-dim", "128")
     # the recipe's image-private block whitens the GeM of the photo tokens, at gain 6 on photo-only
     # queries; the mirror average is opt-in (train --flip-average: photo queries cost twice the backbone);
-    # the two towers share one trained fusion encoder, each keeping its own block gains
+    # the two towers share one trained fusion encoder, each keeping its own block gains, and CMAL
+    # weighs the text-to-photo pairs (Tq, Vi) and (Vq, Ti) at 6
     recipe = json.loads((model / "config.json").read_text())["model"]
     assert not recipe["image_backbone"].get("flip_average") and recipe["image_private_gem_p"] == 2.0
     assert recipe["image_private_query_gains"] == [0.0, 6.0, 0.0] and recipe["image_private_item_gain"] == 1.0
     assert recipe["share_fusion"] is True
+    loss = json.loads((model / "training.json").read_text())["train"]["loss"]
+    assert loss["cmal_pair_weights"] == [6.0, 6.0, 2.0, 3.0, 2.0]  # the unimodal cross pairs weigh 6
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
                         "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))
     port = _free_port()
