@@ -110,16 +110,18 @@ def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_pa
     """A product photo taken a little differently (the robustness evaluation's seeded view:
     crop, flip, rotation, jitter, down-scaling, JPEG; engine/evaluation/robustness.py) sent as a JPEG file
     over gRPC comes back at rank 1 from the served index (issue 12): for products the model trained
-    on, and for held-out (test split) products it never saw. At least 9 of the 10 at rank 1 and
-    every one in the top 5: this short 300-product run of the recipe (shared fusion encoder, CMAL
-    text-to-photo pairs at 6) put one train photo of 10 at rank 2 on the AVX2 path (10 of 10 with
-    AVX-512 kernels); the full-scale figure is docs/results.md's (87 % at rank 1 over 11,882)."""
+    on, and for held-out (test split) products it never saw. The requests probe every IVF list:
+    the build's own nprobe for photo queries on this 300-product, 4-list index is 1 (recall@10 0.95,
+    its target), which lets about one photo in 20 fall outside the probed list whatever the model;
+    the default nprobe per kind is checked by the test below and measured on the full index by
+    bench/bench_served_quality.py."""
     from engine.model.augment import augment_photo, view_seed
     from engine.model.images import load_image
     from engine.evaluation.robustness import EVAL_AUGMENT_SEED
     from server.client import SearchClient
 
     target, rows, summary = served
+    nlist = json.loads((Path(summary["path"]) / "manifest.json").read_text())["index"]["nlist"]
     split = {r["id"]: r["split"] for r in csv.DictReader(open(fashion_dir / "split.csv"))}
     candidates = [r for r in rows if split[r["id"]] == split_name]
     picks = candidates[3::max(1, len(candidates) // 10)][:10]  # 10 products spread over the subset
@@ -132,10 +134,10 @@ def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_pa
             path = tmp_path / f"{row['id']}-aug.jpg"
             view.save(path, quality=90)
             assert view.tobytes() != load_image(photo).convert("RGB").tobytes()
-            hits = [hit.product_id for hit in client.search(image=path, top_k=5).hits]
-            found.append(hits.index(row["id"]) + 1 if row["id"] in hits else None)
-    assert None not in found, f"augmented {split_name} photos' ranks (None: not in the top 5): {found}"
-    assert found.count(1) >= 9, f"only {found.count(1)}/{len(found)} augmented {split_name} photos at rank 1: {found}"
+            response = client.search(image=path, top_k=5, nprobe=nlist)
+            assert response.dense_serving.nprobe == nlist
+            found.append(response.hits[0].product_id == row["id"])
+    assert all(found), f"only {sum(found)}/{len(found)} augmented {split_name} photos found their product at rank 1"
 
 
 def test_text_query_top_hits_share_its_article_type(served):
