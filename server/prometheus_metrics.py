@@ -38,22 +38,23 @@ class ServerMetrics:
         # labelled children looked up once each (on first use, so a stage no request ran has
         # no series): ``labels()`` takes a lock and builds a key per call, ~5 % of the
         # GIL-holding time of a text@8 load before (docs/serving.md)
-        self._stage_children: dict[str, object] = {}
-        self._request_children: dict[tuple[str, str], object] = {}
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, cached for the server's life (few label sets)."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count_request(self, method: str, code_name: str) -> None:
-        child = self._request_children.get((method, code_name))
-        if child is None:  # a new (method, code): few of them, kept for the server's life
-            child = self._request_children[(method, code_name)] = self.requests.labels(method=method, code=code_name)
-        child.inc()
+        self._child(self.requests, method, code_name).inc()
 
     def observe_stages_ms(self, **stage_ms: float) -> None:
         """Record stage latencies given in milliseconds, e.g. ``encode=3.2``."""
         for stage, value_ms in stage_ms.items():
-            child = self._stage_children.get(stage)
-            if child is None:
-                child = self._stage_children[stage] = self.stage_latency.labels(stage=stage)
-            child.observe(value_ms / 1e3)
+            self._child(self.stage_latency, stage).observe(value_ms / 1e3)
 
     def observe_batch(self, size: int, encode_s: float) -> None:
         self.batch_size.observe(size)
