@@ -73,19 +73,6 @@ def set_task(client, qs, candidates: list, top_k: int = 10, nprobe: int | None =
             "ndcg@10": float(ndcg_at_k(rel, counts, top_k).mean())}
 
 
-def query_sets(queries: list, candidates: list) -> dict:
-    """``{task: QuerySet}`` of the robustness evaluation's text and composed tasks."""
-    from engine.evaluation.robustness import (
-        P10_MIN_RELEVANT, composed_query_set, text_query_set, with_min_relevant,
-    )
-
-    pool = SimpleNamespace(products=candidates)
-    brand = text_query_set(queries, pool, "brand_type")
-    return {"composed": composed_query_set(queries, pool), "brand_type": brand,
-            "brand_type_min10": with_min_relevant(brand, P10_MIN_RELEVANT),
-            "attribute_phrase": text_query_set(queries, pool, "attribute_phrase")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("index_root", type=Path)
@@ -98,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
 
-    from engine.evaluation.robustness import MILD_AUGMENT
+    from engine.evaluation.robustness import MILD_AUGMENT, shopper_query_sets
     from engine.model.augment import AugmentConfig
     from engine.training.job import load_products
     from server.client import SearchClient
@@ -120,7 +107,7 @@ def main() -> None:
             tasks = [("augmented_photo", lambda: photo_task(client, queries, index, AugmentConfig(), 10, nprobe)),
                      ("augmented_photo_mild", lambda: photo_task(client, queries, index, MILD_AUGMENT, 10, nprobe))]
             tasks += [(name, lambda qs=qs: set_task(client, qs, candidates, 10, nprobe))
-                      for name, qs in query_sets(queries, candidates).items()]
+                      for name, qs in shopper_query_sets(queries, SimpleNamespace(products=candidates)).items()]
             for name, task in tasks:
                 start = time.perf_counter()
                 results[name] = task()

@@ -12,8 +12,9 @@ from engine.cli import main as cli_main
 from engine.evaluation.evaluate import build_pool
 from engine.evaluation.hybrid import (CEILING_LABEL, DENSE_LABEL, HYBRID_LABEL, HYBRID_WEIGHTED_LABEL, LEXICAL_LABEL,
                                       lexical_index, retrieval_rows)
-from engine.evaluation.robustness import (P10_MIN_RELEVANT, composed_query_set, evaluate_robustness,
-                                          robustness_markdown, set_metrics, text_query_set, with_min_relevant)
+from engine.evaluation.robustness import (MIN10_TASKS, P10_MIN_RELEVANT, composed_query_set, evaluate_robustness,
+                                          robustness_markdown, set_metrics, shopper_query_sets, text_query_set,
+                                          with_min_relevant)
 from engine.catalog.shopper_queries import facet_key, product_facets
 from tests.tiny_models import make_tiny_model
 
@@ -74,6 +75,14 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     assert composed[CEILING_LABEL]["precision@10"] == pytest.approx(
         np.mean(np.minimum(qs.relevant.sum(axis=1)[qs.keys], 10) / 10))
     assert all(r["precision@10"] <= composed[CEILING_LABEL]["precision@10"] + 1e-9 for r in composed.values())
+    for task in MIN10_TASKS:  # each subset: the rows of its task, a ceiling of 1 (P@10 can reach 1 on every query)
+        sub = shopper_query_sets(pool.products[:30], pool)[f"{task}_min10"]
+        if sub.texts:
+            rows = result[f"{task}_min10"]["rows"]
+            assert result[f"{task}_min10"]["queries"] == len(sub.texts) and set(rows) == set(result[task]["rows"])
+            assert rows[CEILING_LABEL]["precision@10"] == pytest.approx(1.0)
+        else:
+            assert f"{task}_min10" not in result
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = cli_main(["eval", "--model", str(tiny_model_dir), "--catalog", str(fashion_dir), "--limit", "200",
                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--markdown", str(md), "--quiet",
@@ -125,3 +134,18 @@ def test_the_brand_subset_keeps_the_queries_p_at_10_can_reach_1_on(fashion_dir):
     table = robustness_markdown({"candidates": len(pool.products), "seed": 0,
                                  "brand_type_min10": {"queries": len(subset.texts), "rows": rows}})
     assert f"**brand_type_min10** ({len(subset.texts)} queries, only those with >= 10 relevant products" in table
+
+
+def test_every_shopper_task_has_a_subset_p_at_10_can_judge(fashion_dir):
+    """The brand, phrase and composed subsets keep exactly their task's queries with >= 10
+    relevant candidates, same judgements (first 1,000 real products, attributes only)."""
+    pool = SimpleNamespace(products=read_catalog(fashion_dir, limit=1000).products)
+    sets = shopper_query_sets(pool.products, pool)
+    assert set(sets) == {"brand_type", "attribute_phrase", "composed", *(f"{t}_min10" for t in MIN10_TASKS)}
+    assert sets["composed"].texts == composed_query_set(pool.products, pool).texts
+    for task in MIN10_TASKS:
+        full, sub = sets[task], sets[f"{task}_min10"]
+        counts = full.relevant.sum(axis=1)[full.keys]
+        assert 0 < len(sub.texts) < len(full.texts), task
+        assert sub.texts == [t for t, c in zip(full.texts, counts) if c >= P10_MIN_RELEVANT]
+        assert (sub.photos == full.photos[counts >= P10_MIN_RELEVANT]).all() and sub.relevant is full.relevant
