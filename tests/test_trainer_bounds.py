@@ -87,3 +87,42 @@ def test_the_scalar_gains_train_at_their_own_learning_rate(tiny_backbone_dir, tm
     assert gain_group["initial_lr"] == pytest.approx(20 * trainer.optimizer.param_groups[0]["initial_lr"])
     plain = _trainer(make_tiny_model(tiny_backbone_dir, pooled_residual=True, deep_gain=0.5), tmp_path / "p")
     assert len(plain.optimizer.param_groups) == 2  # scale 1: the groups as before
+
+
+def test_the_logit_scale_trains_at_its_own_learning_rate(tiny_backbone_dir, tmp_path):
+    """logit_scale_lr_scale puts the log logit scale alone in an AdamW group at lr * scale, no
+    weight decay; over the same steps it moves about that many times further than at scale 1
+    (AdamW's step is about lr whatever the gradient), still under the config's cap."""
+    moved = {}
+    for factor in (1.0, 20.0):
+        model = make_tiny_model(tiny_backbone_dir)
+        trainer = _trainer(model, tmp_path / str(factor), logit_scale_lr_scale=factor, steps=4, warmup_fraction=0.0)
+        groups = trainer.optimizer.param_groups
+        if factor == 1.0:
+            assert len(groups) == 2  # the groups as before
+        else:
+            assert [id(p) for p in groups[-1]["params"]] == [id(model.log_logit_scale)]
+            assert groups[-1]["weight_decay"] == 0.0
+            assert groups[-1]["initial_lr"] == pytest.approx(factor * groups[0]["initial_lr"])
+            assert all(model.log_logit_scale is not p for g in groups[:-1] for p in g["params"])
+        start = model.log_logit_scale.item()
+        for _ in range(4):
+            trainer.train_step()
+        moved[factor] = abs(model.log_logit_scale.item() - start)
+        assert model.logit_scale.item() <= model.config.logit_scale_max * (1 + 1e-6)
+    assert moved[20.0] > 5 * moved[1.0] > 0
+
+
+def test_the_linear_baseline_gets_the_same_logit_scale_rate(tiny_backbone_dir):
+    """The baseline's logit scale trains at the same factor as the towers' (a fair baseline)."""
+    from engine.training.linear_baseline import train_linear_baseline
+
+    model = make_tiny_model(tiny_backbone_dir)
+    data = _data(model)
+    moved = {}
+    for factor in (1.0, 20.0):
+        config = TrainConfig(steps=4, stage1_steps=1, batch_size=8, seed=0, lr=1e-3, warmup_fraction=0.0,
+                             logit_scale_lr_scale=factor)
+        linear, _ = train_linear_baseline(data, config, dim=8)
+        moved[factor] = abs(linear.log_logit_scale.item() - math.log(10.0))
+    assert moved[20.0] > 5 * moved[1.0] > 0

@@ -129,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--gain-lr-scale", type=float, default=1.0,
                    help="learning-rate factor of the fusion output's scalar gains (engine/training/trainer.py)")
+    t.add_argument("--logit-scale-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor of the learnable logit scale, towers and linear baseline alike "
+                        "(engine/training/trainer.py)")
     t.add_argument("--warmup-fraction", type=float, default=0.1)
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--grad-clip", type=float, default=1.0)
@@ -307,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
                               static_weights=_parse_weights(args.static_weights), loss=_loss_config(args),
                               checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
                               precision=_precision(args.precision), augment_p=args.augment_p,
-                              gain_lr_scale=args.gain_lr_scale),
+                              gain_lr_scale=args.gain_lr_scale, logit_scale_lr_scale=args.logit_scale_lr_scale),
         )
         summary = train_model(job)
         if args.linear_baseline_only:

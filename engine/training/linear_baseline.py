@@ -86,7 +86,7 @@ def _features(table: TokenTable, rows: np.ndarray) -> np.ndarray:
 
 def train_linear_baseline(data, config, dim: int = 256) -> tuple[LinearTwoTower, dict]:
     """Train the baseline on ``data`` (``TrainingData``) with ``config`` (``TrainConfig``: steps,
-    batch_size, lr, warmup_fraction, weight_decay, seed, augment_p). Returns ``(model, summary)``
+    batch_size, lr, warmup_fraction, weight_decay, seed, augment_p, logit_scale_lr_scale). Returns ``(model, summary)``
     with summary ``{"steps", "seconds", "final_loss"}``. Raises ValueError with fewer than 2 pairs."""
     if len(data) < 2:
         raise ValueError(f"the linear baseline needs at least 2 pairs, got {len(data)}")
@@ -102,7 +102,10 @@ def train_linear_baseline(data, config, dim: int = 256) -> tuple[LinearTwoTower,
     with torch.random.fork_rng(devices=[]):  # its own stream: the global generator is left alone
         torch.default_generator.manual_seed(config.seed)
         model = LinearTwoTower(data.texts.hidden_size, data.images.hidden_size, dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scale_lr = config.lr * getattr(config, "logit_scale_lr_scale", 1.0)  # as the towers' (TrainConfig)
+    rest = [p for p in model.parameters() if p is not model.log_logit_scale]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": [model.log_logit_scale], "lr": scale_lr}],
+                            lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, int(round(config.warmup_fraction * config.steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
                                               0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, config.steps - warm)))))

@@ -61,6 +61,10 @@ class TrainConfig:
         choice: 0.8 (a fifth of the steps still see the catalogue's own pixels).
     gain_lr_scale: the fusion output's scalar gains (``GAIN_PARAMETERS``) train at ``lr * gain_lr_scale``,
         no decay (our choice: AdamW moves a scalar about ``lr`` a step); 1: one rate for all.
+    logit_scale_lr_scale: the learnable logit scale (METHOD.md §1.6, its log is the parameter)
+        trains at ``lr * logit_scale_lr_scale``, no decay. Our choice: at 1 AdamW moves its
+        log about ``lr`` a step, so over the CPU recipe's 384 steps the scale cannot leave
+        [10 / 1.2, 10 * 1.2] whatever the gradient says.
     """
 
     steps: int = 200
@@ -82,6 +86,7 @@ class TrainConfig:
     precision: str = "fp32"
     augment_p: float = 0.8
     gain_lr_scale: float = 1.0
+    logit_scale_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -195,8 +200,9 @@ class Trainer:
         model.clamp_logit_scale_()  # e.g. an init_model saved with another cap
 
     def _param_groups(self) -> list[dict]:
-        decay, no_decay, gains = [], [], []
+        decay, no_decay, gains, logit = [], [], [], []
         scaled = self.config.gain_lr_scale != 1.0
+        logit_scaled = self.config.logit_scale_lr_scale != 1.0
         own = [(n, p) for n, p in self.model.named_parameters()
                if p.requires_grad and not n.startswith(("text_backbone.", "image_backbone."))]
         seen: set[int] = set()
@@ -207,11 +213,16 @@ class Trainer:
             if scaled and name.rsplit(".", 1)[-1] in GAIN_PARAMETERS:
                 gains.append(p)
                 continue
+            if logit_scaled and name == "log_logit_scale":
+                logit.append(p)
+                continue
             (decay if p.ndim >= 2 else no_decay).append(p)
         no_decay += [p for p in self.weighting.parameters() if p.requires_grad]
         scaled_group = [{"params": gains, "weight_decay": 0.0, "lr": self.config.lr * self.config.gain_lr_scale}]
+        logit_group = [{"params": logit, "weight_decay": 0.0, "lr": self.config.lr * self.config.logit_scale_lr_scale}]
         return [{"params": decay, "weight_decay": self.config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}] + (scaled_group if scaled else [])
+                {"params": no_decay, "weight_decay": 0.0}] + (scaled_group if scaled else []) + \
+            (logit_group if logit_scaled else [])
 
     # ------------------------------------------------------------------ data order
 
