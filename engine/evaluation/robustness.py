@@ -100,9 +100,14 @@ def text_query_set(query_products: Sequence, catalogue: EvalPool, kind: str) -> 
                     _relevance(facets, [(fields, k) for k in texts]))
 
 
+def min_relevant_mask(qs: QuerySet, n: int) -> np.ndarray:
+    """``bool (a,)``: query i of ``qs`` has at least ``n`` relevant candidates."""
+    return qs.relevant.sum(axis=1)[qs.keys] >= n
+
+
 def with_min_relevant(qs: QuerySet, n: int) -> QuerySet:
     """The queries of ``qs`` with at least ``n`` relevant candidates (relevance unchanged)."""
-    keep = qs.relevant.sum(axis=1)[qs.keys] >= n
+    keep = min_relevant_mask(qs, n)
     return QuerySet([t for t, k in zip(qs.texts, keep) if k], qs.photos[keep], qs.keys[keep], qs.relevant)
 
 
@@ -187,32 +192,48 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         return out
     texts = cache_texts(backbones, all_texts, cache_dir, progress=progress)
     bm25 = lexical_index(catalogue.products)
+    encoded: dict[str, dict[str, np.ndarray]] = {}  # each task's queries, encoded once for it and its subset
     for name, qs in sets.items():
         if not qs.texts:
             continue
-        text_rows = texts.rows(qs.texts)
-        image_rows = np.where(qs.photos >= 0, catalogue.image_rows[np.maximum(qs.photos, 0)], -1)
-        q = tower_views(model.query_tower, texts, catalogue.images, text_rows, image_rows, batch_size)
-        raw_q = mean_pooled(texts, text_rows)
-        composed = name.startswith("composed")
-        if composed:
-            raw_q = np.concatenate([raw_q, raw_v[qs.photos]], axis=1) / np.sqrt(2.0)
+        parent = name.removesuffix("_min10")
+        if parent == name:
+            encoded[name] = _encode_queries(model, linear, lin, texts, catalogue, raw_v, qs, name == "composed",
+                                            batch_size)
+            q = encoded[name]
+        else:  # the subset's rows of its task's vectors
+            keep = min_relevant_mask(sets[parent], P10_MIN_RELEVANT)
+            q = {view: vectors[keep] for view, vectors in encoded[parent].items()}
+        if parent == "composed":
             result = {"trained (fused)": set_metrics(q["F"], item["F"], qs),
                       "trained, average of T and V": set_metrics(_unit(q["T"] + q["V"]), item_avg, qs),
-                      "raw backbones: concatenation": set_metrics(raw_q, raw_m, qs),
+                      "raw backbones: concatenation": set_metrics(q["raw"], raw_m, qs),
                       CEILING_LABEL: ceiling_metrics(qs.relevant, qs.keys)}
         else:
             result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
-                      "raw MiniLM: mean-pooled titles, exact": set_metrics(raw_q, raw_t, qs)}
+                      "raw MiniLM: mean-pooled titles, exact": set_metrics(q["raw"], raw_t, qs)}
             retrieval = retrieval_rows(qs.texts, q["T"], item["F"], bm25, qs.relevant, qs.keys)
             result.update({label: m for label, m in retrieval.items() if not label.startswith("dense")})
         if lin is not None:
-            lq = linear.embed_text(mean_pooled(texts, text_rows))
-            if composed:
-                lq = _unit(lq + lin["V"][qs.photos])
-            result[LINEAR_LABEL] = set_metrics(lq, lin["F"], qs)
+            result[LINEAR_LABEL] = set_metrics(q["linear"], lin["F"], qs)
         out[name] = {"queries": len(qs.texts), "rows": result}
     return out
+
+
+def _encode_queries(model, linear, lin: dict | None, texts, catalogue: EvalPool, raw_v: np.ndarray, qs: QuerySet,
+                    composed: bool, batch_size: int) -> dict[str, np.ndarray]:
+    """The query vectors of ``qs``, ``float32 (a, d)`` each: the query tower's T, V, F; "raw"
+    (mean-pooled MiniLM, concatenated with the photo's raw features / √2 when ``composed``);
+    "linear" (the linear two-tower's query, only when ``lin`` is given)."""
+    text_rows = texts.rows(qs.texts)
+    image_rows = np.where(qs.photos >= 0, catalogue.image_rows[np.maximum(qs.photos, 0)], -1)
+    q = dict(tower_views(model.query_tower, texts, catalogue.images, text_rows, image_rows, batch_size))
+    raw_text = mean_pooled(texts, text_rows)
+    q["raw"] = np.concatenate([raw_text, raw_v[qs.photos]], axis=1) / np.sqrt(2.0) if composed else raw_text
+    if lin is not None:
+        lq = linear.embed_text(raw_text)
+        q["linear"] = _unit(lq + lin["V"][qs.photos]) if composed else lq
+    return q
 
 
 def _photo_task(model, photo_q: Sequence, catalogue: EvalPool, cache_dir: str, config: AugmentConfig,

@@ -102,7 +102,7 @@ def train_linear_baseline(data, config, dim: int = 256) -> tuple[LinearTwoTower,
     with torch.random.fork_rng(devices=[]):  # its own stream: the global generator is left alone
         torch.default_generator.manual_seed(config.seed)
         model = LinearTwoTower(data.texts.hidden_size, data.images.hidden_size, dim)
-    scale_lr = config.lr * getattr(config, "logit_scale_lr_scale", 1.0)  # as the towers' (TrainConfig)
+    scale_lr = config.lr * config.logit_scale_lr_scale  # as the towers'
     rest = [p for p in model.parameters() if p is not model.log_logit_scale]
     opt = torch.optim.AdamW([{"params": rest}, {"params": [model.log_logit_scale], "lr": scale_lr}],
                             lr=config.lr, weight_decay=config.weight_decay)
