@@ -55,11 +55,10 @@ def photo_task(client, queries: list, index: dict, config, top_k: int, nprobe: i
             f"mrr@{top_k}": float(np.where(ranks < top_k, 1.0 / (ranks + 1), 0.0).mean())}
 
 
-def set_task(client, qs, candidates: list, top_k: int = 10, nprobe: int | None = None) -> dict:
-    """Precision@10 / nDCG@10 over gRPC of a ``QuerySet`` (``engine.evaluation.robustness``): its
-    text, with the candidate's clean photo where ``qs.photos`` names one (composed queries)."""
-    from engine.evaluation.ranking_metrics import ndcg_at_k, precision_at_k
-
+def served_relevance(client, qs, candidates: list, top_k: int = 10, nprobe: int | None = None) -> np.ndarray:
+    """``bool (a, top_k)``: hit j of query i over gRPC is relevant, for a ``QuerySet``
+    (``engine.evaluation.robustness``): its text, with the candidate's clean photo where
+    ``qs.photos`` names one (composed queries)."""
     position = {p.product_id: i for i, p in enumerate(candidates)}
     rel = np.zeros((len(qs.texts), top_k), dtype=bool)
     for a, (text, photo, key) in enumerate(zip(qs.texts, qs.photos, qs.keys)):
@@ -68,9 +67,33 @@ def set_task(client, qs, candidates: list, top_k: int = 10, nprobe: int | None =
         for j, h in enumerate(hits):
             i = position.get(h.product_id)
             rel[a, j] = i is not None and bool(qs.relevant[key, i])
+    return rel
+
+
+def set_metrics(rel: np.ndarray, qs) -> dict:
+    """Precision@k / nDCG@k of ``served_relevance``'s ``rel`` for ``qs`` (k = its width)."""
+    from engine.evaluation.ranking_metrics import ndcg_at_k, precision_at_k
+
     counts = qs.relevant.sum(axis=1)[qs.keys]
-    return {"queries": len(qs.texts), "precision@10": float(precision_at_k(rel, top_k).mean()),
-            "ndcg@10": float(ndcg_at_k(rel, counts, top_k).mean())}
+    top_k = rel.shape[1]
+    return {"queries": len(qs.texts), f"precision@{top_k}": float(precision_at_k(rel, top_k).mean()),
+            f"ndcg@{top_k}": float(ndcg_at_k(rel, counts, top_k).mean())}
+
+
+def set_tasks(client, sets: dict, candidates: list, nprobe: int | None) -> list:
+    """``(name, task)`` for each shopper query set; a ``_min10`` subset reads its rows of its
+    task's served hits (each query is sent once; ``shopper_query_sets`` lists a task before its subset)."""
+    from engine.evaluation.robustness import P10_MIN_RELEVANT, min_relevant_mask
+
+    rels: dict = {}
+
+    def task(name: str, qs) -> dict:
+        parent = name.removesuffix("_min10")
+        if parent == name:
+            rels[name] = served_relevance(client, qs, candidates, 10, nprobe)
+            return set_metrics(rels[name], qs)
+        return set_metrics(rels[parent][min_relevant_mask(sets[parent], P10_MIN_RELEVANT)], qs)
+    return [(name, lambda name=name, qs=qs: task(name, qs)) for name, qs in sets.items()]
 
 
 def main() -> None:
@@ -106,8 +129,8 @@ def main() -> None:
             nprobe = args.nprobe
             tasks = [("augmented_photo", lambda: photo_task(client, queries, index, AugmentConfig(), 10, nprobe)),
                      ("augmented_photo_mild", lambda: photo_task(client, queries, index, MILD_AUGMENT, 10, nprobe))]
-            tasks += [(name, lambda qs=qs: set_task(client, qs, candidates, 10, nprobe))
-                      for name, qs in shopper_query_sets(queries, SimpleNamespace(products=candidates)).items()]
+            tasks += set_tasks(client, shopper_query_sets(queries, SimpleNamespace(products=candidates)), candidates,
+                               nprobe)
             for name, task in tasks:
                 start = time.perf_counter()
                 results[name] = task()
