@@ -18,7 +18,7 @@ Each cell is the median over ``--rounds`` interleaved rounds of the CPU time (``
 per call, tokenisation included (the same for every backend), in ms; the cosine column is each
 path's minimum cosine to the Python fp32 path over the timed queries. Prints the machine line with
 its ISA. OpenVINO is not a dependency of ecsearch: ``pip install openvino`` first (the bench says
-so and exits 2 without it). For an honest AVX2 run on an AVX-512 host see bench/cpuid_avx2.c
+so and exits with status 1 without it). For an honest AVX2 run on an AVX-512 host see bench/cpuid_avx2.c
 (OpenVINO reads CPUID too, so the preloaded mask hides AVX-512 and bf16 from it).
 """
 from __future__ import annotations
