@@ -197,30 +197,48 @@ class FusionEncoder(nn.Module):
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 image_tokens: torch.Tensor, image_mask: torch.Tensor,
-                has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+                has_text: torch.Tensor, has_image: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """Fuse one batch.
 
         Args:
             text_tokens: float (B, Lt, Ht); text_mask: bool (B, Lt), True on real tokens.
             image_tokens: float (B, Li, Hi); image_mask: bool (B, Li).
             has_text, has_image: bool (B,), per-sample presence taken from the raw input.
+            kind: None, or "text" | "image" | "text+image" when the caller knows that every row
+                has that presence (``has_text`` / ``has_image`` must agree; they are then not
+                read): the same output, computed without the per-row selections, which an exported
+                graph of one kind of batch would otherwise carry as ~150 small ops
+                (``engine.model.tower_graphs``; our choice, issue 11).
         Returns:
             float32 (B, output_dim), L2-normalised.
+        Raises:
+            ValueError: an unknown ``kind``.
         """
+        if kind not in _UNIFORM:
+            raise ValueError(f"kind must be one of {tuple(k for k in _UNIFORM if k)} or None, got {kind!r}")
+        every_text, every_image = _UNIFORM[kind]  # None: per row
         has_text = has_text.bool()
         has_image = has_image.bool()
-        t_valid = text_mask.bool() & has_text[:, None]  # [B, Lt]
-        v_valid = image_mask.bool() & has_image[:, None]  # [B, Li]
+        t_valid = text_mask.bool() if every_text else text_mask.bool() & has_text[:, None]  # [B, Lt]
+        v_valid = image_mask.bool() if every_image else image_mask.bool() & has_image[:, None]  # [B, Li]
         dim = self.merge.out_features
         p_t = self.text_absent.expand(has_text.shape[0], dim)
         p_v = self.image_absent.expand(has_image.shape[0], dim)
-        both = has_text & has_image
         # Work only on the rows that have a modality (our choice: pure speed-up; the skipped
         # rows' values would be discarded by the masks anyway, so outputs are identical).
-        t = F.normalize(self.text_proj(text_tokens[has_text].float()), dim=-1)  # [Bt, Lt, d]
-        v = F.normalize(self.image_proj(image_tokens[has_image].float()), dim=-1)  # [Bv, Li, d]
-        tv, vv = t_valid[has_text], v_valid[has_image]
-        if both.any():
+        t = tv = v = vv = None  # a modality no row has (``kind``) is not computed at all
+        if every_text is not False:
+            t = F.normalize(self.text_proj(_rows(text_tokens, has_text, every_text).float()), dim=-1)  # [Bt, Lt, d]
+            tv = _rows(t_valid, has_text, every_text)
+        if every_image is not False:
+            v = F.normalize(self.image_proj(_rows(image_tokens, has_image, every_image).float()), dim=-1)  # [Bv, Li, d]
+            vv = _rows(v_valid, has_image, every_image)
+        if every_text and every_image:  # every row has both: cross-attention on all of them
+            ones = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+            for layer in self.cross:
+                v, t = layer(v, vv, t, tv, ones, ones)
+        elif every_text is None and (has_text & has_image).any():
+            both = has_text & has_image
             rows_t = both[has_text]  # rows of t that also have an image
             rows_v = both[has_image]
             ct, cv = t[rows_t], v[rows_v]
@@ -231,16 +249,14 @@ class FusionEncoder(nn.Module):
             v = v.clone()
             t[rows_t] = ct.to(t.dtype)
             v[rows_v] = cv.to(v.dtype)
-        if t.shape[0]:
+        if every_text is not False and t.shape[0]:
             for block in self.text_blocks:
                 t = block(t, tv)
-            p_t = p_t.clone()
-            p_t[has_text] = self.text_pool(masked_mean(t, tv)).to(p_t.dtype)  # [Bt, d]
-        if v.shape[0]:
+            p_t = _put_rows(p_t, has_text, every_text, self.text_pool(masked_mean(t, tv)))  # [Bt, d]
+        if every_image is not False and v.shape[0]:
             for block in self.image_blocks:
                 v = block(v, vv)
-            p_v = p_v.clone()
-            p_v[has_image] = self.image_pool(masked_mean(v, vv)).to(p_v.dtype)  # [Bv, d]
+            p_v = _put_rows(p_v, has_image, every_image, self.image_pool(masked_mean(v, vv)))  # [Bv, d]
         x = self.merge(torch.cat([p_t, p_v], dim=-1)).unsqueeze(1)  # [B, 1, d]
         for block in self.fusion_blocks:
             x = block(x)
@@ -248,31 +264,63 @@ class FusionEncoder(nn.Module):
         if self.has_deep_gain:
             out = out * self.deep_gain.to(out.dtype)
         # means of the raw tokens, computed once for the residuals and the private blocks
-        v_mean = masked_mean(image_tokens.float(), v_valid) if self.pooled_residual or self.private is not None else None
+        v_mean = (masked_mean(image_tokens.float(), v_valid)
+                  if (self.pooled_residual or self.private is not None) and every_image is not False else None)
         t_mean = (masked_mean(text_tokens.float(), t_valid)
-                  if self.pooled_residual or self.text_private is not None else None)
-        if self.pooled_residual:
-            out = out + self._residual(t_mean, has_text, has_image, self.text_residual, 0, out.dtype)
-            out = out + self._residual(v_mean, has_image, has_text, self.image_residual, 1, out.dtype)
+                  if (self.pooled_residual or self.text_private is not None) and every_text is not False else None)
+        if self.pooled_residual:  # an absent modality's residual is zero: skipped where known
+            if every_text is not False:
+                out = out + self._residual(t_mean, has_text, has_image, self.text_residual, 0, out.dtype,
+                                           every_text, every_image)
+            if every_image is not False:
+                out = out + self._residual(v_mean, has_image, has_text, self.image_residual, 1, out.dtype,
+                                           every_image, every_text)
         out = F.normalize(out, dim=-1)
         v_private = v_mean
-        if self.private is not None and self.private.gem_p != 1.0:
+        if self.private is not None and self.private.gem_p != 1.0 and every_image is not False:
             v_private = gem_pool(image_tokens, v_valid, self.private.gem_p)
-        blocks = [b(m, has_text, has_image) for b, m in ((self.private, v_private), (self.text_private, t_mean))
-                  if b is not None]
+        blocks = [b(m, has_text, has_image, kind=kind)
+                  for b, m in ((self.private, v_private), (self.text_private, t_mean)) if b is not None]
         if blocks:
             out = F.normalize(torch.cat([out.float(), *blocks], dim=-1), dim=-1)
         return out
 
     def _residual(self, mean: torch.Tensor, present: torch.Tensor, other: torch.Tensor,
-                  proj: nn.Linear, slot: int, dtype: torch.dtype) -> torch.Tensor:
+                  proj: nn.Linear, slot: int, dtype: torch.dtype, every: bool | None = None,
+                  every_other: bool | None = None) -> torch.Tensor:
         """``(B, d)``: gain * sqrt(d) * unit(proj(mean)), ``mean`` float32 (B, H) the masked mean of
         the raw tokens; zero rows where absent.
 
         ``other``: bool (B,), the other modality's presence; with ``solo_gains`` the rows without
-        it take ``solo_gain[slot]`` instead of ``residual_gain[slot]``."""
+        it take ``solo_gain[slot]`` instead of ``residual_gain[slot]``. ``every``: True when every
+        row has the modality, ``every_other`` True / False when every row has / lacks the other one
+        (``forward``'s ``kind``); None: read ``present`` / ``other`` per row."""
         r = F.normalize(proj(mean), dim=-1) * math.sqrt(proj.out_features)
         gain = self.residual_gain[slot]
         if self.solo_gains:
-            gain = torch.where(other, gain, self.solo_gain[slot])[:, None]
-        return (r * gain * present[:, None].to(r.dtype)).to(dtype)
+            if every_other is None:
+                gain = torch.where(other, gain, self.solo_gain[slot])[:, None]
+            elif not every_other:
+                gain = self.solo_gain[slot]
+        if every is None:
+            r = r * present[:, None].to(r.dtype)
+        return (r * gain).to(dtype)
+
+
+# forward's ``kind`` → (every row has text, every row has an image); None: read per row
+_UNIFORM = {None: (None, None), "text": (True, False), "image": (False, True), "text+image": (True, True)}
+
+
+def _rows(x: torch.Tensor, present: torch.Tensor, every: bool | None) -> torch.Tensor:
+    """The rows of ``x`` where ``present``: all of them (``every`` True) or selected per row (None)."""
+    return x[present] if every is None else x
+
+
+def _put_rows(base: torch.Tensor, present: torch.Tensor, every: bool | None, rows: torch.Tensor) -> torch.Tensor:
+    """``base (B, d)`` with its ``present`` rows replaced by ``rows (Bp, d)``: ``rows`` itself when
+    every row is present (``every`` True)."""
+    if every:
+        return rows.to(base.dtype)
+    base = base.clone()
+    base[present] = rows.to(base.dtype)
+    return base

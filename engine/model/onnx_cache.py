@@ -28,7 +28,9 @@ from engine.model.file_hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1  # bump when engine.model.tower_onnx's export changes the graphs it writes
+# bump when engine.model.tower_onnx's export changes the graphs it writes (2: batches of one kind
+# exported without the fusion encoder's per-row selections, FusionEncoder.forward's ``kind``)
+EXPORT_FORMAT = 2
 
 
 def _versions() -> dict:

@@ -90,16 +90,41 @@ class PrivateBlock(nn.Module):
         self.weight.copy_(weight.to(self.weight.dtype))
         self.bias.copy_(bias.to(self.bias.dtype))
 
-    def forward(self, mean: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    def forward(self, mean: torch.Tensor | None, has_text: torch.Tensor, has_image: torch.Tensor,
+                kind: str | None = None) -> torch.Tensor:
         """``mean`` float (B, H): masked mean (GeM for ``gem_p`` > 1) of the raw backbone tokens of
-        the block's modality (any value on rows without it); ``has_text`` / ``has_image`` bool (B,). Returns float32 (B, p)."""
+        the block's modality (any value on rows without it; None allowed when ``kind`` says no row
+        has it); ``has_text`` / ``has_image`` bool (B,). ``kind``: None, or "text" | "image" |
+        "text+image" when every row has that presence (as ``FusionEncoder.forward``'s: the same
+        output without per-row selections). Returns float32 (B, p).
+
+        Raises:
+            ValueError: an unknown ``kind``.
+        """
+        if kind not in _SLOTS:
+            raise ValueError(f"kind must be one of {tuple(k for k in _SLOTS if k)} or None, got {kind!r}")
         b = has_image.shape[0]
-        present = has_image if self.modality == "image" else has_text
-        own = F.normalize(mean.float() @ self.weight.float().T + self.bias.float(), dim=-1)
-        own = torch.cat([own, torch.zeros(b, 1, dtype=own.dtype, device=own.device)], dim=-1)
-        null = torch.zeros_like(own)
-        null[:, -1] = 1.0
-        p = torch.where(present[:, None], own, null)
         g = self.gains.float()
+        if kind is not None:  # every row alike: its modality present or not, one gain
+            present = kind in (self.modality, "text+image")
+            p = self._own(mean, b) if present else self._null(b, g.device)
+            return p * g[_SLOTS[kind]]
+        present = has_image if self.modality == "image" else has_text
+        own = self._own(mean, b)
+        p = torch.where(present[:, None], own, self._null(b, own.device).to(own.dtype))
         gain = torch.where(has_image, torch.where(has_text, g[2], g[1]), g[0])
         return p * gain[:, None]
+
+    def _own(self, mean: torch.Tensor, b: int) -> torch.Tensor:
+        """``[unit(W mean + b), 0]``, float32 (B, p)."""
+        own = F.normalize(mean.float() @ self.weight.float().T + self.bias.float(), dim=-1)
+        return torch.cat([own, torch.zeros(b, 1, dtype=own.dtype, device=own.device)], dim=-1)
+
+    def _null(self, b: int, device) -> torch.Tensor:
+        """``e_null`` (the last unit axis) for ``b`` rows, float32 (B, p) (built without an indexed
+        write, which an exported graph would carry as a ScatterND)."""
+        return torch.cat([torch.zeros(b, self.dim - 1, device=device), torch.ones(b, 1, device=device)], dim=-1)
+
+
+# a batch kind → the slot of ``gains`` its rows take (text only, image only, both)
+_SLOTS = {None: None, "text": 0, "image": 1, "text+image": 2}

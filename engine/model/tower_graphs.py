@@ -149,7 +149,7 @@ class _Path(nn.Module):
             image_mask = torch.zeros(b, 1, dtype=torch.bool)
         has_text = torch.ones(b, dtype=torch.bool) if with_text else torch.zeros(b, dtype=torch.bool)
         has_image = torch.ones(b, dtype=torch.bool) if with_image else torch.zeros(b, dtype=torch.bool)
-        vectors = self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image)
+        vectors = self.fusion(text_tokens, text_mask, image_tokens, image_mask, has_text, has_image, kind=self.kind)
         return F.normalize(vectors.float(), dim=-1)
 
 
