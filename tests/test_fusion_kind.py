@@ -59,10 +59,12 @@ def test_a_batch_of_one_kind_gives_the_per_row_output(options, kind):
     assert not torch.allclose(uniform[0], uniform[1])  # rows stay distinct (nothing constant came out)
 
 
-def test_an_unknown_kind_is_refused():
+def test_an_unknown_kind_or_a_kind_the_rows_do_not_have_is_refused():
     enc = _encoder({})
     with pytest.raises(ValueError, match="kind must be one of"):
         enc(*_uniform_batch("text"), kind="video")
+    with pytest.raises(ValueError, match="has_text / has_image differ"):
+        enc(*_uniform_batch("text"), kind="text+image")  # rows without a photo called text+image
     with pytest.raises(ValueError, match="kind must be one of"):
         PrivateBlock(HI, 4, (1.0, 1.0, 1.0))(torch.zeros(2, HI), torch.ones(2, dtype=torch.bool),
                                               torch.ones(2, dtype=torch.bool), kind="both")

@@ -212,13 +212,17 @@ class FusionEncoder(nn.Module):
         Returns:
             float32 (B, output_dim), L2-normalised.
         Raises:
-            ValueError: an unknown ``kind``.
+            ValueError: an unknown ``kind``, or rows whose presence flags disagree with it (checked
+                outside tracing).
         """
         if kind not in _UNIFORM:
             raise ValueError(f"kind must be one of {tuple(k for k in _UNIFORM if k)} or None, got {kind!r}")
         every_text, every_image = _UNIFORM[kind]  # None: per row
         has_text = has_text.bool()
         has_image = has_image.bool()
+        if kind is not None and not torch.jit.is_tracing() and not (
+                bool((has_text == every_text).all()) and bool((has_image == every_image).all())):
+            raise ValueError(f"kind {kind!r} says every row has the same modalities, but has_text / has_image differ")
         t_valid = text_mask.bool() if every_text else text_mask.bool() & has_text[:, None]  # [B, Lt]
         v_valid = image_mask.bool() if every_image else image_mask.bool() & has_image[:, None]  # [B, Li]
         dim = self.merge.out_features
