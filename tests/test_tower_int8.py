@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 
+from engine.cpu_features import cpu_isa
 from engine.model import tower_int8, tower_onnx
 from server.tower_backend import onnx_cache_for, plan_tower, prepare_query_tower
 from tests.test_server_support import index_root, server_model, subset  # noqa: F401
@@ -72,8 +73,12 @@ def test_int8_text_path_is_used_only_when_its_recorded_gate_passes(model_dir, qu
     refusal = [m for m in messages if "onnxruntime-int8 refused" in m]
     gate_queries = tower_int8.split_queries(queries)[1]
     assert len(refusal) == 1 and "min cosine" in refusal[0] and f"{len(gate_queries)} real queries" in refusal[0]
-    (record,) = _int8_records(model_dir)
-    assert record["refused"] and not record["gate"]["passed"] and record["gate_queries"] == gate_queries
+    recipes = tower_int8.recipes(cpu_isa())  # each tried in turn (with VNNI: every linear int8 first)
+    assert all(f"int8 text path ({recipe}) refused" in refusal[0] for recipe in recipes)
+    records = _int8_records(model_dir)
+    assert sorted(r["recipe"] for r in records) == sorted(recipes)
+    for record in records:
+        assert record["refused"] and not record["gate"]["passed"] and record["gate_queries"] == gate_queries
 
     model, _, messages = _prepare(model_dir, caplog, queries)  # the refusal is cached: not measured again
     assert [m for m in messages if "measured at an earlier start" in m]
@@ -87,7 +92,8 @@ def test_int8_text_path_is_used_only_when_its_recorded_gate_passes(model_dir, qu
     model, line, messages = _prepare(model_dir, caplog, queries)
     tower = model.query_tower
     assert tower.graphs["text"].backend == "onnxruntime int8" and "text: onnxruntime int8" in line
-    (record,) = _int8_records(model_dir)
+    (record,) = _int8_records(model_dir)  # the first recipe passed: the next is not tried
+    assert record["recipe"] == recipes[0]
     gate, queries = record["gate"], record["gate_queries"]
     assert gate["passed"] and gate["queries"] == len(queries) == 720 and record["checked_isa"]
     # the recorded figure is the measured one: the stored queries give it again
@@ -107,3 +113,30 @@ def test_the_server_draws_its_gate_queries_from_the_served_index(index_root, sub
         index.close()
     titles = {p.title for p in subset.products}
     assert len(queries) == 60 and titles & set(queries) and all(isinstance(q, str) and q.strip() for q in queries)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512_bf16", "amx"])
+def test_vnni_cpus_try_every_backbone_linear_in_int8_first(isa):
+    assert tower_int8.recipes(isa) == (("ffn-fp32",) if tower_int8.uint8_weights(isa) else ("all", "ffn-fp32"))
+
+
+def test_each_recipe_keeps_its_linears_fp32(tiny_backbone_dir, tmp_path):
+    """Quantize a real exported text graph with each recipe: "all" leaves only the fusion encoder's
+    MatMuls fp32, "ffn-fp32" the FFN output linears too; attention outputs are int8 in both."""
+    import onnx
+
+    from engine.model.tower_graphs import GraphError
+
+    tower = make_tiny_model(tiny_backbone_dir, seed=3).query_tower
+    source = tower_onnx.export_path(tower, "text", tmp_path / "text.onnx")
+    fp32_matmuls = {}
+    for recipe in tower_int8.RECIPES:
+        tower_int8.quantize_text_graph(source, tmp_path / f"{recipe}.onnx", "avx2", recipe)
+        nodes = onnx.load(str(tmp_path / f"{recipe}.onnx")).graph.node
+        fp32_matmuls[recipe] = {n.name for n in nodes if n.op_type == "MatMul" and "/text_model/" in n.name
+                                and "/attention/self/" not in n.name}  # the q·k / p·v products stay as they are
+    assert not fp32_matmuls["all"]
+    assert fp32_matmuls["ffn-fp32"] and all("/output/dense/" in n and "/attention/" not in n
+                                            for n in fp32_matmuls["ffn-fp32"])
+    with pytest.raises(GraphError, match="unknown int8 recipe"):
+        tower_int8.quantize_text_graph(source, tmp_path / "x.onnx", "avx2", "half")

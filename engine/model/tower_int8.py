@@ -15,7 +15,9 @@ than the rest and one per-tensor scale then leaves the others a handful of level
    on AVX2 min cosine 0.9945 with every backbone linear in int8, 0.9988 with the FFN
    output ones in fp32 (600 real queries, trained limit-300 model). Weights are uint8
    (U8U8 kernels) below AVX-512-VNNI: AVX2's U8S8 kernel sums pairs of products in
-   saturating int16, measured min cosine 0.974 (0.984 with 7-bit weights).
+   saturating int16, measured min cosine 0.974 (0.984 with 7-bit weights). With VNNI the
+   FFN output linears are tried in int8 too first (``recipes``): the gate (3) keeps whichever
+   recipe passes first.
 3. **Gate**: the int8 path's vectors are compared with the Python fp32 path's on real
    queries (titles, brand + type, attribute phrases) drawn from the served index's
    products: 4 in 5 of ``QUERIES`` (720; fewer for a small index, at least
@@ -125,18 +127,34 @@ def uint8_weights(isa: str) -> bool:
     return isa in ("default", "avx2", "avx512")
 
 
-FP32_NODES = ("/fusion/", "/output/dense/", "/mlp/fc2/")  # fusion; FFN output linears (BERT, CLIP)
+FUSION_NODES = ("/fusion/",)
+FFN_OUTPUT_NODES = ("/output/dense/", "/mlp/fc2/")  # the FFN output linears (BERT, CLIP)
+# recipe -> the nodes it keeps fp32 (an attention output linear is never among them)
+RECIPES = {"all": FUSION_NODES, "ffn-fp32": FUSION_NODES + FFN_OUTPUT_NODES}
 
 
-def quantize_text_graph(source: Path, target: Path, isa: str) -> None:
-    """Dynamic int8 of ``source``'s backbone MatMul / Gemm nodes (per-channel weights; the
-    fusion's and the FFN output linears stay fp32) into ``target``. Raises GraphError when
-    ORT cannot quantize it."""
+def recipes(isa: str) -> tuple[str, ...]:
+    """The int8 recipes to gate, in order, on ``isa``: where the weights are uint8 (no VNNI; module
+    docstring, 2) only "ffn-fp32" (every backbone linear int8 but the FFN outputs: min cosine 0.9945
+    with them int8 on AVX2); with VNNI (U8S8 kernels, no saturation) "all" first (every backbone
+    linear int8: min cosine 0.99787 over 720 real queries with the recipe's two-layer distilled text
+    encoder on AVX-512-BF16, a quarter less CPU than "ffn-fp32", docs/serving.md), then "ffn-fp32"
+    if its gate refuses it. Our choice."""
+    return ("ffn-fp32",) if uint8_weights(isa) else ("all", "ffn-fp32")
+
+
+def quantize_text_graph(source: Path, target: Path, isa: str, recipe: str = "ffn-fp32") -> None:
+    """Dynamic int8 of ``source``'s backbone MatMul / Gemm nodes (per-channel weights) into
+    ``target``; the fusion encoder's stay fp32, and with ``recipe`` "ffn-fp32" the FFN output
+    linears too (``RECIPES``). Raises GraphError for an unknown recipe or when ORT cannot
+    quantize the graph."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if recipe not in RECIPES:
+        raise GraphError(f"unknown int8 recipe {recipe!r}; expected one of {tuple(RECIPES)}")
     fp32 = [n.name for n in onnx.load(str(source)).graph.node
-            if any(part in n.name for part in FP32_NODES) and "/attention/output/" not in n.name]
+            if any(part in n.name for part in RECIPES[recipe]) and "/attention/output/" not in n.name]
     logging.disable(logging.WARNING)  # the quantizer logs one root INFO/WARNING line per tensor
     try:
         quantize_dynamic(str(source), str(target), per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],

@@ -191,10 +191,10 @@ class OnnxPath:
         return torch.from_numpy(self._session.run(["vectors"], feed)[0])
 
 
-def _export_int8(tower, folder: Path, queries, threads: int) -> tuple[Path, "OnnxPath", dict]:
-    """Smooth, export, quantize and gate the text path (``engine.model.tower_int8``).
-    Returns the file, its path and the record (gate result + the gate queries); raises
-    GraphError, with the gate's figures, when it does not pass."""
+def _export_int8(tower, folder: Path, queries, threads: int, recipe: str) -> tuple[Path, "OnnxPath", dict]:
+    """Smooth, export, quantize with ``recipe`` (``tower_int8.RECIPES``) and gate the text path
+    (``engine.model.tower_int8``). Returns the file, its path and the record (gate result + the
+    gate queries); raises GraphError, with the gate's figures, when it does not pass."""
     from engine.cpu_features import cpu_isa
     from engine.model import tower_int8
 
@@ -207,13 +207,14 @@ def _export_int8(tower, folder: Path, queries, threads: int) -> tuple[Path, "Onn
     smoothed = tower_int8.smoothed_text_model(tower.backbones.text, calibration, model=tower.text_model("text"))
     model_file = export_path(tower, "text", folder / "path.onnx", text_model=smoothed)
     quantized = folder / "path-int8.onnx"
-    tower_int8.quantize_text_graph(model_file, quantized, cpu_isa())
+    tower_int8.quantize_text_graph(model_file, quantized, cpu_isa(), recipe)
     path = OnnxPath(_session(quantized, "text", threads), "text", tower.backbones, True)
     result = tower_int8.gate(tower, path, gate_queries)
     record = {"kind": "text", "int8": True, "gate": result, "gate_queries": gate_queries, "alpha": tower_int8.ALPHA,
-              "uint8_weights": tower_int8.uint8_weights(cpu_isa())}
+              "uint8_weights": tower_int8.uint8_weights(cpu_isa()), "recipe": recipe}
     if not result["passed"]:
-        raise _Int8Refused(f"int8 text path refused: min cosine {result['min_cosine']:.5f} < {tower_int8.MIN_COSINE_INT8} "
+        raise _Int8Refused(f"int8 text path ({recipe}) refused: min cosine {result['min_cosine']:.5f} < "
+                           f"{tower_int8.MIN_COSINE_INT8} "
                            f"to fp32 over {result['queries']} real queries", record)
     return quantized, path, record
 
@@ -246,7 +247,7 @@ def _cached_path(tower, kind: str, threads: int, int8: bool, cache, key: str) ->
     if hit is None:
         return None
     if hit[0] is None:
-        raise GraphError(f"{hit[1]['refused']} (measured at an earlier start, cached in {cache.folder})")
+        raise _Int8Refused(f"{hit[1]['refused']} (measured at an earlier start, cached in {cache.folder})", hit[1])
     try:
         path = OnnxPath(_session(hit[0], kind, threads), kind, tower.backbones, int8)
         if hit[1].get("checked_isa") != cpu_isa():
@@ -260,15 +261,16 @@ def _cached_path(tower, kind: str, threads: int, int8: bool, cache, key: str) ->
 
 
 def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str | None,
-                   queries) -> OnnxPath:
-    """Export ``kind``'s path, load and check it; then store it in ``cache`` (when given)."""
+                   queries, recipe: str | None = None) -> OnnxPath:
+    """Export ``kind``'s path (int8: with ``recipe``), load and check it; then store it in
+    ``cache`` (when given)."""
     from engine.cpu_features import cpu_isa
 
     with tempfile.TemporaryDirectory(prefix="ecsearch-onnx-") as folder:
         start = time.perf_counter()
         try:
             if int8:
-                model_file, path, record = _export_int8(tower, Path(folder), queries, threads)
+                model_file, path, record = _export_int8(tower, Path(folder), queries, threads, recipe)
             else:
                 model_file = export_path(tower, kind, Path(folder) / "path.onnx")
                 path, record = OnnxPath(_session(model_file, kind, threads), kind, tower.backbones, False), {}
@@ -279,8 +281,8 @@ def _exported_path(tower, kind: str, threads: int, int8: bool, cache, key: str |
             raise
         record.update({"kind": kind, "int8": int8, "checked_isa": cpu_isa(), "probe_min_cosine": cosine})
         stored = cache.store(key, model_file, record) if cache is not None else None
-    log.info("ONNX export: the %s path (%s) in %.1f s%s", kind, path.backend, time.perf_counter() - start,
-             f", cached as {stored[0]}" if stored else "")
+    log.info("ONNX export: the %s path (%s%s) in %.1f s%s", kind, path.backend, f", {recipe}" if int8 else "",
+             time.perf_counter() - start, f", cached as {stored[0]}" if stored else "")
     return path
 
 
@@ -289,7 +291,9 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
 
     ``int8`` (text only): smoothed dynamic int8, kept only when its min cosine to fp32 over
     real ``queries`` (``tower_int8.product_queries``; 4 in 5 gate it, 1 in 5 calibrate the
-    smoothing) is ≥ 0.995 (``engine.model.tower_int8``).
+    smoothing) is ≥ 0.995 (``engine.model.tower_int8``); the CPU's recipes
+    (``tower_int8.recipes``) are tried in order and the first that passes is kept, each
+    cached (a refusal too) under its own key.
     ``cache``: an ``engine.model.onnx_cache.OnnxCache``; the graph is taken from it when an
     intact entry exists (logged "ONNX cache: reusing ..."), else exported, checked (logged
     "ONNX export: ...") and stored there with the check's result and ISA level (an int8
@@ -306,22 +310,33 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise GraphError(f"onnxruntime is not installed: {exc}") from exc
-    if int8 and kind != "text":
-        raise GraphError(f"int8 is only offered for the text path, not {kind}")
-    key = cache.key(tower.name, kind, _variant(int8)) if cache is not None else None
-    path = _cached_path(tower, kind, threads, int8, cache, key) if cache is not None else None
-    return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key, queries)
-
-
-def _variant(int8: bool) -> str:
-    """The cache variant: int8 graphs (and their gate) depend on the recipe and the ISA's kernels."""
     from engine.cpu_features import cpu_isa
     from engine.model import tower_int8
 
-    if not int8:
+    if int8 and kind != "text":
+        raise GraphError(f"int8 is only offered for the text path, not {kind}")
+    refusals = []
+    for recipe in tower_int8.recipes(cpu_isa()) if int8 else (None,):
+        key = cache.key(tower.name, kind, _variant(recipe)) if cache is not None else None
+        try:
+            path = _cached_path(tower, kind, threads, int8, cache, key) if cache is not None else None
+            return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key, queries, recipe)
+        except _Int8Refused as exc:  # this recipe's gate failed: the next one, if any
+            refusals.append(str(exc))
+    raise GraphError("; ".join(refusals))
+
+
+def _variant(recipe: str | None) -> str:
+    """The cache variant: "fp32" (``recipe`` None), or the int8 ``recipe``'s: int8 graphs (and
+    their gate) depend on the recipe and the ISA's kernels."""
+    from engine.cpu_features import cpu_isa
+    from engine.model import tower_int8
+
+    if recipe is None:
         return "fp32"
     weights = "u8u8" if tower_int8.uint8_weights(cpu_isa()) else "u8s8"
-    return f"int8-smooth{tower_int8.ALPHA}-{weights}-ffnfp32-{cpu_isa()}-gate{tower_int8.QUERIES}"
+    return (f"int8-smooth{tower_int8.ALPHA}-{weights}-{recipe.replace('-', '')}-{cpu_isa()}"
+            f"-gate{tower_int8.QUERIES}")
 
 
 def _check(tower, path: OnnxPath, min_cosine: float) -> float:
