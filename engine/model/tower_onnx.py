@@ -321,7 +321,9 @@ def onnx_path(tower, kind: str, threads: int = 1, int8: bool = False, cache=None
         try:
             path = _cached_path(tower, kind, threads, int8, cache, key) if cache is not None else None
             return path if path is not None else _exported_path(tower, kind, threads, int8, cache, key, queries, recipe)
-        except _Int8Refused as exc:  # this recipe's gate failed: the next one, if any
+        except GraphError as exc:  # an int8 recipe refused (gate or probe texts): the next one, if any
+            if not int8:
+                raise
             refusals.append(str(exc))
     raise GraphError("; ".join(refusals))
 
