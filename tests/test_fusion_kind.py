@@ -29,7 +29,8 @@ def _encoder(options: dict) -> FusionEncoder:
     g = torch.Generator().manual_seed(3)
     for block in (enc.private, enc.text_private):
         if block is not None:  # a fitted projection (zero until set_projection)
-            block.set_projection(torch.randn(block.weight.shape, generator=g), torch.randn(block.bias.shape, generator=g))
+            block.set_projection(torch.randn(block.weight.shape, generator=g),
+                                 torch.randn(block.bias.shape, generator=g))
     return enc
 
 

@@ -116,27 +116,33 @@ def test_the_server_draws_its_gate_queries_from_the_served_index(index_root, sub
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512_bf16", "amx"])
-def test_vnni_cpus_try_every_backbone_linear_in_int8_first(isa):
-    assert tower_int8.recipes(isa) == (("ffn-fp32",) if tower_int8.uint8_weights(isa) else ("all", "ffn-fp32"))
+def test_vnni_cpus_try_every_linear_in_int8_first(isa):
+    expected = ("ffn-fp32",) if tower_int8.uint8_weights(isa) else ("every-linear", "ffn-fp32")
+    assert tower_int8.recipes(isa) == expected
 
 
 def test_each_recipe_keeps_its_linears_fp32(tiny_backbone_dir, tmp_path):
-    """Quantize a real exported text graph with each recipe: "all" leaves only the fusion encoder's
-    MatMuls fp32, "ffn-fp32" the FFN output linears too; attention outputs are int8 in both."""
+    """Quantize a real exported text graph with each recipe: "every-linear" leaves only the private
+    blocks' projections fp32; "ffn-fp32" the fusion encoder and the backbone's FFN output linears; the
+    backbone's attention outputs are int8 in both."""
     import onnx
 
     from engine.model.tower_graphs import GraphError
 
-    tower = make_tiny_model(tiny_backbone_dir, seed=3).query_tower
+    tower = make_tiny_model(tiny_backbone_dir, seed=3, pooled_residual=True, image_private_dim=6,
+                            text_private_dim=5).query_tower
     source = tower_onnx.export_path(tower, "text", tmp_path / "text.onnx")
-    fp32_matmuls = {}
+    linears = {n.name for n in onnx.load(str(source)).graph.node if n.op_type in ("MatMul", "Gemm")
+               and "/attention/self/MatMul" not in n.name and "/attn/MatMul" not in n.name}  # not q·k, p·v
+    fp32 = {}
     for recipe in tower_int8.RECIPES:
         tower_int8.quantize_text_graph(source, tmp_path / f"{recipe}.onnx", "avx2", recipe)
-        nodes = onnx.load(str(tmp_path / f"{recipe}.onnx")).graph.node
-        fp32_matmuls[recipe] = {n.name for n in nodes if n.op_type == "MatMul" and "/text_model/" in n.name
-                                and "/attention/self/" not in n.name}  # the q·k / p·v products stay as they are
-    assert not fp32_matmuls["all"]
-    assert fp32_matmuls["ffn-fp32"] and all("/output/dense/" in n and "/attention/" not in n
-                                            for n in fp32_matmuls["ffn-fp32"])
+        fp32[recipe] = linears & {n.name for n in onnx.load(str(tmp_path / f"{recipe}.onnx")).graph.node}
+    assert fp32["every-linear"] and all("/fusion/private/" in n or "/fusion/text_private/" in n
+                                        for n in fp32["every-linear"])
+    backbone = {n for n in fp32["ffn-fp32"] if "/text_model/" in n}
+    assert backbone and all("/output/dense/" in n and "/attention/" not in n for n in backbone)
+    # (ORT's quantizer rewrites a Gemm to MatMul + Add before it reads the exclusions: Gemms are int8 in both)
+    assert {n for n in linears if "/fusion/" in n and "Gemm" not in n} <= fp32["ffn-fp32"]
     with pytest.raises(GraphError, match="unknown int8 recipe"):
         tower_int8.quantize_text_graph(source, tmp_path / "x.onnx", "avx2", "half")

@@ -16,8 +16,8 @@ than the rest and one per-tensor scale then leaves the others a handful of level
    output ones in fp32 (600 real queries, trained limit-300 model). Weights are uint8
    (U8U8 kernels) below AVX-512-VNNI: AVX2's U8S8 kernel sums pairs of products in
    saturating int16, measured min cosine 0.974 (0.984 with 7-bit weights). With VNNI the
-   FFN output linears are tried in int8 too first (``recipes``): the gate (3) keeps whichever
-   recipe passes first.
+   FFN output linears and the fusion encoder are tried in int8 too first (``recipes``): the
+   gate (3) keeps whichever recipe passes first.
 3. **Gate**: the int8 path's vectors are compared with the Python fp32 path's on real
    queries (titles, brand + type, attribute phrases) drawn from the served index's
    products: 4 in 5 of ``QUERIES`` (720; fewer for a small index, at least
@@ -128,26 +128,28 @@ def uint8_weights(isa: str) -> bool:
 
 
 FUSION_NODES = ("/fusion/",)
+PRIVATE_NODES = ("/fusion/private/", "/fusion/text_private/")  # the fitted whitening projections
 FFN_OUTPUT_NODES = ("/output/dense/", "/mlp/fc2/")  # the FFN output linears (BERT, CLIP)
 # recipe -> the nodes it keeps fp32 (an attention output linear is never among them)
-RECIPES = {"all": FUSION_NODES, "ffn-fp32": FUSION_NODES + FFN_OUTPUT_NODES}
+RECIPES = {"every-linear": PRIVATE_NODES, "ffn-fp32": FUSION_NODES + FFN_OUTPUT_NODES}
 
 
 def recipes(isa: str) -> tuple[str, ...]:
     """The int8 recipes to gate, in order, on ``isa``: where the weights are uint8 (no VNNI; module
-    docstring, 2) only "ffn-fp32" (every backbone linear int8 but the FFN outputs: min cosine 0.9945
-    with them int8 on AVX2); with VNNI (U8S8 kernels, no saturation) "all" first (every backbone
-    linear int8: min cosine 0.99787 over 720 real queries with the recipe's two-layer distilled text
-    encoder on AVX-512-BF16, a quarter less CPU than "ffn-fp32", docs/serving.md), then "ffn-fp32"
-    if its gate refuses it. Our choice."""
-    return ("ffn-fp32",) if uint8_weights(isa) else ("all", "ffn-fp32")
+    docstring, 2) only "ffn-fp32" (every backbone linear int8 but the FFN outputs, the fusion
+    encoder fp32: min cosine 0.9945 with the FFN outputs int8 on AVX2); with VNNI (U8S8 kernels,
+    no saturation) "every-linear" first (every linear int8 but the private blocks' projections:
+    min cosine 0.99783 over 720 real queries with the recipe's two-layer distilled text encoder on
+    AVX-512-BF16, 0.99787 with the fusion encoder fp32, 0.99959 for "ffn-fp32"; 40 % less CPU than
+    "ffn-fp32", docs/serving.md), then "ffn-fp32" if its gate refuses it. Our choice."""
+    return ("ffn-fp32",) if uint8_weights(isa) else ("every-linear", "ffn-fp32")
 
 
 def quantize_text_graph(source: Path, target: Path, isa: str, recipe: str = "ffn-fp32") -> None:
-    """Dynamic int8 of ``source``'s backbone MatMul / Gemm nodes (per-channel weights) into
-    ``target``; the fusion encoder's stay fp32, and with ``recipe`` "ffn-fp32" the FFN output
-    linears too (``RECIPES``). Raises GraphError for an unknown recipe or when ORT cannot
-    quantize the graph."""
+    """Dynamic int8 of ``source``'s MatMul / Gemm nodes with constant weights (per-channel) into
+    ``target``, but those ``RECIPES[recipe]`` keeps fp32: "every-linear" the private blocks'
+    projections, "ffn-fp32" the fusion encoder and the FFN output linears. Raises GraphError for an
+    unknown recipe or when ORT cannot quantize the graph."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
