@@ -59,6 +59,9 @@ def served(tmp_path_factory, fashion_dir):
     assert not recipe["image_backbone"].get("flip_average") and recipe["image_private_gem_p"] == 2.0
     assert recipe["image_private_query_gains"] == [0.0, 6.0, 0.0] and recipe["image_private_item_gain"] == 1.0
     assert recipe["share_fusion"] is True
+    # the cross-modal block (canonical variates for items that lack a modality) is fitted after training
+    assert recipe["cross_dim"] == 256 and recipe["cross_query_gains"] == [0.6, 0.3, 0.42]
+    assert json.loads((model / "training.json").read_text())["cross_block"]["fitted"] == "after training"
     loss = json.loads((model / "training.json").read_text())["train"]["loss"]
     assert loss["cmal_pair_weights"] == [6.0, 6.0, 2.0, 3.0, 2.0]  # the unimodal cross pairs weigh 6
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),

@@ -18,6 +18,9 @@ CONFIGS = {
     "residual, gains, private blocks": {"pooled_residual": True, "deep_gain": 0.5, "solo_gains": (1.5, 0.7),
                                         "private_dim": 6, "private_gains": (0.3, 2.0, 0.9), "private_gem_p": 2.0,
                                         "text_private_dim": 5, "text_private_gains": (0.8, 0.1, 0.4)},
+    "cross-modal block, query tower": {"pooled_residual": True, "private_dim": 6, "private_gem_p": 2.0,
+                                       "cross_dim": 8, "cross_gains": (0.6, 0.3, 0.5), "cross_role": "query"},
+    "cross-modal block, item tower": {"cross_dim": 8, "cross_gains": (1.0, 1.0, 1.0), "cross_role": "item"},
 }
 PRESENCE = {"text": (True, False), "image": (False, True), "text+image": (True, True)}
 
@@ -31,6 +34,10 @@ def _encoder(options: dict) -> FusionEncoder:
         if block is not None:  # a fitted projection (zero until set_projection)
             block.set_projection(torch.randn(block.weight.shape, generator=g),
                                  torch.randn(block.bias.shape, generator=g))
+    if enc.cross_modal is not None:
+        c = enc.cross_modal
+        c.set_projection(torch.randn(HT, generator=g), torch.randn(c.k, HT, generator=g),
+                         torch.randn(HI, generator=g), torch.randn(c.k, HI, generator=g))
     return enc
 
 

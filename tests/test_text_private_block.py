@@ -83,7 +83,7 @@ def test_attaching_keeps_every_trained_weight_and_an_existing_image_block(tiny_b
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(set(after) - set(before)) == sorted(
         f"{t}.fusion.text_private.{b}" for t in ("query_tower", "item_tower") for b in ("weight", "bias", "gains"))
-    with pytest.raises(ValueError, match="no private block"):
+    with pytest.raises(ValueError, match="no block to attach"):
         attach_private(make_tiny_model(tiny_backbone_dir), tiny_config(tiny_backbone_dir))
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.cross_block import CrossBlock
 from engine.model.private_block import PrivateBlock
 
 
@@ -148,6 +149,10 @@ class FusionEncoder(nn.Module):
         GeM exponent of the photo features that block whitens (``gem_pool``; 1: the masked mean).
         text_private_dim / text_private_gains: the same for the text-private block, appended after
         the image-private one (output ``d + p + q`` wide).
+        cross_dim / cross_gains / cross_role / cross_gem_p: 0 (default), or the width ``c`` (even), the
+        (text only, photo only, both) gains, the tower ("query" or "item") and the photo features'
+        GeM exponent of the cross-modal block (``engine.model.cross_block``), appended last (output
+        ``d + p + q + c`` wide).
     """
 
     def __init__(self, text_hidden: int, image_hidden: int, dim: int = 256, heads: int = 8,
@@ -155,7 +160,9 @@ class FusionEncoder(nn.Module):
                  mlp_ratio: float = 4.0, dropout: float = 0.1, pooled_residual: bool = False,
                  deep_gain: float | None = None, solo_gains: tuple[float, float] | None = None,
                  private_dim: int = 0, private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 private_gem_p: float = 1.0, text_private_dim: int = 0, text_private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+                 private_gem_p: float = 1.0, text_private_dim: int = 0, text_private_gains: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 cross_dim: int = 0, cross_gains: tuple[float, float, float] = (1.0, 1.0, 1.0), cross_role: str = "query",
+                 cross_gem_p: float = 2.0):
         super().__init__()
         self.text_proj = nn.Linear(text_hidden, dim)
         self.image_proj = nn.Linear(image_hidden, dim)
@@ -189,11 +196,14 @@ class FusionEncoder(nn.Module):
                         if private_dim else None)
         self.text_private = (PrivateBlock(text_hidden, text_private_dim, text_private_gains, "text")
                              if text_private_dim else None)
+        self.cross_modal = (CrossBlock(text_hidden, image_hidden, cross_dim, cross_gains, cross_role, cross_gem_p)
+                            if cross_dim else None)
 
     @property
     def output_dim(self) -> int:
         """Width of the output vectors: ``d``, plus the widths of the private blocks."""
-        return self.merge.out_features + sum(b.dim for b in (self.private, self.text_private) if b is not None)
+        return self.merge.out_features + sum(b.dim for b in (self.private, self.text_private, self.cross_modal)
+                                             if b is not None)
 
     def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
                 image_tokens: torch.Tensor, image_mask: torch.Tensor,
@@ -271,7 +281,8 @@ class FusionEncoder(nn.Module):
         v_mean = (masked_mean(image_tokens.float(), v_valid)
                   if (self.pooled_residual or self.private is not None) and every_image is not False else None)
         t_mean = (masked_mean(text_tokens.float(), t_valid)
-                  if (self.pooled_residual or self.text_private is not None) and every_text is not False else None)
+                  if (self.pooled_residual or self.text_private is not None or self.cross_modal is not None)
+                  and every_text is not False else None)
         if self.pooled_residual:  # an absent modality's residual is zero: skipped where known
             if every_text is not False:
                 out = out + self._residual(t_mean, has_text, has_image, self.text_residual, 0, out.dtype,
@@ -285,6 +296,12 @@ class FusionEncoder(nn.Module):
             v_private = gem_pool(image_tokens, v_valid, self.private.gem_p)
         blocks = [b(m, has_text, has_image, kind=kind)
                   for b, m in ((self.private, v_private), (self.text_private, t_mean)) if b is not None]
+        if self.cross_modal is not None:
+            v_cross = None
+            if every_image is not False:
+                v_cross = (v_private if self.private is not None and self.private.gem_p == self.cross_modal.gem_p
+                           else gem_pool(image_tokens, v_valid, self.cross_modal.gem_p))
+            blocks.append(self.cross_modal(t_mean, v_cross, has_text, has_image, kind=kind))
         if blocks:
             out = F.normalize(torch.cat([out.float(), *blocks], dim=-1), dim=-1)
         return out

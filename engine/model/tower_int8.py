@@ -128,7 +128,7 @@ def uint8_weights(isa: str) -> bool:
 
 
 FUSION_NODES = ("/fusion/",)
-PRIVATE_NODES = ("/fusion/private/", "/fusion/text_private/")  # the fitted whitening projections
+PRIVATE_NODES = ("/fusion/private/", "/fusion/text_private/", "/fusion/cross_modal/")  # the fitted projections
 FFN_OUTPUT_NODES = ("/output/dense/", "/mlp/fc2/")  # the FFN output linears (BERT, CLIP)
 # recipe -> the nodes it keeps fp32 (an attention output linear is never among them)
 RECIPES = {"every-linear": PRIVATE_NODES, "ffn-fp32": FUSION_NODES + FFN_OUTPUT_NODES}

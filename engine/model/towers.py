@@ -55,6 +55,13 @@ class ModelConfig:
         text_private_dim / text_private_query_gains / text_private_item_gain: the same for the
             text-private block (whitened raw text features; vectors ``dim + image_private_dim +
             text_private_dim`` wide). The query tower's image-only gain must be 0. Our choice: 0.8, 0, 0.4 and 0.5.
+        cross_dim / cross_query_gains / cross_item_gain / cross_gem_p: 0 (default), or the width
+            ``2k + 2`` of the cross-modal block appended last to both towers' outputs
+            (``engine.model.cross_block``: canonical variates of the raw text and photo features for
+            items that lack a modality; our choice, issue 12), its query tower's (text only, photo
+            only, text + photo) gains, the item tower's gain and the GeM exponent of the photo
+            features it projects. Fitted by ``engine.training.cross_fit``, never trained. Our choice:
+            256 wide, gains 0.6, 0.3, 0.42 and 1, GeM p 2 (docs/results.md "The cross-modal block").
         query_text_layers: None (default), or the text backbone's layers (ascending indices) that the
             query tower's distilled text encoder for text-only queries starts from
             (``engine.model.text_student``; our choice, issue 11): text-only queries then run the
@@ -84,6 +91,10 @@ class ModelConfig:
     text_private_dim: int = 0
     text_private_query_gains: list = field(default_factory=lambda: [0.8, 0.0, 0.4])
     text_private_item_gain: float = 0.5
+    cross_dim: int = 0
+    cross_query_gains: list = field(default_factory=lambda: [0.6, 0.3, 0.42])
+    cross_item_gain: float = 1.0
+    cross_gem_p: float = 2.0
     query_text_layers: list | None = None
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
@@ -356,7 +367,7 @@ def _check_inputs(texts, images, view: str) -> tuple[list, list]:
     return texts, images
 
 
-SHARED_FUSION_EXCLUDES = ("private", "text_private")
+SHARED_FUSION_EXCLUDES = ("private", "text_private", "cross_modal")
 
 
 def _alias_trained_parts(item: FusionEncoder, query: FusionEncoder) -> FusionEncoder:
@@ -364,7 +375,7 @@ def _alias_trained_parts(item: FusionEncoder, query: FusionEncoder) -> FusionEnc
     same objects), keeping its own private blocks (fixed buffers whose gains differ per tower).
     A model without private blocks ends up with one fusion encoder, as before. Our choice
     (METHOD.md §1.5 makes sharing a config switch)."""
-    if item.private is None and item.text_private is None:
+    if item.private is None and item.text_private is None and item.cross_modal is None:
         return query
     for name, module in query.named_children():
         if name not in SHARED_FUSION_EXCLUDES:
@@ -396,11 +407,14 @@ class TwoTowerModel(nn.Module):
                       self_layers=config.self_layers, fusion_layers=config.fusion_layers,
                       mlp_ratio=config.mlp_ratio, dropout=config.dropout, pooled_residual=config.pooled_residual,
                       deep_gain=config.deep_gain, solo_gains=config.solo_gains, private_dim=config.image_private_dim,
-                      private_gem_p=config.image_private_gem_p, text_private_dim=config.text_private_dim)
+                      private_gem_p=config.image_private_gem_p, text_private_dim=config.text_private_dim,
+                      cross_dim=config.cross_dim, cross_gem_p=config.cross_gem_p)
         query_fusion = FusionEncoder(**kwargs, private_gains=tuple(config.image_private_query_gains),
-                                     text_private_gains=tuple(config.text_private_query_gains))
+                                     text_private_gains=tuple(config.text_private_query_gains),
+                                     cross_gains=tuple(config.cross_query_gains), cross_role="query")
         item_fusion = FusionEncoder(**kwargs, private_gains=(config.image_private_item_gain,) * 3,
-                                    text_private_gains=(config.text_private_item_gain,) * 3)
+                                    text_private_gains=(config.text_private_item_gain,) * 3,
+                                    cross_gains=(config.cross_item_gain,) * 3, cross_role="item")
         if config.share_fusion:
             item_fusion = _alias_trained_parts(item_fusion, query_fusion)
         self.query_tower = Tower(query_fusion, backbones, "query")

@@ -65,6 +65,15 @@ CPU_TEXT_PRIVATE_GAINS = (0.8, 0.4, 0.5)
 # docs/results.md "Augmented views for every training photo"), the image residual started from the
 # learned whitening of those views
 # (engine/training/whitening.py), 384 steps (the fp32 AVX2 budget).
+# The cross-modal block (engine/model/cross_block.py, issue 12), fitted after the private blocks by
+# canonical correlation analysis of the raw text and photo features over the training products'
+# (title, photo) and (attribute phrase, photo) pairs: 256 wide (two slots of 127 canonical
+# variates and a null axis; served vectors 896 wide); gains query text-only 0.6, photo-only 0.3, photo +
+# text 0.42, item 1. Items with both modalities carry e_null only, so every ranking over them (the
+# catalogue as indexed) is unchanged; text -> photo-only items t2i Recall@1 14.70 -> 25.80 %, photo ->
+# title-only items i2t 14.10 -> 20.65 (our choice, docs/results.md "The cross-modal block").
+CPU_CROSS_DIM = 256
+CPU_CROSS_GAINS = (0.6, 0.3, 0.42, 1.0)
 CPU_RECIPE = dict(steps=384, stage1_steps=72, photo_query_rate=0.5, title_query_rate=0.25,
                   cmal_pair_weights="6,6,2,3,2", brand_query_rate=0.25, partial_title_rate=0.15,
                   phrase_query_rate=0.25, composed_rate=0.25, augment_views=1, augment_fraction=1.0,
@@ -109,6 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"auto (default): {width} when there are enough {source}, else none")
         m.add_argument(f"--{modality}-private-gains", default=",".join(f"{g:g}" for g in gains),
                        help=f"{own},QUERY_PHOTO_TEXT,ITEM: the {modality}-private block's fixed gains (default %(default)s)")
+    m.add_argument("--cross-modal-dim", default="auto",
+                   help="width 2k + 2 of the cross-modal block appended to both towers' vectors "
+                        "(engine/model/cross_block.py), fitted by canonical correlation of the raw text and photo "
+                        f"features after training; 0: none; auto (default): {CPU_CROSS_DIM} when the products and "
+                        "backbones allow it, else none")
+    m.add_argument("--cross-modal-gains", default=",".join(f"{g:g}" for g in CPU_CROSS_GAINS),
+                   help="QUERY_TEXT,QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM: the cross-modal block's fixed gains "
+                        "(default %(default)s)")
     m.add_argument("--image-private-gem-p", type=float, default=CPU_IMAGE_PRIVATE_GEM_P,
                    help="GeM exponent of the photo features the image-private block whitens (1: the mean; "
                         "default %(default)s)")
@@ -232,6 +249,20 @@ def _private_config(dim: str, gains: str, modality: str = "image") -> dict:
             f"{modality}_private_item_gain": values[2]}
 
 
+def _cross_config(dim: str, gains: str) -> dict:
+    """``ModelConfig`` fields of ``--cross-modal-dim`` / ``--cross-modal-gains``; ValueError when malformed."""
+    try:
+        width = CPU_CROSS_DIM if dim == "auto" else int(dim)
+        values = [float(x) for x in gains.split(",")]
+    except ValueError:
+        raise ValueError(f"--cross-modal-dim: expected a number or auto, and --cross-modal-gains four numbers; "
+                         f"got {dim!r} and {gains!r}") from None
+    if width < 0 or (width and (width < 4 or width % 2)) or len(values) != 4 or min(values) < 0:
+        raise ValueError("--cross-modal-dim must be 0 or even and >= 4, and --cross-modal-gains four numbers >= 0 "
+                         f"QUERY_TEXT,QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM; got {dim!r} and {gains!r}")
+    return {"cross_dim": width, "cross_query_gains": values[:3], "cross_item_gain": values[3]}
+
+
 def _query_text_layers(text: str) -> str | list[int]:
     """``--query-text-layers``: "auto", "none", or comma-separated layer indices; ValueError otherwise."""
     if text in ("auto", "none"):
@@ -291,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
             image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,
             image_residual_gain=args.image_residual_gain, image_private_auto=args.image_private_dim == "auto",
-            text_private_auto=args.text_private_dim == "auto",
+            text_private_auto=args.text_private_dim == "auto", cross_auto=args.cross_modal_dim == "auto",
             linear_baseline=not args.no_linear_baseline, linear_only=args.linear_baseline_only, progress=not args.quiet,
             query_text_layers=_query_text_layers(args.query_text_layers),
             distill=DistillConfig(epochs=_distill_epochs(args.distill_epochs), max_steps=args.distill_max_steps, seed=args.seed),
@@ -301,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
                               deep_gain=args.deep_gain, solo_gains=_parse_gains(args.solo_gains),
                               **_private_config(args.image_private_dim, args.image_private_gains),
                               **_private_config(args.text_private_dim, args.text_private_gains, "text"),
+                              **_cross_config(args.cross_modal_dim, args.cross_modal_gains),
                               image_private_gem_p=args.image_private_gem_p,
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual,
                               image_backbone=dict(FLIP_IMAGE_BACKBONE if args.flip_average else DEFAULT_IMAGE_BACKBONE)),

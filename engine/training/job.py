@@ -72,6 +72,10 @@ class TrainJob:
     text_private_auto: the same for ``model.text_private_dim``, the text-private block fitted on the
     text-only pairs whose query differs from the item's title (typed shopper queries, a pairs
     file's queries) against those titles; too few such pairs (fewer than ``text_private_dim - 1``).
+    cross_auto: the same for ``model.cross_dim``, the cross-modal block (``engine.model.cross_block``)
+    fitted after the private blocks on the training products' (title, photo) and (attribute phrase,
+    photo) pairs (``engine.training.cross_fit``); too few pairs (``k`` or fewer) or a backbone
+    narrower than ``k`` save the model without it.
     """
 
     catalog: str
@@ -101,6 +105,7 @@ class TrainJob:
     image_residual_gain: float = 1.0
     image_private_auto: bool = False
     text_private_auto: bool = False
+    cross_auto: bool = False
     linear_baseline: bool = True
     linear_only: bool = False
     query_text_layers: str | list | None = None
@@ -264,7 +269,7 @@ def train_model(job: TrainJob) -> dict:
 
     # the private blocks are fitted after training (_plan_private): the towers train without them
     model = load_model(job.init_model) if job.init_model else build_model(
-        replace(job.model, image_private_dim=0, text_private_dim=0), seed=job.train.seed)
+        replace(job.model, image_private_dim=0, text_private_dim=0, cross_dim=0), seed=job.train.seed)
     t_cache = time.perf_counter()
     all_texts = [p.title for p in products if p.title] + [q.query_text for q in pairs if q.query_text]
     all_images = [p.image for p in products if p.image] + [q.query_image for q in pairs if q.query_image]
@@ -286,6 +291,7 @@ def train_model(job: TrainJob) -> dict:
     _write_jsonl(out / "rejects.jsonl", rejects)
     private_init = _plan_private(job, model, augmented)
     text_private_init = _plan_text_private(job, model, pairs, products)
+    cross_init = _plan_cross(job, model, products, images)
     resolve_layers(job.query_text_layers, model.backbones.text.model)  # bad layers fail before training
     residual_init = _init_residual(job, model, images, augmented)
     trainer = Trainer(model, data, job.train, out, progress=job.progress)
@@ -314,15 +320,19 @@ def train_model(job: TrainJob) -> dict:
     if result["steps"] >= job.train.steps:  # a finished run publishes the model folder
         image_block, text_block = bool(private_init and private_init.get("photos")), bool(
             text_private_init and text_private_init.get("queries"))
-        if image_block or text_block:
+        cross_block = bool(cross_init and cross_init.get("titles"))
+        if image_block or text_block or cross_block:
             model = attach_private(model, replace(job.model, image_private_dim=job.model.image_private_dim * image_block,
-                                                  text_private_dim=job.model.text_private_dim * text_block))
+                                                  text_private_dim=job.model.text_private_dim * text_block,
+                                                  cross_dim=job.model.cross_dim * cross_block))
         if image_block:
             summary["image_private_block"] = {**init_image_private(model, images, augmented, private_init["photos"],
                                                                    job.augment_views), "fitted": "after training"}
         if text_block:
             summary["text_private_block"] = {**init_text_private(model, texts, text_private_init["queries"],
                                                                  text_private_init["titles"]), "fitted": "after training"}
+        summary["cross_block"] = cross_init if not cross_block else {
+            **_fit_cross(model, cross_init, texts, images, job), "fitted": "after training"}
         model, summary["query_text_student"] = distill_after_training(model, job.query_text_layers, products, pairs,
                                                                       job.distill, job.progress)
         summary["total_seconds"] = time.perf_counter() - t_start  # the blocks and the distillation included
@@ -380,6 +390,45 @@ def _plan_text_private(job: TrainJob, model, pairs: list, products: list) -> dic
                        "shopper query rates > 0, a pairs file, or text_private_dim 0", model.backbones.text.hidden_size,
                        job.text_private_auto, {"dim": dim, "queries": [q for q, _ in chosen],
                                                "titles": [t for _, t in chosen]})
+
+
+def _plan_cross(job: TrainJob, model, products: list, images: TokenTable) -> dict | None:
+    """Whether the cross-modal block of ``job.model`` can be fitted after training:
+    ``{"dim": c, "titles": [(title, photo)], "phrases": [(phrase, photo)]}`` (products whose photo
+    has tokens), ``{"dim": 0, "reason": ...}`` when auto falls back (``TrainJob.cross_auto``), or None
+    (no block asked for, or an ``init_model`` run). Raises TrainingDataError when it cannot and
+    auto is off."""
+    from engine.training.cross_fit import product_pairs
+
+    dim = job.model.cross_dim
+    if job.init_model or not dim:
+        return None
+    titles, phrases = product_pairs([p for p in products if p.image and images.row(p.image) >= 0])
+    k = dim // 2 - 1
+    narrow = min(model.backbones.text.hidden_size, model.backbones.image.hidden_size)
+    why = (f"{len(titles) + len(phrases)} (text, photo) pairs, not more than the {k} canonical directions of the "
+           "cross-modal block (more products with a title and a photo, or cross_dim 0)"
+           if len(titles) + len(phrases) <= k else
+           f"a backbone has {narrow} features, fewer than the {k} canonical directions of the cross-modal block"
+           if narrow < k else None)
+    if why is None:
+        return {"dim": dim, "titles": titles, "phrases": phrases}
+    if not job.cross_auto:
+        raise TrainingDataError(f"cross_dim={dim}: {why}")
+    return {"dim": 0, "reason": why}
+
+
+def _fit_cross(model, plan: dict, texts: TokenTable, images: TokenTable, job: TrainJob) -> dict:
+    """``engine.training.cross_fit.init_cross_block`` on the planned pairs; the phrases get a token
+    table of their own (the training cache's key stays that of its texts)."""
+    from engine.training.cross_fit import init_cross_block
+
+    segments = [(texts, [t for t, _ in plan["titles"]], images, [v for _, v in plan["titles"]])]
+    if plan["phrases"]:
+        phrase_table = cache_texts(model.backbones, [t for t, _ in plan["phrases"]], job.cache_dir,
+                                   progress=job.progress)
+        segments.append((phrase_table, [t for t, _ in plan["phrases"]], images, [v for _, v in plan["phrases"]]))
+    return init_cross_block(model, segments)
 
 
 def _block_plan(modality: str, dim: int, samples: str, n: int, remedy: str, hidden: int, auto: bool,

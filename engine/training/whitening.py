@@ -168,23 +168,26 @@ def init_text_private(model, texts: TokenTable, queries: list[str], titles: list
 
 
 PRIVATE_FIELDS = ("image_private_dim", "image_private_query_gains", "image_private_item_gain", "image_private_gem_p",
-                  "text_private_dim", "text_private_query_gains", "text_private_item_gain")
+                  "text_private_dim", "text_private_query_gains", "text_private_item_gain",
+                  "cross_dim", "cross_query_gains", "cross_item_gain", "cross_gem_p")
+_BLOCK_KEYS = (".private.", ".text_private.", ".cross_modal.")
 
 
 def attach_private(model, config):
-    """A copy of trained ``model`` whose towers carry the private blocks of ``config``
-    (``image_private_*`` and ``text_private_*`` fields), projections zero until
-    ``init_image_private`` / ``init_text_private``; every other weight is ``model``'s.
-    Raises ValueError when ``config`` has no block or another architecture."""
+    """A copy of trained ``model`` whose towers carry the fixed blocks of ``config``
+    (``image_private_*``, ``text_private_*`` and ``cross_*`` fields), projections zero until
+    ``init_image_private`` / ``init_text_private`` / ``engine.training.cross_fit.init_cross_block``;
+    every other weight is ``model``'s. Raises ValueError when ``config`` has no block or another
+    architecture."""
     from dataclasses import replace
 
     from engine.model.towers import TwoTowerModel
 
-    if not (config.image_private_dim or config.text_private_dim):
-        raise ValueError("config has neither image_private_dim nor text_private_dim: no private block to attach")
+    if not (config.image_private_dim or config.text_private_dim or config.cross_dim):
+        raise ValueError("config has no image_private_dim, text_private_dim or cross_dim: no block to attach")
     new = TwoTowerModel(replace(model.config, **{f: getattr(config, f) for f in PRIVATE_FIELDS}), model.backbones)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(".private." not in k and ".text_private." not in k for k in missing):
+    if unexpected or any(not any(b in k for b in _BLOCK_KEYS) for k in missing):
         raise ValueError(f"model and config differ beyond the blocks: missing {missing}, unexpected {unexpected}")
     new.train(model.training)
     return new
