@@ -99,3 +99,24 @@ def test_eval_cli_reports_a_missing_model_folder(fashion_dir, tmp_path, capsys):
     rc = cli_main(["eval", "--model", str(tmp_path / "nope"), "--catalog", str(fashion_dir), "--quiet"])
     assert rc == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_the_cross_block_row_ranks_each_title_near_its_own_photo(pool_products, tiny_backbone_dir, tmp_path):
+    """``cross_block_rows``: fitted on the pool's own (title, photo) pairs, the canonical variates
+    put a product's photo far above chance for its title (and the title for its photo); a model
+    without the block has no such row."""
+    from engine.evaluation.evaluate import CROSS_ROW, cross_block_rows
+    from engine.training.cross_fit import init_cross_block
+
+    model = make_tiny_model(tiny_backbone_dir, cross_dim=34)  # k = 16 of the 32-wide tiny backbones
+    pool = build_pool(pool_products, model.backbones, str(tmp_path), progress=False)
+    n = len(pool.products)
+    init_cross_block(model, [(pool.texts, [p.title for p in pool.products], pool.images,
+                              [p.image for p in pool.products])], reg=0.1)
+    rows = cross_block_rows(model, pool)
+    assert set(rows) == {CROSS_ROW} and set(rows[CROSS_ROW]) == {"t2i", "i2t"}
+    for s in ("t2i", "i2t"):
+        metrics = rows[CROSS_ROW][s]
+        assert metrics["recall@10"] > 3 * 10 / n, (s, metrics)  # chance is 10 / n
+        assert 0.0 <= metrics["ndcg@10"] <= 1.0
+    assert cross_block_rows(make_tiny_model(tiny_backbone_dir), pool) == {}

@@ -8,8 +8,9 @@ Example::
 Writes a JSON file (every number, timings, pool size, excluded products) and prints / writes
 the markdown tables. Baselines (issue 12 item 5): the raw pretrained backbone features with no
 tower (``engine.evaluation.evaluate.raw_backbone_rows``), the trained CLIP-style linear two-tower stored in
-the model folder (``engine.training.linear_baseline``; left out when the folder has none) and the
-trained towers' own average of views (the ablation row "m = average of T and V").
+the model folder (``engine.training.linear_baseline``; left out when the folder has none), the
+trained towers' own average of views (the ablation row "m = average of T and V") and, for a model
+with a cross-modal block, that block's closed-form CCA alone on t2i / i2t (``cross_block_rows``).
 ``--robust N`` adds the robustness tasks of ``engine.evaluation.robustness`` (augmented photos, brand +
 type, attribute phrases, composed queries; against every catalogue product read).
 """
@@ -57,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluation.evaluate import (build_pool, evaluate_models, linear_rows, markdown_tables,
-                                            own_photo_ranks, raw_backbone_rows)
+    from engine.evaluation.evaluate import (build_pool, cross_block_rows, evaluate_models, linear_rows,
+                                            markdown_tables, own_photo_ranks, raw_backbone_rows)
     from engine.training.linear_baseline import load_linear_baseline
     from engine.model.model_folder import load_model
     from engine.training.job import TrainingDataError, load_products
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_models({"trained": model}, pool, rows)
     if linear is not None:
         result["rows"].update(linear_rows(linear, pool))
+    result["rows"].update(cross_block_rows(model, pool))
     if not args.no_reference:
         result["rows"].update(raw_backbone_rows(pool))
     own_photo = None

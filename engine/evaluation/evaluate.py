@@ -277,6 +277,34 @@ def raw_backbone_rows(pool: EvalPool) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+CROSS_ROW = "baseline: closed-form CCA of the raw features (the cross-modal block alone)"
+
+
+def cross_block_rows(model, pool: EvalPool) -> dict[str, dict[str, dict[str, float]]]:
+    """The t2i and i2t scenarios ranked by the canonical variates of ``model``'s cross-modal block
+    alone (``engine.model.cross_block``; our choice): what the closed-form fit does without the
+    trained towers, beside the model that adds it to them. Text = the full text backbone's tokens,
+    photo = the image backbone's. ``{CROSS_ROW: {"t2i": {...}, "i2t": {...}}}``, or ``{}`` when the
+    model has no such block."""
+    from engine.training.cross_fit import image_features, text_features
+
+    block = model.query_tower.fusion.cross_modal
+    if block is None:
+        return {}
+    with torch.no_grad():
+        c_t, a_t = (block.text_variates(torch.from_numpy(text_features(pool.texts, rows))).numpy()
+                    for rows in (pool.text_rows, pool.query_text_rows))
+        c_v = block.image_variates(torch.from_numpy(image_features(pool.images, pool.image_rows, block.gem_p))).numpy()
+    targets = np.arange(len(pool.products))
+    out: dict[str, dict[str, float]] = {}
+    for s, (query, attr, cand) in {"t2i": (c_t, a_t, c_v), "i2t": (c_v, c_v[pool.query_reps], c_t)}.items():
+        res = instance_metrics(rank_of_targets(query, cand, targets))
+        if len(pool.query_groups):
+            res.update(attribute_metrics(attr, cand, pool.query_groups, pool.groups, exclude=pool.query_reps, k=10))
+        out[s] = res
+    return {CROSS_ROW: out}
+
+
 def markdown_tables(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     """One markdown table per metric: rows = models, columns = the nine scenarios (values in %)."""
     parts = []
