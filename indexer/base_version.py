@@ -32,6 +32,7 @@ class BaseVersion:
         verify_files(self.path, self.manifest, checksums=False)
         m = self.manifest
         self.version, self.dim, self.n_items = str(m["version"]), int(m["dim"]), int(m["counts"]["indexed"])
+        self.query_dim = int(m.get("query_dim", self.dim))  # the model's width (indexer/served_width.py)
         self.nprobe_default = int(m["index"]["nprobe_default"])
         self.k_factor_default, self.refine_default = int(m["refine"]["k_factor"]), bool(m["refine"]["default"])
         self.refine_storage = str(m["refine"].get("storage", "fp16_ram"))  # older versions: fp16 in RAM

@@ -32,6 +32,7 @@ from engine.catalog.reader import FASHION_MAPPING
 from engine.model.file_hashing import sha256_file
 from indexer.changes import ChangeSet, diff_catalog, read_changes
 from indexer.encode import EncodeOptions, encode_products
+from indexer.served_width import stored_width
 from indexer.errors import BuildError
 from indexer.manifest import write_manifest
 from indexer.incremental_write import RowPlan, write_incremental_version
@@ -168,7 +169,14 @@ def _encode_upserts(config, base: IndexVersion, changes: ChangeSet, options: Enc
                          f"({str(recorded.get('fingerprint'))[:16]}...): vectors would not be comparable; "
                          "run a full build instead")
     log(f"stage: encode {len(changes.upserts)} upserted products ({options.view}, {options.precision})")
-    return encode_products(model, changes.upserts, work / "chunks", options, log=log)
+    encoded = encode_products(model, changes.upserts, work / "chunks", options, log=log)
+    if base.query_dim > base.dim:  # the base stores the model's first dims only (indexer/served_width.py)
+        if len(encoded.vectors) and stored_width(model, encoded.vectors) != base.dim:
+            raise BuildError(f"base version {base.version} stores {base.dim} of the model's {base.query_dim} dimensions "
+                             "(every product had a title and a photo, so the cross-modal block was left out); an "
+                             "upserted product without a title or a photo needs that block: run a full build instead")
+        encoded.vectors = np.ascontiguousarray(encoded.vectors[:, :base.dim])
+    return encoded
 
 
 def _work_key(base: IndexVersion, changes: ChangeSet, options: EncodeOptions) -> str:

@@ -186,6 +186,8 @@ def write_incremental_version(out_dir: Path, version: str, base, rows: RowPlan, 
     if refine_file:
         manifest["files"][refine_file] = describe_file(out_dir / refine_file)
     manifest["index"]["trained_on"] = base.manifest["index"].get("trained_on")
+    if "query_dim" in base.manifest:  # the base's stored width (indexer/served_width.py) holds
+        manifest["query_dim"] = base.manifest["query_dim"]
     if "nprobe_by_query_kind" in base.manifest["index"]:  # same quantizer: the base's per-kind nprobe holds
         manifest["index"]["nprobe_by_query_kind"] = base.manifest["index"]["nprobe_by_query_kind"]
     write_manifest(out_dir, manifest)

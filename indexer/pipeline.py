@@ -30,6 +30,7 @@ from indexer.publish import (build_lock, cleanup_stale, new_version_id, prune_ve
                              read_current, tmp_dir)
 from indexer.quantizer import load_trained, reuse_record
 from indexer.query_sample import query_tower_sample
+from indexer.served_width import stored_vectors
 from indexer.version import VersionOptions, write_version
 
 
@@ -253,7 +254,8 @@ def run_index_job(config: IndexJobConfig, log: Callable[[str], None] = log_stage
         extra["build"]["executor"] = executor.describe() if executor else {"executor": "local"}
         queries = query_tower_sample(model, catalog.products, config.recall_query_sample, seed=config.version.seed,
                                      precision=config.encode.precision, log=log)
-        written = write_version(staged, version, encoded.vectors, records, config.version, rejects=rejects,
+        vectors, queries = stored_vectors(model, encoded.vectors, queries, extra, log)
+        written = write_version(staged, version, vectors, records, config.version, rejects=rejects,
                                 counts=counts, extra_manifest=extra, timings_s=timings, log=log,
                                 run_all=executor.run_all if executor else None,
                                 trained=_reused_quantizer(config, extra), query_vectors=queries)

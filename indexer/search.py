@@ -173,7 +173,7 @@ class IndexVersion:
             return self.lexical.search(text, check_k(k), allowed)
 
     def _search_ids(self, queries, k, nprobe, id_filter, allowed, refine, k_factor) -> SearchServed:
-        q = check_queries(queries, self.dim)
+        q = check_queries(queries, self.dim, int(self.manifest.get("query_dim", self.dim)))  # indexer/served_width.py
         k = check_k(k)
         nprobe = check_nprobe(nprobe, self.nprobe_default, self.nlist)
         refine = self.refine_default if refine is None else bool(refine)

@@ -10,14 +10,19 @@ from indexer.errors import SearchArgumentError
 MAX_SEARCH_K = 10_000
 
 
-def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+def check_queries(queries: np.ndarray, dim: int, query_dim: int | None = None) -> np.ndarray:
     """``queries`` as C-contiguous float32 (n, dim) (a (dim,) vector is taken as n = 1).
+    ``query_dim``: the model's width where the index version stores only its first ``dim``
+    dimensions (``indexer.served_width``): queries of that width keep their first ``dim``.
     Raises SearchArgumentError for another shape, n = 0, a non-float dtype or NaN / inf."""
     q = np.asarray(queries)
     if q.ndim == 1:
         q = q[None, :]
+    if q.ndim == 2 and query_dim is not None and query_dim > dim and q.shape[1] == query_dim:
+        q = q[:, :dim]
     if q.ndim != 2 or q.shape[1] != dim:
-        raise SearchArgumentError(f"queries must have shape (n, {dim}), got {np.asarray(queries).shape}")
+        shapes = f"(n, {dim})" if query_dim in (None, dim) else f"(n, {query_dim}) or (n, {dim})"
+        raise SearchArgumentError(f"queries must have shape {shapes}, got {np.asarray(queries).shape}")
     if q.shape[0] == 0:
         raise SearchArgumentError("queries is empty (n = 0)")
     if not np.issubdtype(q.dtype, np.floating):
