@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.private_block import gain_slot, row_gains
+
 ROLES = ("query", "item")
 
 
@@ -123,8 +125,7 @@ class CrossBlock(nn.Module):
         Raises:
             ValueError: an unknown ``kind``.
         """
-        if kind not in _SLOTS:
-            raise ValueError(f"kind must be one of {tuple(k for k in _SLOTS if k)} or None, got {kind!r}")
+        slot = gain_slot(kind)
         b = has_text.shape[0]
         g = self.gains.float()
         rows = {}
@@ -133,12 +134,11 @@ class CrossBlock(nn.Module):
         if kind in (None, "image", "text+image"):
             rows["v"] = self.image_variates(image_pooled)
         if kind is not None:
-            return self._content(kind, rows, b, g.device) * g[_SLOTS[kind]]
+            return self._content(kind, rows, b, g.device) * g[slot]
         out = torch.where(has_image[:, None], torch.where(has_text[:, None], self._content("text+image", rows, b, g.device),
                                                           self._content("image", rows, b, g.device)),
                           self._content("text", rows, b, g.device))
-        gain = torch.where(has_image, torch.where(has_text, g[2], g[1]), g[0])
-        return out * gain[:, None]
+        return out * row_gains(g, has_text, has_image)[:, None]
 
     def _content(self, kind: str, rows: dict, b: int, device) -> torch.Tensor:
         """The unscaled block of ``b`` rows as if all had ``kind``'s presence (the table above)."""
@@ -157,5 +157,3 @@ class CrossBlock(nn.Module):
 
 
 _HALF = 0.5 ** 0.5  # c_m in two slots, e_null on two axes: unit norm in all
-# a batch kind → the slot of ``gains`` its rows take (text only, photo only, both)
-_SLOTS = {None: None, "text": 0, "image": 1, "text+image": 2}

@@ -101,19 +101,17 @@ class PrivateBlock(nn.Module):
         Raises:
             ValueError: an unknown ``kind``.
         """
-        if kind not in _SLOTS:
-            raise ValueError(f"kind must be one of {tuple(k for k in _SLOTS if k)} or None, got {kind!r}")
+        slot = gain_slot(kind)
         b = has_image.shape[0]
         g = self.gains.float()
         if kind is not None:  # every row alike: its modality present or not, one gain
             present = kind in (self.modality, "text+image")
             p = self._own(mean, b) if present else self._null(b, g.device)
-            return p * g[_SLOTS[kind]]
+            return p * g[slot]
         present = has_image if self.modality == "image" else has_text
         own = self._own(mean, b)
         p = torch.where(present[:, None], own, self._null(b, own.device).to(own.dtype))
-        gain = torch.where(has_image, torch.where(has_text, g[2], g[1]), g[0])
-        return p * gain[:, None]
+        return p * row_gains(g, has_text, has_image)[:, None]
 
     def _own(self, mean: torch.Tensor, b: int) -> torch.Tensor:
         """``[unit(W mean + b), 0]``, float32 (B, p)."""
@@ -128,3 +126,16 @@ class PrivateBlock(nn.Module):
 
 # a batch kind → the slot of ``gains`` its rows take (text only, image only, both)
 _SLOTS = {None: None, "text": 0, "image": 1, "text+image": 2}
+
+
+def gain_slot(kind: str | None) -> int | None:
+    """The index into a fixed block's ``(text only, image only, both)`` gains of a batch ``kind``
+    (None: per row). Raises ValueError for an unknown kind."""
+    if kind not in _SLOTS:
+        raise ValueError(f"kind must be one of {tuple(k for k in _SLOTS if k)} or None, got {kind!r}")
+    return _SLOTS[kind]
+
+
+def row_gains(gains: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+    """Each row's gain, float (B,), from ``gains (3,)`` (text only, image only, both) and its presence flags."""
+    return torch.where(has_image, torch.where(has_text, gains[2], gains[1]), gains[0])
