@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model.model_folder import load_model, save_model
+from engine.model.model_folder import load_model
 from engine.training.cross_fit import canonical_correlation, product_pairs
-from engine.training.job import TrainingDataError, TrainJob, train_model
-from engine.training.trainer import TrainConfig
+from engine.training.job import TrainingDataError, train_model
 from tests.test_private_block import TEXTS, mini  # noqa: F401  (mini: fixture)
+from tests.test_text_private_block import check_graphs_and_folder
 from tests.test_towers import photos  # noqa: F401  (fixture: four real catalogue photos)
-from tests.tiny_models import make_tiny_model, tiny_config
+from tests.tiny_models import make_tiny_model, tiny_train_job
 
 C = 10  # block width of the tiny models: two slots of k = 4 and a null axis each (backbones 32 wide)
 D = 32  # fused width of the tiny models
@@ -101,26 +101,11 @@ def test_the_slots_pair_each_modality_only_with_the_other(tiny_backbone_dir, pho
 
 
 def test_graphs_and_model_folders_give_the_python_vectors(tiny_backbone_dir, photos, tmp_path):
-    from server.tower_backend import plan_tower, prepare_query_tower
-
-    batches = {"text": (TEXTS, None), "image": (None, photos[:3]), "text+image": (TEXTS[:3], photos[:3])}
-    for backend in ("torchscript", "onnxruntime"):
-        model = _with_cross(tiny_backbone_dir, share_fusion=True, image_private_dim=8)
-        tower = model.query_tower
-        expected = {k: tower.encode(*v, use_graphs=False) for k, v in batches.items()}
-        items = model.item_tower.encode(TEXTS, None, use_graphs=False)
-        assert expected["text"].shape == (len(TEXTS), D + 8 + C)
-        prepare_query_tower(model, plan_tower("fp32", backend), threads=1)
-        assert tower.graphs, backend
-        for kind, args in batches.items():
-            np.testing.assert_allclose(tower.encode(*args), expected[kind], atol=2e-5, err_msg=f"{backend} {kind}")
-    save_model(model, tmp_path / "m")
-    loaded = load_model(tmp_path / "m")
-    assert loaded.dim == D + 8 + C
+    model, loaded = check_graphs_and_folder(
+        lambda: _with_cross(tiny_backbone_dir, share_fusion=True, image_private_dim=8), D + 8 + C, photos, tmp_path)
+    items = model.item_tower.encode(TEXTS, None, use_graphs=False)
     assert loaded.query_tower.fusion.cross_modal.gains.tolist() == pytest.approx([0.6, 0.3, 0.5])
     assert loaded.item_tower.fusion.cross_modal.gains.tolist() == pytest.approx([1.5] * 3)
-    for kind, args in batches.items():
-        np.testing.assert_allclose(loaded.query_tower.encode(*args, use_graphs=False), expected[kind], atol=1e-6)
     np.testing.assert_allclose(loaded.item_tower.encode(TEXTS, None, use_graphs=False), items, atol=1e-6)
 
 
@@ -138,9 +123,7 @@ def test_bad_cross_block_settings_are_refused(tiny_backbone_dir):
 
 
 def _job(root, catalog, backbone_dir, name, dim, auto=False):
-    return TrainJob(catalog=str(catalog), out=str(root / name), cache_dir=str(root / "cache"), progress=False,
-                    model=tiny_config(backbone_dir, cross_dim=dim), cross_auto=auto, linear_baseline=False,
-                    train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
+    return tiny_train_job(root, catalog, backbone_dir, name, {"cross_dim": dim}, cross_auto=auto)
 
 
 def test_training_fits_the_block_on_titles_and_phrases_or_says_why_not(mini, tiny_backbone_dir):

@@ -10,11 +10,10 @@ from engine.model.images import load_image
 from engine.model.model_folder import load_model, save_model
 from engine.model.private_block import PrivateBlock
 from engine.model.towers import ModelConfig
-from engine.training.job import TrainingDataError, TrainJob, train_model
-from engine.training.trainer import TrainConfig
+from engine.training.job import TrainingDataError, train_model
 from tests.test_towers import photos  # noqa: F401  (fixture: four real catalogue photos)
 from tests.test_train import _mini_fashion
-from tests.tiny_models import make_tiny_model, tiny_config
+from tests.tiny_models import make_tiny_model, tiny_train_job
 
 TEXTS = ["black heels", "red kurta for women", "watch", "blue denim jeans"]
 P = 8  # block width of the tiny models (image backbone width 32)
@@ -150,10 +149,8 @@ def mini(fashion_dir, tmp_path_factory):
 
 
 def _job(root, catalog, backbone_dir, name, dim, auto=False, gem_p=1.0):
-    return TrainJob(catalog=str(catalog), out=str(root / name), cache_dir=str(root / "cache"), progress=False,
-                    model=tiny_config(backbone_dir, image_private_dim=dim, image_private_gem_p=gem_p), photo_query_rate=0.5, augment_views=1,
-                    image_private_auto=auto, linear_baseline=False,
-                    train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
+    return tiny_train_job(root, catalog, backbone_dir, name, {"image_private_dim": dim, "image_private_gem_p": gem_p},
+                          photo_query_rate=0.5, augment_views=1, image_private_auto=auto)
 
 
 def test_training_fits_the_block_from_the_augmented_views_or_says_why_not(mini, tiny_backbone_dir):

@@ -8,12 +8,11 @@ import torch
 
 from engine.model.model_folder import load_model, save_model
 from engine.model.towers import ModelConfig
-from engine.training.job import TrainingDataError, TrainJob, train_model
-from engine.training.trainer import TrainConfig
+from engine.training.job import TrainingDataError, train_model
 from engine.training.whitening import attach_private
 from tests.test_private_block import TEXTS, encode_items, mini, set_random_projection  # noqa: F401  (mini: fixture)
 from tests.test_towers import photos  # noqa: F401  (fixture: four real catalogue photos)
-from tests.tiny_models import make_tiny_model, tiny_config
+from tests.tiny_models import make_tiny_model, tiny_config, tiny_train_job
 
 Q = 6  # text block width of the tiny models (text backbone width 32)
 D = 32  # fused width of the tiny models
@@ -53,25 +52,37 @@ def test_text_queries_add_the_whitened_text_match_with_their_gain(tiny_backbone_
     np.testing.assert_allclose(only[0] @ item, only[0, :D] @ item[:D] + 0.5 / np.sqrt(1.25) / np.sqrt(2), atol=1e-5)
 
 
-def test_both_blocks_in_graphs_and_model_folders_give_the_python_vectors(tiny_backbone_dir, photos, tmp_path):
+def check_graphs_and_folder(make_model, width: int, photos, tmp_path):
+    """A fresh ``make_model()`` per backend: its TorchScript and ONNX Runtime query graphs give the
+    Python vectors (``width`` wide) of text, photo and text + photo batches, and so does the model
+    folder it saves. Returns ``(the last model, the loaded model)``."""
     from server.tower_backend import plan_tower, prepare_query_tower
 
     batches = {"text": (TEXTS, None), "image": (None, photos[:3]), "text+image": (TEXTS[:3], photos[:3])}
     for backend in ("torchscript", "onnxruntime"):
-        model = _with_text_block(tiny_backbone_dir, image_private_dim=8)
-        set_random_projection(model, "private", 5)
+        model = make_model()
         tower = model.query_tower
         expected = {k: tower.encode(*v, use_graphs=False) for k, v in batches.items()}
-        assert expected["text"].shape == (len(TEXTS), D + 8 + Q)
+        assert expected["text"].shape == (len(TEXTS), width)
         prepare_query_tower(model, plan_tower("fp32", backend), threads=1)
         assert tower.graphs, backend
         for kind, args in batches.items():
             np.testing.assert_allclose(tower.encode(*args), expected[kind], atol=2e-5, err_msg=f"{backend} {kind}")
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
-    assert loaded.dim == D + 8 + Q
+    assert loaded.dim == width
     for kind, args in batches.items():
         np.testing.assert_allclose(loaded.query_tower.encode(*args, use_graphs=False), expected[kind], atol=1e-6)
+    return model, loaded
+
+
+def test_both_blocks_in_graphs_and_model_folders_give_the_python_vectors(tiny_backbone_dir, photos, tmp_path):
+    def make():
+        model = _with_text_block(tiny_backbone_dir, image_private_dim=8)
+        set_random_projection(model, "private", 5)
+        return model
+
+    check_graphs_and_folder(make, D + 8 + Q, photos, tmp_path)
 
 
 def test_attaching_keeps_every_trained_weight_and_an_existing_image_block(tiny_backbone_dir):
@@ -100,11 +111,8 @@ def test_bad_text_block_settings_are_refused():
 
 
 def _job(root, catalog, backbone_dir, name, dim, auto=False, brand=1.0):
-    return TrainJob(catalog=str(catalog), out=str(root / name), cache_dir=str(root / "cache"), progress=False,
-                    model=tiny_config(backbone_dir, text_private_dim=dim), brand_query_rate=brand,
-                    partial_title_rate=brand, text_private_auto=auto, linear_baseline=False,
-                    attribute_query_rate=0.0, similar_rate=0.0,
-                    train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0))
+    return tiny_train_job(root, catalog, backbone_dir, name, {"text_private_dim": dim}, brand_query_rate=brand,
+                          partial_title_rate=brand, text_private_auto=auto, attribute_query_rate=0.0, similar_rate=0.0)
 
 
 def test_training_fits_the_text_block_on_the_typed_queries_or_says_why_not(mini, tiny_backbone_dir):

@@ -76,3 +76,15 @@ def tiny_config(backbone_dir: Path, dim: int = 32, **overrides) -> ModelConfig:
 
 def make_tiny_model(backbone_dir: Path, seed: int = 0, **overrides) -> TwoTowerModel:
     return build_model(tiny_config(backbone_dir, **overrides), seed=seed)
+
+
+def tiny_train_job(root: Path, catalog: Path, backbone_dir: Path, name: str, model: dict, **job):
+    """A 2-step ``TrainJob`` of a tiny model (``tiny_config(backbone_dir, **model)``) on ``catalog``,
+    writing ``root / name`` with its token cache in ``root / "cache"``, no linear baseline; ``job``:
+    more ``TrainJob`` fields."""
+    from engine.training.job import TrainJob
+    from engine.training.trainer import TrainConfig
+
+    return TrainJob(catalog=str(catalog), out=str(root / name), cache_dir=str(root / "cache"), progress=False,
+                    model=tiny_config(backbone_dir, **model), linear_baseline=False,
+                    train=TrainConfig(steps=2, stage1_steps=1, batch_size=16, checkpoint_every=100, seed=0), **job)

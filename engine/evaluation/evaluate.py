@@ -286,7 +286,8 @@ def cross_block_rows(model, pool: EvalPool) -> dict[str, dict[str, dict[str, flo
     trained towers, beside the model that adds it to them. Text = the full text backbone's tokens,
     photo = the image backbone's. ``{CROSS_ROW: {"t2i": {...}, "i2t": {...}}}``, or ``{}`` when the
     model has no such block."""
-    from engine.training.cross_fit import image_features, text_features
+    from engine.training.cross_fit import text_features
+    from engine.training.whitening import pooled_means
 
     block = model.query_tower.fusion.cross_modal
     if block is None:
@@ -294,7 +295,7 @@ def cross_block_rows(model, pool: EvalPool) -> dict[str, dict[str, dict[str, flo
     with torch.no_grad():
         c_t, a_t = (block.text_variates(torch.from_numpy(text_features(pool.texts, rows))).numpy()
                     for rows in (pool.text_rows, pool.query_text_rows))
-        c_v = block.image_variates(torch.from_numpy(image_features(pool.images, pool.image_rows, block.gem_p))).numpy()
+        c_v = block.image_variates(torch.from_numpy(pooled_means(pool.images, pool.image_rows, gem_p=block.gem_p))).numpy()
     targets = np.arange(len(pool.products))
     out: dict[str, dict[str, float]] = {}
     for s, (query, attr, cand) in {"t2i": (c_t, a_t, c_v), "i2t": (c_v, c_v[pool.query_reps], c_t)}.items():

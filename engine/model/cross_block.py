@@ -129,9 +129,10 @@ class CrossBlock(nn.Module):
         b = has_text.shape[0]
         g = self.gains.float()
         rows = {}
-        if kind in (None, "text", "text+image"):
+        null_only = kind == "text+image" and self.role == "item"  # e_null alone: no variates to compute
+        if kind in (None, "text", "text+image") and not null_only:
             rows["t"] = self.text_variates(text_mean)
-        if kind in (None, "image", "text+image"):
+        if kind in (None, "image", "text+image") and not null_only:
             rows["v"] = self.image_variates(image_pooled)
         if kind is not None:
             return self._content(kind, rows, b, g.device) * g[slot]
