@@ -157,7 +157,8 @@ def _manifest_extra(config: IndexJobConfig, model, device: str, catalog, catalog
                     "mapping": dataclasses.asdict(config.mapping) if config.mapping else None},
         "build": {"job_key": key, "resumed_items": encoded.resumed_items,
                   "batch_size": config.encode.batch_size, "workers": config.encode.workers,
-                  "token_cache": config.encode.token_cache, "sources": encoded.sources},
+                  "token_cache": config.encode.token_cache, "sources": encoded.sources,
+                  "item_photo_views": encoded.item_views},
     }
 
 

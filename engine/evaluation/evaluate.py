@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -135,6 +136,25 @@ def tower_views(tower, texts: TokenTable, images: TokenTable, text_rows: np.ndar
     return result
 
 
+def item_views(model, pool: "EvalPool", views: dict[str, np.ndarray], cache_dir: str | None = None,
+               progress: bool = False) -> dict[str, np.ndarray]:
+    """The item tower's ``views`` (``tower_views``' dict) of ``pool``'s products with the model's item
+    photo views (``engine.model.item_views``, as the indexer builds them) on the F and V vectors of the
+    products with a photo; unchanged for a model without them. ``cache_dir``: token cache root of the
+    views (default: the pool's image cache root)."""
+    if not int(getattr(model.config, "item_photo_views", 0) or 0):
+        return views
+    from engine.model.item_views import apply_item_views
+
+    photos = [p.image if r >= 0 else None for p, r in zip(pool.products, pool.image_rows)]
+    root = cache_dir or str(Path(pool.images.folder).parent)
+    out = dict(views)
+    for v in ("F", "V"):
+        if v in out:
+            out[v], _ = apply_item_views(model, out[v], photos, root, progress=progress)
+    return out
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -153,7 +173,8 @@ def embed_pool(model, pool: EvalPool, batch_size: int = 256) -> Embeddings:
     """Encode the pool with ``model``'s query and item towers (views F, T, V) from the cache."""
     model.eval()
     q = tower_views(model.query_tower, pool.texts, pool.images, pool.text_rows, pool.image_rows, batch_size)
-    i = tower_views(model.item_tower, pool.texts, pool.images, pool.text_rows, pool.image_rows, batch_size)
+    i = item_views(model, pool, tower_views(model.item_tower, pool.texts, pool.images, pool.text_rows,
+                                            pool.image_rows, batch_size))
     rep_images = pool.image_rows[pool.query_reps]
     a = tower_views(model.query_tower, pool.texts, pool.images, pool.query_text_rows, rep_images, batch_size,
                     views=("F", "T"))
@@ -232,8 +253,8 @@ def own_photo_ranks(model, pool: EvalPool, batch_size: int = 256) -> np.ndarray:
     model.eval()
     absent = np.full(len(pool.image_rows), -1, dtype=np.int64)
     q = tower_views(model.query_tower, pool.texts, pool.images, absent, pool.image_rows, batch_size, views=("V",))
-    c = tower_views(model.item_tower, pool.texts, pool.images, pool.text_rows, pool.image_rows, batch_size,
-                    views=("F",))
+    c = item_views(model, pool, tower_views(model.item_tower, pool.texts, pool.images, pool.text_rows,
+                                            pool.image_rows, batch_size, views=("F",)))
     return rank_of_targets(q["V"], c["F"], np.arange(len(pool.products)))
 
 

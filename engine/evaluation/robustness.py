@@ -36,7 +36,7 @@ import numpy as np
 
 from engine.model.augment import AugmentConfig
 from engine.training.augment_cache import augmented_key, cache_augmented_images
-from engine.evaluation.evaluate import EvalPool, _unit, tower_views
+from engine.evaluation.evaluate import EvalPool, _unit, item_views, tower_views
 from engine.evaluation.hybrid import CEILING_LABEL, ceiling_metrics, lexical_index, retrieval_rows
 from engine.tokens.views import mean_pooled
 from engine.evaluation.ranking_metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
@@ -172,8 +172,9 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
     if not photo_q:
         raise ValueError("no query product is among the candidates (a title and a usable photo are needed)")
     model.eval()
-    item = tower_views(model.item_tower, catalogue.texts, catalogue.images, catalogue.text_rows,
-                       catalogue.image_rows, batch_size)
+    item = item_views(model, catalogue, tower_views(model.item_tower, catalogue.texts, catalogue.images,
+                                                    catalogue.text_rows, catalogue.image_rows, batch_size),
+                      cache_dir, progress)
     item_avg = _unit(item["T"] + item["V"])
     raw_t, raw_v = mean_pooled(catalogue.texts, catalogue.text_rows), mean_pooled(catalogue.images, catalogue.image_rows)
     raw_m = np.concatenate([raw_t, raw_v], axis=1) / np.sqrt(2.0)

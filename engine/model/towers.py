@@ -62,6 +62,10 @@ class ModelConfig:
             only, text + photo) gains, the item tower's gain and the GeM exponent of the photo
             features it projects. Fitted by ``engine.training.cross_fit``, never trained. Our choice:
             256 wide, gains 0.6, 0.3, 0.42 and 1, GeM p 2 (docs/results.md "The cross-modal block").
+        item_photo_views / item_photo_views_seed: 0 (default), or K: where item vectors are built
+            from a catalogue (the indexer, the evaluation), the item tower's image-private part also
+            reads K seeded augmented views of the photo (``engine.model.item_views``; our choice,
+            issue 12 item 1); the seed of their augmentations. ValueError below 0.
         query_text_layers: None (default), or the text backbone's layers (ascending indices) that the
             query tower's distilled text encoder for text-only queries starts from
             (``engine.model.text_student``; our choice, issue 11): text-only queries then run the
@@ -95,6 +99,8 @@ class ModelConfig:
     cross_query_gains: list = field(default_factory=lambda: [0.6, 0.3, 0.42])
     cross_item_gain: float = 1.0
     cross_gem_p: float = 2.0
+    item_photo_views: int = 0
+    item_photo_views_seed: int = 0
     query_text_layers: list | None = None
     logit_scale_init: float = 10.0
     logit_scale_max: float = math.exp(3.0)
@@ -110,6 +116,8 @@ class ModelConfig:
         if self.text_private_dim and self.text_private_query_gains[1] != 0:
             raise ValueError("the query tower's image-only text-private gain must be 0 (photo rankings stay "
                              f"unchanged), got {self.text_private_query_gains[1]}")
+        if not (isinstance(self.item_photo_views, int) and self.item_photo_views >= 0):
+            raise ValueError(f"item_photo_views must be an integer >= 0, got {self.item_photo_views!r}")
         if self.query_text_layers is not None:
             self.query_text_layers = check_layers(self.query_text_layers, available=None)
         if self.image_private_dim and self.image_private_query_gains[0] != 0:

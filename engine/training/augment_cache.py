@@ -11,6 +11,7 @@ cache in backbone time and disk (plus about 6 ms of augmentation per view on one
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,19 @@ def augmented_cache_key(backbones, paths: Sequence[str], views: int, seed: int, 
                     "albumentations": albumentations.__version__})
 
 
+def reuse_key(backbones, seed: int, config: AugmentConfig) -> str:
+    """What two augmented caches must share for a row of one to be a row of the other (24 hex chars):
+    the backbone, its spec and preprocessing, the seed, the ``AugmentConfig`` and albumentations'
+    version. View ``v`` of a photo depends on nothing else (``view_seed``), whatever the view count."""
+    import albumentations
+
+    image = backbones.image
+    pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
+    return _digest({"format": CACHE_FORMAT, "kind": "image-aug", "fp": backbones.image_fingerprint,
+                    "spec": backbones.image_spec, "preprocess": pre, "seed": int(seed), "augment": config.as_dict(),
+                    "albumentations": albumentations.__version__})
+
+
 def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Path, *,
                            views: int = DEFAULT_AUGMENT_VIEWS, seed: int = 0,
                            config: AugmentConfig | None = None, batch_size: int = 32,
@@ -72,15 +86,59 @@ def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Pa
     if (final / "meta.json").is_file():
         return open_table(final)
     tmp, start, errors, lengths = start_image_cache(final, len(keys))
+    shared = reuse_key(backbones, seed, config)
+    files = [file_stat(p) for p in photos]
+    tokens, todo = _reuse_view_rows(Path(cache_root), shared, photos, files, views, tmp, lengths)
     load = _ViewLoader(backbones.image, photos, views, seed, config, errors)
-    write_image_tokens(backbones.image, load, list(range(len(keys))), len(keys), tmp, lengths, None,
+    write_image_tokens(backbones.image, load, todo, len(keys), tmp, lengths, tokens,
                        batch_size=batch_size, desc="augmented image tokens", unit="view", progress=progress)
+    del tokens  # the memmap of the copied rows, flushed by write_image_tokens
     np.save(tmp / "lengths.npy", lengths)
     elapsed = time.perf_counter() - start
     meta = {"format": CACHE_FORMAT, "kind": "image-aug", "fingerprint": backbones.image_fingerprint,
             "keys": keys, "errors": errors, "views": int(views), "seed": int(seed), "augment": config.as_dict(),
+            "reuse_key": shared, "files": files, "reused": len(keys) - len(todo),
             "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
     return _finish(tmp, final, meta)
+
+
+def find_view_rows(root: Path, shared: str, photos: list[str], files: list[list], views: int
+                   ) -> dict[int, tuple[TokenTable, int]]:
+    """Where finished augmented caches under ``root`` with the ``reuse_key`` ``shared`` hold view ``v``
+    of photo ``i`` (same path, size and mtime; a view that failed there is not found): ``{i * views + v:
+    (table, row)}``. Our choice: the index's item photo views reuse those the training job made."""
+    wanted = {augmented_key(p, v): (i * views + v, f) for i, (p, f) in enumerate(zip(photos, files))
+              for v in range(views)}
+    found: dict[int, tuple[TokenTable, int]] = {}
+    for meta_file in sorted(root.glob("image-aug-*/meta.json")) if root.is_dir() else []:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("reuse_key") != shared:
+            continue
+        table = open_table(meta_file.parent)
+        stats = dict(zip(_unique([k.rsplit("#aug", 1)[0] for k in table.keys]), meta.get("files") or []))
+        for row, key in enumerate(table.keys):
+            hit = wanted.get(key)
+            if hit is not None and hit[0] not in found and table.lengths[row] > 0 \
+                    and stats.get(key.rsplit("#aug", 1)[0]) == hit[1]:
+                found[hit[0]] = (table, row)
+    return found
+
+
+def _reuse_view_rows(root: Path, shared: str, photos: list[str], files: list[list], views: int, tmp: Path,
+                     lengths: np.ndarray) -> tuple[np.ndarray | None, list[int]]:
+    """Copy the rows ``find_view_rows`` finds into the cache being built in ``tmp``. Fills ``lengths``;
+    returns ``(tokens memmap or None, rows still to encode)``."""
+    n = len(photos) * views
+    tokens, copied = None, set()
+    for target, (table, row) in sorted(find_view_rows(root, shared, photos, files, views).items()):
+        if tokens is None:
+            tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16,
+                                               shape=(n,) + table.tokens.shape[1:])
+        if table.tokens.shape[1:] != tokens.shape[1:]:
+            continue
+        tokens[target], lengths[target] = table.tokens[row], table.lengths[row]
+        copied.add(target)
+    return tokens, [r for r in range(n) if r not in copied]
 
 
 class _ViewLoader:

@@ -46,6 +46,9 @@ FLIP_IMAGE_BACKBONE = {**DEFAULT_IMAGE_BACKBONE, "flip_average": True}
 CPU_IMAGE_PRIVATE_DIM = 256
 CPU_IMAGE_PRIVATE_GAINS = (6.0, 0.0, 1.0)
 CPU_IMAGE_PRIVATE_GEM_P = 2.0
+# augmented views of each catalogue photo that the item tower's image-private part reads where an index or
+# an evaluation builds item vectors (engine/model/item_views.py; docs/results.md "Item photo views")
+CPU_ITEM_PHOTO_VIEWS = 2
 # The text-private block (same module), fitted after training on the typed shopper queries
 # against their titles: 128 wide (127 whitened MiniLM dimensions + e_null); gains query text-only
 # 0.8, query photo + text 0.4, item 0.5 (our choice: the products a * b = 0.4 / 0.2 set every
@@ -126,6 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--cross-modal-gains", default=",".join(f"{g:g}" for g in CPU_CROSS_GAINS),
                    help="QUERY_TEXT,QUERY_PHOTO,QUERY_PHOTO_TEXT,ITEM: the cross-modal block's fixed gains "
                         "(default %(default)s)")
+    m.add_argument("--item-photo-views", type=_non_negative, default=CPU_ITEM_PHOTO_VIEWS, metavar="K",
+                   help="augmented views of each catalogue photo that the item tower's image-private part also "
+                        "reads when an index is built (engine/model/item_views.py; 0: the photo alone; "
+                        "default %(default)s)")
     m.add_argument("--image-private-gem-p", type=float, default=CPU_IMAGE_PRIVATE_GEM_P,
                    help="GeM exponent of the photo features the image-private block whitens (1: the mean; "
                         "default %(default)s)")
@@ -202,6 +209,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--linear-baseline-only", action="store_true",
                    help="train only the linear baseline into --out (an existing model folder; same pairs and steps)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _non_negative(text: str) -> int:
+    """An integer >= 0 (argparse type); argparse.ArgumentTypeError otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _parse_weights(text: str | None) -> dict[str, float] | None:
@@ -333,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
                               **_private_config(args.image_private_dim, args.image_private_gains),
                               **_private_config(args.text_private_dim, args.text_private_gains, "text"),
                               **_cross_config(args.cross_modal_dim, args.cross_modal_gains),
-                              image_private_gem_p=args.image_private_gem_p,
+                              image_private_gem_p=args.image_private_gem_p, item_photo_views=args.item_photo_views,
                               pooled_residual=CPU_POOLED_RESIDUAL and not args.no_pooled_residual,
                               image_backbone=dict(FLIP_IMAGE_BACKBONE if args.flip_average else DEFAULT_IMAGE_BACKBONE)),
             train=TrainConfig(steps=args.steps, stage1_steps=args.stage1_steps, batch_size=args.batch_size,

@@ -281,6 +281,12 @@ def train_model(job: TrainJob) -> dict:
                                                                            job.augment_fraction, job.train.seed),
                                            job.cache_dir, views=job.augment_views, seed=job.train.seed,
                                            progress=job.progress)
+    item_views = None
+    if job.model.item_photo_views > 0 and job.model.image_private_dim > 0:
+        # made here, where the training views' rows are reused, so the index build finds them cached
+        item_views = cache_augmented_images(model.backbones, [p.image for p in products if p.image], job.cache_dir,
+                                            views=job.model.item_photo_views, seed=job.model.item_photo_views_seed,
+                                            progress=job.progress)
     cache_seconds = time.perf_counter() - t_cache
 
     data, data_rejects = build_training_data(products, pairs, texts, images, aug_images=augmented)
@@ -307,6 +313,9 @@ def train_model(job: TrainJob) -> dict:
                        "items": len(texts.keys)},
         "image_cache": {"folder": str(images.folder), "build_seconds": images.meta.get("build_seconds"),
                         "items": len(images.keys), "errors": len(images.errors)},
+        "item_photo_views_cache": None if item_views is None else {
+            "folder": str(item_views.folder), "views": item_views.meta.get("views"),
+            "reused": item_views.meta.get("reused"), "build_seconds": item_views.meta.get("build_seconds")},
         "augmented_image_cache": None if augmented is None else {
             "folder": str(augmented.folder), "views": augmented.meta.get("views"),
             "build_seconds": augmented.meta.get("build_seconds"), "items": len(augmented.keys),
