@@ -64,11 +64,11 @@ def served(tmp_path_factory, fashion_dir):
     assert json.loads((model / "training.json").read_text())["cross_block"]["fitted"] == "after training"
     loss = json.loads((model / "training.json").read_text())["train"]["loss"]
     assert loss["cmal_pair_weights"] == [6.0, 6.0, 2.0, 3.0, 2.0]  # the unimodal cross pairs weigh 6
-    # the item tower's image-private part reads two augmented views of each catalogue photo; training
+    # the item tower's image-private part reads three augmented views of each catalogue photo; training
     # makes them for its photos, reusing view 0 of its own augmented cache
-    assert recipe["item_photo_views"] == 2
+    assert recipe["item_photo_views"] == 3
     views = json.loads((model / "training.json").read_text())["item_photo_views_cache"]
-    assert views["views"] == 2 and views["reused"] > 0
+    assert views["views"] == 3 and views["reused"] > 0
     indexed = _ecsearch("index", "--catalog", str(fashion_dir), "--model", str(model), "--index-root", str(root),
                         "--limit", str(LIMIT), "--shards", "2", "--token-cache", str(cache))
     port = _free_port()
@@ -174,7 +174,7 @@ def test_each_kind_of_query_probes_the_lists_the_build_chose_for_it(served, fash
     by_kind = manifest["index"]["nprobe_by_query_kind"]
     assert set(by_kind) == {"text", "image", "text+image"}
     views = manifest["build"]["item_photo_views"]
-    assert views["views"] == 2 and views["photos"] == manifest["counts"]["indexed"] - manifest["counts"]["text_only"]
+    assert views["views"] == 3 and views["photos"] == manifest["counts"]["indexed"] - manifest["counts"]["text_only"]
     assert all(1 <= n <= manifest["index"]["nprobe_default"] for n in by_kind.values())
     photo = fashion_dir / "images" / f"{rows[0]['id']}.jpg"
     queries = {"text": dict(text="black shoes"), "image": dict(image=photo),

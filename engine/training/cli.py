@@ -48,7 +48,7 @@ CPU_IMAGE_PRIVATE_GAINS = (6.0, 0.0, 1.0)
 CPU_IMAGE_PRIVATE_GEM_P = 2.0
 # augmented views of each catalogue photo that the item tower's image-private part reads where an index or
 # an evaluation builds item vectors (engine/model/item_views.py; docs/results.md "Item photo views")
-CPU_ITEM_PHOTO_VIEWS = 2
+CPU_ITEM_PHOTO_VIEWS = 3
 # The text-private block (same module), fitted after training on the typed shopper queries
 # against their titles: 128 wide (127 whitened MiniLM dimensions + e_null); gains query text-only
 # 0.8, query photo + text 0.4, item 0.5 (our choice: the products a * b = 0.4 / 0.2 set every
