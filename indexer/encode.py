@@ -31,6 +31,7 @@ from engine.model.errors import InputError
 from engine.model.images import load_image
 from indexer.chunk_files import load_chunk as _load_chunk, save_chunk as _save_chunk
 from indexer.item_graphs import use_onnx_graphs
+from indexer.photo_views import add_item_views
 
 FLAG_IMAGE_UNREADABLE = "image_unreadable"
 FLAG_TEXT_ONLY = "text_only"
@@ -182,27 +183,11 @@ def encode_products(model, products: Sequence[Product], work: Path, options: Enc
         np.empty((0, dim), np.float32)
     result.vectors = np.ascontiguousarray(all_vecs[keep], dtype=np.float32)
     result.indexed = np.flatnonzero(keep).tolist()
-    _add_item_views(model, products, result, options, log)
+    if options.view != "text":  # the model's item photo views, on the rows encoded with a photo
+        no_photo = {FLAG_IMAGE_MISSING, FLAG_IMAGE_UNREADABLE}
+        add_item_views(model, [products[pos].image if products[pos].image and not no_photo & set(result.flags.get(pos, []))
+                               else None for pos in result.indexed], result, options.token_cache, log)
     return result
-
-
-def _add_item_views(model, products: Sequence[Product], result: EncodeResult, options: EncodeOptions,
-                    log: Callable[[str], None]) -> None:
-    """The model's item photo views (``engine.model.item_views``) on the indexed rows encoded with a
-    photo; their tokens are cached under the token cache root when there is one."""
-    if not int(getattr(model.config, "item_photo_views", 0) or 0) or options.view == "text":
-        return
-    from engine.model.item_views import apply_item_views
-
-    no_photo = {FLAG_IMAGE_MISSING, FLAG_IMAGE_UNREADABLE}
-    photos = [products[pos].image if products[pos].image and not no_photo & set(result.flags.get(pos, []))
-              else None for pos in result.indexed]
-    t0 = time.perf_counter()
-    result.vectors, stats = apply_item_views(model, result.vectors, photos, options.token_cache)
-    stats["seconds"] = round(time.perf_counter() - t0, 3)
-    result.item_views = stats
-    log(f"encode: item photo views: {stats['views']} augmented views of {stats['photos']} photos "
-        f"({stats['unreadable']} unreadable, left with the catalogue photo alone) in {stats['seconds']:.1f} s")
 
 
 def product_inputs(products: Sequence[Product], view: str) -> tuple[list[str | None], list[str | None]]:

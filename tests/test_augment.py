@@ -1,4 +1,4 @@
-"""engine.model.augment and engine.training.augment_cache on real catalogue photos and a tiny random backbone."""
+"""engine.model.augment and engine.tokens.augment_cache on real catalogue photos and a tiny random backbone."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from engine.model.augment import AugmentConfig, augment_photo, view_seed
-from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.tokens.augment_cache import augmented_key, cache_augmented_images
 from engine.model.images import load_image
 from engine.tokens.cache import cache_images
 

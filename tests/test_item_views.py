@@ -1,4 +1,4 @@
-"""engine/model/item_views.py: the item photo views of the image-private block: the arithmetic, the
+"""engine/model/item_views.py and engine/tokens/item_views.py: the item photo views of the image-private block: the arithmetic, the
 model setting, the indexer's encode stage (a real build over real photos) and the evaluation, which
 must give the vectors the index stores."""
 from __future__ import annotations
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from engine.evaluation.evaluate import build_pool, item_views, tower_views
-from engine.model.item_views import apply_item_views, image_private_span, refine_with_views
+from engine.model.item_views import image_private_span, refine_with_views
 from engine.model.model_folder import load_model, save_model
 from engine.model.towers import ModelConfig
+from engine.tokens.item_views import apply_item_views
 from engine.training.job import load_products
 from indexer.pipeline import IndexJobConfig, run_index_job
 from indexer.search import open_index
@@ -135,7 +136,7 @@ def test_an_index_build_stores_the_views_and_the_evaluation_gives_the_same_vecto
 
 
 def test_view_caches_reuse_the_rows_another_cache_holds(view_models, fashion_dir, tmp_path):
-    from engine.training.augment_cache import augmented_key, cache_augmented_images
+    from engine.tokens.augment_cache import augmented_key, cache_augmented_images
 
     model = load_model(view_models[1])
     catalog = _mini_fashion(fashion_dir, tmp_path / "fashion", n=4)

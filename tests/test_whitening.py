@@ -57,7 +57,7 @@ def test_training_starts_the_image_residual_from_the_learned_whitening(fashion_d
     carry exactly the whitening of the cached clean and augmented tokens, in both towers."""
     from engine.model.model_folder import load_model
     from engine.tokens.cache import open_table
-    from engine.training.augment_cache import augmented_key
+    from engine.tokens.augment_cache import augmented_key
     from engine.training.job import TrainJob, train_model
     from engine.training.trainer import TrainConfig
     from engine.training.whitening import pooled_means

@@ -144,7 +144,7 @@ def item_views(model, pool: "EvalPool", views: dict[str, np.ndarray], cache_dir:
     views (default: the pool's image cache root)."""
     if not int(getattr(model.config, "item_photo_views", 0) or 0):
         return views
-    from engine.model.item_views import apply_item_views
+    from engine.tokens.item_views import apply_item_views
 
     photos = [p.image if r >= 0 else None for p, r in zip(pool.products, pool.image_rows)]
     root = cache_dir or str(Path(pool.images.folder).parent)

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.model.augment import AugmentConfig
-from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.tokens.augment_cache import augmented_key, cache_augmented_images
 from engine.evaluation.evaluate import EvalPool, _unit, item_views, tower_views
 from engine.evaluation.hybrid import CEILING_LABEL, ceiling_metrics, lexical_index, retrieval_rows
 from engine.tokens.views import mean_pooled

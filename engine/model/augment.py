@@ -25,7 +25,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image
 
-# Augmented views kept per training photo by the token cache (engine.training.augment_cache); our
+# Augmented views kept per training photo by the token cache (engine.tokens.augment_cache); our
 # choice: 3 views triple the query-side image cache, enough for a new view most epochs.
 DEFAULT_AUGMENT_VIEWS = 3
 

@@ -20,7 +20,7 @@ from engine.catalog import CatalogError, FieldMapping, Product, read_catalog, re
 from engine.model.model_folder import load_model, save_model
 from engine.training.distill import DistillConfig, distill_after_training, resolve_layers
 from engine.training.linear_baseline import save_linear_baseline, train_linear_baseline
-from engine.training.augment_cache import augmented_key, cache_augmented_images
+from engine.tokens.augment_cache import augmented_key, cache_augmented_images
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, TrainingPair, catalog_pairs, group_key, read_pairs_file, shopper_pairs
 from engine.catalog.shopper_queries import facet_key, product_facets
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
@@ -48,7 +48,7 @@ class TrainJob:
     mix, see ``engine.training.pairs.catalog_pairs``.
     brand_query_rate / partial_title_rate / phrase_query_rate / composed_rate: shopper and
     composed pairs, see ``engine.training.pairs.shopper_pairs`` (default 0: off).
-    augment_views: augmented views cached per query photo (``engine.training.augment_cache``; 0: off,
+    augment_views: augmented views cached per query photo (``engine.tokens.augment_cache``; 0: off,
     the default, since each view costs one more image-backbone pass per training photo);
     the trainer swaps query photos for them (``TrainConfig.augment_p``). Seeded by ``train.seed``.
     augment_fraction: share of the distinct query photos that get augmented views (a seeded
@@ -164,7 +164,7 @@ def build_training_data(products: list[Product], pairs: list[TrainingPair], text
                         aug_images: TokenTable | None = None) -> tuple[TrainingData, list[dict]]:
     """Resolve pairs to token-table rows. Pairs whose item or query has no usable modality left
     (e.g. its only image failed to decode) are rejected with the reason; a product whose image
-    failed keeps its text. ``aug_images``: augmented query photos (``engine.training.augment_cache``),
+    failed keeps its text. ``aug_images``: augmented query photos (``engine.tokens.augment_cache``),
     whose views are attached to every pair with a query photo."""
     index = {p.product_id: i for i, p in enumerate(products)}
     groups: dict[str, int] = {}

@@ -112,7 +112,7 @@ class TrainingData:
     ``int64 (S, N)``: key id of product ``n`` under facet spec ``s`` (``-1``: none);
     query_spec / query_key ``int64 (P,)``: the pair's spec and key (``-1``: none); an item is
     relevant to such a query when its key under the query's spec equals the query's key.
-    aug_images: table of augmented query photos (``engine.training.augment_cache``); q_image_aug
+    aug_images: table of augmented query photos (``engine.tokens.augment_cache``); q_image_aug
     ``int64 (P, V)``: rows of the query photo's V augmented views in it (``-1``: none).
     """
 

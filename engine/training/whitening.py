@@ -196,7 +196,7 @@ def attach_private(model, config):
 def _pair_features(images: TokenTable, augmented: TokenTable, photos: list[str], views: int, gem_p: float = 1.0):
     """Pooled features (``pooled_means``) of the photos that have a clean row and every view:
     ``(clean (n, H), views (v, n, H))``."""
-    from engine.training.augment_cache import augmented_key
+    from engine.tokens.augment_cache import augmented_key
 
     clean_rows = images.rows(photos)
     view_rows = np.stack([augmented.rows([augmented_key(p, v) for p in photos]) for v in range(views)])
