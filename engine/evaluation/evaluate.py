@@ -148,10 +148,15 @@ def item_views(model, pool: "EvalPool", views: dict[str, np.ndarray], cache_dir:
 
     photos = [p.image if r >= 0 else None for p, r in zip(pool.products, pool.image_rows)]
     root = cache_dir or str(Path(pool.images.folder).parent)
+    names = [v for v in ("F", "V") if v in views]
+    if not names:
+        return views
+    # both views in one call: each photo's views are read and pooled once
+    refined, _ = apply_item_views(model, np.concatenate([views[v] for v in names]), photos * len(names), root,
+                                  progress=progress)
     out = dict(views)
-    for v in ("F", "V"):
-        if v in out:
-            out[v], _ = apply_item_views(model, out[v], photos, root, progress=progress)
+    for i, v in enumerate(names):
+        out[v] = refined[i * len(photos):(i + 1) * len(photos)]
     return out
 
 

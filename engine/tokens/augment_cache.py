@@ -33,29 +33,27 @@ def augmented_key(path: str, view: int) -> str:
     return f"{path}#aug{int(view)}"
 
 
-def augmented_cache_key(backbones, paths: Sequence[str], views: int, seed: int, config: AugmentConfig) -> str:
-    """Folder key (24 hex chars) of the augmented cache of ``paths``; changes with any input."""
+def _settings(backbones, seed: int, config: AugmentConfig) -> dict:
+    """What a view's tokens depend on besides its file and view index: the backbone, its spec and
+    preprocessing, the seed, the ``AugmentConfig`` and albumentations' version."""
     import albumentations
 
     image = backbones.image
     pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
-    return _digest({"format": CACHE_FORMAT, "kind": "image-aug", "fp": backbones.image_fingerprint,
-                    "spec": backbones.image_spec, "preprocess": pre, "files": [file_stat(p) for p in paths],
-                    "views": int(views), "seed": int(seed), "augment": config.as_dict(),
-                    "albumentations": albumentations.__version__})
+    return {"format": CACHE_FORMAT, "kind": "image-aug", "fp": backbones.image_fingerprint,
+            "spec": backbones.image_spec, "preprocess": pre, "seed": int(seed), "augment": config.as_dict(),
+            "albumentations": albumentations.__version__}
+
+
+def augmented_cache_key(backbones, paths: Sequence[str], views: int, seed: int, config: AugmentConfig) -> str:
+    """Folder key (24 hex chars) of the augmented cache of ``paths``; changes with any input."""
+    return _digest({**_settings(backbones, seed, config), "files": [file_stat(p) for p in paths], "views": int(views)})
 
 
 def reuse_key(backbones, seed: int, config: AugmentConfig) -> str:
     """What two augmented caches must share for a row of one to be a row of the other (24 hex chars):
-    the backbone, its spec and preprocessing, the seed, the ``AugmentConfig`` and albumentations'
-    version. View ``v`` of a photo depends on nothing else (``view_seed``), whatever the view count."""
-    import albumentations
-
-    image = backbones.image
-    pre = image.preprocess.as_dict() if hasattr(image.preprocess, "as_dict") else repr(image.preprocess)
-    return _digest({"format": CACHE_FORMAT, "kind": "image-aug", "fp": backbones.image_fingerprint,
-                    "spec": backbones.image_spec, "preprocess": pre, "seed": int(seed), "augment": config.as_dict(),
-                    "albumentations": albumentations.__version__})
+    ``_settings``. View ``v`` of a photo depends on nothing else (``view_seed``), whatever the view count."""
+    return _digest(_settings(backbones, seed, config))
 
 
 def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Path, *,
