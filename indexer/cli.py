@@ -40,15 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which item embedding to index (default fused)")
     parser.add_argument("--limit", type=int, default=None, help="read at most N catalogue rows")
     parser.add_argument("--keep-versions", type=int, default=3, help="versions to keep under ROOT/versions (K)")
-    parser.add_argument("--nprobe", type=int, default=None, help="one nprobe for every query (default: per kind of "
-                        "query, the smallest at which its own sample reaches --target-recall; indexer/query_sample.py)")
-    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 against exact search that the "
-                        "item sample and each query kind's sample must reach when nprobe is chosen (default 0.95)")
-    parser.add_argument("--k-factor", type=int, help="refine re-scores top k*K candidates (default: measured)")
-    parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
-    parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none"),
-                        default="fp16_ram", help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 "
-                        "read from disk per candidate (pread), SQ8 in RAM, or none (indexer/refine.py; default fp16_ram)")
+    _add_search_arguments(parser)
     parser.add_argument("--executor", choices=("local", "ray"), default="local", help="local: this process "
                         "(default); ray: Ray Data encode + Ray tasks (pip install 'ecsearch[ray]')")
     parser.add_argument("--ray-address", default=None,
@@ -65,15 +57,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token cache root (e.g. var/cache, what `ecsearch train --cache-dir` wrote): reuse the "
                              "backbone tokens it holds for the same titles and unchanged photos (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
-    parser.add_argument("--recall-query-sample", type=int, default=128, help="queries of each kind through the query "
-                        "tower for choosing nprobe (indexer/query_sample.py; 0: item queries only)")
     parser.add_argument("--id-field", default=None, help="catalogue field holding the product id")
     parser.add_argument("--title-field", default=None, help="catalogue field holding the title")
     parser.add_argument("--image-field", default=None,
                         help='field holding the image path/URI, or a template such as "images/{id}.jpg"')
     parser.add_argument("--attribute-fields", default=None, help="comma-separated attribute (facet) fields")
     parser.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the search the version serves by default: nprobe, refine, their recall checks."""
+    parser.add_argument("--nprobe", type=int, default=None, help="one nprobe for every query (default: per kind of "
+                        "query, the smallest at which its own sample reaches --target-recall; indexer/query_sample.py)")
+    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 against exact search that the "
+                        "item sample and each query kind's sample must reach when nprobe is chosen (default 0.95)")
+    parser.add_argument("--photo-target-recall", type=float, default=0.99, help="the same for the kinds of query that "
+                        "carry a photo, when their own nprobe is chosen (default 0.99; indexer/nprobe_choice.py)")
+    parser.add_argument("--k-factor", type=int, help="refine re-scores top k*K candidates (default: measured)")
+    parser.add_argument("--no-refine", action="store_true", help="do not refine by default at search time")
+    parser.add_argument("--refine-storage", choices=("fp16_ram", "fp16_mmap", "fp16_pread", "sq8", "none"),
+                        default="fp16_ram", help="refine vectors: fp16 in RAM, fp16 memory-mapped from disk, fp16 "
+                        "read from disk per candidate (pread), SQ8 in RAM, or none (indexer/refine.py; default fp16_ram)")
+    parser.add_argument("--recall-queries", type=int, default=1000, help="item queries for the recall@10 check")
+    parser.add_argument("--recall-query-sample", type=int, default=128, help="queries of each kind through the query "
+                        "tower for choosing nprobe (indexer/query_sample.py; 0: item queries only)")
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -91,8 +98,9 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--base-version needs exactly one of --changes or --catalog"
     elif args.reuse_quantizer is not None:
         return "--reuse-quantizer is for full builds; an incremental build always reuses its base's"
-    if not 0 < args.target_recall <= 1:
-        return f"--target-recall must lie in (0, 1], got {args.target_recall}"
+    for flag, value in (("--target-recall", args.target_recall), ("--photo-target-recall", args.photo_target_recall)):
+        if not 0 < value <= 1:
+            return f"{flag} must lie in (0, 1], got {value}"
     if not 0 < args.drift_threshold:
         return f"--drift-threshold must be > 0, got {args.drift_threshold}"
     if args.executor == "ray":
@@ -146,7 +154,7 @@ def _job(args: argparse.Namespace):
         version=VersionOptions(n_shards=args.shards, factory=args.factory, nprobe=args.nprobe,
                                k_factor=args.k_factor, refine=not args.no_refine,
                                refine_storage=args.refine_storage, recall_queries=args.recall_queries,
-                               target_recall=args.target_recall),
+                               target_recall=args.target_recall, photo_target_recall=args.photo_target_recall),
         reuse_quantizer=args.reuse_quantizer, recall_query_sample=args.recall_query_sample))
 
 

@@ -25,6 +25,7 @@ from indexer.errors import BuildError
 from indexer.lexical import write_lexical
 from indexer.manifest import describe_file, write_manifest
 from indexer.metadata import SCHEMA as METADATA_SCHEMA, write_metadata
+from indexer.nprobe_choice import choose_nprobe, nprobe_by_request_kind, query_sets, query_tower_report
 from indexer.recall import exact_search, recall_at_k
 from indexer.refine import check_storage, manifest_entry, write_refine
 from indexer.refine_depth import K_FACTOR_MAX, choose_k_factor
@@ -35,7 +36,6 @@ VECTORS_FILE = "vectors.f16.npy"
 METADATA_FILE = "metadata.lmdb"
 REJECTS_FILE = "rejects.jsonl"
 FLAGS_FILE = "flags.jsonl"
-NPROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -56,6 +56,9 @@ class VersionOptions:
         (``indexer.refine``; "none" turns the refine default off).
     recall_queries: item vectors used as queries to measure recall@10 vs exact search.
     target_recall: recall@10 aimed at when choosing nprobe.
+    photo_target_recall: recall@10 that a kind of Search request carrying a photo ("image",
+        "text+image") aims at when its own nprobe is chosen (``indexer.nprobe_choice``); at least
+        ``target_recall``.
     self_queries: items searched with their own vector (self-retrieval at rank 1).
     seed: sampling seed (training sample, recall queries).
     """
@@ -68,6 +71,7 @@ class VersionOptions:
     refine_storage: str = "fp16_ram"
     recall_queries: int = 1000
     target_recall: float = 0.95
+    photo_target_recall: float = 0.99
     self_queries: int = 20_000
     seed: int = 0
 
@@ -277,9 +281,9 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
         rows = np.sort(rng.choice(n, size=min(options.recall_queries, n), replace=False))
         queries = index.vectors(rows)
         exact_s, exact_i = exact_search(index._vectors, queries, k)
-        sets = {"items": (queries, exact_i), **_query_sets(index, query_vectors, k)}
-        chosen, by_nprobe = _choose_nprobe(index, sets, options, k)
-        by_kind = {} if options.nprobe is not None else _nprobe_by_request_kind(by_nprobe, options, chosen)
+        sets = {"items": (queries, exact_i), **query_sets(index, query_vectors, k)}
+        chosen, by_nprobe = choose_nprobe(index, sets, options, k)
+        by_kind = {} if options.nprobe is not None else nprobe_by_request_kind(by_nprobe, options, chosen)
         k_factor, by_k_factor = (options.k_factor, {}) if options.k_factor is not None else choose_k_factor(
             index, sets, sorted({chosen, *by_kind.get("nprobe_by_query_kind", {}).values()}), k)
         _, refined = index.search_ids(queries, k, nprobe=chosen, refine=True, k_factor=k_factor)
@@ -301,87 +305,11 @@ def measure_quality(version_dir: Path, options: VersionOptions, k: int = 10,
             "recall_at_10": round(recall_at_k(refined, exact_i, k), 4),
             "recall_at_10_no_refine": round(recall_at_k(plain, exact_i, k), 4),
             "recall_at_10_by_nprobe_refined": {str(p): round(r["items"], 4) for p, r in by_nprobe.items()},
-            **_query_tower_report(sets, by_nprobe, chosen),
+            **query_tower_report(sets, by_nprobe, chosen),
             "self_items": int(self_rows.size),
             "self_at_rank_1": round(hits / self_rows.size, 4),
             "self_at_rank_1_or_tie": round(ties / self_rows.size, 4),
-            "target_recall": options.target_recall,
+            "target_recall": options.target_recall, "photo_target_recall": options.photo_target_recall,
         }
     finally:
         index.close()
-
-
-def _query_sets(index, query_vectors, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"query_tower:<kind>": (float32 (q, d) queries, exact top-k ids)}`` of ``query_vectors``
-    (``{kind: array}``, or one array: kind "all"); empty kinds are left out."""
-    if query_vectors is None:
-        return {}
-    groups = query_vectors if isinstance(query_vectors, dict) else {"all": query_vectors}
-    out = {}
-    for kind, vectors in groups.items():
-        if len(vectors):
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            out[f"query_tower:{kind}"] = (vectors, exact_search(index._vectors, vectors, k)[1])
-    return out
-
-
-def _nprobe_by_request_kind(by_nprobe: dict[int, dict[str, float]], options: VersionOptions,
-                            chosen: int) -> dict[str, dict[str, int]]:
-    """``{"nprobe_by_query_kind": {"text" | "image" | "text+image": nprobe}}``: per kind of Search
-    request, the smallest measured nprobe at which every sample kind it stands for
-    (``indexer.query_sample.REQUEST_KIND``) reaches ``options.target_recall`` (else ``chosen``,
-    the default, which serves every kind); ``{}`` without query-tower sets. The server probes that
-    many lists for a request of that kind that names no nprobe (our choice: a text query need not
-    pay for the lists a photo + modifier query needs)."""
-    from indexer.query_sample import REQUEST_KIND
-
-    kinds: dict[str, list[str]] = {}
-    for name in by_nprobe[chosen]:
-        if name.startswith("query_tower:") and name.split(":", 1)[1] in REQUEST_KIND:
-            kinds.setdefault(REQUEST_KIND[name.split(":", 1)[1]], []).append(name)
-    out = {}
-    for request_kind, names in kinds.items():
-        reached = [p for p in sorted(by_nprobe) if min(by_nprobe[p][n] for n in names) >= options.target_recall]
-        out[request_kind] = int(reached[0]) if reached else int(chosen)
-    return {"nprobe_by_query_kind": out} if out else {}
-
-
-def _query_tower_report(sets: dict, by_nprobe: dict[int, dict[str, float]], chosen: int) -> dict[str, Any]:
-    """Manifest fields of the query-tower sets: pooled recall@10 (weighted by queries) at the chosen
-    nprobe and per nprobe, and per kind at the chosen nprobe and per nprobe; ``{}`` without them."""
-    kinds = [name for name in sets if name.startswith("query_tower:")]
-    if not kinds:
-        return {}
-    sizes = {name: len(sets[name][0]) for name in kinds}
-    total = sum(sizes.values())
-
-    def pooled(recalls: dict[str, float]) -> float:
-        return round(sum(recalls[name] * sizes[name] for name in kinds) / total, 4)
-
-    return {"query_tower_queries": int(total), "recall_at_10_query_tower": pooled(by_nprobe[chosen]),
-            "recall_at_10_query_tower_by_nprobe": {str(p): pooled(r) for p, r in by_nprobe.items()},
-            "recall_at_10_query_tower_by_kind": {name.split(":", 1)[1]: round(by_nprobe[chosen][name], 4)
-                                                 for name in kinds},
-            "recall_at_10_query_tower_by_kind_by_nprobe": {
-                str(p): {name.split(":", 1)[1]: round(r[name], 4) for name in kinds} for p, r in by_nprobe.items()}}
-
-
-def _choose_nprobe(index, sets: dict[str, tuple[np.ndarray, np.ndarray]], options: VersionOptions,
-                   k: int) -> tuple[int, dict[int, dict[str, float]]]:
-    """``(nprobe, {nprobe: {set: refined recall@k}})``: ``options.nprobe``, else the smallest
-    candidate reaching ``options.target_recall`` on every set, else the best measured."""
-    if options.nprobe is not None:
-        candidates = [min(options.nprobe, index.nlist)]
-    else:
-        candidates = sorted({min(p, index.nlist) for p in NPROBE_CANDIDATES})
-    by_nprobe: dict[int, dict[str, float]] = {}
-    for nprobe in candidates:
-        by_nprobe[nprobe] = {}
-        for name, (queries, exact_i) in sets.items():
-            _, ann = index.search_ids(queries, k, nprobe=nprobe, refine=True, k_factor=options.probe_k_factor)
-            by_nprobe[nprobe][name] = recall_at_k(ann, exact_i, k)
-        if options.nprobe is None and min(by_nprobe[nprobe].values()) >= options.target_recall:
-            return nprobe, by_nprobe
-    if options.nprobe is not None:
-        return candidates[0], by_nprobe
-    return max(by_nprobe, key=lambda p: (min(by_nprobe[p].values()), -p)), by_nprobe  # target not reached

@@ -290,8 +290,38 @@ def test_each_query_kind_must_reach_the_target_on_its_own(tmp_path):
     # (the typed-text sample) need fewer lists than photo + modifier queries (text+image)
     per_request = per_kind["index"]["nprobe_by_query_kind"]
     text_nprobe = min(int(p) for p, r in tried.items() if r["typed text"] >= 0.95)
-    assert per_request == {"text": text_nprobe, "text+image": chosen} and text_nprobe < chosen
+    assert per_request["text"] == text_nprobe and text_nprobe < chosen
+    # a photo + modifier query is a text+image request: it aims at the photo target (0.99)
+    photo_reached = [int(p) for p, r in tried.items() if r["photo + modifier"] >= 0.99]
+    assert set(per_request) == {"text", "text+image"} and per_request["text+image"] >= chosen
+    if photo_reached:
+        assert per_request["text+image"] == min(photo_reached)
     assert "nprobe_by_query_kind" not in pooled["index"]  # a pooled sample stands for no kind
     fixed = write_version(tmp_path / "c", "c", vectors, _records(), replace(options, nprobe=4), log=lambda _m: None,
                           query_vectors={"typed text": near}).manifest
     assert fixed["index"]["nprobe_default"] == 4 and "nprobe_by_query_kind" not in fixed["index"]
+
+
+def test_requests_carrying_a_photo_aim_at_the_photo_target(tmp_path):
+    # The same query vectors stand for a typed-text and an augmented-photo sample: only the target
+    # differs (indexer/nprobe_choice.py), so the image request probes more lists than the text one,
+    # the sweep goes past the default nprobe for it, and both get what their own target needs.
+    vectors = _vectors(seed=3)
+    rng = np.random.default_rng(4)
+    off = vectors[:300] + 1.2 * rng.standard_normal((300, D)).astype(np.float32) / np.sqrt(D)
+    off /= np.linalg.norm(off, axis=1, keepdims=True)
+    kinds = {"typed text": off, "augmented photo": off.copy()}
+    options = VersionOptions(factory="IVF64,PQ8", recall_queries=300, target_recall=0.95)
+    strict = write_version(tmp_path / "a", "a", vectors, _records(), options, log=lambda _m: None,
+                           query_vectors=kinds).manifest
+    tried = strict["recall"]["recall_at_10_query_tower_by_kind_by_nprobe"]
+    per_request = strict["index"]["nprobe_by_query_kind"]
+    assert strict["recall"]["photo_target_recall"] == 0.99
+    text = min(int(p) for p, r in tried.items() if r["typed text"] >= 0.95)
+    image = min(int(p) for p, r in tried.items() if r["augmented photo"] >= 0.99)
+    assert per_request == {"text": text, "image": image} and image > text  # seeded
+    assert strict["index"]["nprobe_default"] == text < image and str(image) in tried
+    same = write_version(tmp_path / "b", "b", vectors, _records(), replace(options, photo_target_recall=0.95),
+                         log=lambda _m: None, query_vectors=kinds).manifest
+    assert same["index"]["nprobe_by_query_kind"] == {"text": text, "image": text}
+    assert max(map(int, same["recall"]["recall_at_10_query_tower_by_kind_by_nprobe"])) == text  # no sweep past it
