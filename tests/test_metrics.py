@@ -34,6 +34,23 @@ def test_ties_count_against_the_target():
     assert ranks.tolist() == [4]
 
 
+def test_tied_candidates_share_the_ranks_they_tie_for():
+    # q0: all four candidates tie (a constant model): the target is at rank 1..4 with equal chance.
+    # q1: candidate 0 scores above the target (2), candidate 1 ties with it: rank 2 or 3.
+    candidates = np.array([[2.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    queries = np.array([[0.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    ranks, tied = rank_of_targets(queries, candidates, np.array([2, 2]), chunk=1, with_ties=True)
+    assert ranks.tolist() == [4, 3] and tied.tolist() == [3, 1]
+    m = instance_metrics(ranks, tied, ks=(1, 2, 3))
+    assert m["recall@1"] == pytest.approx((1 / 4 + 0) / 2)
+    assert m["recall@2"] == pytest.approx((2 / 4 + 1 / 2) / 2)
+    assert m["recall@3"] == pytest.approx((3 / 4 + 1) / 2)
+    assert m["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 + (1 / 2 + 1 / 3) / 2) / 2)
+    # without ties the expectation is the plain metric
+    plain = instance_metrics(np.array([1, 3, 2]), np.zeros(3, dtype=np.int64), ks=(1, 2))
+    assert plain == instance_metrics(np.array([1, 3, 2]), ks=(1, 2))
+
+
 def test_ndcg_and_precision_hand_computed():
     rel = np.array([[True, False, True, False], [False, False, False, False]])
     # q0: DCG = 1/log2(2) + 1/log2(4) = 1.5 ; 3 relevant in pool -> IDCG@4 = 1 + 1/log2(3) + 1/2

@@ -216,7 +216,7 @@ def score(emb: Embeddings, pool: EvalPool, m_form: str) -> dict[str, dict[str, f
     out: dict[str, dict[str, float]] = {}
     for s in SCENARIOS:
         qf, cf = s[0], s[2]
-        res = instance_metrics(rank_of_targets(q[qf], c[cf], targets))
+        res = instance_metrics(*rank_of_targets(q[qf], c[cf], targets, with_ties=True))
         if len(pool.query_groups):
             res.update(attribute_metrics(attr_q[qf], c[cf], pool.query_groups, pool.groups,
                                          exclude=pool.query_reps, k=10))
@@ -296,7 +296,7 @@ def raw_backbone_rows(pool: EvalPool) -> dict[str, dict[str, dict[str, float]]]:
     for label, plan in plans.items():
         out[label] = {}
         for s, ((query, attr), cand) in plan.items():
-            res = instance_metrics(rank_of_targets(query, cand, targets))
+            res = instance_metrics(*rank_of_targets(query, cand, targets, with_ties=True))
             if len(pool.query_groups):
                 res.update(attribute_metrics(attr, cand, pool.query_groups, pool.groups, exclude=pool.query_reps, k=10))
             out[label][s] = res
@@ -325,7 +325,7 @@ def cross_block_rows(model, pool: EvalPool) -> dict[str, dict[str, dict[str, flo
     targets = np.arange(len(pool.products))
     out: dict[str, dict[str, float]] = {}
     for s, (query, attr, cand) in {"t2i": (c_t, a_t, c_v), "i2t": (c_v, c_v[pool.query_reps], c_t)}.items():
-        res = instance_metrics(rank_of_targets(query, cand, targets))
+        res = instance_metrics(*rank_of_targets(query, cand, targets, with_ties=True))
         if len(pool.query_groups):
             res.update(attribute_metrics(attr, cand, pool.query_groups, pool.groups, exclude=pool.query_reps, k=10))
         out[s] = res

@@ -12,35 +12,50 @@ import numpy as np
 
 
 def rank_of_targets(queries: np.ndarray, candidates: np.ndarray, targets: np.ndarray,
-                    chunk: int = 1024) -> np.ndarray:
+                    chunk: int = 1024, with_ties: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """1-based rank of each query's one relevant candidate under inner-product scoring.
 
     queries ``float32 (n, d)``, candidates ``float32 (m, d)``, targets ``int64 (n,)`` (index into
     candidates). Ties count against the target (rank = 1 + number of candidates scoring
     ``>=`` the target, itself excluded), so a constant model gets the worst rank, not the best.
-    Returns ``int64 (n,)`` in ``[1, m]``.
+    Returns ``int64 (n,)`` in ``[1, m]``; with ``with_ties``, ``(ranks, tied)``: ``tied`` ``int64 (n,)``
+    the candidates scoring exactly the target's score, itself excluded (``instance_metrics`` then
+    averages over the orders of the tied candidates).
     """
     n = queries.shape[0]
     ranks = np.empty(n, dtype=np.int64)
+    tied = np.empty(n, dtype=np.int64)
     for start in range(0, n, chunk):
         q = queries[start:start + chunk]
         t = targets[start:start + chunk]
         scores = q @ candidates.T  # [c, m]
         own = scores[np.arange(len(t)), t][:, None]
         ranks[start:start + chunk] = (scores >= own).sum(axis=1)  # includes the target itself
-    return ranks
+        tied[start:start + chunk] = (scores == own).sum(axis=1) - 1
+    return (ranks, tied) if with_ties else ranks
 
 
-def instance_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def instance_metrics(ranks: np.ndarray, tied: np.ndarray | None = None,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k (share of queries whose target ranks ``<= k``) and MRR (mean of ``1/rank``, untruncated).
 
-    ranks: ``int (n,)``, 1-based. Returns ``{"recall@1": .., ..., "mrr": ..}`` in ``[0, 1]``.
+    ranks: ``int (n,)``, 1-based, ties counted against the target (``rank_of_targets``). tied:
+    optional ``int (n,)``, candidates with exactly the target's score; given, each metric is its
+    expectation over the random orders of the tied candidates (the target equally likely at each
+    rank from ``ranks - tied`` to ``ranks``; McSherry & Najork, "Computing information retrieval
+    performance measures efficiently in the presence of tied scores", ECIR 2008): two products
+    with the same title and the same photo bytes score the same for every query, and neither
+    should count as found at rank 1 for sure nor as missed for sure. A constant model still gets
+    Recall@1 = 1 / m. Returns ``{"recall@1": .., ..., "mrr": ..}`` in ``[0, 1]``.
     """
-    ranks = np.asarray(ranks)
+    ranks = np.asarray(ranks, dtype=np.int64)
     if ranks.size == 0:
         raise ValueError("instance_metrics needs at least one query")
-    out = {f"recall@{k}": float((ranks <= k).mean()) for k in ks}
-    out["mrr"] = float((1.0 / ranks).mean())
+    tied = np.zeros_like(ranks) if tied is None else np.asarray(tied, dtype=np.int64)
+    first = ranks - tied  # best rank the target can take among its ties
+    out = {f"recall@{k}": float(np.clip((k - first + 1) / (tied + 1), 0.0, 1.0).mean()) for k in ks}
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(ranks.max()) + 1))])
+    out["mrr"] = float(((harmonic[ranks] - harmonic[first - 1]) / (tied + 1)).mean())
     return out
 
 

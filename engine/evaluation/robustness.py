@@ -249,10 +249,10 @@ def _photo_task(model, photo_q: Sequence, catalogue: EvalPool, cache_dir: str, c
     q_v = tower_views(model.query_tower, catalogue.texts, aug, np.full(int(ok.sum()), -1, dtype=np.int64),
                       rows[ok], batch_size, views=("V",))["V"]
     raw_q = mean_pooled(aug, rows[ok])
-    result = {"trained (photo V -> item F)": instance_metrics(rank_of_targets(q_v, item_f, targets)),
-              "raw backbone: image features (mean of tokens)": instance_metrics(rank_of_targets(raw_q, raw_v, targets))}
+    result = {"trained (photo V -> item F)": instance_metrics(*rank_of_targets(q_v, item_f, targets, with_ties=True)),
+              "raw backbone: image features (mean of tokens)": instance_metrics(*rank_of_targets(raw_q, raw_v, targets, with_ties=True))}
     if lin is not None:
-        result[LINEAR_LABEL] = instance_metrics(rank_of_targets(linear.embed_image(raw_q), lin["F"], targets))
+        result[LINEAR_LABEL] = instance_metrics(*rank_of_targets(linear.embed_image(raw_q), lin["F"], targets, with_ties=True))
     return {"queries": int(ok.sum()), "rows": result}
 
 
