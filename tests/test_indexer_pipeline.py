@@ -134,7 +134,7 @@ def test_cli_rebuild_keeps_k_and_switches_current(published, seeded, tiny_model_
     catalog, _ = seeded
     argv = ["index", "--catalog", str(catalog), "--model", str(tiny_model_dir), "--index-root", str(root),
             "--shards", "3", "--keep-versions", "1", "--workers", "0", "--device", "cpu", "--limit", "20",
-            "--target-recall", "0.9"]
+            "--photo-target-recall", "0.97", "--target-recall", "0.9"]
     assert ecsearch(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["previous"] == result.version and read_current(root) == summary["version"]
@@ -142,9 +142,12 @@ def test_cli_rebuild_keeps_k_and_switches_current(published, seeded, tiny_model_
     assert os.listdir(root / "tmp") == []
     recall = json.loads((Path(summary["path"]) / "manifest.json").read_text())["recall"]
     assert recall["target_recall"] == 0.9  # --target-recall reaches the nprobe choice
+    assert recall["photo_target_recall"] == 0.97  # and --photo-target-recall
     for bad in ("0", "1.5"):
         assert ecsearch(argv[:-1] + [bad]) == 2
         assert f"--target-recall must lie in (0, 1], got {float(bad)}" in capsys.readouterr().err
+        assert ecsearch(argv[:-3] + [bad] + argv[-2:]) == 2
+        assert f"--photo-target-recall must lie in (0, 1], got {float(bad)}" in capsys.readouterr().err
 
 
 def test_cli_bad_input_exit_status(tmp_path, tiny_model_dir, capsys):
