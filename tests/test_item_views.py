@@ -154,3 +154,34 @@ def test_view_caches_reuse_the_rows_another_cache_holds(view_models, fashion_dir
                                        fresh.tokens[fresh.row(key)].astype(np.float32), atol=1e-3)
     other_seed = cache_augmented_images(model.backbones, photos[:1], tmp_path / "a", views=1, seed=1, progress=False)
     assert other_seed.meta["reused"] == 0  # another seed makes other views
+
+
+def test_view_rows_outlive_a_new_mtime_but_not_new_bytes(view_models, fashion_dir, tmp_path):
+    # A copied or re-synced catalogue gets new mtimes: the views of the same bytes are still found
+    # (by the content digest the cache records), those of a changed photo are not.
+    import os
+
+    from engine.model.augment import AugmentConfig
+    from engine.tokens.augment_cache import cache_augmented_images, find_view_rows, reuse_key
+    from engine.tokens.cache import file_stat
+
+    model = load_model(view_models[1])
+    catalog = _mini_fashion(fashion_dir, tmp_path / "fashion", n=3)
+    photos = sorted(str(p) for p in (catalog / "images").iterdir())[:3]
+    cache_augmented_images(model.backbones, photos, tmp_path / "c", views=2, seed=0, progress=False)
+    shared = reuse_key(model.backbones, 0, AugmentConfig())
+
+    def found() -> set[int]:
+        return set(find_view_rows(tmp_path / "c", shared, photos, [file_stat(p) for p in photos], 2))
+
+    assert found() == set(range(6))
+    for p in photos:
+        st = os.stat(p)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert found() == set(range(6))  # same bytes, new mtime
+    with open(photos[1], "r+b") as fh:  # same size, other bytes
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert found() == {0, 1, 4, 5}  # photo 1's two views are gone

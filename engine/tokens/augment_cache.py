@@ -23,7 +23,7 @@ from engine.model.augment import DEFAULT_AUGMENT_VIEWS, AugmentConfig, augment_p
 from engine.model.errors import InputError
 from engine.model.images import load_image
 from engine.tokens.cache import (
-    CACHE_FORMAT, TokenTable, _digest, _finish, file_stat, _unique, open_table, start_image_cache,
+    CACHE_FORMAT, TokenTable, _digest, _finish, file_digest, file_stat, _unique, open_table, start_image_cache,
     write_image_tokens,
 )
 
@@ -95,7 +95,9 @@ def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Pa
     elapsed = time.perf_counter() - start
     meta = {"format": CACHE_FORMAT, "kind": "image-aug", "fingerprint": backbones.image_fingerprint,
             "keys": keys, "errors": errors, "views": int(views), "seed": int(seed), "augment": config.as_dict(),
-            "reuse_key": shared, "files": files, "reused": len(keys) - len(todo),
+            "reuse_key": shared, "files": files,
+            "digests": [file_digest(p) if f[1] is not None else None for p, f in zip(photos, files)],
+            "reused": len(keys) - len(todo),
             "build_seconds": elapsed, "items_per_s": len(keys) / elapsed if elapsed else None}
     return _finish(tmp, final, meta)
 
@@ -103,23 +105,46 @@ def cache_augmented_images(backbones, paths: Sequence[str], cache_root: str | Pa
 def find_view_rows(root: Path, shared: str, photos: list[str], files: list[list], views: int
                    ) -> dict[int, tuple[TokenTable, int]]:
     """Where finished augmented caches under ``root`` with the ``reuse_key`` ``shared`` hold view ``v``
-    of photo ``i`` (same path, size and mtime; a view that failed there is not found): ``{i * views + v:
-    (table, row)}``. Our choice: the index's item photo views reuse those the training job made."""
+    of photo ``i`` (the same file: same path and size, and the same mtime or, where the cache
+    recorded one, the same content digest, as for the clean tokens (``engine.tokens.lookup``), so a
+    copied or re-synced catalogue keeps its views; a view that failed there is not found):
+    ``{i * views + v: (table, row)}``. Our choice: the index's item photo views reuse those the
+    training job made."""
     wanted = {augmented_key(p, v): (i * views + v, f) for i, (p, f) in enumerate(zip(photos, files))
               for v in range(views)}
     found: dict[int, tuple[TokenTable, int]] = {}
+    digests_now: dict[str, str | None] = {}
     for meta_file in sorted(root.glob("image-aug-*/meta.json")) if root.is_dir() else []:
         meta = json.loads(meta_file.read_text())
         if meta.get("reuse_key") != shared:
             continue
         table = open_table(meta_file.parent)
-        stats = dict(zip(_unique([k.rsplit("#aug", 1)[0] for k in table.keys]), meta.get("files") or []))
+        names = _unique([k.rsplit("#aug", 1)[0] for k in table.keys])
+        stats = dict(zip(names, meta.get("files") or []))
+        digests = dict(zip(names, meta.get("digests") or []))
         for row, key in enumerate(table.keys):
             hit = wanted.get(key)
-            if hit is not None and hit[0] not in found and table.lengths[row] > 0 \
-                    and stats.get(key.rsplit("#aug", 1)[0]) == hit[1]:
+            if hit is None or hit[0] in found or table.lengths[row] <= 0:
+                continue
+            path = key.rsplit("#aug", 1)[0]
+            if _same_file(stats.get(path), digests.get(path), hit[1], digests_now):
                 found[hit[0]] = (table, row)
     return found
+
+
+def _same_file(cached: list | None, cached_digest: str | None, now: list, digests_now: dict[str, str | None]) -> bool:
+    """Whether a photo whose stat was ``cached`` (with content digest ``cached_digest``, or None) is
+    unchanged now (stat ``now``): the same stat, or the same size and bytes. ``digests_now`` caches
+    the digests read."""
+    if cached is None or now[1] is None:
+        return False
+    if cached == now:
+        return True
+    if cached_digest is None or cached[1] != now[1]:
+        return False
+    if now[0] not in digests_now:
+        digests_now[now[0]] = file_digest(now[0])
+    return digests_now[now[0]] == cached_digest
 
 
 def _reuse_view_rows(root: Path, shared: str, photos: list[str], files: list[list], views: int, tmp: Path,
