@@ -162,6 +162,18 @@ def test_a_folder_without_per_image_stats_is_used_all_or_nothing(setup):
     assert _encode(model, products, tmp / "reused", cache).sources["images_from_cache"] == 0
 
 
+def test_augmented_view_folders_are_left_to_the_views_step_and_named_so(setup):
+    # the training job's augmented caches live beside the clean ones; the clean lookup says why it
+    # leaves them (the item photo views read them), not that they are not cache folders
+    from engine.tokens.augment_cache import cache_augmented_images
+
+    model, products, cache, tmp = setup
+    aug = cache_augmented_images(model.backbones, [products[0].image], cache, views=1, seed=0, progress=False)
+    lookup = TokenLookup(model.backbones, cache)
+    assert aug.folder.name not in lookup.used
+    assert "augmented photo views" in lookup.skipped[aug.folder.name]
+
+
 def test_cli_records_the_sources_in_the_manifest(setup, tiny_model_dir, capsys):
     model, products, cache, tmp = setup
     root = tmp / "root"

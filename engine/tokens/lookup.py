@@ -72,6 +72,8 @@ class TokenLookup:
         except (OSError, ValueError) as exc:
             return f"unreadable meta.json ({exc})"
         kind, name_key = folder.name.split("-", 1)
+        if meta.get("format") == CACHE_FORMAT and meta.get("kind") == "image-aug":
+            return "augmented photo views, not catalogue tokens (read by the item photo views step)"
         if meta.get("format") != CACHE_FORMAT or meta.get("kind") != kind or kind not in ("text", "image"):
             return f"not a {CACHE_FORMAT} text or image folder"
         if meta.get("fingerprint") != getattr(backbones, f"{kind}_fingerprint"):
