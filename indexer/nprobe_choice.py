@@ -44,12 +44,11 @@ def nprobe_by_request_kind(by_nprobe: dict[int, dict[str, float]], options: Vers
     query-tower sets. The server probes that
     many lists for a request of that kind that names no nprobe (our choice: a text query need not
     pay for the lists a photo + modifier query needs)."""
-    from indexer.query_sample import REQUEST_KIND
-
     kinds: dict[str, list[str]] = {}
     for name in by_nprobe[chosen]:
-        if name.startswith("query_tower:") and name.split(":", 1)[1] in REQUEST_KIND:
-            kinds.setdefault(REQUEST_KIND[name.split(":", 1)[1]], []).append(name)
+        request_kind = request_kind_of(name)
+        if request_kind is not None:
+            kinds.setdefault(request_kind, []).append(name)
     out = {}
     for request_kind, names in kinds.items():
         target = request_target_recall(request_kind, options)
@@ -96,13 +95,18 @@ def query_tower_report(sets: dict, by_nprobe: dict[int, dict[str, float]], chose
                 str(p): {name.split(":", 1)[1]: round(r[name], 4) for name in kinds} for p, r in by_nprobe.items()}}
 
 
+def request_kind_of(name: str) -> str | None:
+    """The kind of Search request (``indexer.query_sample.REQUEST_KIND``) a recall sample
+    ``"query_tower:<kind>"`` stands for; None for the item sample and kinds without one."""
+    from indexer.query_sample import REQUEST_KIND
+
+    return REQUEST_KIND.get(name.split(":", 1)[1]) if name.startswith("query_tower:") else None
+
+
 def set_target_recall(name: str, options: VersionOptions) -> float:
     """The recall target of one recall sample: ``"items"`` and kinds a text request stands for take
     ``options.target_recall``; kinds of a request carrying a photo, ``request_target_recall``."""
-    from indexer.query_sample import REQUEST_KIND
-
-    kind = name.split(":", 1)[1] if name.startswith("query_tower:") else None
-    return request_target_recall(REQUEST_KIND.get(kind, "text"), options)
+    return request_target_recall(request_kind_of(name) or "text", options)
 
 
 # the sweep goes past the default nprobe for a set under its own target only while doubling the
