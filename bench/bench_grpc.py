@@ -244,7 +244,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     print("stage columns: server-side means in ms; batch: mean queries per query tower call")
-    _report_cpu(results)
+    report_cpu(results)
     _report_targets(results)
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": describe_machine(), "results": results}, indent=2))
@@ -254,7 +254,7 @@ def main() -> None:
                                  note=f"{describe_index(args.index_root)}; {describe_machine()}")
 
 
-def _report_cpu(results: list[dict]) -> None:
+def report_cpu(results: list[dict]) -> None:
     """CPU ms per request (client, server and its thread groups) and the ceiling it sets: with
     ``cores`` cores and nothing else running, QPS <= cores * 1000 / (client + server CPU ms),
     so the mean latency at concurrency C is at least C / that QPS (Little's law)."""

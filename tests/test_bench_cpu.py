@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from bench.bench_grpc import _report_cpu, cpu_seconds
+from bench.bench_grpc import report_cpu, cpu_seconds
 
 BUSY = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)\n"
 
@@ -37,7 +37,7 @@ def test_no_server_figures_without_a_local_process():
 
 def test_the_cpu_line_gives_the_little_law_floor(capsys):
     cores = os.cpu_count() or 1
-    _report_cpu([{"kind": "text", "concurrency": 8,
+    report_cpu([{"kind": "text", "concurrency": 8,
                   "cpu_ms_per_request": {"client": 0.5, "server": 3.5, "server:python": 3.0, "server:grpc": 0.5}},
                  {"kind": "image", "concurrency": 1, "cpu_ms_per_request": {"client": 0.4}}])
     out = capsys.readouterr().out.strip().splitlines()
