@@ -5,7 +5,7 @@ Usage:
 
 Starts, as a separate process, a bare ``grpc.aio`` server with ecsearch's ``SearchService`` stub
 whose ``Search`` answers every request with one prebuilt ``SearchResponse``: ``--hits`` hits
-carrying the metadata of real catalogue products (the fields the fashion index stores), so the
+carrying the metadata maps a served hit carries for real catalogue products, so the
 response is as large as a served one. It then loads that server with ``bench/bench_grpc.py``'s
 client (``run_level``: the same real text requests, the same ``grpc.aio`` channel, C requests
 outstanding) and prints the machine, p50 / p95 / p99 latency, QPS and the CPU per request of the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import os
 import select
 import socket
@@ -32,25 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_grpc import DEFAULT_DATA, make_queries, report_cpu, run_level  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 
-METADATA_FIELDS = ("productDisplayName", "gender", "masterCategory", "subCategory", "articleType",
-                   "baseColour", "season", "year", "usage")
-
 
 def prebuilt_response(data: Path, hits: int):
-    """A ``SearchResponse`` of ``hits`` hits (the first catalogue rows, ``METADATA_FIELDS``) with
-    every stage timing set, as a served response carries them. Raises ValueError when the
-    catalogue has fewer rows than ``hits``."""
+    """A ``SearchResponse`` of ``hits`` hits: the first catalogue products, each with the metadata
+    map a served hit carries (the indexer's ``product_record``, flattened by the server's
+    ``flatten_record``), and every stage timing set. Raises ValueError when the catalogue has
+    fewer products than ``hits``."""
+    from engine.catalog import read_catalog
+    from indexer.pipeline import product_record
+    from server.filters import flatten_record
     from server.gen.ecsearch.v1 import search_pb2
 
-    with open(data / "styles.csv", newline="", encoding="utf-8") as fh:
-        rows = [row for _, row in zip(range(hits), csv.DictReader(fh))]
-    if len(rows) < hits:
-        raise ValueError(f"{data / 'styles.csv'} has {len(rows)} rows, fewer than --hits {hits}")
+    products = read_catalog(data, limit=hits).products
+    if len(products) < hits:
+        raise ValueError(f"{data} has {len(products)} products, fewer than --hits {hits}")
     response = search_pb2.SearchResponse(index_version="floor", encode_batch_size=1,
                                          retrieval=search_pb2.RETRIEVAL_DENSE)
-    for rank, row in enumerate(rows, start=1):
-        hit = response.hits.add(product_id=row["id"], score=1.0 / rank, rank=rank)
-        hit.metadata.update({f: row[f] for f in METADATA_FIELDS if row.get(f)})
+    for rank, product in enumerate(products, start=1):
+        hit = response.hits.add(product_id=product.product_id, score=1.0 / rank, rank=rank)
+        hit.metadata.update(flatten_record(product_record(product, [], {})))
     response.timings.CopyFrom(search_pb2.StageTimings(encode_ms=1.0, search_ms=1.0, metadata_ms=0.1, total_ms=2.1))
     return response
 
