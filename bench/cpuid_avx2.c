@@ -16,6 +16,11 @@
  * A program that installs its own SIGSEGV handler (Python's faulthandler, pytest, torch's
  * DataLoader workers) does not replace ours: sigaction() and signal() are interposed for SIGSEGV,
  * the program's handler is kept aside and called for every fault that is not a CPUID.
+ *
+ * ECSEARCH_CPUID_MAX_ISA=avx512_bf16 (default avx2) masks less: only AMX, AVX512-FP16, AVX-IFMA,
+ * AVX-VNNI-INT8 and AVX-NE-CONVERT, so an AMX CPU looks like an AVX-512-BF16 one without AMX
+ * (an AMD EPYC Zen 4, a Cooper Lake Xeon). Pair it with ECSEARCH_CPU_ISA=avx512_bf16
+ * ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16. Any other value exits 3.
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -31,7 +36,27 @@
 
 static long set_cpuid(unsigned long enabled) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, enabled); }
 
+static int amx_only; /* ECSEARCH_CPUID_MAX_ISA=avx512_bf16: hide AMX and later, keep AVX-512 + bf16 */
+
+static void mask_amx(unsigned leaf, unsigned sub, unsigned *a, unsigned *b, unsigned *c, unsigned *d) {
+    (void)b; (void)c;
+    if (leaf == 7 && sub == 0) {
+        /* EDX: amx-bf16, avx512-fp16, amx-tile, amx-int8 */
+        *d &= ~((1u << 22) | (1u << 23) | (1u << 24) | (1u << 25));
+    } else if (leaf == 7 && sub == 1) {
+        /* EAX: amx-fp16, avx-ifma; EDX: avx-vnni-int8, avx-ne-convert */
+        *a &= ~((1u << 21) | (1u << 23));
+        *d &= ~((1u << 4) | (1u << 5));
+    } else if (leaf == 0x1d || leaf == 0x1e) {
+        *a = *b = *c = *d = 0; /* AMX tile / TMUL information */
+    }
+}
+
 static void mask(unsigned leaf, unsigned sub, unsigned *a, unsigned *b, unsigned *c, unsigned *d) {
+    if (amx_only) {
+        mask_amx(leaf, sub, a, b, c, d);
+        return;
+    }
     if (leaf == 7 && sub == 0) {
         /* EBX: avx512 f dq ifma pf er cd bw vl */
         *b &= ~((1u << 16) | (1u << 17) | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28) | (1u << 30) | (1u << 31));
@@ -109,6 +134,14 @@ __attribute__((constructor)) static void cpuid_avx2_init(void) {
     sigemptyset(&action.sa_mask);
     memset(&chained, 0, sizeof chained);
     chained.sa_handler = SIG_DFL;
+    const char *level = getenv("ECSEARCH_CPUID_MAX_ISA");
+    if (level && *level && strcmp(level, "avx2") != 0) {
+        if (strcmp(level, "avx512_bf16") != 0) {
+            fprintf(stderr, "cpuid_avx2: ECSEARCH_CPUID_MAX_ISA=%s: expected avx2 or avx512_bf16\n", level);
+            exit(3);
+        }
+        amx_only = 1;
+    }
     if (next_sigaction()(SIGSEGV, &action, NULL) != 0 || set_cpuid(0) != 0) {
         perror("cpuid_avx2: cannot enable CPUID faulting");
         exit(3);

@@ -21,6 +21,8 @@ import torch
 #: BW/VL/DQ subsets oneDNN needs); "amx": Intel AMX tiles (bf16/int8 matrix units).
 ISA_LEVELS = ("default", "avx2", "avx512", "avx512_bf16", "amx")
 ISA_ENV = "ECSEARCH_CPU_ISA"
+# Read by bench/cpuid_avx2.c when preloaded (how far it masks CPUID); named in describe_cpu().
+CPUID_MASK_ENV = "ECSEARCH_CPUID_MAX_ISA"
 
 
 class CpuFeatureError(ValueError):
@@ -115,8 +117,8 @@ def describe_cpu() -> str:
                     break
     except OSError:
         pass
-    caps = [f"{name}={os.environ[name]}" for name in (ISA_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-            if os.environ.get(name)]
+    caps = [f"{name}={os.environ[name]}" for name in (ISA_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                       CPUID_MASK_ENV) if os.environ.get(name)]
     extra = f" (emulated on {hardware_isa()} hardware: {' '.join(caps)})" if caps else ""
     return (f"isa={cpu_isa()}{extra} detected={detected_isa()} "
             f"torch_capability={torch.backends.cpu.get_cpu_capability()} cpu={model!r} cores={os.cpu_count()}")
