@@ -7,25 +7,16 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.recall import exact_search, recall_at_k
+from indexer.recall import recall_at_k
 from indexer.search import open_index
 from indexer.version import VersionOptions, write_version
-
-N, D = 3000, 32
-
-
-def _vectors(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((40, D))
-    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, D))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from tests.test_indexer_refine import D, N, _vectors, recall_per_version, red_every_50
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     vectors = _vectors(N, 0)
-    records = [{"product_id": f"sku-{i}", "attributes": {"colour": "Red" if i % 50 == 0 else "Blue"}}
-               for i in range(N)]
+    records = red_every_50(N)
     folders = {}
     for name, factory in (("fastscan", "IVF,PQ16x4fs"), ("pq8", "IVF,PQ8")):
         folder = tmp_path_factory.mktemp(name)
@@ -47,14 +38,9 @@ def test_the_manifest_records_a_fast_scan_index_and_its_measured_recall(built):
 
 def test_refined_fast_scan_search_is_as_good_as_the_8_bit_pq(built):
     folders, vectors, queries = built
-    _, truth = exact_search(vectors.astype(np.float16), queries, 10)
-    recall = {}
-    for name, folder in folders.items():
-        with open_index(folder) as index:
-            recall[name] = recall_at_k(index.search_ids(queries, 10)[1], truth, 10)
-            # every list probed and a deep re-ranking: the fp16 refine makes it exact
-            wide = recall_at_k(index.search_ids(queries, 10, nprobe=index.nlist, k_factor=50)[1], truth, 10)
-            assert wide == 1.0, (name, wide)
+    recall = recall_per_version(folders, vectors, queries)
+    # every list probed and a deep re-ranking: the fp16 refine makes it exact
+    assert recall_per_version(folders, vectors, queries, nprobe=None, k_factor=50) == {"fastscan": 1.0, "pq8": 1.0}
     # at the nprobe and k_factor each build chose for itself
     assert recall["fastscan"] >= recall["pq8"] - 0.03, recall
 

@@ -21,12 +21,16 @@ def _vectors(n: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def red_every_50(n: int) -> list[dict]:
+    """Product records ``sku-i``; every 50th is colour Red, the rest Blue."""
+    return [{"product_id": f"sku-{i}", "attributes": {"colour": "Red" if i % 50 == 0 else "Blue"}} for i in range(n)]
+
+
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
     """One version per refine storage over the same vectors, with the queries."""
     vectors = _vectors(N, 0)
-    records = [{"product_id": f"sku-{i}", "attributes": {"colour": "Red" if i % 50 == 0 else "Blue"}}
-               for i in range(N)]
+    records = red_every_50(N)
     out = {}
     for storage in REFINE_STORAGES:
         folder = tmp_path_factory.mktemp(f"refine-{storage}")
@@ -63,14 +67,22 @@ def test_mmap_refine_gives_the_ram_results_and_none_gives_the_pq_results(version
         np.testing.assert_array_equal(i_pq, i_none)
 
 
-def test_recall_order_of_the_storages(versions):
-    folders, vectors, queries = versions
+def recall_per_version(folders: dict, vectors: np.ndarray, queries: np.ndarray, **search) -> dict[str, float]:
+    """recall@10 against exact search over the fp16 vectors, per version folder (``search``:
+    ``search_ids`` keywords; ``nprobe=None`` probes every list). Checks each manifest's recall too."""
     _, truth = exact_search(vectors.astype(np.float16), queries, 10)
     recall = {}
-    for storage, folder in folders.items():
+    for name, folder in folders.items():
         with open_index(folder) as index:
-            recall[storage] = recall_at_k(index.search_ids(queries, 10)[1], truth, 10)
+            options = {**search, "nprobe": index.nlist} if search.get("nprobe", 0) is None else search
+            recall[name] = recall_at_k(index.search_ids(queries, 10, **options)[1], truth, 10)
             assert index.manifest["recall"]["recall_at_10"] > 0
+    return recall
+
+
+def test_recall_order_of_the_storages(versions):
+    folders, vectors, queries = versions
+    recall = recall_per_version(folders, vectors, queries)
     assert recall["fp16_ram"] == recall["fp16_mmap"] == recall["fp16_pread"] >= recall["sq8"] - 0.02
     assert recall["sq8"] > recall["none"] + 0.05, recall
 
