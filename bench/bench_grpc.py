@@ -177,11 +177,18 @@ def start_server(index_root: Path, model: str | None, extra: list[str]) -> tuple
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 600
-        while stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status != health_pb2.HealthCheckResponse.SERVING:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server never became SERVING: {proc.stderr.read()}")
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc, target
+            except grpc.RpcError:
+                pass  # not answering yet, or gone: the exit status tells which
+            if proc.poll() is not None:  # e.g. it refused the model or the index version after binding
+                raise SystemExit(f"server exited (status {proc.returncode}) before SERVING: {proc.stderr.read().strip()}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("server never became SERVING within 600 s")
             time.sleep(0.2)
-    return proc, target
 
 
 def describe_index(index_root: Path) -> str:
