@@ -54,15 +54,24 @@ def detected_isa() -> str:
 
 
 @lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel lists them (``/proc/cpuinfo``, first ``flags`` line,
+    e.g. ``"avx2"``, ``"amx_tile"``, ``"cpuid_fault"``); empty where there is no such file (not Linux).
+    Read from the kernel, so a preloaded CPUID mask (``bench/cpuid_avx2.c``) does not change it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                        frozenset())
+    except OSError:
+        return frozenset()
+
+
+@lru_cache(maxsize=None)
 def hardware_isa() -> str:
     """The ISA level of the CPU itself, from ``/proc/cpuinfo`` flags (Linux), whatever torch or
     the override run; ``"unknown"`` elsewhere. For benchmark lines: an emulated AVX2 run on an
     AMX machine says so."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return "unknown"
+    flags = cpu_flags()
     for level, flag in (("amx", "amx_tile"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
         if flag in flags:
             return level

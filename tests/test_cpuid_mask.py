@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cpu_features import CPUID_MASK_ENV
+from engine.cpu_features import CPUID_MASK_ENV, cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_C = r"""
@@ -31,15 +31,7 @@ int main(void) {
 """
 
 
-def _flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-FLAGS = _flags()
+FLAGS = cpu_flags()
 CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif("cpuid_fault" not in FLAGS or CC is None,
                                 reason="needs Linux CPUID faulting (the cpuid_fault flag) and a C compiler")
