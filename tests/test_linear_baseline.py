@@ -66,6 +66,9 @@ def test_eval_cli_reports_the_linear_rows_and_robustness(trained, tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert set(report["rows"][LINEAR_ROW]) == set(SCENARIOS)
+    linear = report["comparisons"]["trained (fused) against the linear two-tower"]
+    assert set(linear) == {"t2i", "t2m", "i2t", "i2m", "m2t", "m2i"}
+    assert linear["t2i"]["recall@1"]["mean_b"] == pytest.approx(report["rows"][LINEAR_ROW]["t2i"]["recall@1"])
     robust = report["robustness"]
     for task in ("augmented_photo", "brand_type", "attribute_phrase", "composed"):
         if task in robust:

@@ -75,6 +75,13 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     assert composed[CEILING_LABEL]["precision@10"] == pytest.approx(
         np.mean(np.minimum(qs.relevant.sum(axis=1)[qs.keys], 10) / 10))
     assert all(r["precision@10"] <= composed[CEILING_LABEL]["precision@10"] + 1e-9 for r in composed.values())
+    paired = result["composed"]["fused_vs_average"]  # the m-query task pairs its fused row with the average
+    assert set(paired) == {"precision@10", "ndcg@10"}
+    for m, c in paired.items():
+        assert c["queries"] == len(qs.texts) and c["wins"] + c["losses"] <= c["queries"]
+        assert c["mean_a"] == pytest.approx(composed["trained (fused)"][m])
+        assert c["mean_b"] == pytest.approx(composed["trained, average of T and V"][m])
+        assert c["ci_low"] <= c["diff"] <= c["ci_high"]
     for task in MIN10_TASKS:  # each subset: the rows of its task, a ceiling of 1 (P@10 can reach 1 on every query)
         sub = shopper_query_sets(pool.products[:30], pool)[f"{task}_min10"]
         if sub.texts:
@@ -93,6 +100,7 @@ def test_robustness_rows_and_cli(catalogue, fashion_dir, tiny_model_dir, tmp_pat
     assert "raw MiniLM: mean-pooled titles, exact" in report["brand_type"]["rows"]
     assert {LEXICAL_LABEL, HYBRID_LABEL} <= set(report["brand_type"]["rows"]) & set(report["attribute_phrase"]["rows"])
     assert "**augmented_photo**" in md.read_text() and "**augmented_photo_mild**" in md.read_text()
+    assert "fused - average of views, precision@10:" in md.read_text()
 
 
 def test_dense_lexical_and_hybrid_rows(catalogue):

@@ -54,12 +54,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def paired_comparisons(per_query: dict, seed: int = 0) -> dict:
+    """The paired comparisons ``ecsearch eval`` reports (``engine.evaluation.significance``): the fused
+    row against the average of its own views on every m scenario, and against the linear two-tower
+    on every cross-modal scenario, each on recall@1 and nDCG@10; a comparison whose second row was
+    not scored (``--no-ablation``, no linear baseline in the folder) is left out.
+    Returns ``{title: {scenario: {metric: PairedComparison as a dict}}}``."""
+    from engine.evaluation.significance import (AVERAGE, CROSS_MODAL_SCENARIOS, FUSED, M_SCENARIOS,
+                                                compare_rows)
+    from engine.training.linear_baseline import LINEAR_ROW
+
+    plans = {"trained (fused) against the average of its own views": (AVERAGE, M_SCENARIOS),
+             "trained (fused) against the linear two-tower": (LINEAR_ROW, CROSS_MODAL_SCENARIOS)}
+    return {title: compare_rows(per_query, FUSED, other, scenarios, seed=seed)
+            for title, (other, scenarios) in plans.items() if FUSED in per_query and other in per_query}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; prints the markdown tables. Returns 0, or 2 on unusable input."""
     import torch
 
-    from engine.evaluation.evaluate import (build_pool, cross_block_rows, evaluate_models, linear_rows,
-                                            markdown_tables, own_photo_ranks, raw_backbone_rows)
+    from engine.evaluation.evaluate import (build_pool, cross_block_rows, evaluate_models, linear_per_query,
+                                            markdown_tables, means, own_photo_ranks, raw_backbone_rows)
+    from engine.training.linear_baseline import LINEAR_ROW
     from engine.training.linear_baseline import load_linear_baseline
     from engine.model.model_folder import load_model
     from engine.training.job import TrainingDataError, load_products
@@ -88,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
                      "trained, m = average of T and V": ("trained", "average")})
     result = evaluate_models({"trained": model}, pool, rows)
     if linear is not None:
-        result["rows"].update(linear_rows(linear, pool))
+        result["per_query"][LINEAR_ROW] = linear_per_query(linear, pool)
+        result["rows"][LINEAR_ROW] = means(result["per_query"][LINEAR_ROW])
+    comparisons = paired_comparisons(result["per_query"], seed=args.seed)
     result["rows"].update(cross_block_rows(model, pool))
     if not args.no_reference:
         result["rows"].update(raw_backbone_rows(pool))
@@ -119,12 +138,15 @@ def run(args: argparse.Namespace) -> int:
             return 2
     seconds = time.perf_counter() - start
     tables = markdown_tables(result["rows"])
+    if comparisons:
+        from engine.evaluation.significance import comparisons_markdown
+        tables += "\n" + comparisons_markdown(comparisons)
     if robust is not None:
         tables += "\n" + robustness_markdown(robust)
     report = {
         "model": str(args.model), "fingerprint": model.fingerprint, "catalog": str(args.catalog),
         "split": args.split, "pool_size": len(pool.products), "attribute_queries": len(pool.query_phrases),
-        "excluded": pool.excluded, "rows": result["rows"], "own_photo": own_photo, "robustness": robust,
+        "excluded": pool.excluded, "rows": result["rows"], "comparisons": comparisons, "own_photo": own_photo, "robustness": robust,
         "seconds": {"total": seconds, "cache": pool.cache_seconds, **result["seconds"]},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from engine.catalog import Product
-from engine.evaluation.ranking_metrics import attribute_metrics, instance_metrics, rank_of_targets
+from engine.evaluation.ranking_metrics import (attribute_metrics, attribute_per_query, instance_metrics,
+                                              instance_per_query, rank_of_targets)
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
 from engine.training.linear_baseline import LINEAR_ROW, linear_embeddings
@@ -204,8 +205,16 @@ def forms(emb: Embeddings, m_form: str) -> tuple[dict[str, np.ndarray], dict[str
     return q, c, {"t": emb.attr_query["T"], "m_fused": emb.attr_query["F"]}
 
 
-def score(emb: Embeddings, pool: EvalPool, m_form: str) -> dict[str, dict[str, float]]:
-    """All nine scenarios for one embedding set: ``{scenario: {metric: value}}``."""
+PerQuery = dict[str, dict[str, np.ndarray]]  # {scenario: {metric: float64 (n,)}}
+
+
+def score_per_query(emb: Embeddings, pool: EvalPool, m_form: str) -> PerQuery:
+    """All nine scenarios for one embedding set, per query: ``{scenario: {metric: float64 (n,)}}``.
+
+    Instance metrics have one value per pool product, attribute metrics one per attribute query
+    (``engine.evaluation.ranking_metrics.instance_per_query`` / ``attribute_per_query``); ``score``
+    is their mean, ``engine.evaluation.significance`` pairs them between two rows.
+    """
     q, c, a = forms(emb, m_form)
     n = len(pool.products)
     targets = np.arange(n)
@@ -213,15 +222,25 @@ def score(emb: Embeddings, pool: EvalPool, m_form: str) -> dict[str, dict[str, f
     attr_q = {"t": a["t"], "i": rep_v,
               "m": a["m_fused"] if m_form == "fused" else
               {"text": a["t"], "image": rep_v, "average": _unit(a["t"] + rep_v)}[m_form]}
-    out: dict[str, dict[str, float]] = {}
+    out: PerQuery = {}
     for s in SCENARIOS:
         qf, cf = s[0], s[2]
-        res = instance_metrics(*rank_of_targets(q[qf], c[cf], targets, with_ties=True))
+        res = instance_per_query(*rank_of_targets(q[qf], c[cf], targets, with_ties=True))
         if len(pool.query_groups):
-            res.update(attribute_metrics(attr_q[qf], c[cf], pool.query_groups, pool.groups,
-                                         exclude=pool.query_reps, k=10))
+            res.update(attribute_per_query(attr_q[qf], c[cf], pool.query_groups, pool.groups,
+                                           exclude=pool.query_reps, k=10))
         out[s] = res
     return out
+
+
+def means(per_query: PerQuery) -> dict[str, dict[str, float]]:
+    """``{scenario: {metric: mean over its queries}}`` of a ``score_per_query`` result."""
+    return {s: {name: float(values.mean()) for name, values in metrics.items()} for s, metrics in per_query.items()}
+
+
+def score(emb: Embeddings, pool: EvalPool, m_form: str) -> dict[str, dict[str, float]]:
+    """All nine scenarios for one embedding set: ``{scenario: {metric: value}}``."""
+    return means(score_per_query(emb, pool, m_form))
 
 
 def evaluate_models(models: dict[str, object], pool: EvalPool,
@@ -230,7 +249,8 @@ def evaluate_models(models: dict[str, object], pool: EvalPool,
 
     models: ``{name: TwoTowerModel}``. m_forms: ``{row label: (model name, m form)}``; by
     default every model with the fused form. Returns ``{"rows": {label: {scenario: {metric:
-    value}}}, "seconds": {...}}``.
+    value}}}, "per_query": {label: {scenario: {metric: float64 (n,)}}}, "seconds": {...}}``
+    (``per_query``: the values behind each mean, for ``engine.evaluation.significance``; not JSON).
     """
     m_forms = m_forms or {name: (name, "fused") for name in models}
     seconds: dict[str, float] = {}
@@ -239,12 +259,13 @@ def evaluate_models(models: dict[str, object], pool: EvalPool,
         t = time.perf_counter()
         embs[name] = embed_pool(model, pool)
         seconds[f"embed:{name}"] = time.perf_counter() - t
-    rows = {}
+    per_query: dict[str, PerQuery] = {}
     t = time.perf_counter()
     for label, (name, m_form) in m_forms.items():
-        rows[label] = score(embs[name], pool, m_form)
+        per_query[label] = score_per_query(embs[name], pool, m_form)
     seconds["scoring"] = time.perf_counter() - t
-    return {"rows": rows, "seconds": seconds}
+    return {"rows": {label: means(values) for label, values in per_query.items()}, "per_query": per_query,
+            "seconds": seconds}
 
 
 def own_photo_ranks(model, pool: EvalPool, batch_size: int = 256) -> np.ndarray:
@@ -349,13 +370,17 @@ def markdown_tables(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(parts)
 
 
-def linear_rows(model, pool: "EvalPool") -> dict[str, dict[str, dict[str, float]]]:
-    """The nine scenarios of ``pool`` (``engine.evaluation.evaluate.EvalPool``) for the linear baseline
-    (``engine.training.linear_baseline.LinearTwoTower``):
-    ``{LINEAR_ROW: {scenario: {metric: value}}}``; queries and items share the projections, the
-    m form is unit(T + V), the attribute queries' m form is the phrase's T plus the photo's V."""
+def linear_per_query(model, pool: "EvalPool") -> PerQuery:
+    """The nine scenarios of ``pool`` for the linear baseline (``engine.training.linear_baseline.LinearTwoTower``),
+    per query (``score_per_query``); queries and items share the projections, the m form is
+    unit(T + V), the attribute queries' m form is the phrase's T plus the photo's V."""
     emb = linear_embeddings(model, pool.texts, pool.images, pool.text_rows, pool.image_rows)
     attr_t = model.embed_text(mean_pooled(pool.texts, pool.query_text_rows))
     attr_f = attr_t + emb["V"][pool.query_reps]
     attr_f /= np.maximum(np.linalg.norm(attr_f, axis=1, keepdims=True), 1e-12)
-    return {LINEAR_ROW: score(Embeddings(emb, emb, {"T": attr_t, "F": attr_f}), pool, "fused")}
+    return score_per_query(Embeddings(emb, emb, {"T": attr_t, "F": attr_f}), pool, "fused")
+
+
+def linear_rows(model, pool: "EvalPool") -> dict[str, dict[str, dict[str, float]]]:
+    """``{LINEAR_ROW: {scenario: {metric: value}}}``: the means of ``linear_per_query``."""
+    return {LINEAR_ROW: means(linear_per_query(model, pool))}

@@ -35,6 +35,26 @@ def rank_of_targets(queries: np.ndarray, candidates: np.ndarray, targets: np.nda
     return (ranks, tied) if with_ties else ranks
 
 
+def instance_per_query(ranks: np.ndarray, tied: np.ndarray | None = None,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+    """Recall@k and reciprocal rank of each query: ``instance_metrics`` before the mean.
+
+    Same arguments as ``instance_metrics``. Returns ``{"recall@1": float64 (n,), ..., "mrr": float64 (n,)}``,
+    each value in ``[0, 1]`` (fractional where the target ties with other candidates). The paired
+    comparisons of ``engine.evaluation.significance`` read these.
+    Raises ValueError on an empty ``ranks``.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    if ranks.size == 0:
+        raise ValueError("instance_metrics needs at least one query")
+    tied = np.zeros_like(ranks) if tied is None else np.asarray(tied, dtype=np.int64)
+    first = ranks - tied  # best rank the target can take among its ties
+    out = {f"recall@{k}": np.clip((k - first + 1) / (tied + 1), 0.0, 1.0) for k in ks}
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(ranks.max()) + 1))])
+    out["mrr"] = (harmonic[ranks] - harmonic[first - 1]) / (tied + 1)
+    return out
+
+
 def instance_metrics(ranks: np.ndarray, tied: np.ndarray | None = None,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k (share of queries whose target ranks ``<= k``) and MRR (mean of ``1/rank``, untruncated).
@@ -47,16 +67,9 @@ def instance_metrics(ranks: np.ndarray, tied: np.ndarray | None = None,
     with the same title and the same photo bytes score the same for every query, and neither
     should count as found at rank 1 for sure nor as missed for sure. A constant model still gets
     Recall@1 = 1 / m. Returns ``{"recall@1": .., ..., "mrr": ..}`` in ``[0, 1]``.
+    Raises ValueError on an empty ``ranks``.
     """
-    ranks = np.asarray(ranks, dtype=np.int64)
-    if ranks.size == 0:
-        raise ValueError("instance_metrics needs at least one query")
-    tied = np.zeros_like(ranks) if tied is None else np.asarray(tied, dtype=np.int64)
-    first = ranks - tied  # best rank the target can take among its ties
-    out = {f"recall@{k}": float(np.clip((k - first + 1) / (tied + 1), 0.0, 1.0).mean()) for k in ks}
-    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(ranks.max()) + 1))])
-    out["mrr"] = float(((harmonic[ranks] - harmonic[first - 1]) / (tied + 1)).mean())
-    return out
+    return {name: float(values.mean()) for name, values in instance_per_query(ranks, tied, ks).items()}
 
 
 def top_k_indices(queries: np.ndarray, candidates: np.ndarray, k: int,
@@ -104,15 +117,13 @@ def precision_at_k(relevant_in_top: np.ndarray, k: int = 10) -> np.ndarray:
     return rel.sum(axis=1) / float(k)
 
 
-def attribute_metrics(queries: np.ndarray, candidates: np.ndarray, query_groups: np.ndarray,
-                      candidate_groups: np.ndarray, exclude: np.ndarray | None = None,
-                      k: int = 10) -> dict[str, float]:
-    """Attribute-level nDCG@k and Precision@k: a candidate is relevant when its group equals the query's.
+def attribute_per_query(queries: np.ndarray, candidates: np.ndarray, query_groups: np.ndarray,
+                        candidate_groups: np.ndarray, exclude: np.ndarray | None = None,
+                        k: int = 10) -> dict[str, np.ndarray]:
+    """nDCG@k and Precision@k of each query: ``attribute_metrics`` before the mean.
 
-    queries ``float32 (n, d)``, candidates ``float32 (m, d)``, query_groups ``int64 (n,)``,
-    candidate_groups ``int64 (m,)`` (``-1``: in no group, never relevant), exclude ``int64 (n,)``
-    (a candidate left out per query, ``-1`` none; it does not count as relevant either).
-    Returns ``{"ndcg@k": .., "precision@k": ..}`` (means over queries).
+    Same arguments as ``attribute_metrics``. Returns ``{"ndcg@k": float64 (n,), "precision@k": float64 (n,)}``.
+    Raises ValueError when there is no query.
     """
     if queries.shape[0] == 0:
         raise ValueError("attribute_metrics needs at least one query")
@@ -124,9 +135,23 @@ def attribute_metrics(queries: np.ndarray, candidates: np.ndarray, query_groups:
         counts -= (ex_ok & (candidate_groups[np.where(ex_ok, exclude, 0)] == query_groups)).astype(np.int64)
     if top.shape[1] < k:
         rel = np.pad(rel, ((0, 0), (0, k - top.shape[1])))
-    return {f"ndcg@{k}": float(ndcg_at_k(rel, counts, k).mean()),
-            f"precision@{k}": float(precision_at_k(rel, k).mean())}
+    return {f"ndcg@{k}": ndcg_at_k(rel, counts, k), f"precision@{k}": precision_at_k(rel, k)}
 
 
-__all__ = ["rank_of_targets", "instance_metrics", "top_k_indices", "ndcg_at_k", "precision_at_k",
-           "attribute_metrics"]
+def attribute_metrics(queries: np.ndarray, candidates: np.ndarray, query_groups: np.ndarray,
+                      candidate_groups: np.ndarray, exclude: np.ndarray | None = None,
+                      k: int = 10) -> dict[str, float]:
+    """Attribute-level nDCG@k and Precision@k: a candidate is relevant when its group equals the query's.
+
+    queries ``float32 (n, d)``, candidates ``float32 (m, d)``, query_groups ``int64 (n,)``,
+    candidate_groups ``int64 (m,)`` (``-1``: in no group, never relevant), exclude ``int64 (n,)``
+    (a candidate left out per query, ``-1`` none; it does not count as relevant either).
+    Returns ``{"ndcg@k": .., "precision@k": ..}`` (means over queries). Raises ValueError when
+    there is no query.
+    """
+    per_query = attribute_per_query(queries, candidates, query_groups, candidate_groups, exclude, k)
+    return {name: float(values.mean()) for name, values in per_query.items()}
+
+
+__all__ = ["rank_of_targets", "instance_per_query", "instance_metrics", "top_k_indices", "ndcg_at_k",
+           "precision_at_k", "attribute_per_query", "attribute_metrics"]

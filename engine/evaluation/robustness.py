@@ -44,6 +44,7 @@ from engine.catalog.shopper_queries import (
     attribute_phrases, brand_queries, composed_query, composed_targets, facet_key, product_facets,
 )
 from engine.tokens.cache import cache_texts
+from engine.evaluation.significance import paired_comparison
 
 EVAL_AUGMENT_SEED = 20_251_205  # our choice; documented in docs/results.md beside the figures
 PHRASE_FIELDS = ("gender", "baseColour", "articleType")
@@ -143,8 +144,9 @@ def composed_query_set(query_products: Sequence, catalogue: EvalPool, seed: int 
                     _relevance(facets, list(specs)))
 
 
-def set_metrics(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: int = 10) -> dict[str, float]:
-    """Precision@k and nDCG@k of ``queries float32 (a, d)`` against ``candidates float32 (m, d)``."""
+def set_per_query(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: int = 10) -> dict[str, np.ndarray]:
+    """Precision@k and nDCG@k of each of ``queries float32 (a, d)`` against ``candidates float32 (m, d)``:
+    ``{"precision@k": float64 (a,), "ndcg@k": float64 (a,)}``. Raises ValueError when there is no query."""
     if len(qs.texts) == 0:
         raise ValueError("no queries to score")
     top = top_k_indices(queries, candidates, k)
@@ -152,7 +154,25 @@ def set_metrics(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: in
     if rel.shape[1] < k:
         rel = np.pad(rel, ((0, 0), (0, k - rel.shape[1])))
     counts = qs.relevant.sum(axis=1)[qs.keys]
-    return {f"precision@{k}": float(precision_at_k(rel, k).mean()), f"ndcg@{k}": float(ndcg_at_k(rel, counts, k).mean())}
+    return {f"precision@{k}": precision_at_k(rel, k), f"ndcg@{k}": ndcg_at_k(rel, counts, k)}
+
+
+def set_metrics(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: int = 10) -> dict[str, float]:
+    """Precision@k and nDCG@k of ``queries float32 (a, d)`` against ``candidates float32 (m, d)`` (means
+    of ``set_per_query``)."""
+    return {name: float(values.mean()) for name, values in set_per_query(queries, candidates, qs, k).items()}
+
+
+def _composed_rows(q: dict[str, np.ndarray], item: dict[str, np.ndarray], item_avg: np.ndarray,
+                   raw_m: np.ndarray, qs: QuerySet) -> tuple[dict, dict]:
+    """The composed task's rows, and the fused row paired against the average of views
+    (``engine.evaluation.significance``): ``({label: metrics}, {metric: PairedComparison as a dict})``."""
+    fused, average = set_per_query(q["F"], item["F"], qs), set_per_query(_unit(q["T"] + q["V"]), item_avg, qs)
+    rows = {"trained (fused)": {m: float(v.mean()) for m, v in fused.items()},
+            "trained, average of T and V": {m: float(v.mean()) for m, v in average.items()},
+            "raw backbones: concatenation": set_metrics(q["raw"], raw_m, qs),
+            CEILING_LABEL: ceiling_metrics(qs.relevant, qs.keys)}
+    return rows, {m: paired_comparison(fused[m], average[m]).to_dict() for m in fused}
 
 
 def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, cache_dir: str, *,
@@ -163,8 +183,9 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
 
     Returns ``{"candidates": m, "seed": .., "augment": {..}, task: {"queries": a, "rows":
     {label: {metric: value}}}, "augment_mild": {..}}`` for task in augmented_photo, augmented_photo_mild,
-    brand_type, attribute_phrase, composed and their ``_min10`` subsets (a task with no query is left out). Raises ValueError when no query product is
-    among the candidates.
+    brand_type, attribute_phrase, composed and their ``_min10`` subsets (a task with no query is left out);
+    the composed tasks also carry ``"fused_vs_average"``: ``{metric: PairedComparison as a dict}``
+    (``engine.evaluation.significance``). Raises ValueError when no query product is among the candidates.
     """
     backbones = model.backbones
     index = {p.product_id: i for i, p in enumerate(catalogue.products)}
@@ -205,11 +226,9 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         else:  # the subset's rows of its task's vectors
             keep = min_relevant_mask(sets[parent], P10_MIN_RELEVANT)
             q = {view: vectors[keep] for view, vectors in encoded[parent].items()}
+        paired = None
         if parent == "composed":
-            result = {"trained (fused)": set_metrics(q["F"], item["F"], qs),
-                      "trained, average of T and V": set_metrics(_unit(q["T"] + q["V"]), item_avg, qs),
-                      "raw backbones: concatenation": set_metrics(q["raw"], raw_m, qs),
-                      CEILING_LABEL: ceiling_metrics(qs.relevant, qs.keys)}
+            result, paired = _composed_rows(q, item, item_avg, raw_m, qs)
         else:
             result = {"trained (text T -> item F)": set_metrics(q["T"], item["F"], qs),
                       "raw MiniLM: mean-pooled titles, exact": set_metrics(q["raw"], raw_t, qs)}
@@ -218,6 +237,8 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
         if lin is not None:
             result[LINEAR_LABEL] = set_metrics(q["linear"], lin["F"], qs)
         out[name] = {"queries": len(qs.texts), "rows": result}
+        if paired is not None:
+            out[name]["fused_vs_average"] = paired
     return out
 
 
@@ -274,5 +295,9 @@ def robustness_markdown(result: dict) -> str:
         parts.append("|---|" + "---:|" * len(metrics))
         for label, values in rows.items():
             parts.append(f"| {label} | " + " | ".join(f"{100 * values[m]:.2f}" for m in metrics) + " |")
+        for m, c in result[task].get("fused_vs_average", {}).items():
+            parts.append(f"\nfused - average of views, {m}: {100 * c['diff']:+.2f} points, 95 % interval "
+                         f"[{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}], {c['wins']} queries better / "
+                         f"{c['losses']} worse, sign-test p {c['p_sign']:.3g}")
         parts.append("")
     return "\n".join(parts)
