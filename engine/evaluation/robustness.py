@@ -205,7 +205,7 @@ def evaluate_robustness(model, query_products: Sequence, catalogue: EvalPool, ca
 
     for task, config in (("augmented_photo", AugmentConfig()), ("augmented_photo_mild", MILD_AUGMENT)):
         out[task] = _photo_task(model, photo_q, catalogue, cache_dir, config, item["F"], raw_v, linear, lin,
-                                index, progress, batch_size)
+                                progress, batch_size)
     out["augment_mild"] = MILD_AUGMENT.as_dict()
 
     sets = shopper_query_sets(photo_q, catalogue)
@@ -258,10 +258,16 @@ def _encode_queries(model, linear, lin: dict | None, texts, catalogue: EvalPool,
     return q
 
 
-def _photo_task(model, photo_q: Sequence, catalogue: EvalPool, cache_dir: str, config: AugmentConfig,
-                item_f: np.ndarray, raw_v: np.ndarray, linear, lin: dict | None, index: dict, progress: bool,
-                batch_size: int) -> dict:
-    """Task 1 for one augmentation ``config``: ``{"queries": a, "rows": {label: metrics}}``."""
+def augmented_photo_queries(model, photo_q: Sequence, catalogue: EvalPool, cache_dir: str, config: AugmentConfig,
+                            progress: bool = False, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Task 1's queries: view 0 of seed ``EVAL_AUGMENT_SEED`` of each product's photo under ``config``.
+
+    photo_q: query products, each among ``catalogue``'s products. Returns ``(q_v float32 (a, d)``:
+    the query tower's image-only view, ``raw float32 (a, H)``: the raw backbone's mean of tokens,
+    ``targets int64 (a,)``: each query's product row in ``catalogue``); ``a`` counts the photos
+    the augmentation could read. Raises KeyError for a product not in ``catalogue``.
+    """
+    index = {p.product_id: i for i, p in enumerate(catalogue.products)}
     aug = cache_augmented_images(model.backbones, [p.image for p in photo_q], cache_dir, views=1,
                                  seed=EVAL_AUGMENT_SEED, config=config, progress=progress)
     rows = aug.rows([augmented_key(p.image, 0) for p in photo_q])
@@ -269,12 +275,19 @@ def _photo_task(model, photo_q: Sequence, catalogue: EvalPool, cache_dir: str, c
     targets = np.array([index[p.product_id] for p in photo_q], dtype=np.int64)[ok]
     q_v = tower_views(model.query_tower, catalogue.texts, aug, np.full(int(ok.sum()), -1, dtype=np.int64),
                       rows[ok], batch_size, views=("V",))["V"]
-    raw_q = mean_pooled(aug, rows[ok])
+    return q_v, mean_pooled(aug, rows[ok]), targets
+
+
+def _photo_task(model, photo_q: Sequence, catalogue: EvalPool, cache_dir: str, config: AugmentConfig,
+                item_f: np.ndarray, raw_v: np.ndarray, linear, lin: dict | None, progress: bool,
+                batch_size: int) -> dict:
+    """Task 1 for one augmentation ``config``: ``{"queries": a, "rows": {label: metrics}}``."""
+    q_v, raw_q, targets = augmented_photo_queries(model, photo_q, catalogue, cache_dir, config, progress, batch_size)
     result = {"trained (photo V -> item F)": instance_metrics(*rank_of_targets(q_v, item_f, targets, with_ties=True)),
               "raw backbone: image features (mean of tokens)": instance_metrics(*rank_of_targets(raw_q, raw_v, targets, with_ties=True))}
     if lin is not None:
         result[LINEAR_LABEL] = instance_metrics(*rank_of_targets(linear.embed_image(raw_q), lin["F"], targets, with_ties=True))
-    return {"queries": int(ok.sum()), "rows": result}
+    return {"queries": len(targets), "rows": result}
 
 
 def robustness_markdown(result: dict) -> str:
