@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     rep_v = emb.query["V"][pool.query_reps]
 
     def i2m(items: np.ndarray) -> tuple[float, float]:
-        r1 = instance_metrics(*rank_of_targets(emb.query["V"], items, np.arange(len(items)), with_ties=True))["recall@1"]
+        ranks = rank_of_targets(emb.query["V"], items, np.arange(len(items)), with_ties=True)
+        r1 = instance_metrics(*ranks)["recall@1"]
         nd = attribute_metrics(rep_v, items, pool.query_groups, pool.groups, exclude=pool.query_reps)["ndcg@10"]
         return 100 * r1, 100 * nd
 

@@ -12,7 +12,10 @@ the model folder (``engine.training.linear_baseline``; left out when the folder 
 trained towers' own average of views (the ablation row "m = average of T and V") and, for a model
 with a cross-modal block, that block's closed-form CCA alone on t2i / i2t (``cross_block_rows``).
 ``--robust N`` adds the robustness tasks of ``engine.evaluation.robustness`` (augmented photos, brand +
-type, attribute phrases, composed queries; against every catalogue product read).
+type, attribute phrases, composed queries; against every catalogue product read). Paired comparisons
+(``engine.evaluation.significance``): the fused row against the average of its views on every m scenario
+and against the linear two-tower on every cross-modal scenario (difference, 95 % bootstrap interval,
+sign test), in the JSON under ``comparisons`` and as tables after the nine scenarios'.
 """
 from __future__ import annotations
 
@@ -76,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.evaluation.evaluate import (build_pool, cross_block_rows, evaluate_models, linear_per_query,
                                             markdown_tables, means, own_photo_ranks, raw_backbone_rows)
-    from engine.training.linear_baseline import LINEAR_ROW
-    from engine.training.linear_baseline import load_linear_baseline
+    from engine.training.linear_baseline import LINEAR_ROW, load_linear_baseline
     from engine.model.model_folder import load_model
     from engine.training.job import TrainingDataError, load_products
 
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model), "fingerprint": model.fingerprint, "catalog": str(args.catalog),
         "split": args.split, "pool_size": len(pool.products), "attribute_queries": len(pool.query_phrases),
-        "excluded": pool.excluded, "rows": result["rows"], "comparisons": comparisons, "own_photo": own_photo, "robustness": robust,
+        "excluded": pool.excluded, "rows": result["rows"], "comparisons": comparisons, "own_photo": own_photo,
+        "robustness": robust,
         "seconds": {"total": seconds, "cache": pool.cache_seconds, **result["seconds"]},
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
