@@ -60,6 +60,30 @@ def test_photo_only_and_title_only_query_pairs(fashion_dir):
         catalog_pairs(products, photo_query_rate=1.5)
 
 
+def test_attribute_photo_pairs_are_the_attribute_level_m_query(fashion_dir):
+    """attribute_photo: a product's attribute phrase + its own photo -> another product of its group
+    (the nine scenarios' attribute-level m-query); off by default, the other kinds drawn as without it."""
+    products = _products(fashion_dir)
+    by_id = {p.product_id: p for p in products}
+    plain = catalog_pairs(products, seed=3)
+    assert not any(p.kind == "attribute_photo" for p in plain)
+    mixed = catalog_pairs(products, seed=3, attribute_photo_rate=1.0)
+    made = [p for p in mixed if p.kind == "attribute_photo"]
+    keys = [group_key(p) for p in products]
+    eligible = [p for p, k in zip(products, keys)
+                if p.image and k is not None and attribute_phrase(p.attributes) and keys.count(k) > 1]
+    assert len(made) == len(eligible) > 0
+    for pair in made:
+        a, b = by_id[pair.query_product_id], by_id[pair.item_id]
+        assert a.product_id != b.product_id and group_key(a) == group_key(b) == pair.group
+        assert (pair.query_text, pair.query_image) == (attribute_phrase(a.attributes), a.image)
+    assert [p for p in mixed if p.kind != "attribute_photo"] == plain
+    half = [p for p in catalog_pairs(products, seed=3, attribute_photo_rate=0.5) if p.kind == "attribute_photo"]
+    assert 0 < len(half) < len(made)
+    with pytest.raises(ValueError, match="attribute_photo_rate"):
+        catalog_pairs(products, attribute_photo_rate=-0.1)
+
+
 def test_attribute_phrase_needs_all_fields():
     assert attribute_phrase({"gender": "Women", "baseColour": "Black", "articleType": "Heels"}) == "women black heels"
     assert attribute_phrase({"gender": "Women", "baseColour": "Black"}) is None

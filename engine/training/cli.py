@@ -80,7 +80,7 @@ CPU_CROSS_GAINS = (0.6, 0.3, 0.42, 1.0)
 CPU_RECIPE = dict(steps=384, stage1_steps=72, photo_query_rate=0.5, title_query_rate=0.25,
                   cmal_pair_weights="6,6,2,3,2", brand_query_rate=0.25, partial_title_rate=0.15,
                   phrase_query_rate=0.25, composed_rate=0.25, augment_views=1, augment_fraction=1.0,
-                  augment_p=0.8)
+                  augment_p=0.8, attribute_photo_rate=0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--similar-rate", type=float, default=0.35, help="share of products with a 'similar' pair")
     t.add_argument("--attribute-query-rate", type=float, default=0.35,
                    help="share of products with an attribute-phrase query pair")
+    t.add_argument("--attribute-photo-rate", type=float, default=CPU_RECIPE["attribute_photo_rate"],
+                   help="share of products with an attribute-phrase + photo query pair (the phrase and the "
+                        "product's photo -> another product of its group; default %(default)s)")
     t.add_argument("--photo-query-rate", type=float, default=CPU_RECIPE["photo_query_rate"],
                    help="share of products with an extra photo-only query pair (photo -> product)")
     t.add_argument("--title-query-rate", type=float, default=CPU_RECIPE["title_query_rate"],
@@ -335,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir, init_model=args.init_model, resume=args.resume,
             similar_rate=args.similar_rate, attribute_query_rate=args.attribute_query_rate,
             photo_query_rate=args.photo_query_rate, title_query_rate=args.title_query_rate,
-            brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
+            attribute_photo_rate=args.attribute_photo_rate, brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,
             image_residual_init=args.image_residual_init, freeze_image_residual=args.freeze_image_residual,

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         products, _ = load_products(args.catalog, None if args.split == "all" else args.split, args.limit)
         rates = {k: CPU_RECIPE[k] for k in ("photo_query_rate", "title_query_rate", "brand_query_rate",
-                                            "partial_title_rate", "phrase_query_rate", "composed_rate")}
+                                            "partial_title_rate", "phrase_query_rate", "composed_rate",
+                                            "attribute_photo_rate")}
         job = TrainJob(catalog=args.catalog, out=args.out, split=None if args.split == "all" else args.split,
                        limit=args.limit, train=TrainConfig(seed=args.seed), **rates)
         pairs, _ = job_pairs(job, products)  # the pairs `ecsearch train` draws with its defaults

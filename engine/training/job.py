@@ -44,8 +44,8 @@ class TrainJob:
     limit: read at most this many catalogue rows. cache_dir: token cache root.
     model: ``ModelConfig`` for a fresh model; init_model: start from this model folder instead.
     train: ``TrainConfig``. resume: continue from ``<out>/checkpoint.pt`` when present.
-    similar_rate / attribute_query_rate / photo_query_rate / title_query_rate: catalogue pair
-    mix, see ``engine.training.pairs.catalog_pairs``.
+    similar_rate / attribute_query_rate / photo_query_rate / title_query_rate / attribute_photo_rate:
+    catalogue pair mix, see ``engine.training.pairs.catalog_pairs``.
     brand_query_rate / partial_title_rate / phrase_query_rate / composed_rate: shopper and
     composed pairs, see ``engine.training.pairs.shopper_pairs`` (default 0: off).
     augment_views: augmented views cached per query photo (``engine.tokens.augment_cache``; 0: off,
@@ -94,6 +94,7 @@ class TrainJob:
     attribute_query_rate: float = 0.35
     photo_query_rate: float = 0.0
     title_query_rate: float = 0.0
+    attribute_photo_rate: float = 0.0
     brand_query_rate: float = 0.0
     partial_title_rate: float = 0.0
     phrase_query_rate: float = 0.0
@@ -241,7 +242,8 @@ def job_pairs(job: TrainJob, products: list) -> tuple[list[TrainingPair], list[d
     if job.catalog_pairs:
         pairs += catalog_pairs(products, job.train.seed, similar_rate=job.similar_rate,
                                attribute_query_rate=job.attribute_query_rate,
-                               photo_query_rate=job.photo_query_rate, title_query_rate=job.title_query_rate)
+                               photo_query_rate=job.photo_query_rate, title_query_rate=job.title_query_rate,
+                               attribute_photo_rate=job.attribute_photo_rate)
     shopper = dict(brand_query_rate=job.brand_query_rate, partial_title_rate=job.partial_title_rate,
                    phrase_query_rate=job.phrase_query_rate, composed_rate=job.composed_rate)
     if job.catalog_pairs and any(shopper.values()):

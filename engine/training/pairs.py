@@ -16,6 +16,10 @@ From a catalogue without query logs (METHOD.md §3; M-BEER "trigger / recall" fo
 - ``attribute_query`` (our choice): the attribute phrase of a product, e.g. "women black
   heels" (gender, baseColour, articleType, lower-cased) → that product: a short
   category-level query like the ones users type.
+- ``attribute_photo`` (our choice, issue 12 item 4): product a's attribute phrase + a's photo →
+  another product b of a's group: the attribute-level m-query of the nine scenarios (METHOD.md
+  §4: the phrase and a group member's photo), which the other kinds never form (``similar`` uses
+  a's title, ``attribute_query`` no photo).
 
 Queries as shoppers type them and composed queries (``shopper_pairs``; issue 12 items 2-3;
 texts from ``engine.catalog.shopper_queries``):
@@ -51,7 +55,7 @@ from engine.catalog.shopper_queries import (
 )
 
 KINDS = ("instance", "photo_query", "title_query", "similar", "attribute_query", "pairs_file",
-         "brand_query", "partial_title", "phrase_query", "composed")
+         "brand_query", "partial_title", "phrase_query", "composed", "attribute_photo")
 DEFAULT_GROUP_FIELDS: tuple[str, ...] = ("gender", "baseColour", "articleType")
 
 
@@ -109,7 +113,7 @@ def attribute_phrase(attributes: dict[str, str], fields: Sequence[str] = DEFAULT
 
 def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: float = 0.35,
                   attribute_query_rate: float = 0.35, photo_query_rate: float = 0.0,
-                  title_query_rate: float = 0.0,
+                  title_query_rate: float = 0.0, attribute_photo_rate: float = 0.0,
                   group_fields: Sequence[str] = DEFAULT_GROUP_FIELDS) -> list[TrainingPair]:
     """Pairs made from the catalogue itself (METHOD.md §3).
 
@@ -119,16 +123,20 @@ def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: f
     with one modality needs neither, its instance pair is already that); a seeded ``similar_rate`` share of the
     products with a group partner get a ``similar`` pair (partner drawn at random from its
     group); an ``attribute_query_rate`` share of the products with all group fields get an
-    ``attribute_query`` pair. Rates are our choice. Deterministic for a given seed (the
-    similar / attribute draws do not depend on the photo / title rates).
+    ``attribute_query`` pair; an ``attribute_photo_rate`` share of the products with a photo, all
+    group fields and a group partner an ``attribute_photo`` pair (the phrase + the product's photo →
+    a partner drawn at random). Rates are our choice. Deterministic for a given seed (the similar /
+    attribute draws do not depend on the photo / title / attribute-photo rates).
     Raises ValueError when a rate lies outside [0, 1].
     """
     rates = {"similar_rate": similar_rate, "attribute_query_rate": attribute_query_rate,
-             "photo_query_rate": photo_query_rate, "title_query_rate": title_query_rate}
+             "photo_query_rate": photo_query_rate, "title_query_rate": title_query_rate,
+             "attribute_photo_rate": attribute_photo_rate}
     bad = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}
     if bad:
         raise ValueError(f"pair rates must lie in [0, 1], got {bad}")
     view_rng = np.random.default_rng([seed, 1])  # separate stream: adding these pairs keeps the others
+    photo_rng = np.random.default_rng([seed, 2])  # likewise for the attribute-photo pairs
     rng = np.random.default_rng(seed)
     groups: dict[str, list[int]] = {}
     keys = [group_key(p, group_fields) for p in products]
@@ -154,6 +162,11 @@ def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: f
         phrase = attribute_phrase(p.attributes, group_fields)
         if phrase is not None and rng.random() < attribute_query_rate:
             pairs.append(TrainingPair("attribute_query", p.product_id, phrase, None, None, k))
+        draw, pick = photo_rng.random(), photo_rng.integers(max(len(members) - 1, 1))
+        if p.image and phrase is not None and len(members) > 1 and draw < attribute_photo_rate:
+            j = members[int(pick)]  # uniform over the others, as for "similar"
+            j = j if j != i else members[-1]
+            pairs.append(TrainingPair("attribute_photo", products[j].product_id, phrase, p.image, p.product_id, k))
     return pairs
 
 
