@@ -32,7 +32,7 @@ import torch
 
 from engine.catalog import Product
 from engine.evaluation.ranking_metrics import (attribute_metrics, attribute_per_query, instance_metrics,
-                                              instance_per_query, rank_of_targets)
+                                              instance_per_query, mean_per_metric, rank_of_targets)
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
 from engine.training.linear_baseline import LINEAR_ROW, linear_embeddings
@@ -235,7 +235,7 @@ def score_per_query(emb: Embeddings, pool: EvalPool, m_form: str) -> PerQuery:
 
 def means(per_query: PerQuery) -> dict[str, dict[str, float]]:
     """``{scenario: {metric: mean over its queries}}`` of a ``score_per_query`` result."""
-    return {s: {name: float(values.mean()) for name, values in metrics.items()} for s, metrics in per_query.items()}
+    return {s: mean_per_metric(metrics) for s, metrics in per_query.items()}
 
 
 def score(emb: Embeddings, pool: EvalPool, m_form: str) -> dict[str, dict[str, float]]:

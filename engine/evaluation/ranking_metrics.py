@@ -35,6 +35,11 @@ def rank_of_targets(queries: np.ndarray, candidates: np.ndarray, targets: np.nda
     return (ranks, tied) if with_ties else ranks
 
 
+def mean_per_metric(per_query: dict[str, np.ndarray]) -> dict[str, float]:
+    """``{metric: mean over its queries}`` of a ``{metric: float (n,)}`` per-query result."""
+    return {name: float(np.mean(values)) for name, values in per_query.items()}
+
+
 def instance_per_query(ranks: np.ndarray, tied: np.ndarray | None = None,
                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
     """Recall@k and reciprocal rank of each query: ``instance_metrics`` before the mean.
@@ -69,7 +74,7 @@ def instance_metrics(ranks: np.ndarray, tied: np.ndarray | None = None,
     Recall@1 = 1 / m. Returns ``{"recall@1": .., ..., "mrr": ..}`` in ``[0, 1]``.
     Raises ValueError on an empty ``ranks``.
     """
-    return {name: float(values.mean()) for name, values in instance_per_query(ranks, tied, ks).items()}
+    return mean_per_metric(instance_per_query(ranks, tied, ks))
 
 
 def top_k_indices(queries: np.ndarray, candidates: np.ndarray, k: int,
@@ -149,9 +154,8 @@ def attribute_metrics(queries: np.ndarray, candidates: np.ndarray, query_groups:
     Returns ``{"ndcg@k": .., "precision@k": ..}`` (means over queries). Raises ValueError when
     there is no query.
     """
-    per_query = attribute_per_query(queries, candidates, query_groups, candidate_groups, exclude, k)
-    return {name: float(values.mean()) for name, values in per_query.items()}
+    return mean_per_metric(attribute_per_query(queries, candidates, query_groups, candidate_groups, exclude, k))
 
 
-__all__ = ["rank_of_targets", "instance_per_query", "instance_metrics", "top_k_indices", "ndcg_at_k",
+__all__ = ["rank_of_targets", "mean_per_metric", "instance_per_query", "instance_metrics", "top_k_indices", "ndcg_at_k",
            "precision_at_k", "attribute_per_query", "attribute_metrics"]

@@ -39,7 +39,8 @@ from engine.tokens.augment_cache import augmented_key, cache_augmented_images
 from engine.evaluation.evaluate import EvalPool, _unit, item_views, tower_views
 from engine.evaluation.hybrid import CEILING_LABEL, ceiling_metrics, lexical_index, retrieval_rows
 from engine.tokens.views import mean_pooled
-from engine.evaluation.ranking_metrics import instance_metrics, ndcg_at_k, precision_at_k, rank_of_targets, top_k_indices
+from engine.evaluation.ranking_metrics import (instance_metrics, mean_per_metric, ndcg_at_k, precision_at_k,
+                                              rank_of_targets, top_k_indices)
 from engine.catalog.shopper_queries import (
     attribute_phrases, brand_queries, composed_query, composed_targets, facet_key, product_facets,
 )
@@ -160,7 +161,7 @@ def set_per_query(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: 
 def set_metrics(queries: np.ndarray, candidates: np.ndarray, qs: QuerySet, k: int = 10) -> dict[str, float]:
     """Precision@k and nDCG@k of ``queries float32 (a, d)`` against ``candidates float32 (m, d)`` (means
     of ``set_per_query``)."""
-    return {name: float(values.mean()) for name, values in set_per_query(queries, candidates, qs, k).items()}
+    return mean_per_metric(set_per_query(queries, candidates, qs, k))
 
 
 def _composed_rows(q: dict[str, np.ndarray], item: dict[str, np.ndarray], item_avg: np.ndarray,
@@ -168,8 +169,7 @@ def _composed_rows(q: dict[str, np.ndarray], item: dict[str, np.ndarray], item_a
     """The composed task's rows, and the fused row paired against the average of views
     (``engine.evaluation.significance``): ``({label: metrics}, {metric: PairedComparison as a dict})``."""
     fused, average = set_per_query(q["F"], item["F"], qs), set_per_query(_unit(q["T"] + q["V"]), item_avg, qs)
-    rows = {"trained (fused)": {m: float(v.mean()) for m, v in fused.items()},
-            "trained, average of T and V": {m: float(v.mean()) for m, v in average.items()},
+    rows = {"trained (fused)": mean_per_metric(fused), "trained, average of T and V": mean_per_metric(average),
             "raw backbones: concatenation": set_metrics(q["raw"], raw_m, qs),
             CEILING_LABEL: ceiling_metrics(qs.relevant, qs.keys)}
     return rows, {m: paired_comparison(fused[m], average[m]).to_dict() for m in fused}
