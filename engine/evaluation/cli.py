@@ -15,7 +15,9 @@ with a cross-modal block, that block's closed-form CCA alone on t2i / i2t (``cro
 type, attribute phrases, composed queries; against every catalogue product read). Paired comparisons
 (``engine.evaluation.significance``): the fused row against the average of its views on every m scenario
 and against the linear two-tower on every cross-modal scenario (difference, 95 % bootstrap interval,
-sign test), in the JSON under ``comparisons`` and as tables after the nine scenarios'.
+sign test), in the JSON under ``comparisons`` and as tables after the nine scenarios'. The row "photo
+queries in two stages (served)" is the fused row with photo-only queries ranked as the server ranks
+them (``engine.retrieval.instance_first``); it is compared the same way on its photo-query scenarios.
 """
 from __future__ import annotations
 
@@ -60,17 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def paired_comparisons(per_query: dict, seed: int = 0) -> dict:
     """The paired comparisons ``ecsearch eval`` reports (``engine.evaluation.significance``): the fused
     row against the average of its own views on every m scenario, and against the linear two-tower
-    on every cross-modal scenario, each on recall@1 and nDCG@10; a comparison whose second row was
-    not scored (``--no-ablation``, no linear baseline in the folder) is left out.
+    on every cross-modal scenario; the served row (photo queries in two stages) the same way on the
+    scenarios where it differs; each on recall@1 and nDCG@10. A comparison whose rows were not
+    scored (``--no-ablation``, no linear baseline in the folder) is left out.
     Returns ``{title: {scenario: {metric: PairedComparison as a dict}}}``."""
     from engine.evaluation.significance import (AVERAGE, CROSS_MODAL_SCENARIOS, FUSED, M_SCENARIOS,
-                                                compare_rows)
+                                                PHOTO_QUERY_SCENARIOS, SERVED, compare_rows)
     from engine.training.linear_baseline import LINEAR_ROW
 
-    plans = {"trained (fused) against the average of its own views": (AVERAGE, M_SCENARIOS),
-             "trained (fused) against the linear two-tower": (LINEAR_ROW, CROSS_MODAL_SCENARIOS)}
-    return {title: compare_rows(per_query, FUSED, other, scenarios, seed=seed)
-            for title, (other, scenarios) in plans.items() if FUSED in per_query and other in per_query}
+    def photo(scenarios: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(s for s in scenarios if s in PHOTO_QUERY_SCENARIOS)
+
+    plans = {"trained (fused) against the average of its own views": (FUSED, AVERAGE, M_SCENARIOS),
+             "trained (fused) against the linear two-tower": (FUSED, LINEAR_ROW, CROSS_MODAL_SCENARIOS),
+             "served (photo queries in two stages) against the average of its own views":
+                 (SERVED, AVERAGE, photo(M_SCENARIOS)),
+             "served (photo queries in two stages) against the linear two-tower":
+                 (SERVED, LINEAR_ROW, photo(CROSS_MODAL_SCENARIOS))}
+    return {title: compare_rows(per_query, a, b, scenarios, seed=seed)
+            for title, (a, b, scenarios) in plans.items() if a in per_query and b in per_query}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from engine.model.model_folder import load_model
     from engine.training.job import TrainingDataError, load_products
 
-    from engine.evaluation.evaluate import ATTRIBUTE_METRICS, INSTANCE_METRICS
+    from engine.evaluation.evaluate import ATTRIBUTE_METRICS, INSTANCE_METRICS, SERVED_FORM
+    from engine.evaluation.significance import FUSED, SERVED
 
     if args.plot and args.plot_metric not in INSTANCE_METRICS + ATTRIBUTE_METRICS:
         print(f"ecsearch eval: error: --plot-metric {args.plot_metric!r} is not one of "
@@ -100,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ecsearch eval: error: {exc}", file=sys.stderr)
         return 2
     linear = load_linear_baseline(args.model)
-    rows = {"trained (fused)": ("trained", "fused")}
+    rows = {FUSED: ("trained", "fused"), SERVED: ("trained", SERVED_FORM)}
     if not args.no_ablation:
         rows.update({"trained, m = text-only view": ("trained", "text"),
                      "trained, m = image-only view": ("trained", "image"),

@@ -16,7 +16,8 @@ Embeddings per form: the model uses its views (t → text-only view T, i → ima
 V, m → fused view F), query tower for queries, item tower for candidates; the m form can be
 replaced by the text-only view (``text``), the image-only view (``image``) or the normalised
 average of the two unit vectors (``average``: the trained average-of-views baseline, issue 12
-item 5c). Other baselines: ``raw_backbone_rows`` (no training) and
+item 5c). ``fused+instance`` is the fused form with photo-only queries (i2t, i2i, i2m) ranked as
+the server ranks them, in two stages (``engine.retrieval.instance_first``). Other baselines: ``raw_backbone_rows`` (no training) and
 ``linear_rows`` (trained linear two-tower). Every embedding is computed
 from the backbone token cache.
 """
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 
 from engine.catalog import Product
-from engine.evaluation.ranking_metrics import (attribute_metrics, attribute_per_query, instance_metrics,
-                                              instance_per_query, mean_per_metric, rank_of_targets)
+from engine.evaluation.ranking_metrics import (attribute_metrics, attribute_per_query, attribute_per_query_of_top,
+                                              instance_metrics, instance_per_query, mean_per_metric, rank_of_targets,
+                                              ranks_from_scores, top_k_from_scores)
+from engine.retrieval.instance_first import INSTANCE_FIRST, instance_columns, instance_first_scores, without_instance
 from engine.training.pairs import DEFAULT_GROUP_FIELDS, attribute_phrase, group_key
 from engine.tokens.cache import TokenTable, cache_images, cache_texts
 from engine.training.linear_baseline import LINEAR_ROW, linear_embeddings
@@ -40,6 +43,7 @@ from engine.tokens.views import TokenBatch, encode_views, iter_chunks, mean_pool
 
 SCENARIOS: tuple[str, ...] = ("t2t", "t2i", "t2m", "i2t", "i2i", "i2m", "m2t", "m2i", "m2m")
 FORM_VIEW = {"t": "T", "i": "V", "m": "F"}
+SERVED_FORM = "fused+instance"  # the fused form, photo-only queries in two stages (as served)
 INSTANCE_METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
 ATTRIBUTE_METRICS = ("ndcg@10", "precision@10")
 
@@ -173,6 +177,7 @@ class Embeddings:
     query: dict[str, np.ndarray]
     item: dict[str, np.ndarray]
     attr_query: dict[str, np.ndarray]
+    instance: tuple[int, int] | None = None  # the query's image-private columns (``engine.retrieval.instance_first``)
 
 
 def embed_pool(model, pool: EvalPool, batch_size: int = 256) -> Embeddings:
@@ -184,7 +189,7 @@ def embed_pool(model, pool: EvalPool, batch_size: int = 256) -> Embeddings:
     rep_images = pool.image_rows[pool.query_reps]
     a = tower_views(model.query_tower, pool.texts, pool.images, pool.query_text_rows, rep_images, batch_size,
                     views=("F", "T"))
-    return Embeddings(q, i, a)
+    return Embeddings(q, i, a, instance_columns(model))
 
 
 def forms(emb: Embeddings, m_form: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -215,21 +220,57 @@ def score_per_query(emb: Embeddings, pool: EvalPool, m_form: str) -> PerQuery:
     (``engine.evaluation.ranking_metrics.instance_per_query`` / ``attribute_per_query``); ``score``
     is their mean, ``engine.evaluation.significance`` pairs them between two rows.
     """
-    q, c, a = forms(emb, m_form)
+    two_stage = m_form == SERVED_FORM and emb.instance is not None
+    q, c, a = forms(emb, "fused" if m_form == SERVED_FORM else m_form)
     n = len(pool.products)
     targets = np.arange(n)
     rep_v = emb.query["V"][pool.query_reps]
     attr_q = {"t": a["t"], "i": rep_v,
-              "m": a["m_fused"] if m_form == "fused" else
+              "m": a["m_fused"] if m_form in ("fused", SERVED_FORM) else
               {"text": a["t"], "image": rep_v, "average": _unit(a["t"] + rep_v)}[m_form]}
     out: PerQuery = {}
     for s in SCENARIOS:
         qf, cf = s[0], s[2]
+        if two_stage and qf == "i":
+            out[s] = instance_first_per_query(q[qf], attr_q[qf], c[cf], pool, emb.instance)
+            continue
         res = instance_per_query(*rank_of_targets(q[qf], c[cf], targets, with_ties=True))
         if len(pool.query_groups):
             res.update(attribute_per_query(attr_q[qf], c[cf], pool.query_groups, pool.groups,
                                            exclude=pool.query_reps, k=10))
         out[s] = res
+    return out
+
+
+def instance_first_score_matrix(queries: np.ndarray, candidates: np.ndarray, columns: tuple[int, int],
+                                n: int = INSTANCE_FIRST) -> np.ndarray:
+    """``float64 (q, m)`` scores whose order is the two-stage ranking of ``queries`` ``float32 (q, D)``
+    over ``candidates`` ``float32 (m, D)`` (``engine.retrieval.instance_first.instance_first_scores``)."""
+    return instance_first_scores(queries @ candidates.T, without_instance(queries, columns) @ candidates.T, n)
+
+
+def instance_first_ranks(queries: np.ndarray, candidates: np.ndarray, targets: np.ndarray, columns: tuple[int, int],
+                         n: int = INSTANCE_FIRST, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``rank_of_targets(..., with_ties=True)`` under the two-stage ranking: ``(ranks int64 (q,),
+    tied int64 (q,))``, in chunks of ``chunk`` queries."""
+    parts = [ranks_from_scores(instance_first_score_matrix(queries[i:i + chunk], candidates, columns, n),
+                               targets[i:i + chunk]) for i in range(0, len(queries), chunk)]
+    return np.concatenate([r for r, _ in parts]), np.concatenate([t for _, t in parts])
+
+
+def instance_first_per_query(queries: np.ndarray, attr_queries: np.ndarray, candidates: np.ndarray, pool: EvalPool,
+                             columns: tuple[int, int], n: int = INSTANCE_FIRST) -> dict[str, np.ndarray]:
+    """One photo-query scenario ranked in two stages (``engine.retrieval.instance_first``: the ``n`` best
+    by the whole vector, then the ranking without the image-private block), exact: ``score_per_query``'s metrics for it.
+
+    queries ``float32 (n_pool, D)`` (row i: pool product i's photo), attr_queries ``float32 (a, D)``
+    (the attribute queries' representative photos), candidates ``float32 (n_pool, D)``; ``columns``:
+    the image-private block's (``engine.retrieval.instance_first.instance_columns``). Returns ``{metric: float64 (queries,)}``.
+    """
+    out = instance_per_query(*instance_first_ranks(queries, candidates, np.arange(len(queries)), columns, n))
+    if len(pool.query_groups):
+        top = top_k_from_scores(instance_first_score_matrix(attr_queries, candidates, columns, n), 10, pool.query_reps)
+        out.update(attribute_per_query_of_top(top, pool.query_groups, pool.groups, pool.query_reps, k=10))
     return out
 
 

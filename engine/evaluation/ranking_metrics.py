@@ -26,13 +26,16 @@ def rank_of_targets(queries: np.ndarray, candidates: np.ndarray, targets: np.nda
     ranks = np.empty(n, dtype=np.int64)
     tied = np.empty(n, dtype=np.int64)
     for start in range(0, n, chunk):
-        q = queries[start:start + chunk]
-        t = targets[start:start + chunk]
-        scores = q @ candidates.T  # [c, m]
-        own = scores[np.arange(len(t)), t][:, None]
-        ranks[start:start + chunk] = (scores >= own).sum(axis=1)  # includes the target itself
-        tied[start:start + chunk] = (scores == own).sum(axis=1) - 1
+        ranks[start:start + chunk], tied[start:start + chunk] = ranks_from_scores(
+            queries[start:start + chunk] @ candidates.T, targets[start:start + chunk])
     return (ranks, tied) if with_ties else ranks
+
+
+def ranks_from_scores(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rank_of_targets`` on a score matrix ``(n, m)`` (any ranking, e.g. two stages): ``(ranks
+    int64 (n,), tied int64 (n,))``, ties counted against the target as there."""
+    own = scores[np.arange(len(targets)), targets][:, None]
+    return (scores >= own).sum(axis=1).astype(np.int64), (scores == own).sum(axis=1).astype(np.int64) - 1
 
 
 def mean_per_metric(per_query: dict[str, np.ndarray]) -> dict[str, float]:
@@ -88,15 +91,21 @@ def top_k_indices(queries: np.ndarray, candidates: np.ndarray, k: int,
     k = min(k, m)
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
-        scores = queries[start:start + chunk] @ candidates.T  # [c, m]
-        if exclude is not None:
-            ex = exclude[start:start + chunk]
-            rows = np.nonzero(ex >= 0)[0]
-            scores[rows, ex[rows]] = -np.inf
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-        out[start:start + chunk] = np.take_along_axis(part, order, axis=1)
+        out[start:start + chunk] = top_k_from_scores(queries[start:start + chunk] @ candidates.T, k,
+                                                     None if exclude is None else exclude[start:start + chunk])
     return out
+
+
+def top_k_from_scores(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``top_k_indices`` on a score matrix ``(n, m)`` (changed in place where ``exclude`` names a
+    candidate): ``int64 (n, min(k, m))``, best first."""
+    k = min(k, scores.shape[1])
+    if exclude is not None:
+        rows = np.nonzero(exclude >= 0)[0]
+        scores[rows, exclude[rows]] = -np.inf
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
 
 
 def ndcg_at_k(relevant_in_top: np.ndarray, n_relevant: np.ndarray, k: int = 10) -> np.ndarray:
@@ -132,7 +141,14 @@ def attribute_per_query(queries: np.ndarray, candidates: np.ndarray, query_group
     """
     if queries.shape[0] == 0:
         raise ValueError("attribute_metrics needs at least one query")
-    top = top_k_indices(queries, candidates, k, exclude)
+    return attribute_per_query_of_top(top_k_indices(queries, candidates, k, exclude), query_groups,
+                                      candidate_groups, exclude, k)
+
+
+def attribute_per_query_of_top(top: np.ndarray, query_groups: np.ndarray, candidate_groups: np.ndarray,
+                               exclude: np.ndarray | None = None, k: int = 10) -> dict[str, np.ndarray]:
+    """``attribute_per_query`` of rankings already made: ``top`` ``int64 (n, <= k)``, each query's
+    best candidates first (``top_k_from_scores`` of any ranking, e.g. two stages)."""
     rel = candidate_groups[top] == query_groups[:, None]  # [n, k]
     counts = np.array([(candidate_groups == g).sum() for g in query_groups], dtype=np.int64)
     if exclude is not None:
@@ -157,5 +173,6 @@ def attribute_metrics(queries: np.ndarray, candidates: np.ndarray, query_groups:
     return mean_per_metric(attribute_per_query(queries, candidates, query_groups, candidate_groups, exclude, k))
 
 
-__all__ = ["rank_of_targets", "mean_per_metric", "instance_per_query", "instance_metrics", "top_k_indices", "ndcg_at_k",
+__all__ = ["rank_of_targets", "ranks_from_scores", "top_k_from_scores", "attribute_per_query_of_top",
+           "mean_per_metric", "instance_per_query", "instance_metrics", "top_k_indices", "ndcg_at_k",
            "precision_at_k", "attribute_per_query", "attribute_metrics"]

@@ -26,8 +26,12 @@ from scipy import stats
 
 # (label of row a, label of row b, scenarios): the comparisons ``ecsearch eval`` prints
 FUSED, AVERAGE = "trained (fused)", "trained, m = average of T and V"
+# the fused row with photo-only queries ranked in two stages, as the server ranks them
+# (engine.retrieval.instance_first); it differs from FUSED on i2t, i2i and i2m only
+SERVED = "trained (fused), photo queries in two stages (served)"
 M_SCENARIOS = ("t2m", "i2m", "m2t", "m2i", "m2m")
 CROSS_MODAL_SCENARIOS = ("t2i", "t2m", "i2t", "i2m", "m2t", "m2i")
+PHOTO_QUERY_SCENARIOS = ("i2t", "i2i", "i2m")
 COMPARED_METRICS = ("recall@1", "ndcg@10")
 
 
@@ -121,4 +125,4 @@ def comparisons_markdown(comparisons: dict[str, dict[str, dict[str, dict]]]) -> 
 
 
 __all__ = ["PairedComparison", "paired_comparison", "compare_rows", "comparisons_markdown", "FUSED", "AVERAGE",
-           "M_SCENARIOS", "CROSS_MODAL_SCENARIOS", "COMPARED_METRICS"]
+           "SERVED", "PHOTO_QUERY_SCENARIOS", "M_SCENARIOS", "CROSS_MODAL_SCENARIOS", "COMPARED_METRICS"]
