@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.cpu_features import CpuFeatureError
 from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS
+from engine.retrieval.instance_first import INSTANCE_FIRST
 from server.admin import admin_problem, read_token, start_admin_server
 from server.batching import BatchConfig, MicroBatcher
 from server.gen.ecsearch.v1 import search_pb2, search_pb2_grpc
@@ -90,6 +91,7 @@ class ServerConfig:
     admin_port: int | None = None          # None: no admin API (live deletes, server.admin)
     admin_host: str = "127.0.0.1"          # non-loopback only with TLS + admin_token_file
     admin_token_file: Path | None = None   # file holding the admin bearer token
+    photo_instance_first: int = INSTANCE_FIRST  # photo queries: whole-vector hits first (0: one stage)
     plan: TowerPlan = field(init=False)    # resolved precision x backend (server.tower_backend)
 
     def __post_init__(self) -> None:
@@ -100,6 +102,8 @@ class ServerConfig:
                    f"max receive size must be >= 1024 bytes, got {self.max_receive_bytes}"),
                   (self.max_concurrent_rpcs >= 1, f"max concurrent RPCs must be >= 1, got {self.max_concurrent_rpcs}"),
                   (self.max_image_pixels >= 1, f"max image pixels must be >= 1, got {self.max_image_pixels}"),
+                  (self.photo_instance_first >= 0,
+                   f"photo instance-first hits must be >= 0, got {self.photo_instance_first}"),
                   (self.torch_threads is None or self.torch_threads >= 1, "torch threads must be >= 1"),
                   (min(self.faiss_threads, self.search_workers, self.decode_workers) >= 1,
                    "faiss threads, search workers and decode workers must be >= 1"),
@@ -165,7 +169,7 @@ class SearchServer:
         service = SearchService(self.holder, self._batcher, decode_image=self._decode_image,
                                 pretokenize=self._pretokenize,
                                 decode_executor=self._decode_pool, search_executor=self._search_pool,
-                                metrics=self.metrics)
+                                metrics=self.metrics, photo_instance_first=self.config.photo_instance_first)
         search_pb2_grpc.add_SearchServiceServicer_to_server(service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from engine.model.images import DEFAULT_MAX_IMAGE_PIXELS
+from engine.retrieval.instance_first import INSTANCE_FIRST
 from server.tower_backend import BACKEND_CHOICES, PRECISION_CHOICES
 
 
@@ -52,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder that keeps the exported ONNX query tower graphs across starts; auto: "
                              "MODEL/../cache/onnx; none: export at every start (default auto)")
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per faiss search")
+    parser.add_argument("--photo-instance-first", type=int, default=INSTANCE_FIRST, metavar="N",
+                        help="photo-only queries: the whole vector's N best products first, then products like the "
+                             "photo by the vector without its image-private block (engine.retrieval.instance_first; "
+                             "0: one stage; default %(default)s)")
     parser.add_argument("--search-workers", type=int, default=2, help="threads for faiss search + metadata reads")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads for image decoding")
     parser.add_argument("--poll-interval-s", type=float, default=1.0, help="how often ROOT/CURRENT is checked")
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             max_receive_bytes=args.max_receive_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_image_pixels=args.max_image_pixels,
             torch_threads=args.torch_threads, precision=args.precision, onnx_cache=args.onnx_cache,
-            faiss_threads=args.faiss_threads,
+            faiss_threads=args.faiss_threads, photo_instance_first=args.photo_instance_first,
             search_workers=args.search_workers, decode_workers=args.decode_workers,
             poll_interval_s=args.poll_interval_s, grace_s=args.grace_s,
             tls_cert=args.tls_cert, tls_key=args.tls_key,

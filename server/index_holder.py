@@ -43,12 +43,15 @@ class ServedVersion:
         version: its version name (``index.version``).
         metadata_fields: field names that filters may use.
         cache: the version's ``server.filters.VersionCache`` (or None).
+        instance: the query vectors' image-private columns
+            (``engine.retrieval.instance_first.instance_columns``; None: photo queries in one stage).
     """
 
     index: Any
     version: str
     metadata_fields: frozenset[str]
     cache: Any = None
+    instance: tuple[int, int] | None = None
     _leases: int = 0
     _retired: bool = False
     _closed: bool = False

@@ -5,6 +5,9 @@ page window; runs in the server's search thread pool.
   it holds ``min(depth, allowed)`` hits).
 - **lexical**: BM25 over titles and attribute values (``IndexVersion.search_lexical``);
   hits are the allowed products sharing a word with the text.
+- **dense, two stages** (photo-only queries of a model with an image-private block): the whole
+  vector's ``instance_first`` best items, then the ranking of the vector without its image-private
+  block (``engine.retrieval.instance_first``; two searches, each widened as above).
 - **hybrid**: the dense and the lexical top ``max(depth, HYBRID_MIN_CANDIDATES)`` fused
   (``engine.retrieval.fusion``: reciprocal rank fusion, or weighted min-max scores), cut to
   ``depth``. The dense side alone holds ``min(depth, allowed)`` items, so exact k holds.
@@ -22,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.retrieval.fusion import RRF_K, reciprocal_rank_fusion, weighted_score_fusion
+from engine.retrieval.instance_first import merge_instance_first, without_instance
 from server.filters import FilteredSearchResult, allowed_ids, dense_served, found_hits
 
 DENSE, LEXICAL, HYBRID = "dense", "lexical", "hybrid"
@@ -57,7 +61,9 @@ class SearchJob:
     """What one request searches: an open index version (``IndexVersion``) and its
     ``VersionCache`` (or None), the ranking depth ``top_k``, metadata filters, nprobe (None:
     the index default), the retrieval mode, the query text (lexical and hybrid), the fusion
-    options, and the page window: hits ``offset`` to ``offset + count`` (count None: all)."""
+    options, and the page window: hits ``offset`` to ``offset + count`` (count None: all).
+    ``instance``: the query vector's image-private columns when the job is a photo-only query
+    ranked in two stages (``engine.retrieval.instance_first``), with ``instance_first`` leading hits."""
 
     index: Any
     cache: Any
@@ -69,6 +75,8 @@ class SearchJob:
     hybrid: HybridConfig = HybridConfig()
     offset: int = 0
     count: int | None = None
+    instance: tuple[int, int] | None = None
+    instance_first: int = 0
 
     @property
     def dense_depth(self) -> int:
@@ -83,7 +91,13 @@ class SearchJob:
     @property
     def plain(self) -> bool:
         """Dense, unfiltered, whole list: may share one faiss call with others."""
-        return self.retrieval == DENSE and not self.filters and self.offset == 0 and self.count is None
+        return (self.retrieval == DENSE and not self.filters and self.offset == 0 and self.count is None
+                and not self.two_stage)
+
+    @property
+    def two_stage(self) -> bool:
+        """A dense photo-only job ranked in two stages (searched on its own)."""
+        return self.retrieval == DENSE and self.instance is not None and self.instance_first > 0
 
 
 def run_job(job: SearchJob, vector: np.ndarray | None, shared: tuple[Any, int, float] | None = None
@@ -104,12 +118,15 @@ def run_job(job: SearchJob, vector: np.ndarray | None, shared: tuple[Any, int, f
     lists = []
     if job.retrieval in (DENSE, HYBRID):
         t1 = time.perf_counter()
-        served, row, search_ms = shared or (
-            job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed, names=False), 0, None)
+        if job.two_stage:
+            (dense, found), search_ms = _two_stage(job, vector, side, allowed), None
+        else:
+            served, row, search_ms = shared or (
+                job.index.search_served(vector.reshape(1, -1), side, job.nprobe, allowed=allowed, names=False), 0, None)
+            dense, keep = dense_served(served, row), served.ids[row] >= 0
+            found = served.ids[row][keep], served.scores[row][keep]
         search_ms = (time.perf_counter() - t1) * 1e3 if search_ms is None else search_ms
-        dense = dense_served(served, row)
-        keep = served.ids[row] >= 0
-        lists.append((served.ids[row][keep], served.scores[row][keep]))
+        lists.append(found)
     if job.retrieval in (LEXICAL, HYBRID):
         t1 = time.perf_counter()
         scores, ids = job.index.search_lexical(job.text, side, allowed)
@@ -127,6 +144,19 @@ def run_job(job: SearchJob, vector: np.ndarray | None, shared: tuple[Any, int, f
     return FilteredSearchResult(hits, search_ms=search_ms, metadata_ms=metadata_ms,
                                 allowed_count=None if allowed is None else int(len(allowed)),
                                 total_hits=int(len(ids)), lexical_ms=lexical_ms, fusion_ms=fusion_ms, dense=dense)
+
+
+def _two_stage(job: SearchJob, vector: np.ndarray, depth: int, allowed) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+    """A photo-only job's dense list in two stages (``engine.retrieval.instance_first``): the whole
+    vector's ``job.instance_first`` best, then the similar stage's ``depth`` best that are not among them.
+    Returns ``(DenseServed of the similar stage, (ids int64, scores float32))``, ``min(depth, allowed)`` hits."""
+    q = vector.reshape(1, -1)
+    # the instance stage searched as deep as a one-stage query (its refine re-ranks k_factor * depth
+    # candidates), so its leading hits are the one-stage list's
+    first = job.index.search_served(q, depth, job.nprobe, allowed=allowed, names=False)
+    rest = job.index.search_served(without_instance(q, job.instance), depth, job.nprobe, allowed=allowed, names=False)
+    found = merge_instance_first(first.ids[0], first.scores[0], rest.ids[0], rest.scores[0], job.instance_first, depth)
+    return dense_served(rest, 0), found
 
 
 def _fuse(lists: list[tuple[np.ndarray, np.ndarray]], config: HybridConfig) -> tuple[np.ndarray, np.ndarray]:

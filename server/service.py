@@ -8,7 +8,8 @@ recorded in the Prometheus histograms):
    tensor, in the decode thread pool;
 3. **queue** + **encode**: one sample of a micro-batched query tower call;
 4. **search** + **metadata**: faiss search over the shards and LMDB reads, with metadata
-   filters (facet id sets, see ``server.filters``), done for the whole micro-batch in one
+   filters (facet id sets, see ``server.filters``; a photo-only query in two stages,
+   ``engine.retrieval.instance_first``), done for the whole micro-batch in one
    job of the search thread pool (``server.search_stage``, the batcher's post-encode
    search stage), under a lease on the index version that stays held until that work is
    done.
@@ -31,6 +32,7 @@ import grpc
 
 from engine.model.errors import (BlankTextError, EmptySampleError, ImageDecodeError, ImageTooLargeError,
                            InputError)
+from engine.retrieval.instance_first import INSTANCE_FIRST
 from indexer.errors import SearchArgumentError
 from indexer.lexical import LexicalUnavailableError
 from indexer.search import MAX_SEARCH_K
@@ -164,7 +166,7 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
                  decode_image: Callable[[bytes], Any], decode_executor: Executor,
                  pretokenize: Callable[[str], Any] = lambda text: text,
                  search_executor: Executor, metrics: ServerMetrics,
-                 limits: ServiceLimits = ServiceLimits()):
+                 limits: ServiceLimits = ServiceLimits(), photo_instance_first: int = INSTANCE_FIRST):
         self._holder = holder
         self._batcher = batcher
         self._decode_image = decode_image
@@ -173,6 +175,7 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
         self._search_executor = search_executor
         self._metrics = metrics
         self._limits = limits
+        self._instance_first = photo_instance_first  # engine.retrieval.instance_first; 0: one stage
 
     # ---------------------------------------------------------------- Search
     async def Search(self, request: search_pb2.SearchRequest,
@@ -214,8 +217,9 @@ class SearchService(search_pb2_grpc.SearchServiceServicer):
                 if request.page_token else 0
             if nprobe is None:  # the version's nprobe for this kind of query
                 nprobe = query_kind_nprobe(served.index.manifest, text is not None, image_bytes is not None)
+            two_stage = text is None and self._instance_first > 0  # a photo-only query
             job = SearchJob(served.index, served.cache, top_k, tuple(filters), nprobe, mode, text, hybrid,
-                            offset, page_size or None)
+                            offset, page_size or None, served.instance if two_stage else None, self._instance_first)
             result, encoded, decode_ms = await self._retrieve(job, image_bytes, deadline_s, lease)
             _check_deadline(deadline_s)
         finally:

@@ -77,8 +77,10 @@ def open_served_version(root: Path, *, model_dir: Path | None = None, model: Any
         fields = frozenset(index.facet_values())
         from server.filters import VersionCache
 
+        from engine.retrieval.instance_first import instance_columns
+
         return ServedVersion(index=index, version=index.version, metadata_fields=fields,
-                             cache=VersionCache(index)), model
+                             cache=VersionCache(index), instance=instance_columns(model)), model
     except BaseException:
         index.close()
         raise

@@ -148,6 +148,42 @@ def test_augmented_photo_finds_its_product_at_rank_1(served, fashion_dir, tmp_pa
     assert all(found), f"only {sum(found)}/{len(found)} augmented {split_name} photos found their product at rank 1"
 
 
+def test_photo_queries_come_back_in_two_stages(served, fashion_dir):
+    """A photo-only query (engine/retrieval/instance_first.py): hit 1 is the whole query vector's best
+    product, the hits after it the ranking of the vector without its image-private block, over the
+    served index version; checked against the same two searches made in process with the model's
+    own fp32 query vector (the server may encode in bf16 or int8: the lists may swap near ties)."""
+    from engine.model.images import load_image
+    from engine.model.model_folder import load_model
+    from engine.retrieval.instance_first import instance_columns, without_instance
+    from indexer.search import open_index
+    from server.client import SearchClient
+    from server.version_loader import manifest_model
+
+    target, rows, summary = served
+    index = open_index(Path(summary["path"]))
+    model = load_model(manifest_model(index.manifest)[1])
+    columns = instance_columns(model)
+    assert columns == (256, 384)  # [F (256) | image-private (128) | ...]
+    nlist, differs = index.manifest["index"]["nlist"], 0
+    try:
+        with SearchClient(target, timeout_s=60) as client:
+            for row in rows[5:200:40]:
+                photo = fashion_dir / "images" / f"{row['id']}.jpg"
+                response = client.search(image=photo, top_k=10, nprobe=nlist)
+                hits = [h.product_id for h in response.hits]
+                q = model.query_tower.encode(None, [load_image(photo)], use_graphs=False)
+                whole = index.search_served(q, 10, nprobe=nlist).product_ids[0]
+                rest = index.search_served(without_instance(q, columns), 11, nprobe=nlist).product_ids[0]
+                assert len(hits) == 10 == len(set(hits)) and hits[0] == whole[0] == row["id"]
+                similar = [pid for pid in rest if pid != whole[0]][:9]
+                assert len(set(hits[1:]) & set(similar)) >= 6, (hits, similar)
+                differs += hits[1:] != list(whole[1:])
+    finally:
+        index.close()
+    assert differs > 0  # the second stage changed some list: two stages ran
+
+
 def test_text_query_top_hits_share_its_article_type(served):
     from server.client import SearchClient
 
