@@ -15,6 +15,10 @@ title and a photo, and prints per ``s``:
 - i2m Recall@1 and attribute nDCG@10 on the test pool (``engine.evaluation.evaluate``'s nine
   scenarios), with the average of views (unchanged by ``s``) as the reference line.
 
+The served ranking leaves this trade-off: photo-only queries are ranked in two stages, the whole
+vector's best product first, then the vector without its image-private block
+(``engine.retrieval.instance_first``; ``ecsearch eval``'s served row).
+
 Usage:
     python bench/bench_private_weight.py --model var/model --catalog ../shared/data/fashion-products \\
         --cache-dir var/cache --scales 1,0.8,0.6,0.5,0.45

@@ -17,8 +17,8 @@ V, m → fused view F), query tower for queries, item tower for candidates; the 
 replaced by the text-only view (``text``), the image-only view (``image``) or the normalised
 average of the two unit vectors (``average``: the trained average-of-views baseline, issue 12
 item 5c). ``fused+instance`` is the fused form with photo-only queries (i2t, i2i, i2m) ranked as
-the server ranks them, in two stages (``engine.retrieval.instance_first``). Other baselines: ``raw_backbone_rows`` (no training) and
-``linear_rows`` (trained linear two-tower). Every embedding is computed
+the server ranks them, in two stages (``engine.retrieval.instance_first``). Other baselines:
+``raw_backbone_rows`` (no training) and ``linear_rows`` (trained linear two-tower). Every embedding is computed
 from the backbone token cache.
 """
 from __future__ import annotations
@@ -260,12 +260,14 @@ def instance_first_ranks(queries: np.ndarray, candidates: np.ndarray, targets: n
 
 def instance_first_per_query(queries: np.ndarray, attr_queries: np.ndarray, candidates: np.ndarray, pool: EvalPool,
                              columns: tuple[int, int], n: int = INSTANCE_FIRST) -> dict[str, np.ndarray]:
-    """One photo-query scenario ranked in two stages (``engine.retrieval.instance_first``: the ``n`` best
-    by the whole vector, then the ranking without the image-private block), exact: ``score_per_query``'s metrics for it.
+    """One photo-query scenario ranked in two stages (``engine.retrieval.instance_first``: the ``n``
+    best by the whole vector, then the ranking without the image-private block), exact: the metrics
+    ``score_per_query`` gives a scenario.
 
     queries ``float32 (n_pool, D)`` (row i: pool product i's photo), attr_queries ``float32 (a, D)``
     (the attribute queries' representative photos), candidates ``float32 (n_pool, D)``; ``columns``:
-    the image-private block's (``engine.retrieval.instance_first.instance_columns``). Returns ``{metric: float64 (queries,)}``.
+    the image-private block's (``engine.retrieval.instance_first.instance_columns``).
+    Returns ``{metric: float64 (queries,)}``.
     """
     out = instance_per_query(*instance_first_ranks(queries, candidates, np.arange(len(queries)), columns, n))
     if len(pool.query_groups):
