@@ -84,6 +84,38 @@ def test_attribute_photo_pairs_are_the_attribute_level_m_query(fashion_dir):
         catalog_pairs(products, attribute_photo_rate=-0.1)
 
 
+def test_attribute_photo_pairs_can_present_their_items_by_title_alone(fashion_dir):
+    """--attribute-photo-text-items: the same attribute_photo pairs, their items resolved without a
+    photo (the m2t form); every other pair keeps its item's photo."""
+    import numpy as np
+
+    from engine.tokens.cache import TokenTable
+    from engine.training.job import build_training_data
+
+    products = _products(fashion_dir, 120)
+    full = catalog_pairs(products, seed=3, attribute_photo_rate=1.0)
+    text_items = catalog_pairs(products, seed=3, attribute_photo_rate=1.0, attribute_photo_text_items=True)
+    assert [(p.kind, p.item_id, p.query_text) for p in full] == [(p.kind, p.item_id, p.query_text) for p in text_items]
+    assert all(p.item_text_only == (p.kind == "attribute_photo") for p in text_items)
+
+    def table(keys: list[str]) -> TokenTable:
+        rng = np.random.default_rng(0)
+        return TokenTable(Path("t"), keys, rng.standard_normal((len(keys), 3, 4)).astype(np.float16),
+                          np.full(len(keys), 3, dtype=np.int32))
+
+    texts = table(sorted({p.title for p in products} | {q.query_text for q in full if q.query_text}))
+    images = table(sorted({p.image for p in products if p.image}))
+    with_photo, _ = build_training_data(products, full, texts, images)
+    by_title, _ = build_training_data(products, text_items, texts, images)
+    kinds = with_photo.kinds
+    assert (kinds == "attribute_photo").sum() > 0
+    assert np.all(by_title.item_image[kinds == "attribute_photo"] == -1)
+    assert np.all(with_photo.item_image[kinds == "attribute_photo"] >= 0)
+    np.testing.assert_array_equal(by_title.item_image[kinds != "attribute_photo"],
+                                  with_photo.item_image[kinds != "attribute_photo"])
+    np.testing.assert_array_equal(by_title.item_text, with_photo.item_text)
+
+
 def test_attribute_phrase_needs_all_fields():
     assert attribute_phrase({"gender": "Women", "baseColour": "Black", "articleType": "Heels"}) == "women black heels"
     assert attribute_phrase({"gender": "Women", "baseColour": "Black"}) is None

@@ -172,6 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--attribute-photo-rate", type=float, default=CPU_RECIPE["attribute_photo_rate"],
                    help="share of products with an attribute-phrase + photo query pair (the phrase and the "
                         "product's photo -> another product of its group; default %(default)s)")
+    t.add_argument("--attribute-photo-text-items", action="store_true",
+                   help="present the attribute-phrase + photo pairs' items by their title alone (the m2t form)")
     t.add_argument("--photo-query-rate", type=float, default=CPU_RECIPE["photo_query_rate"],
                    help="share of products with an extra photo-only query pair (photo -> product)")
     t.add_argument("--title-query-rate", type=float, default=CPU_RECIPE["title_query_rate"],
@@ -338,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir, init_model=args.init_model, resume=args.resume,
             similar_rate=args.similar_rate, attribute_query_rate=args.attribute_query_rate,
             photo_query_rate=args.photo_query_rate, title_query_rate=args.title_query_rate,
-            attribute_photo_rate=args.attribute_photo_rate,
+            attribute_photo_rate=args.attribute_photo_rate, attribute_photo_text_items=args.attribute_photo_text_items,
             brand_query_rate=args.brand_query_rate, partial_title_rate=args.partial_title_rate,
             phrase_query_rate=args.phrase_query_rate, composed_rate=args.composed_rate,
             augment_views=args.augment_views, augment_fraction=args.augment_fraction,

@@ -45,7 +45,8 @@ class TrainJob:
     model: ``ModelConfig`` for a fresh model; init_model: start from this model folder instead.
     train: ``TrainConfig``. resume: continue from ``<out>/checkpoint.pt`` when present.
     similar_rate / attribute_query_rate / photo_query_rate / title_query_rate / attribute_photo_rate:
-    catalogue pair mix, see ``engine.training.pairs.catalog_pairs``.
+    catalogue pair mix, see ``engine.training.pairs.catalog_pairs``; attribute_photo_text_items: those
+    pairs' items by their title alone (default False).
     brand_query_rate / partial_title_rate / phrase_query_rate / composed_rate: shopper and
     composed pairs, see ``engine.training.pairs.shopper_pairs`` (default 0: off).
     augment_views: augmented views cached per query photo (``engine.tokens.augment_cache``; 0: off,
@@ -95,6 +96,7 @@ class TrainJob:
     photo_query_rate: float = 0.0
     title_query_rate: float = 0.0
     attribute_photo_rate: float = 0.0
+    attribute_photo_text_items: bool = False
     brand_query_rate: float = 0.0
     partial_title_rate: float = 0.0
     phrase_query_rate: float = 0.0
@@ -195,7 +197,8 @@ def build_training_data(products: list[Product], pairs: list[TrainingPair], text
                             "reason": "item product has no usable text or image"})
             continue
         qp = index.get(pair.query_product_id, -1) if pair.query_product_id is not None else -1
-        for name, value in (("q_text", qt), ("q_image", qi), ("item_text", p_text[i]), ("item_image", p_image[i]),
+        item_image = -1 if pair.item_text_only and p_text[i] >= 0 else p_image[i]
+        for name, value in (("q_text", qt), ("q_image", qi), ("item_text", p_text[i]), ("item_image", item_image),
                             ("item", i), ("query_product", qp), ("item_group", product_group[i]),
                             ("query_group", product_group[i] if pair.group is not None and pair.fields is None else -1)):
             cols[name].append(int(value))
@@ -243,7 +246,8 @@ def job_pairs(job: TrainJob, products: list) -> tuple[list[TrainingPair], list[d
         pairs += catalog_pairs(products, job.train.seed, similar_rate=job.similar_rate,
                                attribute_query_rate=job.attribute_query_rate,
                                photo_query_rate=job.photo_query_rate, title_query_rate=job.title_query_rate,
-                               attribute_photo_rate=job.attribute_photo_rate)
+                               attribute_photo_rate=job.attribute_photo_rate,
+                               attribute_photo_text_items=job.attribute_photo_text_items)
     shopper = dict(brand_query_rate=job.brand_query_rate, partial_title_rate=job.partial_title_rate,
                    phrase_query_rate=job.phrase_query_rate, composed_rate=job.composed_rate)
     if job.catalog_pairs and any(shopper.values()):

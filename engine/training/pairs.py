@@ -71,6 +71,8 @@ class TrainingPair:
         ``attribute_query``): every in-batch item of the same group is relevant, not a negative.
     fields: the facet fields ``group`` is a key over (``engine.catalog.shopper_queries.facet_key`` of
         ``product_facets``); None: the catalogue pairs' group fields (``DEFAULT_GROUP_FIELDS``).
+    item_text_only: the item is presented by its title alone, its photo left out (the m2t form of
+        ``attribute_photo`` pairs under ``attribute_photo_text_items``); ignored for an item without a title.
     """
 
     kind: str
@@ -80,6 +82,7 @@ class TrainingPair:
     query_product_id: str | None = None
     group: str | None = None
     fields: tuple[str, ...] | None = None
+    item_text_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ def attribute_phrase(attributes: dict[str, str], fields: Sequence[str] = DEFAULT
 def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: float = 0.35,
                   attribute_query_rate: float = 0.35, photo_query_rate: float = 0.0,
                   title_query_rate: float = 0.0, attribute_photo_rate: float = 0.0,
+                  attribute_photo_text_items: bool = False,
                   group_fields: Sequence[str] = DEFAULT_GROUP_FIELDS) -> list[TrainingPair]:
     """Pairs made from the catalogue itself (METHOD.md §3).
 
@@ -125,7 +129,8 @@ def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: f
     group); an ``attribute_query_rate`` share of the products with all group fields get an
     ``attribute_query`` pair; an ``attribute_photo_rate`` share of the products with a photo, all
     group fields and a group partner an ``attribute_photo`` pair (the phrase + the product's photo →
-    a partner drawn at random). Rates are our choice. Deterministic for a given seed (the similar /
+    a partner drawn at random; with ``attribute_photo_text_items`` the partner is presented by its
+    title alone, the m2t form of the nine scenarios). Rates are our choice. Deterministic for a given seed (the similar /
     attribute draws do not depend on the photo / title / attribute-photo rates).
     Raises ValueError when a rate lies outside [0, 1].
     """
@@ -166,7 +171,8 @@ def catalog_pairs(products: Sequence[Product], seed: int = 0, *, similar_rate: f
         if p.image and phrase is not None and len(members) > 1 and draw < attribute_photo_rate:
             j = members[int(pick)]  # uniform over the others, as for "similar"
             j = j if j != i else members[-1]
-            pairs.append(TrainingPair("attribute_photo", products[j].product_id, phrase, p.image, p.product_id, k))
+            pairs.append(TrainingPair("attribute_photo", products[j].product_id, phrase, p.image, p.product_id, k,
+                                      item_text_only=attribute_photo_text_items))
     return pairs
 
 
