@@ -20,9 +20,9 @@ A stage-1 hit keeps its whole-vector score, a stage-2 hit its similar-stage cosi
 differ, so scores compare within a stage only. Text and text + photo queries are one stage, as
 before. Figures (demo model, fashion test pool; docs/results.md "Photo queries in two stages"):
 ``n = 1`` keeps i2m Recall@1 (99.20) and gives i2m attribute nDCG@10 36.75; augmented photo
-Recall@1 stays 93.30, Recall@5 / @10 fall from 98.40 / 99.00 to 95.85 / 96.65 (a product the
-instance stage missed must be found by the fused part). ``n`` = 3: nDCG@10 33.12, Recall@5 / @10
-97.55 / 98.20.
+Recall@1 stays 93.30, Recall@5 / @10 fall from 98.40 / 99.00 to 95.90 / 96.65 (a product the
+instance stage missed must be found by the similar stage). ``n`` = 3 (a probe): nDCG@10 33.12,
+Recall@5 / @10 97.55 / 98.20.
 """
 from __future__ import annotations
 
